@@ -1,1 +1,115 @@
-fn main() {}
+//! `hasten`: launch jobs, write configs, report the environment.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use hasten_launch::{HostFacts, LaunchArgs, LinePrefix, RunOptions, StdioSink};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+#[derive(Parser)]
+#[command(
+    name = "hasten",
+    version,
+    about = "Accelerate's launcher and tools, in Rust"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run PROGRAM once per rank with the environment contract set, relaying every rank's output.
+    Launch(Box<LaunchArgs>),
+    /// Print versions, libtorch, devices and the default config (for bug reports).
+    Env {
+        /// Also run a bf16 matmul on the CPU and on every GPU.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Write or inspect the launch configuration.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigAction {
+    /// Write a basic config for this machine (Accelerate's `accelerate config default`).
+    Default {
+        /// no, fp16, bf16 or fp8.
+        #[arg(
+            long = "mixed_precision",
+            visible_alias = "mixed-precision",
+            default_value = "no"
+        )]
+        mixed_precision: hasten::PrecisionType,
+        /// Where to write it. Default: Accelerate's default_config.yaml.
+        #[arg(long = "config_file", visible_alias = "config-file")]
+        config_file: Option<PathBuf>,
+    },
+}
+
+/// Set by SIGINT/SIGTERM; the supervisor then stops every rank.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+fn install_stop_handlers() {
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe {
+            libc::signal(sig, on_signal as *const () as libc::sighandler_t);
+        }
+    }
+}
+
+fn launch(args: &LaunchArgs) -> anyhow::Result<i32> {
+    let file = hasten_launch::load_config_file(args.config_file.as_ref())?;
+    let mut cfg = hasten_launch::merge(args, file.as_ref(), HostFacts::probe());
+    hasten_launch::resolve_port(&mut cfg, &|w| eprintln!("{w}"))?;
+    let plan = hasten_launch::plan(&cfg)?;
+    install_stop_handlers();
+    let opts = RunOptions {
+        max_restarts: args.max_restarts.unwrap_or(0),
+        prefix: LinePrefix::new(args.log_line_prefix_template.clone()),
+        sink: &StdioSink,
+        stop: &STOP,
+    };
+    match hasten_launch::run_program(&plan, &args.program, &args.args, &opts) {
+        Ok(()) => Ok(0),
+        Err(e) => {
+            eprintln!("hasten launch: {e}");
+            Ok(e.exit_code())
+        }
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let code = match cli.command {
+        Command::Launch(args) => launch(&args)?,
+        Command::Env { check } => {
+            print!("{}", hasten_launch::env_report(check));
+            0
+        }
+        Command::Config {
+            action:
+                ConfigAction::Default {
+                    mixed_precision,
+                    config_file,
+                },
+        } => {
+            let gpus = hasten_launch::visible_gpu_count();
+            let path =
+                hasten::write_basic_config_for(mixed_precision, config_file.as_deref(), gpus)
+                    .context("hasten config default")?;
+            println!("hasten config saved at {}", path.display());
+            0
+        }
+    };
+    std::process::exit(code);
+}

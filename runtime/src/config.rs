@@ -114,7 +114,11 @@ pub struct ClusterConfig {
     #[serde(default = "one")]
     pub num_machines: u32,
     /// `gpu_ids`: a comma list or "all".
-    #[serde(default, deserialize_with = "lenient_opt_string", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "lenient_opt_string",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub gpu_ids: Option<String>,
     /// `main_process_ip`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -226,7 +230,9 @@ fn lenient_opt_string<'de, D: serde::Deserializer<'de>>(
     match serde_json::Value::deserialize(d)? {
         serde_json::Value::String(s) => Ok(Some(s)),
         serde_json::Value::Number(n) => Ok(Some(n.to_string())),
-        other => Err(serde::de::Error::custom(format!("expected a string, found {other}"))),
+        other => Err(serde::de::Error::custom(format!(
+            "expected a string, found {other}"
+        ))),
     }
 }
 
@@ -288,7 +294,11 @@ pub fn basic_config(mixed_precision: PrecisionType, num_gpus: usize) -> ClusterC
 /// Accelerate's cache folder: `$HF_HOME/accelerate`, else `$XDG_CACHE_HOME/huggingface/accelerate`, else
 /// `~/.cache/huggingface/accelerate`.
 pub fn accelerate_cache_dir() -> PathBuf {
-    let home = || std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+    let home = || {
+        std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .unwrap_or_default()
+    };
     let hf_home = match std::env::var_os("HF_HOME") {
         Some(h) => PathBuf::from(h),
         None => match std::env::var_os("XDG_CACHE_HOME") {
@@ -319,9 +329,9 @@ impl ClusterConfig {
         };
         let mut value: serde_json::Value = serde_norway::from_str(text)
             .map_err(|e| config_err(format!("not valid YAML/JSON: {e}")))?;
-        let map = value
-            .as_object_mut()
-            .ok_or_else(|| config_err("the top level must be a mapping of keys to values".into()))?;
+        let map = value.as_object_mut().ok_or_else(|| {
+            config_err("the top level must be a mapping of keys to values".into())
+        })?;
         // Accelerate's process_config upgrades older files before validating them.
         if !map.contains_key("distributed_type") {
             return Err(config_err("a `distributed_type` must be specified".into()));
@@ -333,7 +343,10 @@ impl ClusterConfig {
         }
         if let Some(backend) = map.remove("dynamo_backend") {
             if backend.as_str() != Some("NO") {
-                map.insert("dynamo_config".into(), serde_json::json!({ "dynamo_backend": backend }));
+                map.insert(
+                    "dynamo_config".into(),
+                    serde_json::json!({ "dynamo_backend": backend }),
+                );
             }
         }
         let distributed_no = map.get("distributed_type").and_then(|v| v.as_str()) == Some("NO");
@@ -442,7 +455,10 @@ mod tests {
             (four.distributed_type, four.num_processes, four.use_cpu),
             (DistributedType::MultiGpu, 4, false)
         );
-        assert!(four.to_accelerate_json().contains("\"mixed_precision\": \"fp16\""));
+        assert!(
+            four.to_accelerate_json()
+                .contains("\"mixed_precision\": \"fp16\"")
+        );
     }
 
     #[test]
@@ -455,7 +471,11 @@ mod tests {
         let err = write_basic_config_for(PrecisionType::No, Some(&path), 0).unwrap_err();
         assert!(matches!(err, Error::ConfigExists { .. }), "{err}");
         assert!(err.to_string().contains("will not override"));
-        assert_eq!(std::fs::read_to_string(&path).unwrap(), text, "the file is untouched");
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            text,
+            "the file is untouched"
+        );
         let back = ClusterConfig::from_file(&path).unwrap();
         assert_eq!(back, basic_config(PrecisionType::Bf16, 2));
     }
@@ -493,11 +513,17 @@ mod tests {
         let err = ClusterConfig::from_str_named("distributed_type: NO\nnum_procs: 2\n", p)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("/etc/x.yaml") && err.contains("num_procs"), "{err}");
+        assert!(
+            err.contains("/etc/x.yaml") && err.contains("num_procs"),
+            "{err}"
+        );
         let err = ClusterConfig::from_str_named("distributed_type: MULTI_TPU\n", p)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("MULTI_TPU") && err.contains("DistributedType"), "{err}");
+        assert!(
+            err.contains("MULTI_TPU") && err.contains("DistributedType"),
+            "{err}"
+        );
         let err = ClusterConfig::from_str_named("num_processes: 2\n", p)
             .unwrap_err()
             .to_string();
@@ -506,9 +532,12 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("\"maybe\" is not a boolean"), "{err}");
-        let one_gpu = ClusterConfig::from_str_named("distributed_type: NO\ngpu_ids: 0\n", p).unwrap();
+        let one_gpu =
+            ClusterConfig::from_str_named("distributed_type: NO\ngpu_ids: 0\n", p).unwrap();
         assert_eq!(one_gpu.gpu_ids.as_deref(), Some("0"));
-        let err = ClusterConfig::from_str_named("- a\n- b\n", p).unwrap_err().to_string();
+        let err = ClusterConfig::from_str_named("- a\n- b\n", p)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("mapping"), "{err}");
         let err = ClusterConfig::from_str_named("distributed_type: [NO\n", p)
             .unwrap_err()

@@ -173,11 +173,14 @@ pub fn cuda_devices() -> Result<Vec<GpuInfo>> {
         let (total_memory, major, minor, free_memory) = unsafe {
             use sys::CUdevice_attribute::*;
             let total = result::device::total_mem(dev).map_err(driver("cuDeviceTotalMem"))?;
-            let major = result::device::get_attribute(dev, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
-                .map_err(driver("cuDeviceGetAttribute"))?;
-            let minor = result::device::get_attribute(dev, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)
-                .map_err(driver("cuDeviceGetAttribute"))?;
-            let ctx = result::primary_ctx::retain(dev).map_err(driver("cuDevicePrimaryCtxRetain"))?;
+            let major =
+                result::device::get_attribute(dev, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+                    .map_err(driver("cuDeviceGetAttribute"))?;
+            let minor =
+                result::device::get_attribute(dev, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)
+                    .map_err(driver("cuDeviceGetAttribute"))?;
+            let ctx =
+                result::primary_ctx::retain(dev).map_err(driver("cuDevicePrimaryCtxRetain"))?;
             let previous = result::ctx::get_current().map_err(driver("cuCtxGetCurrent"))?;
             result::ctx::set_current(ctx).map_err(driver("cuCtxSetCurrent"))?;
             let free = result::mem_get_info().map(|(free, _)| free);
@@ -227,7 +230,11 @@ pub fn matmul_check(device: Device, n: i64) -> Result<MatmulCheck> {
         .f_matmul(&b16)
         .and_then(|p| p.f_to_kind(Kind::Float))
         .map_err(torch("matmul bf16"))?;
-    let scale = reference.abs().max().double_value(&[]).max(f64::MIN_POSITIVE);
+    let scale = reference
+        .abs()
+        .max()
+        .double_value(&[])
+        .max(f64::MIN_POSITIVE);
     let max_rel_error = (&product - &reference).abs().max().double_value(&[]) / scale;
     Ok(MatmulCheck {
         device,
@@ -247,7 +254,10 @@ mod tests {
         assert_eq!(select_device(1, false, 2).unwrap(), Device::Cuda(1));
         assert_eq!(select_device(1, true, 2).unwrap(), Device::Cpu);
         let err = select_device(2, false, 2).unwrap_err().to_string();
-        assert!(err.contains("LOCAL_RANK=2") && err.contains("only 2"), "{err}");
+        assert!(
+            err.contains("LOCAL_RANK=2") && err.contains("only 2"),
+            "{err}"
+        );
     }
 
     #[test]

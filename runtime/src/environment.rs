@@ -160,17 +160,31 @@ mod tests {
     fn debug_mode_flag() {
         let var = "HASTEN_TEST_DEBUG_FLAG_A";
         assert!(!parse_flag_from_env(var, false).unwrap());
-        for (value, expected) in [("1", true), ("Yes", true), ("TRUE", true), ("no", false), ("0", false)] {
+        for (value, expected) in [
+            ("1", true),
+            ("Yes", true),
+            ("TRUE", true),
+            ("no", false),
+            ("0", false),
+        ] {
             patch_environment([(var, value)], || {
-                assert_eq!(parse_flag_from_env(var, false).unwrap(), expected, "{value}");
+                assert_eq!(
+                    parse_flag_from_env(var, false).unwrap(),
+                    expected,
+                    "{value}"
+                );
             });
         }
         patch_environment([(var, "maybe")], || {
             let err = parse_flag_from_env(var, false).unwrap_err().to_string();
             assert!(err.contains("HASTEN_TEST_DEBUG_FLAG_A=\"maybe\""), "{err}");
         });
-        patch_environment([(DEBUG_MODE_VAR, "yes")], || assert!(debug_mode_from_env().unwrap()));
-        patch_environment([(DEBUG_MODE_VAR, "False")], || assert!(!debug_mode_from_env().unwrap()));
+        patch_environment([(DEBUG_MODE_VAR, "yes")], || {
+            assert!(debug_mode_from_env().unwrap())
+        });
+        patch_environment([(DEBUG_MODE_VAR, "False")], || {
+            assert!(!debug_mode_from_env().unwrap())
+        });
     }
 
     #[test]
@@ -178,7 +192,10 @@ mod tests {
         // SAFETY: a key unique to this test; no other thread reads it.
         unsafe { std::env::set_var("HASTEN_TEST_PATCH_KEEP", "old") };
         patch_environment(
-            [("hasten_test_patch_keep", "new".to_string()), ("hasten_test_patch_new", 7.to_string())],
+            [
+                ("hasten_test_patch_keep", "new".to_string()),
+                ("hasten_test_patch_new", 7.to_string()),
+            ],
             || {
                 assert_eq!(std::env::var("HASTEN_TEST_PATCH_KEEP").unwrap(), "new");
                 assert_eq!(std::env::var("HASTEN_TEST_PATCH_NEW").unwrap(), "7");

@@ -85,6 +85,34 @@ pub enum Error {
         detail: String,
     },
 
+    /// The process group could not form (unreachable master, wrong world size, duplicate rank, timeout).
+    #[error("rendezvous failed: {detail}")]
+    Rendezvous {
+        /// What went wrong, naming ranks, addresses and variables.
+        detail: String,
+    },
+
+    /// A collective failed on this rank or was aborted by another rank.
+    #[error("{op} failed: {detail}")]
+    Collective {
+        /// The collective (`all_reduce`, `broadcast`, …).
+        op: &'static str,
+        /// Why, naming the ranks involved.
+        detail: String,
+    },
+
+    /// The connection to another rank broke during a collective: that process most likely died.
+    #[error("{op}: lost the connection to rank {rank} (did that process exit or crash?): {source}")]
+    PeerLost {
+        /// The rank at the other end.
+        rank: usize,
+        /// The collective in progress.
+        op: &'static str,
+        /// The socket error.
+        #[source]
+        source: std::io::Error,
+    },
+
     /// An error raised by libtorch.
     #[error("libtorch error in {op}: {source}")]
     Torch {

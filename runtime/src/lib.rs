@@ -24,6 +24,7 @@
 mod config;
 mod constants;
 mod device;
+mod distributed;
 mod environment;
 mod error;
 mod libtorch;
@@ -33,8 +34,9 @@ mod string_enum;
 mod tracking;
 
 pub use config::{
-    ClusterConfig, ComputeEnvironment, DynamoBackend, PrecisionType, SageMakerDistributedType, Sections,
-    accelerate_cache_dir, basic_config, default_config_file, write_basic_config, write_basic_config_for,
+    ClusterConfig, ComputeEnvironment, DynamoBackend, PrecisionType, SageMakerDistributedType,
+    Sections, accelerate_cache_dir, basic_config, default_config_file, write_basic_config,
+    write_basic_config_for,
 };
 pub use constants::*;
 pub use device::{
@@ -42,15 +44,17 @@ pub use device::{
     is_ipex_available, is_mps_available, is_npu_available, is_torch_version, is_tpu_available,
     is_xpu_available, matmul_check, select_device,
 };
+pub use distributed::{DEFAULT_RDZV_TIMEOUT, ProcessGroup, ReduceOp, rdzv_timeout_from_env};
 pub use environment::{
-    DEBUG_MODE_VAR, EnvPatch, MIXED_PRECISION_VAR, USE_CPU_VAR, clear_environment, debug_mode_from_env,
-    parse_flag_from_env, patch_environment, str_to_bool,
+    DEBUG_MODE_VAR, EnvPatch, MIXED_PRECISION_VAR, USE_CPU_VAR, clear_environment,
+    debug_mode_from_env, parse_flag_from_env, patch_environment, str_to_bool,
 };
 pub use error::{Error, Result};
 pub use libtorch::{CudaLoad, LibtorchInfo, libtorch};
 pub use random::{HostRng, RNGType, host_rng, set_seed};
 pub use state::{
-    ContractSource, DEFAULT_MASTER_ADDR, DEFAULT_MASTER_PORT, DistributedType, EnvContract, ProcessState,
+    ContractSource, DEFAULT_MASTER_ADDR, DEFAULT_MASTER_PORT, DistributedType, EnvContract,
+    ProcessState,
 };
 pub use tracking::LoggerType;
 

@@ -488,9 +488,13 @@ mod tests {
         .to_string();
         assert!(err.contains("LOCAL_RANK=2"), "{err}");
         assert!(err.contains("LOCAL_WORLD_SIZE=2"), "{err}");
-        let err = parse(&[("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_WORLD_SIZE", "3")])
-            .unwrap_err()
-            .to_string();
+        let err = parse(&[
+            ("RANK", "0"),
+            ("WORLD_SIZE", "2"),
+            ("LOCAL_WORLD_SIZE", "3"),
+        ])
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("LOCAL_WORLD_SIZE=3"), "{err}");
         let err = parse(&[("RANK", "0"), ("WORLD_SIZE", "0")])
             .unwrap_err()
@@ -501,9 +505,15 @@ mod tests {
     #[test]
     fn half_a_contract_is_an_error() {
         let err = parse(&[("RANK", "0")]).unwrap_err().to_string();
-        assert!(err.contains("RANK=0 is set but none of WORLD_SIZE"), "{err}");
+        assert!(
+            err.contains("RANK=0 is set but none of WORLD_SIZE"),
+            "{err}"
+        );
         let err = parse(&[("WORLD_SIZE", "2")]).unwrap_err().to_string();
-        assert!(err.contains("WORLD_SIZE=2 is set but none of RANK"), "{err}");
+        assert!(
+            err.contains("WORLD_SIZE=2 is set but none of RANK"),
+            "{err}"
+        );
         // WORLD_SIZE=1 alone is a valid single process.
         assert_eq!(parse(&[("WORLD_SIZE", "1")]).unwrap().world_size, 1);
     }

@@ -67,12 +67,21 @@ impl ProcessState {
         let use_cpu = parse_flag_from_env(USE_CPU_VAR, false)?;
         let debug = debug_mode_from_env()?;
         // Only look for GPUs when they may be used: asking initialises CUDA.
-        let gpus = if use_cpu { 0 } else { crate::cuda_device_count() };
+        let gpus = if use_cpu {
+            0
+        } else {
+            crate::cuda_device_count()
+        };
         Self::new(contract, use_cpu, debug, gpus)
     }
 
     /// Builds the state from explicit parts; `cuda_devices` is the number of GPUs visible.
-    pub fn new(contract: EnvContract, use_cpu: bool, debug: bool, cuda_devices: usize) -> Result<Self> {
+    pub fn new(
+        contract: EnvContract,
+        use_cpu: bool,
+        debug: bool,
+        cuda_devices: usize,
+    ) -> Result<Self> {
         let device = select_device(contract.local_rank, use_cpu, cuda_devices)?;
         let distributed_type = match (contract.world_size, device) {
             (1, _) => DistributedType::No,
@@ -154,7 +163,14 @@ mod tests {
         assert_eq!(gpu.distributed_type, DistributedType::MultiGpu);
         assert_eq!(gpu.device, Device::Cuda(1));
         assert!(!gpu.is_local_main_process());
-        assert_eq!((gpu.process_index(), gpu.local_process_index(), gpu.num_processes()), (3, 1, 4));
+        assert_eq!(
+            (
+                gpu.process_index(),
+                gpu.local_process_index(),
+                gpu.num_processes()
+            ),
+            (3, 1, 4)
+        );
 
         let forced = ProcessState::new(contract(0, 2, 0, 2), true, false, 2).unwrap();
         assert_eq!(forced.device, Device::Cpu);

@@ -1,0 +1,95 @@
+//! `hasten launch`: start a program once per rank with its environment, and supervise the group.
+
+use crate::plan::{FOREIGN_CONTRACT_VARS, LaunchPlan};
+use crate::relay::{LinePrefix, OutputSink};
+use crate::supervise::{Worker, kill_and_reap, supervise};
+use crate::{LaunchError, Result};
+use std::ffi::OsString;
+use std::fs::File;
+use std::os::fd::OwnedFd;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// How a group is run: output prefix, restarts, where output goes.
+pub struct RunOptions<'a> {
+    /// Restart the whole group this many times after a failure (`--max_restarts`).
+    pub max_restarts: u32,
+    /// The prefix of relayed lines.
+    pub prefix: LinePrefix,
+    /// Where relayed lines go.
+    pub sink: &'a dyn OutputSink,
+    /// Set to stop every rank (a signal handler, an interrupt).
+    pub stop: &'a AtomicBool,
+}
+
+fn spawn_all(plan: &LaunchPlan, program: &OsString, args: &[OsString]) -> Result<Vec<Worker>> {
+    let mut workers: Vec<Worker> = Vec::with_capacity(plan.ranks.len());
+    for r in &plan.ranks {
+        let mut cmd = Command::new(program);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            // Each rank leads its own process group, so stopping it stops whatever it started.
+            .process_group(0);
+        for var in FOREIGN_CONTRACT_VARS {
+            cmd.env_remove(var);
+        }
+        cmd.envs(r.env.iter().map(|(k, v)| (k, v)));
+        let spawned = cmd.spawn().and_then(|mut child| {
+            let pid = libc::pid_t::try_from(child.id()).map_err(std::io::Error::other)?;
+            let take = |fd: Option<OwnedFd>| {
+                fd.map(File::from)
+                    .ok_or_else(|| std::io::Error::other("no pipe"))
+            };
+            let stdout = take(child.stdout.take().map(OwnedFd::from))?;
+            let stderr = take(child.stderr.take().map(OwnedFd::from))?;
+            Ok(Worker {
+                rank: r.rank,
+                local_rank: r.local_rank,
+                pid,
+                stdout,
+                stderr,
+            })
+        });
+        match spawned {
+            Ok(w) => workers.push(w),
+            Err(source) => {
+                kill_and_reap(&workers.iter().map(|w| w.pid).collect::<Vec<_>>());
+                return Err(LaunchError::Spawn {
+                    rank: r.rank,
+                    program: program.to_string_lossy().into_owned(),
+                    source,
+                });
+            }
+        }
+    }
+    Ok(workers)
+}
+
+/// Runs `program args` on every rank of `plan`; returns when all ranks exit 0, or with the first
+/// failure after stopping the rest (restarting the group up to `max_restarts` times first).
+pub fn run_program(
+    plan: &LaunchPlan,
+    program: &OsString,
+    args: &[OsString],
+    opts: &RunOptions<'_>,
+) -> Result<()> {
+    let mut restarts = 0;
+    loop {
+        let workers = spawn_all(plan, program, args)?;
+        match supervise(workers, opts.sink, &opts.prefix, opts.stop) {
+            Err(LaunchError::RankFailed { rank, cause, .. })
+                if restarts < opts.max_restarts && !opts.stop.load(Ordering::SeqCst) =>
+            {
+                restarts += 1;
+                opts.sink.note(&format!(
+                    "hasten: rank {rank} failed ({cause}); restarting the group ({restarts}/{})",
+                    opts.max_restarts
+                ));
+            }
+            other => return other,
+        }
+    }
+}

@@ -1,0 +1,79 @@
+//! Facts about this host that a launcher needs without initialising CUDA: forked workers of a process
+//! that initialised CUDA cannot use it, so the launcher never asks libtorch or the CUDA driver.
+
+use std::net::TcpListener;
+
+/// Number of NVIDIA GPUs this process may use, read from the driver's `/proc` entries and narrowed by
+/// `CUDA_VISIBLE_DEVICES`; 0 without an NVIDIA driver. Does not initialise CUDA.
+pub fn visible_gpu_count() -> usize {
+    let installed = std::fs::read_dir("/proc/driver/nvidia/gpus")
+        .map(|d| d.count())
+        .unwrap_or(0);
+    visible_of(
+        installed,
+        std::env::var("CUDA_VISIBLE_DEVICES").ok().as_deref(),
+    )
+}
+
+/// Applies a `CUDA_VISIBLE_DEVICES` value to an installed GPU count, as the CUDA runtime does: the list
+/// stops at the first entry that is not a valid index; an empty value hides every GPU.
+pub(crate) fn visible_of(installed: usize, cuda_visible: Option<&str>) -> usize {
+    let Some(list) = cuda_visible else {
+        return installed;
+    };
+    let mut seen = Vec::new();
+    for entry in list.split(',').map(str::trim) {
+        // UUIDs (GPU-…, MIG-…) name a device without an index; count them as one each.
+        if entry.starts_with("GPU-") || entry.starts_with("MIG-") {
+            seen.push(usize::MAX - seen.len());
+            continue;
+        }
+        match entry.parse::<usize>() {
+            Ok(i) if i < installed && !seen.contains(&i) => seen.push(i),
+            _ => break,
+        }
+    }
+    seen.len()
+}
+
+/// Logical CPUs available to this process.
+pub fn cpu_count() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// A TCP port that is free right now on `addr` (the OS picks it).
+pub fn free_port(addr: &str) -> std::io::Result<u16> {
+    let listener = TcpListener::bind((addr, 0)).or_else(|_| TcpListener::bind(("127.0.0.1", 0)))?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// True when nothing listens on `port` yet (a bind succeeds).
+pub fn port_is_free(port: u16) -> bool {
+    TcpListener::bind(("0.0.0.0", port)).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cuda_visible_devices_rules() {
+        assert_eq!(visible_of(4, None), 4);
+        assert_eq!(visible_of(4, Some("")), 0);
+        assert_eq!(visible_of(4, Some("1,3")), 2);
+        assert_eq!(visible_of(4, Some("0,7,1")), 1);
+        assert_eq!(visible_of(4, Some("-1")), 0);
+        assert_eq!(visible_of(2, Some("1,1")), 1);
+        assert_eq!(visible_of(2, Some("GPU-abc,GPU-def")), 2);
+        assert_eq!(visible_of(0, None), 0);
+    }
+
+    #[test]
+    fn a_free_port_can_be_bound() {
+        let port = free_port("127.0.0.1").unwrap();
+        assert_ne!(port, 0);
+        assert!(port_is_free(port));
+        let _held = TcpListener::bind(("0.0.0.0", port)).unwrap();
+        assert!(!port_is_free(port));
+    }
+}

@@ -1,0 +1,276 @@
+//! Supervising a group of workers: relay their output, notice the first failure, stop the rest within
+//! seconds, and reap every process so none is left behind.
+
+use crate::relay::{Event, LinePrefix, OutputSink, Stream, spawn_reader};
+use crate::{LaunchError, Result};
+use std::collections::VecDeque;
+use std::fs::File;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// How long stopped workers get between SIGTERM and SIGKILL.
+const GRACE: Duration = Duration::from_secs(2);
+/// How many of a rank's last lines an error report carries.
+const TAIL_LINES: usize = 20;
+
+/// A started worker: its pid (also its process group) and the read ends of its output pipes.
+pub(crate) struct Worker {
+    pub rank: usize,
+    pub local_rank: usize,
+    pub pid: libc::pid_t,
+    pub stdout: File,
+    pub stderr: File,
+}
+
+/// How a worker ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Exit {
+    Code(i32),
+    Signal(i32),
+}
+
+impl Exit {
+    fn from_status(status: libc::c_int) -> Exit {
+        if libc::WIFSIGNALED(status) {
+            Exit::Signal(libc::WTERMSIG(status))
+        } else {
+            Exit::Code(libc::WEXITSTATUS(status))
+        }
+    }
+
+    fn success(self) -> bool {
+        self == Exit::Code(0)
+    }
+
+    fn shell_code(self) -> i32 {
+        match self {
+            Exit::Code(c) => c,
+            Exit::Signal(s) => 128 + s,
+        }
+    }
+}
+
+fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        libc::SIGHUP => "SIGHUP",
+        libc::SIGINT => "SIGINT",
+        libc::SIGQUIT => "SIGQUIT",
+        libc::SIGILL => "SIGILL",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGPIPE => "SIGPIPE",
+        libc::SIGTERM => "SIGTERM",
+        _ => "signal",
+    }
+}
+
+/// A human description of a failure, using the rank's last lines to find a Rust panic message.
+fn describe(exit: Exit, tail: &VecDeque<String>) -> String {
+    let panic = tail
+        .iter()
+        .position(|l| l.contains("panicked at"))
+        .map(|i| {
+            let mut msg = tail[i].clone();
+            // Since Rust 1.73 the message follows on the next line(s).
+            if msg.trim_end().ends_with(':') {
+                if let Some(next) = tail.get(i + 1) {
+                    msg = format!("{} {}", msg.trim_end(), next.trim());
+                }
+            }
+            msg
+        });
+    match (exit, panic) {
+        // "thread 'main' (123) panicked at src/x.rs:1:2: msg" → "panicked at src/x.rs:1:2: msg"
+        (_, Some(p)) => match p.find("panicked at") {
+            Some(at) => p[at..].trim().to_owned(),
+            None => p.trim().to_owned(),
+        },
+        (Exit::Code(c), None) => format!("exited with code {c}"),
+        (Exit::Signal(s), None) => format!("killed by signal {s} ({})", signal_name(s)),
+    }
+}
+
+fn signal_group(pid: libc::pid_t, sig: libc::c_int) {
+    // SAFETY: kill(2) on the worker's process group (negative pid); errors (already gone) are harmless.
+    unsafe {
+        libc::kill(-pid, sig);
+    }
+}
+
+/// Stops every worker now (SIGKILL to each process group) and reaps them; used when a launch is
+/// abandoned half-way (a rank failed to start).
+pub(crate) fn kill_and_reap(pids: &[libc::pid_t]) {
+    for &pid in pids {
+        signal_group(pid, libc::SIGKILL);
+    }
+    for &pid in pids {
+        let mut status = 0;
+        // SAFETY: waitpid on our own child.
+        unsafe {
+            libc::waitpid(pid, &mut status, 0);
+        }
+    }
+}
+
+/// Runs the group to completion. Returns Ok when every rank exits 0; otherwise stops the others and
+/// returns the first failure. `stop` (set by a signal handler or an interrupt) stops everyone too.
+pub(crate) fn supervise(
+    workers: Vec<Worker>,
+    sink: &dyn OutputSink,
+    prefix: &LinePrefix,
+    stop: &AtomicBool,
+) -> Result<()> {
+    let n = workers.len();
+    let (tx, rx) = mpsc::channel();
+    let mut pids = Vec::with_capacity(n);
+    let mut prefixes = Vec::with_capacity(n);
+    let mut ranks = Vec::with_capacity(n);
+    for (index, w) in workers.into_iter().enumerate() {
+        spawn_reader(index, Stream::Stdout, w.stdout, tx.clone());
+        spawn_reader(index, Stream::Stderr, w.stderr, tx.clone());
+        pids.push(w.pid);
+        prefixes.push(prefix.render(w.rank, w.local_rank));
+        ranks.push(w.rank);
+    }
+    drop(tx);
+
+    let mut open_pipes = 2 * n;
+    let mut exits: Vec<Option<Exit>> = vec![None; n];
+    let mut tails: Vec<VecDeque<String>> = vec![VecDeque::new(); n];
+    let mut first_failure: Option<(usize, Exit)> = None;
+    let mut interrupted = false;
+    let mut term_sent: Option<Instant> = None;
+    let mut killed = false;
+    let mut all_exited_at: Option<Instant> = None;
+
+    loop {
+        // Relay whatever output is ready, waiting a little when there is none.
+        match rx.recv_timeout(Duration::from_millis(10)) {
+            Ok(event) => {
+                let mut next = Some(event);
+                while let Some(ev) = next {
+                    match ev {
+                        Event::Line {
+                            index,
+                            stream,
+                            text,
+                        } => {
+                            sink.line(stream, &format!("{}{}", prefixes[index], text));
+                            let tail = &mut tails[index];
+                            if tail.len() == TAIL_LINES {
+                                tail.pop_front();
+                            }
+                            tail.push_back(text);
+                        }
+                        Event::Eof => open_pipes -= 1,
+                    }
+                    next = rx.try_recv().ok();
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => open_pipes = 0,
+        }
+
+        for (i, &pid) in pids.iter().enumerate() {
+            if exits[i].is_some() {
+                continue;
+            }
+            let mut status = 0;
+            // SAFETY: non-blocking waitpid on our own child.
+            let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+            if r == pid {
+                let exit = Exit::from_status(status);
+                exits[i] = Some(exit);
+                if !exit.success() && first_failure.is_none() && term_sent.is_none() {
+                    first_failure = Some((i, exit));
+                }
+            } else if r < 0 {
+                // Not our child any more (reaped elsewhere): treat it as gone.
+                exits[i] = Some(Exit::Code(0));
+            }
+        }
+
+        if stop.load(Ordering::SeqCst) && !interrupted {
+            interrupted = true;
+        }
+        let must_stop = first_failure.is_some() || interrupted;
+        if must_stop && term_sent.is_none() {
+            for (i, &pid) in pids.iter().enumerate() {
+                if exits[i].is_none() {
+                    signal_group(pid, libc::SIGTERM);
+                }
+            }
+            term_sent = Some(Instant::now());
+        }
+        if let Some(t) = term_sent {
+            if !killed && t.elapsed() >= GRACE {
+                for (i, &pid) in pids.iter().enumerate() {
+                    if exits[i].is_none() {
+                        signal_group(pid, libc::SIGKILL);
+                    }
+                }
+                killed = true;
+            }
+        }
+
+        if exits.iter().all(Option::is_some) {
+            let at = *all_exited_at.get_or_insert_with(Instant::now);
+            // Wait for the pipes to drain; a grandchild that kept a pipe open cannot hold us past 1 s.
+            if open_pipes == 0 || at.elapsed() > Duration::from_secs(1) {
+                break;
+            }
+        }
+    }
+    // Leftover processes in the workers' groups (grandchildren) go too.
+    for &pid in &pids {
+        signal_group(pid, libc::SIGKILL);
+    }
+
+    if let Some((i, exit)) = first_failure {
+        return Err(LaunchError::RankFailed {
+            rank: ranks[i],
+            cause: describe(exit, &tails[i]),
+            last_lines: tails[i].iter().cloned().collect(),
+            exit_code: exit.shell_code(),
+        });
+    }
+    if interrupted {
+        return Err(LaunchError::Interrupted);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_are_described() {
+        let tail: VecDeque<String> = [
+            "step 3",
+            "thread 'main' panicked at examples/fault.rs:12:9:",
+            "rank 1 gives up",
+            "note: run with `RUST_BACKTRACE=1`",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert_eq!(
+            describe(Exit::Code(101), &tail),
+            "panicked at examples/fault.rs:12:9: rank 1 gives up"
+        );
+        assert_eq!(
+            describe(Exit::Code(3), &VecDeque::new()),
+            "exited with code 3"
+        );
+        assert_eq!(
+            describe(Exit::Signal(9), &VecDeque::new()),
+            "killed by signal 9 (SIGKILL)"
+        );
+        assert_eq!(Exit::Signal(9).shell_code(), 137);
+    }
+}

@@ -1,0 +1,366 @@
+//! `hasten launch` end to end: real processes, real rendezvous, real failures.
+
+mod common;
+
+use common::*;
+use std::process::Command;
+use std::time::Duration;
+
+fn launch(args: &[&str], worker_args: &[&str], env: &[(&str, &str)]) -> Ran {
+    let mut cmd = Command::new(hasten());
+    cmd.arg("launch").args(args).arg(worker()).args(worker_args);
+    run(cmd, env)
+}
+
+fn expect_clean_exit(ran: &Ran, world: usize) {
+    assert_eq!(ran.code, 0, "{}", ran.all());
+    let expected_sum = (world * (world + 1) / 2) as f64;
+    for rank in 0..world {
+        let line = format!("[rank{rank}]: rank {rank} all_reduce sum = {expected_sum}");
+        assert!(
+            ran.stdout.contains(&line),
+            "missing {line:?}\n{}",
+            ran.all()
+        );
+    }
+}
+
+#[test]
+fn two_three_and_four_ranks_on_cpu() {
+    for world in [2, 3, 4] {
+        let n = world.to_string();
+        let ran = launch(
+            &["--num_processes", &n, "--cpu", "--main_process_port", "0"],
+            &[],
+            &[],
+        );
+        expect_clean_exit(&ran, world);
+        for rank in 0..world {
+            let ready =
+                format!("[rank{rank}]: rank {rank} of {world} (local {rank} of {world}) ready");
+            assert!(ran.stdout.contains(&ready), "{}", ran.all());
+        }
+    }
+}
+
+#[test]
+fn every_line_is_whole_and_prefixed() {
+    let ran = launch(
+        &["--num_processes", "4", "--cpu", "--main_process_port", "0"],
+        &[],
+        &[],
+    );
+    assert_eq!(ran.code, 0, "{}", ran.all());
+    for line in ran.stdout.lines() {
+        let (prefix, rest) = line.split_once("]: ").expect("prefixed line");
+        let rank: usize = prefix
+            .trim_start_matches("[rank")
+            .parse()
+            .expect("rank in prefix");
+        assert!(
+            rest.starts_with(&format!("rank {rank} ")),
+            "spliced line: {line:?}"
+        );
+    }
+}
+
+#[test]
+fn custom_prefix_template() {
+    let ran = launch(
+        &[
+            "--num_processes",
+            "2",
+            "--cpu",
+            "--main_process_port",
+            "0",
+            "--log_line_prefix_template",
+            "<${local_rank}/${rank}> ",
+        ],
+        &[],
+        &[],
+    );
+    assert_eq!(ran.code, 0, "{}", ran.all());
+    assert!(
+        ran.stdout.contains("<1/1> rank 1 all_reduce sum = 3"),
+        "{}",
+        ran.all()
+    );
+}
+
+/// A failing rank: the launcher returns quickly, names the rank and cause, and leaves no process.
+fn failing_rank(mode: &str, world: usize, expected_code: i32, expected_cause: &str) {
+    let pids = tempfile::tempdir().unwrap();
+    let n = world.to_string();
+    // The other ranks would otherwise run for a minute: the launcher must stop them.
+    let ran = launch(
+        &["--num_processes", &n, "--cpu", "--main_process_port", "0"],
+        &["--fail", &format!("1:{mode}"), "--sleep", "60"],
+        &[("HASTEN_TEST_PID_DIR", pids.path().to_str().unwrap())],
+    );
+    assert_eq!(ran.code, expected_code, "{}", ran.all());
+    assert!(
+        ran.elapsed < Duration::from_secs(10),
+        "took {:?}",
+        ran.elapsed
+    );
+    let report = format!("rank 1 failed: {expected_cause}");
+    assert!(
+        ran.stderr.contains(&report),
+        "missing {report:?}\n{}",
+        ran.all()
+    );
+    assert!(
+        ran.stderr.contains("last lines of its output"),
+        "{}",
+        ran.all()
+    );
+    assert!(
+        ran.stderr.contains("rank 1 fails on purpose"),
+        "{}",
+        ran.all()
+    );
+    if mode == "panic" {
+        assert!(ran.stderr.contains(": rank 1 gives up\n"), "{}", ran.all());
+    }
+    let recorded = recorded_pids(pids.path());
+    assert_eq!(recorded.len(), world, "every rank started: {}", ran.all());
+    for pid in recorded {
+        assert!(!alive(pid), "process {pid} outlived the launcher");
+    }
+}
+
+#[test]
+fn a_panicking_rank_stops_the_group() {
+    failing_rank("panic", 2, 101, "panicked at tests/bin/worker.rs");
+    failing_rank("panic", 3, 101, "panicked at tests/bin/worker.rs");
+}
+
+#[test]
+fn a_rank_exiting_with_3_stops_the_group() {
+    failing_rank("exit3", 3, 3, "exited with code 3");
+}
+
+#[test]
+fn a_sigkilled_rank_stops_the_group() {
+    failing_rank("sigkill", 4, 137, "killed by signal 9 (SIGKILL)");
+}
+
+#[test]
+fn a_rank_ignoring_sigterm_is_killed() {
+    let pids = tempfile::tempdir().unwrap();
+    let ran = launch(
+        &["--num_processes", "3", "--cpu", "--main_process_port", "0"],
+        &["--fail", "0:stubborn", "--fail", "2:exit3"],
+        &[("HASTEN_TEST_PID_DIR", pids.path().to_str().unwrap())],
+    );
+    assert_eq!(ran.code, 3, "{}", ran.all());
+    assert!(
+        ran.stderr.contains("rank 2 failed: exited with code 3"),
+        "{}",
+        ran.all()
+    );
+    assert!(
+        ran.elapsed < Duration::from_secs(10),
+        "took {:?}",
+        ran.elapsed
+    );
+    for pid in recorded_pids(pids.path()) {
+        assert!(!alive(pid), "process {pid} outlived the launcher");
+    }
+}
+
+#[test]
+fn max_restarts_reruns_the_group() {
+    let ran = launch(
+        &[
+            "--num_processes",
+            "2",
+            "--cpu",
+            "--main_process_port",
+            "0",
+            "--max_restarts",
+            "2",
+        ],
+        &["--fail", "1:exit3"],
+        &[],
+    );
+    assert_eq!(ran.code, 3, "{}", ran.all());
+    assert!(
+        ran.stderr.contains("restarting the group (1/2)"),
+        "{}",
+        ran.all()
+    );
+    assert!(
+        ran.stderr.contains("restarting the group (2/2)"),
+        "{}",
+        ran.all()
+    );
+    assert_eq!(
+        ran.stdout.matches("[rank0]: rank 0 of 2").count(),
+        3,
+        "{}",
+        ran.all()
+    );
+}
+
+#[test]
+fn two_machines_on_loopback() {
+    let port = free_port().to_string();
+    let spawn = |machine: &str| {
+        let mut cmd = Command::new(hasten());
+        cmd.args([
+            "launch",
+            "--num_processes",
+            "4",
+            "--num_machines",
+            "2",
+            "--machine_rank",
+            machine,
+            "--main_process_ip",
+            "127.0.0.1",
+            "--main_process_port",
+            &port,
+            "--cpu",
+        ])
+        .arg(worker())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+        cmd.spawn().expect("spawn hasten launch")
+    };
+    let second = spawn("1");
+    let first = spawn("0");
+    let start = std::time::Instant::now();
+    let a = Ran::from_output(first.wait_with_output().unwrap(), start.elapsed());
+    let b = Ran::from_output(second.wait_with_output().unwrap(), start.elapsed());
+    assert_eq!(a.code, 0, "{}", a.all());
+    assert_eq!(b.code, 0, "{}", b.all());
+    for rank in 0..2 {
+        assert!(
+            a.stdout.contains(&format!(
+                "[rank{rank}]: rank {rank} of 4 (local {rank} of 2) ready"
+            )),
+            "{}",
+            a.all()
+        );
+        assert!(
+            a.stdout
+                .contains(&format!("[rank{rank}]: rank {rank} all_reduce sum = 10")),
+            "{}",
+            a.all()
+        );
+    }
+    for (rank, local) in [(2, 0), (3, 1)] {
+        assert!(
+            b.stdout.contains(&format!(
+                "[rank{rank}]: rank {rank} of 4 (local {local} of 2) ready"
+            )),
+            "{}",
+            b.all()
+        );
+        assert!(
+            b.stdout
+                .contains(&format!("[rank{rank}]: rank {rank} all_reduce sum = 10")),
+            "{}",
+            b.all()
+        );
+    }
+}
+
+#[test]
+fn bad_launch_arguments_are_refused_before_starting() {
+    let ran = launch(&["--num_processes", "3", "--num_machines", "2"], &[], &[]);
+    assert_eq!(ran.code, 1, "{}", ran.all());
+    assert!(ran.stderr.contains("--num_processes 3"), "{}", ran.all());
+    let ran = launch(&["--config_file", "/nonexistent/hasten.yaml"], &[], &[]);
+    assert_eq!(ran.code, 1, "{}", ran.all());
+    assert!(
+        ran.stderr.contains("/nonexistent/hasten.yaml"),
+        "{}",
+        ran.all()
+    );
+    let mut cmd = Command::new(hasten());
+    cmd.args([
+        "launch",
+        "--num_processes",
+        "2",
+        "--cpu",
+        "--main_process_port",
+        "0",
+        "/nonexistent/program",
+    ]);
+    let ran = run(cmd, &[]);
+    assert_eq!(ran.code, 1, "{}", ran.all());
+    assert!(
+        ran.stderr
+            .contains("could not start rank 0 (/nonexistent/program)"),
+        "{}",
+        ran.all()
+    );
+}
+
+#[test]
+fn config_file_supplies_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("cfg.yaml");
+    std::fs::write(
+        &cfg,
+        "compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_CPU\nnum_processes: 3\nuse_cpu: true\n\
+         debug: true\nmain_process_port: 0\nmixed_precision: 'no'\n",
+    )
+    .unwrap();
+    let ran = launch(&["--config_file", cfg.to_str().unwrap()], &[], &[]);
+    expect_clean_exit(&ran, 3);
+}
+
+#[test]
+fn config_default_writes_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("accelerate/default_config.yaml");
+    let write = || {
+        let mut cmd = Command::new(hasten());
+        cmd.args([
+            "config",
+            "default",
+            "--mixed_precision",
+            "bf16",
+            "--config_file",
+        ])
+        .arg(&path);
+        run(cmd, &[])
+    };
+    let first = write();
+    assert_eq!(first.code, 0, "{}", first.all());
+    assert!(
+        first.stdout.contains("hasten config saved at"),
+        "{}",
+        first.all()
+    );
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.contains("\"mixed_precision\": \"bf16\""), "{text}");
+    let second = write();
+    assert_ne!(second.code, 0);
+    assert!(
+        second.stderr.contains("will not override"),
+        "{}",
+        second.all()
+    );
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
+}
+
+#[test]
+fn env_report_runs_without_ld_library_path() {
+    let mut cmd = Command::new(hasten());
+    cmd.args(["env", "--check"]).env_remove("LD_LIBRARY_PATH");
+    let ran = run(cmd, &[]);
+    assert_eq!(ran.code, 0, "{}", ran.all());
+    assert!(
+        ran.stdout.contains("- libtorch version: 2.11.0"),
+        "{}",
+        ran.all()
+    );
+    assert!(
+        ran.stdout.contains("- Cpu: ok, max relative error"),
+        "{}",
+        ran.all()
+    );
+}

@@ -1,0 +1,159 @@
+//! Rendezvous through the environment contract alone (as under torchrun or srun), and its errors.
+
+mod common;
+
+use common::*;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn start(env: &[(&str, String)]) -> Child {
+    let mut cmd = Command::new(worker());
+    for k in [
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "LOCAL_WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+    ] {
+        cmd.env_remove(k);
+    }
+    cmd.env("ACCELERATE_USE_CPU", "1")
+        .env("HASTEN_RDZV_TIMEOUT", "5");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .stdin(Stdio::null());
+    cmd.spawn().expect("spawn worker")
+}
+
+fn finish(child: Child) -> Ran {
+    let start = Instant::now();
+    Ran::from_output(child.wait_with_output().unwrap(), start.elapsed())
+}
+
+fn rank_env(rank: usize, world: usize, port: u16) -> Vec<(&'static str, String)> {
+    vec![
+        ("RANK", rank.to_string()),
+        ("WORLD_SIZE", world.to_string()),
+        ("MASTER_ADDR", "127.0.0.1".into()),
+        ("MASTER_PORT", port.to_string()),
+    ]
+}
+
+#[test]
+fn torchrun_style_environment_is_enough() {
+    let port = free_port();
+    let children: Vec<Child> = (0..3).map(|r| start(&rank_env(r, 3, port))).collect();
+    for (rank, child) in children.into_iter().enumerate() {
+        let ran = finish(child);
+        assert_eq!(ran.code, 0, "{}", ran.all());
+        assert!(
+            ran.stdout
+                .contains(&format!("rank {rank} all_reduce sum = 6")),
+            "{}",
+            ran.all()
+        );
+    }
+}
+
+#[test]
+fn slurm_style_environment_is_enough() {
+    let port = free_port();
+    let children: Vec<Child> = (0..2)
+        .map(|r| {
+            start(&[
+                ("SLURM_PROCID", r.to_string()),
+                ("SLURM_LOCALID", r.to_string()),
+                ("SLURM_NTASKS", "2".into()),
+                ("SLURM_JOB_NODELIST", "localhost".into()),
+                ("MASTER_PORT", port.to_string()),
+            ])
+        })
+        .collect();
+    for child in children {
+        let ran = finish(child);
+        assert_eq!(ran.code, 0, "{}", ran.all());
+        assert!(ran.stdout.contains("all_reduce sum = 3"), "{}", ran.all());
+    }
+}
+
+#[test]
+fn wrong_world_size_fails_on_both_sides() {
+    let port = free_port();
+    let master = start(&rank_env(0, 2, port));
+    let stranger = start(&rank_env(1, 3, port));
+    let (m, s) = (finish(master), finish(stranger));
+    for ran in [&m, &s] {
+        assert_ne!(ran.code, 0, "{}", ran.all());
+        assert!(
+            ran.stderr.contains("wrong world size: rank 1") && ran.stderr.contains("WORLD_SIZE=3"),
+            "{}",
+            ran.all()
+        );
+    }
+}
+
+#[test]
+fn duplicate_rank_is_refused() {
+    let port = free_port();
+    let master = start(&rank_env(0, 3, port));
+    std::thread::sleep(Duration::from_millis(200));
+    let a = start(&rank_env(1, 3, port));
+    let b = start(&rank_env(1, 3, port));
+    let results = [finish(master), finish(a), finish(b)];
+    for ran in &results {
+        assert_ne!(ran.code, 0, "{}", ran.all());
+    }
+    assert!(
+        results[0]
+            .stderr
+            .contains("duplicate rank: two processes claim rank 1"),
+        "{}",
+        results[0].all()
+    );
+}
+
+#[test]
+fn unreachable_master_times_out_with_a_clear_error() {
+    let port = free_port();
+    let mut env = rank_env(1, 2, port);
+    env.push(("HASTEN_RDZV_TIMEOUT", "1".into()));
+    let ran = finish(start(&env));
+    assert_ne!(ran.code, 0);
+    assert!(
+        ran.stderr.contains(&format!(
+            "rank 1 could not reach the master at 127.0.0.1:{port} within 1 s"
+        )),
+        "{}",
+        ran.all()
+    );
+    assert!(ran.elapsed < Duration::from_secs(5));
+}
+
+#[test]
+fn missing_ranks_time_out_on_the_master() {
+    let port = free_port();
+    let mut env = rank_env(0, 3, port);
+    env.push(("HASTEN_RDZV_TIMEOUT", "1".into()));
+    let ran = finish(start(&env));
+    assert_ne!(ran.code, 0);
+    assert!(
+        ran.stderr.contains("waiting for rank(s) 1, 2 to join"),
+        "{}",
+        ran.all()
+    );
+}
+
+#[test]
+fn inconsistent_contract_is_refused_before_connecting() {
+    let ran = finish(start(&[("RANK", "2".into()), ("WORLD_SIZE", "2".into())]));
+    assert_ne!(ran.code, 0);
+    assert!(
+        ran.stderr.contains("RANK=2 must be less than WORLD_SIZE=2"),
+        "{}",
+        ran.all()
+    );
+}
