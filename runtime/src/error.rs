@@ -101,6 +101,23 @@ pub enum Error {
         detail: String,
     },
 
+    /// Debug mode found tensors that differ across ranks (Accelerate's DistributedOperationException).
+    #[error("{message}")]
+    DistributedOperation {
+        /// The report, one line per process.
+        message: String,
+    },
+
+    /// An operation failed inside another one (Accelerate's chained_operation).
+    #[error("Error found while calling `{op}`. Please see the earlier error for more details.")]
+    ChainedOperation {
+        /// The outer operation.
+        op: &'static str,
+        /// The error inside it.
+        #[source]
+        source: Box<Error>,
+    },
+
     /// The connection to another rank broke during a collective: that process most likely died.
     #[error("{op}: lost the connection to rank {rank} (did that process exit or crash?): {source}")]
     PeerLost {

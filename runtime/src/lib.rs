@@ -28,6 +28,7 @@ mod distributed;
 mod environment;
 mod error;
 mod libtorch;
+mod ops;
 mod random;
 mod state;
 mod string_enum;
@@ -44,13 +45,20 @@ pub use device::{
     is_ipex_available, is_mps_available, is_npu_available, is_torch_version, is_tpu_available,
     is_xpu_available, matmul_check, select_device,
 };
-pub use distributed::{DEFAULT_RDZV_TIMEOUT, ProcessGroup, ReduceOp, rdzv_timeout_from_env};
+pub use distributed::{
+    DEFAULT_RDZV_TIMEOUT, ProcessGroup, ReduceOp, distributed_state_initialized, nccl_version,
+    rdzv_timeout_from_env,
+};
 pub use environment::{
     DEBUG_MODE_VAR, EnvPatch, MIXED_PRECISION_VAR, USE_CPU_VAR, clear_environment,
     debug_mode_from_env, parse_flag_from_env, patch_environment, str_to_bool,
 };
 pub use error::{Error, Result};
 pub use libtorch::{CudaLoad, LibtorchInfo, libtorch};
+pub use ops::{
+    Nested, Reduction, concatenate, convert_to_fp32, listify, listify_tensor, map_tensors, send_to_device,
+    slice_tensors, tensors_of,
+};
 pub use random::{HostRng, RNGType, host_rng, set_seed};
 pub use state::{
     ContractSource, DEFAULT_MASTER_ADDR, DEFAULT_MASTER_PORT, DistributedType, EnvContract,

@@ -80,14 +80,6 @@ fn reduce_into(acc: &mut Tensor, other: &Tensor, op: ReduceOp) -> Result<()> {
 }
 
 impl Backend for CpuBackend {
-    fn rank(&self) -> usize {
-        self.links.rank
-    }
-
-    fn world_size(&self) -> usize {
-        self.links.world_size
-    }
-
     fn all_reduce(&mut self, t: &mut Tensor, op: ReduceOp) -> Result<()> {
         on_cpu(t, "all_reduce", |t| self.all_reduce_cpu(t, op))
     }
@@ -96,12 +88,40 @@ impl Backend for CpuBackend {
         on_cpu(t, "broadcast", |t| self.broadcast_cpu(t, src))
     }
 
-    fn all_gather_bytes(&mut self, bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
-        self.all_gather_impl(bytes)
+    fn all_gather_cat(&mut self, t: &Tensor) -> Result<Tensor> {
+        const OP: &str = "all_gather";
+        let device = t.device();
+        let cpu = t.to_device(Device::Cpu);
+        let parts = self.all_gather_bytes(&tensor_bytes(&cpu))?;
+        let own = parts[self.links.rank].len();
+        if let Some((rank, p)) = parts.iter().enumerate().find(|(_, p)| p.len() != own) {
+            // Every rank sees every length, so every rank reports the same mismatch: nobody hangs.
+            return Err(Error::Collective {
+                op: OP,
+                detail: format!(
+                    "rank {rank} passed {} bytes but rank {} passed {own}; every rank must gather the same shape                      (pad_across_processes first)",
+                    p.len(),
+                    self.links.rank
+                ),
+            });
+        }
+        let (size, kind) = (cpu.size(), cpu.kind());
+        let tensors: Vec<Tensor> = parts.iter().map(|p| Tensor::from_data_size(p, &size, kind)).collect();
+        Tensor::f_cat(&tensors, 0)
+            .and_then(|c| c.f_to_device(device))
+            .map_err(|source| Error::Torch { op: OP, source })
     }
 
-    fn barrier(&mut self) -> Result<()> {
-        self.all_gather_impl(&[]).map(drop)
+    fn reduce_scatter(&mut self, t: &Tensor, op: ReduceOp) -> Result<Tensor> {
+        let mut full = t.copy();
+        self.all_reduce(&mut full, op)?;
+        let rows = t.size()[0] / self.links.world_size as i64;
+        full.f_narrow(0, self.links.rank as i64 * rows, rows)
+            .map(|s| s.copy())
+            .map_err(|source| Error::Torch {
+                op: "reduce_scatter",
+                source,
+            })
     }
 }
 
@@ -113,12 +133,7 @@ impl CpuBackend {
         }
         let size = t.size();
         let kind = t.kind();
-        if op == ReduceOp::Mean
-            && !matches!(
-                kind,
-                tch::Kind::Half | tch::Kind::BFloat16 | tch::Kind::Float | tch::Kind::Double
-            )
-        {
+        if op == ReduceOp::Mean && !crate::ops::is_float(kind) {
             return Err(Error::Collective {
                 op: OP,
                 detail: format!(
@@ -180,9 +195,7 @@ impl CpuBackend {
         }
         Ok(())
     }
-}
 
-impl CpuBackend {
     fn broadcast_cpu(&mut self, t: &mut Tensor, src: usize) -> Result<()> {
         const OP: &str = "broadcast";
         let world = self.links.world_size;
@@ -250,7 +263,8 @@ impl CpuBackend {
         Ok(())
     }
 
-    fn all_gather_impl(&mut self, bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
+    /// Every rank's bytes in rank order, on every rank (objects, barriers, metadata).
+    pub(crate) fn all_gather_bytes(&mut self, bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
         const OP: &str = "all_gather";
         let world = self.links.world_size;
         if world == 1 {

@@ -1,18 +1,22 @@
 //! Collectives between the processes of a job.
 //!
-//! [`ProcessGroup::init`] performs the rendezvous described by the environment contract and picks a
-//! backend once. Today that is the CPU backend (TCP, libtorch arithmetic); NCCL joins it behind the same
-//! trait for CUDA tensors.
+//! [`ProcessGroup::init`] performs the rendezvous described by the environment contract and sets up the
+//! backends once: the CPU backend (TCP links, libtorch arithmetic) always, for CPU tensors and objects;
+//! NCCL as well when this rank computes on a GPU, for CUDA tensors. Each tensor operation goes to the
+//! backend of the tensor's device, so call sites carry no backend checks.
 
 mod cpu;
+mod nccl;
 mod rendezvous;
 mod wire;
 
+pub use nccl::nccl_version;
 pub use rendezvous::{DEFAULT_RDZV_TIMEOUT, rdzv_timeout_from_env};
 
-use crate::{ProcessState, Result};
+use crate::{Error, ProcessState, Result};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-use tch::Tensor;
+use tch::{Device, Tensor};
 
 /// How `all_reduce` combines the ranks' values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,19 +33,30 @@ pub enum ReduceOp {
     Product,
 }
 
-/// What a collective backend provides; one implementation per transport, chosen once at start-up.
+/// The tensor collectives a backend provides.
 pub(crate) trait Backend: Send {
-    fn rank(&self) -> usize;
-    fn world_size(&self) -> usize;
     fn all_reduce(&mut self, t: &mut Tensor, op: ReduceOp) -> Result<()>;
     fn broadcast(&mut self, t: &mut Tensor, src: usize) -> Result<()>;
-    fn all_gather_bytes(&mut self, bytes: &[u8]) -> Result<Vec<Vec<u8>>>;
-    fn barrier(&mut self) -> Result<()>;
+    /// Every rank's `t` concatenated along dim 0 (same shape on every rank).
+    fn all_gather_cat(&mut self, t: &Tensor) -> Result<Tensor>;
+    /// `t` (dim 0 = world × n) reduced across ranks; this rank's n rows.
+    fn reduce_scatter(&mut self, t: &Tensor, op: ReduceOp) -> Result<Tensor>;
+}
+
+/// Set once a process group exists in this process: `notebook_launcher` refuses to fork then, as
+/// Accelerate refuses when an `AcceleratorState` exists (the children would inherit a broken group).
+static GROUP_CREATED: AtomicBool = AtomicBool::new(false);
+
+/// True once this process has joined a process group (or created an Accelerator).
+pub fn distributed_state_initialized() -> bool {
+    GROUP_CREATED.load(Ordering::SeqCst)
 }
 
 /// This process's membership of the job's process group.
 pub struct ProcessGroup {
-    backend: Box<dyn Backend>,
+    state: ProcessState,
+    cpu: cpu::CpuBackend,
+    nccl: Option<nccl::Nccl>,
 }
 
 impl std::fmt::Debug for ProcessGroup {
@@ -49,6 +64,7 @@ impl std::fmt::Debug for ProcessGroup {
         f.debug_struct("ProcessGroup")
             .field("rank", &self.rank())
             .field("world_size", &self.world_size())
+            .field("nccl", &self.nccl.is_some())
             .finish()
     }
 }
@@ -62,39 +78,148 @@ impl ProcessGroup {
 
     /// [`ProcessGroup::init`] with an explicit rendezvous timeout.
     pub fn init_with_timeout(state: &ProcessState, timeout: Duration) -> Result<Self> {
+        GROUP_CREATED.store(true, Ordering::SeqCst);
         let links = rendezvous::rendezvous(&state.contract, timeout)?;
-        Ok(ProcessGroup {
-            backend: Box::new(cpu::CpuBackend::new(links)),
-        })
+        let mut group = ProcessGroup {
+            state: state.clone(),
+            cpu: cpu::CpuBackend::new(links),
+            nccl: None,
+        };
+        if let (Device::Cuda(index), true) = (state.device, state.use_distributed()) {
+            group.nccl = Some(group.init_nccl(index)?);
+        }
+        Ok(group)
+    }
+
+    fn init_nccl(&mut self, device: usize) -> Result<nccl::Nccl> {
+        // Rank 0 makes the id (or says why it cannot); everyone learns the outcome, so no rank waits
+        // in ncclCommInitRank for a peer that gave up.
+        let mine: Vec<u8> = if self.rank() == 0 {
+            match nccl::unique_id() {
+                Ok(id) => id.internal.to_vec(),
+                Err(e) => format!("ERR{e}").into_bytes(),
+            }
+        } else {
+            Vec::new()
+        };
+        let all = self.cpu.all_gather_bytes(&mine)?;
+        let id_bytes = &all[0];
+        let internal: [u8; 128] = id_bytes.as_slice().try_into().map_err(|_| Error::Collective {
+            op: "nccl init",
+            detail: format!(
+                "rank 0 could not start NCCL: {}",
+                String::from_utf8_lossy(id_bytes.strip_prefix(b"ERR").unwrap_or(id_bytes))
+            ),
+        })?;
+        nccl::Nccl::new(nccl::UniqueId { internal }, self.rank(), self.world_size(), device)
+    }
+
+    /// The process state this group was built from.
+    pub fn state(&self) -> &ProcessState {
+        &self.state
     }
 
     /// This process's rank.
     pub fn rank(&self) -> usize {
-        self.backend.rank()
+        self.state.contract.rank
     }
 
     /// Number of processes.
     pub fn world_size(&self) -> usize {
-        self.backend.world_size()
+        self.state.contract.world_size
+    }
+
+    /// True when CUDA tensors travel through NCCL.
+    pub fn uses_nccl(&self) -> bool {
+        self.nccl.is_some()
+    }
+
+    fn backend_for(&mut self, t: &Tensor) -> &mut dyn Backend {
+        match (&mut self.nccl, t.device()) {
+            (Some(nccl), Device::Cuda(_)) => nccl,
+            _ => &mut self.cpu,
+        }
     }
 
     /// Combines `t` across ranks in place; every rank ends with the same values.
     pub fn all_reduce(&mut self, t: &mut Tensor, op: ReduceOp) -> Result<()> {
-        self.backend.all_reduce(t, op)
+        if self.world_size() == 1 {
+            return if op == ReduceOp::Mean && !crate::ops::is_float(t.kind()) {
+                Err(Error::Collective {
+                    op: "all_reduce",
+                    detail: format!("a mean needs a floating-point tensor, got {:?}", t.kind()),
+                })
+            } else {
+                Ok(())
+            };
+        }
+        self.backend_for(t).all_reduce(t, op)
     }
 
     /// Copies rank `src`'s `t` into every rank's `t` (same shape and dtype everywhere).
     pub fn broadcast(&mut self, t: &mut Tensor, src: usize) -> Result<()> {
-        self.backend.broadcast(t, src)
+        if src >= self.world_size() {
+            return Err(Error::Collective {
+                op: "broadcast",
+                detail: format!("source rank {src} is not in a group of {}", self.world_size()),
+            });
+        }
+        if self.world_size() == 1 {
+            return Ok(());
+        }
+        self.backend_for(t).broadcast(t, src)
+    }
+
+    /// Every rank's `t` concatenated along dim 0, on every rank (shapes must match).
+    pub fn all_gather_cat(&mut self, t: &Tensor) -> Result<Tensor> {
+        if self.world_size() == 1 {
+            return Ok(t.shallow_clone());
+        }
+        let t = t.contiguous();
+        self.backend_for(&t).all_gather_cat(&t)
+    }
+
+    /// Reduces `t` across ranks and returns this rank's share of the first dimension, which must divide
+    /// evenly by the number of processes.
+    pub fn reduce_scatter(&mut self, t: &Tensor, op: ReduceOp) -> Result<Tensor> {
+        let world = self.world_size() as i64;
+        let rows = t.size().first().copied().unwrap_or(0);
+        if t.dim() == 0 || rows % world != 0 {
+            return Err(Error::Collective {
+                op: "reduce_scatter",
+                detail: format!("the first dimension ({rows}) must divide evenly by {world} processes"),
+            });
+        }
+        if world == 1 {
+            return Ok(t.copy());
+        }
+        let t = t.contiguous();
+        self.backend_for(&t).reduce_scatter(&t, op)
     }
 
     /// Every rank's bytes, in rank order, on every rank.
     pub fn all_gather_bytes(&mut self, bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
-        self.backend.all_gather_bytes(bytes)
+        self.cpu.all_gather_bytes(bytes)
     }
 
     /// Waits until every rank has reached this point.
     pub fn barrier(&mut self) -> Result<()> {
-        self.backend.barrier()
+        if let Some(_nccl) = &self.nccl {
+            // Work queued on the GPU counts: a barrier means "everything before it is done".
+            if let Device::Cuda(i) = self.state.device {
+                tch::Cuda::synchronize(i as i64);
+            }
+        }
+        self.cpu.all_gather_bytes(&[]).map(drop)
+    }
+}
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            if let Some(nccl) = self.nccl.as_mut() {
+                nccl.abort();
+            }
+        }
     }
 }

@@ -1,0 +1,316 @@
+//! The NCCL backend for CUDA tensors.
+//!
+//! NCCL is the library libtorch's CUDA half already links (`libnccl.so.2`, shipped inside the torch
+//! install); loading it ourselves with `dlopen` finds that same copy, where a crate probing for
+//! `libnccl.so` would not. The unique id travels over the TCP links from rendezvous. Collectives run on
+//! the device's legacy default stream, the stream libtorch issues its kernels on, so they are ordered
+//! after the kernels that produced their inputs without a host synchronisation.
+
+use super::{Backend, ReduceOp};
+use crate::ops::is_float;
+use crate::{Error, Result};
+use std::ffi::{CStr, CString, c_char, c_int, c_void};
+use std::sync::OnceLock;
+use tch::{Device, Kind, Tensor};
+
+type NcclResult = c_int;
+type Comm = *mut c_void;
+type Stream = *mut c_void;
+
+/// `ncclUniqueId`: 128 opaque bytes, passed by value.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(crate) struct UniqueId {
+    pub internal: [u8; 128],
+}
+
+struct Api {
+    get_unique_id: unsafe extern "C" fn(*mut UniqueId) -> NcclResult,
+    comm_init_rank: unsafe extern "C" fn(*mut Comm, c_int, UniqueId, c_int) -> NcclResult,
+    comm_destroy: unsafe extern "C" fn(Comm) -> NcclResult,
+    comm_abort: unsafe extern "C" fn(Comm) -> NcclResult,
+    all_reduce: unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, Comm, Stream) -> NcclResult,
+    broadcast: unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, Comm, Stream) -> NcclResult,
+    all_gather: unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, Comm, Stream) -> NcclResult,
+    reduce_scatter:
+        unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, Comm, Stream) -> NcclResult,
+    error_string: unsafe extern "C" fn(NcclResult) -> *const c_char,
+    get_version: unsafe extern "C" fn(*mut c_int) -> NcclResult,
+    cuda_set_device: unsafe extern "C" fn(c_int) -> c_int,
+}
+
+/// The NCCL library and the CUDA runtime calls it needs, loaded once per process.
+static API: OnceLock<std::result::Result<Api, String>> = OnceLock::new();
+
+unsafe fn symbol<T: Copy>(handle: *mut c_void, name: &str) -> std::result::Result<T, String> {
+    let c = CString::new(name).map_err(|e| e.to_string())?;
+    // SAFETY: dlsym on a handle from dlopen (or RTLD_DEFAULT); T is the symbol's function type.
+    let ptr = unsafe { libc::dlsym(handle, c.as_ptr()) };
+    if ptr.is_null() {
+        return Err(format!("symbol {name} not found"));
+    }
+    // SAFETY: a non-null function pointer of the declared C signature.
+    Ok(unsafe { std::mem::transmute_copy::<*mut c_void, T>(&ptr) })
+}
+
+fn load() -> std::result::Result<Api, String> {
+    if !matches!(crate::libtorch().cuda, crate::CudaLoad::Loaded) {
+        return Err("libtorch's CUDA backend is not loaded".into());
+    }
+    let mut handle = std::ptr::null_mut();
+    let mut tried = Vec::new();
+    let mut names: Vec<String> = vec!["libnccl.so.2".into(), "libnccl.so".into()];
+    if let Some(dir) = crate::libtorch().lib_dir.as_ref() {
+        // pip's layout: torch/lib/../../nvidia/nccl/lib/libnccl.so.2
+        if let Some(site) = dir.parent().and_then(|p| p.parent()) {
+            names.push(site.join("nvidia/nccl/lib/libnccl.so.2").display().to_string());
+        }
+    }
+    for name in &names {
+        let c = CString::new(name.as_str()).map_err(|e| e.to_string())?;
+        // SAFETY: dlopen with a valid C string; the handle is kept for the life of the process.
+        handle = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
+        if !handle.is_null() {
+            break;
+        }
+        tried.push(name.clone());
+    }
+    if handle.is_null() {
+        return Err(format!("libnccl could not be loaded (tried {})", tried.join(", ")));
+    }
+    // SAFETY: symbols looked up with their documented C signatures (nccl.h, cuda_runtime_api.h).
+    unsafe {
+        Ok(Api {
+            get_unique_id: symbol(handle, "ncclGetUniqueId")?,
+            comm_init_rank: symbol(handle, "ncclCommInitRank")?,
+            comm_destroy: symbol(handle, "ncclCommDestroy")?,
+            comm_abort: symbol(handle, "ncclCommAbort")?,
+            all_reduce: symbol(handle, "ncclAllReduce")?,
+            broadcast: symbol(handle, "ncclBroadcast")?,
+            all_gather: symbol(handle, "ncclAllGather")?,
+            reduce_scatter: symbol(handle, "ncclReduceScatter")?,
+            error_string: symbol(handle, "ncclGetErrorString")?,
+            get_version: symbol(handle, "ncclGetVersion")?,
+            // libcudart is loaded already (libtorch links it); RTLD_DEFAULT finds it.
+            cuda_set_device: symbol(libc::RTLD_DEFAULT, "cudaSetDevice")?,
+        })
+    }
+}
+
+fn api() -> Result<&'static Api> {
+    API.get_or_init(load).as_ref().map_err(|e| Error::DeviceUnavailable {
+        detail: format!("NCCL: {e}"),
+    })
+}
+
+/// NCCL's version as `major.minor.patch`, when it can be loaded.
+pub fn nccl_version() -> Option<String> {
+    let api = api().ok()?;
+    let mut v: c_int = 0;
+    // SAFETY: writes one int.
+    if unsafe { (api.get_version)(&mut v) } != 0 {
+        return None;
+    }
+    Some(format!("{}.{}.{}", v / 10000, (v % 10000) / 100, v % 100))
+}
+
+fn check(api: &Api, r: NcclResult, op: &'static str) -> Result<()> {
+    if r == 0 {
+        return Ok(());
+    }
+    // SAFETY: ncclGetErrorString returns a static C string.
+    let msg = unsafe { CStr::from_ptr((api.error_string)(r)) }
+        .to_string_lossy()
+        .into_owned();
+    Err(Error::Collective {
+        op,
+        detail: format!("NCCL error {r}: {msg}"),
+    })
+}
+
+fn nccl_type(kind: Kind) -> Option<c_int> {
+    Some(match kind {
+        Kind::Int8 => 0,
+        Kind::Uint8 | Kind::Bool => 1,
+        Kind::Int => 2,
+        Kind::Int64 => 4,
+        Kind::Half => 6,
+        Kind::Float => 7,
+        Kind::Double => 8,
+        Kind::BFloat16 => 9,
+        _ => return None,
+    })
+}
+
+/// A new unique id (rank 0 makes one and sends it to the others).
+pub(crate) fn unique_id() -> Result<UniqueId> {
+    let api = api()?;
+    let mut id = UniqueId { internal: [0; 128] };
+    // SAFETY: writes one ncclUniqueId.
+    check(api, unsafe { (api.get_unique_id)(&mut id) }, "ncclGetUniqueId")?;
+    Ok(id)
+}
+
+/// One NCCL communicator, bound to this rank's GPU.
+pub(crate) struct Nccl {
+    comm: Comm,
+    device: usize,
+    world: usize,
+}
+
+// SAFETY: the communicator is only used through &mut self, one call at a time.
+unsafe impl Send for Nccl {}
+
+impl Nccl {
+    pub(crate) fn new(id: UniqueId, rank: usize, world: usize, device: usize) -> Result<Self> {
+        let api = api()?;
+        // SAFETY: selects this rank's GPU for the calling thread, as torch.cuda.set_device does.
+        let r = unsafe { (api.cuda_set_device)(device as c_int) };
+        if r != 0 {
+            return Err(Error::DeviceUnavailable {
+                detail: format!("cudaSetDevice({device}) failed with CUDA error {r}"),
+            });
+        }
+        let mut comm: Comm = std::ptr::null_mut();
+        // SAFETY: initialises one communicator; every rank calls it with the same id.
+        check(
+            api,
+            unsafe { (api.comm_init_rank)(&mut comm, world as c_int, id, rank as c_int) },
+            "ncclCommInitRank",
+        )?;
+        Ok(Nccl { comm, device, world })
+    }
+
+    fn prepare(&self, t: &Tensor, op: &'static str) -> Result<(&'static Api, c_int)> {
+        if t.device() != Device::Cuda(self.device) {
+            return Err(Error::Collective {
+                op,
+                detail: format!("NCCL on cuda:{} got a tensor on {:?}", self.device, t.device()),
+            });
+        }
+        let dtype = nccl_type(t.kind()).ok_or_else(|| Error::Collective {
+            op,
+            detail: format!("NCCL cannot carry {:?} tensors", t.kind()),
+        })?;
+        if !t.is_contiguous() {
+            return Err(Error::Collective {
+                op,
+                detail: "NCCL needs a contiguous tensor".into(),
+            });
+        }
+        Ok((api()?, dtype))
+    }
+
+    /// Tears the communicator down without waiting for peers (after a failure elsewhere).
+    pub(crate) fn abort(&mut self) {
+        if let Ok(api) = api() {
+            if !self.comm.is_null() {
+                // SAFETY: aborting our own communicator once.
+                unsafe { (api.comm_abort)(self.comm) };
+                self.comm = std::ptr::null_mut();
+            }
+        }
+    }
+}
+
+impl Backend for Nccl {
+    fn all_reduce(&mut self, t: &mut Tensor, op: ReduceOp) -> Result<()> {
+        const OP: &str = "all_reduce";
+        let (api, dtype) = self.prepare(t, OP)?;
+        let red = match op {
+            ReduceOp::Sum => 0,
+            ReduceOp::Product => 1,
+            ReduceOp::Max => 2,
+            ReduceOp::Min => 3,
+            ReduceOp::Mean if is_float(t.kind()) => 4,
+            ReduceOp::Mean => {
+                return Err(Error::Collective {
+                    op: OP,
+                    detail: format!("a mean needs a floating-point tensor, got {:?}", t.kind()),
+                });
+            }
+        };
+        let ptr = t.data_ptr();
+        // SAFETY: in-place all-reduce of numel elements on the tensor's own device memory.
+        check(
+            api,
+            unsafe { (api.all_reduce)(ptr, ptr, t.numel(), dtype, red, self.comm, std::ptr::null_mut()) },
+            "ncclAllReduce",
+        )
+    }
+
+    fn broadcast(&mut self, t: &mut Tensor, src: usize) -> Result<()> {
+        let (api, dtype) = self.prepare(t, "broadcast")?;
+        let ptr = t.data_ptr();
+        // SAFETY: in-place broadcast of numel elements.
+        check(
+            api,
+            unsafe { (api.broadcast)(ptr, ptr, t.numel(), dtype, src as c_int, self.comm, std::ptr::null_mut()) },
+            "ncclBroadcast",
+        )
+    }
+
+    fn all_gather_cat(&mut self, t: &Tensor) -> Result<Tensor> {
+        let (api, dtype) = self.prepare(t, "all_gather")?;
+        let mut shape = t.size();
+        shape[0] *= self.world as i64;
+        let out = Tensor::f_empty(&shape, (t.kind(), t.device())).map_err(|source| Error::Torch {
+            op: "all_gather",
+            source,
+        })?;
+        // SAFETY: the output holds world × numel elements of the same dtype on the same device.
+        check(
+            api,
+            unsafe {
+                (api.all_gather)(t.data_ptr(), out.data_ptr(), t.numel(), dtype, self.comm, std::ptr::null_mut())
+            },
+            "ncclAllGather",
+        )?;
+        Ok(out)
+    }
+
+    fn reduce_scatter(&mut self, t: &Tensor, op: ReduceOp) -> Result<Tensor> {
+        let (api, dtype) = self.prepare(t, "reduce_scatter")?;
+        let red = match op {
+            ReduceOp::Sum => 0,
+            ReduceOp::Product => 1,
+            ReduceOp::Max => 2,
+            ReduceOp::Min => 3,
+            ReduceOp::Mean => 4,
+        };
+        let mut shape = t.size();
+        shape[0] /= self.world as i64;
+        let out = Tensor::f_empty(&shape, (t.kind(), t.device())).map_err(|source| Error::Torch {
+            op: "reduce_scatter",
+            source,
+        })?;
+        // SAFETY: recvcount = numel / world elements, with a matching output buffer.
+        check(
+            api,
+            unsafe {
+                (api.reduce_scatter)(
+                    t.data_ptr(),
+                    out.data_ptr(),
+                    out.numel(),
+                    dtype,
+                    red,
+                    self.comm,
+                    std::ptr::null_mut(),
+                )
+            },
+            "ncclReduceScatter",
+        )?;
+        Ok(out)
+    }
+}
+
+impl Drop for Nccl {
+    fn drop(&mut self) {
+        if let Ok(api) = api() {
+            if !self.comm.is_null() {
+                // SAFETY: destroying our own communicator once.
+                unsafe { (api.comm_destroy)(self.comm) };
+            }
+        }
+    }
+}
