@@ -364,3 +364,27 @@ fn env_report_runs_without_ld_library_path() {
         ran.all()
     );
 }
+
+#[test]
+fn every_operation_through_hasten_launch_on_2_3_and_4_ranks() {
+    for n in ["2", "3", "4"] {
+        for debug in [false, true] {
+            let mut args = vec!["--num_processes", n, "--cpu", "--main_process_port", "0"];
+            if debug {
+                args.push("--debug");
+            }
+            let ran = launch(&args, &["--ops"], &[]);
+            assert_eq!(ran.code, 0, "{}", ran.all());
+            for rank in 0..n.parse::<usize>().unwrap() {
+                let line = format!(
+                    "[rank{rank}]: ops checks on rank {rank} (cpu, {n} processes): 7 passed, 0 failed"
+                );
+                assert!(
+                    ran.stdout.contains(&line),
+                    "missing {line:?}\n{}",
+                    ran.all()
+                );
+            }
+        }
+    }
+}

@@ -5,6 +5,22 @@
 //! whole group cleanly when one rank fails. Plans are pure functions ([`plan()`]); only the spawners touch
 //! processes.
 //!
+//! [`notebook_launcher`] forks workers from a running program (a notebook kernel, a test) and returns
+//! the main rank's result:
+//!
+//! ```no_run
+//! use hasten_launch::notebook_launcher;
+//! fn training_loop(lr: f64) -> Result<f64, hasten::Error> {
+//!     let state = hasten::ProcessState::from_env()?;
+//!     let mut group = hasten::ProcessGroup::init(&state)?;
+//!     // … train, gather metrics …
+//!     group.wait_for_everyone()?;
+//!     Ok(lr)
+//! }
+//! let lr = notebook_launcher(training_loop, 1e-3, 2)?;
+//! # Ok::<(), hasten_launch::LaunchError>(())
+//! ```
+//!
 //! The launcher never initialises CUDA: it counts GPUs from the driver's `/proc` entries
 //! ([`visible_gpu_count`]), so workers forked from it can still use their GPU.
 #![deny(missing_docs)]
@@ -13,6 +29,7 @@ mod cli;
 mod error;
 mod exec;
 mod host;
+mod notebook;
 mod plan;
 mod relay;
 mod report;
@@ -21,7 +38,10 @@ mod supervise;
 pub use cli::{HostFacts, LaunchArgs, load_config_file, merge, resolve_port};
 pub use error::{LaunchError, Result};
 pub use exec::{RunOptions, run_program};
-pub use host::{cpu_count, free_port, port_is_free, visible_gpu_count};
+pub use host::{
+    cpu_count, cuda_initialized_in_this_process, free_port, port_is_free, visible_gpu_count,
+};
+pub use notebook::{NotebookLauncher, debug_launcher, notebook_launcher};
 pub use plan::{FOREIGN_CONTRACT_VARS, LaunchConfig, LaunchPlan, RankPlan, plan};
 pub use relay::{LinePrefix, OutputSink, StdioSink, Stream};
 pub use report::env_report;

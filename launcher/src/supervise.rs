@@ -68,27 +68,36 @@ fn signal_name(sig: i32) -> &'static str {
     }
 }
 
-/// A human description of a failure, using the rank's last lines to find a Rust panic message.
-fn describe(exit: Exit, tail: &VecDeque<String>) -> String {
-    let panic = tail
-        .iter()
-        .position(|l| l.contains("panicked at"))
-        .map(|i| {
-            let mut msg = tail[i].clone();
-            // Since Rust 1.73 the message follows on the next line(s).
-            if msg.trim_end().ends_with(':') {
-                if let Some(next) = tail.get(i + 1) {
-                    msg = format!("{} {}", msg.trim_end(), next.trim());
-                }
+/// The first panic message a rank printed, kept apart from its tail: a long backtrace would push it out.
+#[derive(Default, Clone)]
+struct PanicNote {
+    text: Option<String>,
+    wants_message: bool,
+}
+
+impl PanicNote {
+    fn observe(&mut self, line: &str) {
+        if self.wants_message {
+            if let Some(t) = self.text.as_mut() {
+                t.push(' ');
+                t.push_str(line.trim());
             }
-            msg
-        });
-    match (exit, panic) {
-        // "thread 'main' (123) panicked at src/x.rs:1:2: msg" → "panicked at src/x.rs:1:2: msg"
-        (_, Some(p)) => match p.find("panicked at") {
-            Some(at) => p[at..].trim().to_owned(),
-            None => p.trim().to_owned(),
-        },
+            self.wants_message = false;
+        } else if self.text.is_none() {
+            if let Some(at) = line.find("panicked at") {
+                // "thread 'main' (123) panicked at src/x.rs:1:2:" and, since Rust 1.73, the message on the
+                // next line; older formats put it on the same line.
+                self.text = Some(line[at..].trim_end().to_owned());
+                self.wants_message = line.trim_end().ends_with(':');
+            }
+        }
+    }
+}
+
+/// A human description of a failure.
+fn describe(exit: Exit, panic: &PanicNote) -> String {
+    match (exit, &panic.text) {
+        (_, Some(p)) => p.clone(),
         (Exit::Code(c), None) => format!("exited with code {c}"),
         (Exit::Signal(s), None) => format!("killed by signal {s} ({})", signal_name(s)),
     }
@@ -141,6 +150,7 @@ pub(crate) fn supervise(
     let mut open_pipes = 2 * n;
     let mut exits: Vec<Option<Exit>> = vec![None; n];
     let mut tails: Vec<VecDeque<String>> = vec![VecDeque::new(); n];
+    let mut panics: Vec<PanicNote> = vec![PanicNote::default(); n];
     let mut first_failure: Option<(usize, Exit)> = None;
     let mut interrupted = false;
     let mut term_sent: Option<Instant> = None;
@@ -160,6 +170,7 @@ pub(crate) fn supervise(
                             text,
                         } => {
                             sink.line(stream, &format!("{}{}", prefixes[index], text));
+                            panics[index].observe(&text);
                             let tail = &mut tails[index];
                             if tail.len() == TAIL_LINES {
                                 tail.pop_front();
@@ -233,7 +244,7 @@ pub(crate) fn supervise(
     if let Some((i, exit)) = first_failure {
         return Err(LaunchError::RankFailed {
             rank: ranks[i],
-            cause: describe(exit, &tails[i]),
+            cause: describe(exit, &panics[i]),
             last_lines: tails[i].iter().cloned().collect(),
             exit_code: exit.shell_code(),
         });
@@ -250,25 +261,30 @@ mod tests {
 
     #[test]
     fn failures_are_described() {
-        let tail: VecDeque<String> = [
+        let mut note = PanicNote::default();
+        for line in [
             "step 3",
-            "thread 'main' panicked at examples/fault.rs:12:9:",
+            "thread 'main' (77) panicked at examples/fault.rs:12:9:",
             "rank 1 gives up",
-            "note: run with `RUST_BACKTRACE=1`",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+            "stack backtrace:",
+            "thread 'other' panicked at later.rs:1:1:",
+        ] {
+            note.observe(line);
+        }
         assert_eq!(
-            describe(Exit::Code(101), &tail),
+            describe(Exit::Code(101), &note),
             "panicked at examples/fault.rs:12:9: rank 1 gives up"
         );
+        let mut old_style = PanicNote::default();
+        old_style.observe("thread 'main' panicked at 'boom', src/main.rs:2:5");
         assert_eq!(
-            describe(Exit::Code(3), &VecDeque::new()),
-            "exited with code 3"
+            describe(Exit::Code(101), &old_style),
+            "panicked at 'boom', src/main.rs:2:5"
         );
+        let none = PanicNote::default();
+        assert_eq!(describe(Exit::Code(3), &none), "exited with code 3");
         assert_eq!(
-            describe(Exit::Signal(9), &VecDeque::new()),
+            describe(Exit::Signal(9), &none),
             "killed by signal 9 (SIGKILL)"
         );
         assert_eq!(Exit::Signal(9).shell_code(), 137);

@@ -56,8 +56,8 @@ pub use environment::{
 pub use error::{Error, Result};
 pub use libtorch::{CudaLoad, LibtorchInfo, libtorch};
 pub use ops::{
-    Nested, Reduction, concatenate, convert_to_fp32, listify, listify_tensor, map_tensors, send_to_device,
-    slice_tensors, tensors_of,
+    Nested, Reduction, concatenate, convert_to_fp32, listify, listify_tensor, map_tensors,
+    send_to_device, slice_tensors, tensors_of,
 };
 pub use random::{HostRng, RNGType, host_rng, set_seed};
 pub use state::{

@@ -1,6 +1,9 @@
 //! A worker for the launcher tests: joins the group, all-reduces its rank, and fails on request.
 //!
-//! `hasten-test-worker [--fail RANK:MODE]... [--sleep SECS]` where MODE is `panic`, `exit3`,
+//! `hasten-test-worker [--ops] [--fail RANK:MODE]... [--sleep SECS]`: with `--ops`, runs every
+//! collective operation against Accelerate's expected values (tests/ops_checks.rs) and exits non-zero if
+//! one fails.
+//!  where MODE is `panic`, `exit3`,
 //! `sigkill`, `hang` or `stubborn` (hangs and ignores SIGTERM). Every rank writes its pid into `$HASTEN_TEST_PID_DIR` (when set) so a test can check that no
 //! process outlives the launcher.
 
@@ -8,10 +11,14 @@ use hasten::tch::{Kind, Tensor};
 use hasten::{ProcessGroup, ProcessState, ReduceOp};
 use std::time::Duration;
 
+#[path = "../ops_checks.rs"]
+mod ops_checks;
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut fail: Vec<(usize, String)> = Vec::new();
     let mut sleep = 0.0f64;
+    let mut ops = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -20,6 +27,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 let (r, m) = spec.split_once(':').ok_or("--fail needs RANK:MODE")?;
                 fail.push((r.parse()?, m.to_owned()));
             }
+            "--ops" => ops = true,
             "--sleep" => sleep = it.next().ok_or("--sleep needs seconds")?.parse()?,
             other => return Err(format!("unknown argument {other}").into()),
         }
@@ -63,6 +71,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     std::thread::sleep(Duration::from_secs_f64(sleep));
+    if ops {
+        let failed = ops_checks::run_ops_checks(&mut group);
+        group.barrier()?;
+        std::process::exit(i32::from(failed > 0));
+    }
     let mut t = Tensor::from_slice(&[rank as f32 + 1.0]).to_kind(Kind::Float);
     group.all_reduce(&mut t, ReduceOp::Sum)?;
     println!("rank {rank} all_reduce sum = {}", t.double_value(&[0]));

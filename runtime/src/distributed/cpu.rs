@@ -106,7 +106,10 @@ impl Backend for CpuBackend {
             });
         }
         let (size, kind) = (cpu.size(), cpu.kind());
-        let tensors: Vec<Tensor> = parts.iter().map(|p| Tensor::from_data_size(p, &size, kind)).collect();
+        let tensors: Vec<Tensor> = parts
+            .iter()
+            .map(|p| Tensor::from_data_size(p, &size, kind))
+            .collect();
         Tensor::f_cat(&tensors, 0)
             .and_then(|c| c.f_to_device(device))
             .map_err(|source| Error::Torch { op: OP, source })

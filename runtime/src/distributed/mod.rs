@@ -104,19 +104,34 @@ impl ProcessGroup {
         };
         let all = self.cpu.all_gather_bytes(&mine)?;
         let id_bytes = &all[0];
-        let internal: [u8; 128] = id_bytes.as_slice().try_into().map_err(|_| Error::Collective {
-            op: "nccl init",
-            detail: format!(
-                "rank 0 could not start NCCL: {}",
-                String::from_utf8_lossy(id_bytes.strip_prefix(b"ERR").unwrap_or(id_bytes))
-            ),
-        })?;
-        nccl::Nccl::new(nccl::UniqueId { internal }, self.rank(), self.world_size(), device)
+        let internal: [u8; 128] =
+            id_bytes
+                .as_slice()
+                .try_into()
+                .map_err(|_| Error::Collective {
+                    op: "nccl init",
+                    detail: format!(
+                        "rank 0 could not start NCCL: {}",
+                        String::from_utf8_lossy(id_bytes.strip_prefix(b"ERR").unwrap_or(id_bytes))
+                    ),
+                })?;
+        nccl::Nccl::new(
+            nccl::UniqueId { internal },
+            self.rank(),
+            self.world_size(),
+            device,
+        )
     }
 
     /// The process state this group was built from.
     pub fn state(&self) -> &ProcessState {
         &self.state
+    }
+
+    /// Turns debug mode (cross-rank shape checks before gather, broadcast, reduce and padding) on or
+    /// off for this group; it starts as `ACCELERATE_DEBUG_MODE` says. Every rank must set the same.
+    pub fn set_debug(&mut self, on: bool) {
+        self.state.debug = on;
     }
 
     /// This process's rank.
@@ -161,7 +176,10 @@ impl ProcessGroup {
         if src >= self.world_size() {
             return Err(Error::Collective {
                 op: "broadcast",
-                detail: format!("source rank {src} is not in a group of {}", self.world_size()),
+                detail: format!(
+                    "source rank {src} is not in a group of {}",
+                    self.world_size()
+                ),
             });
         }
         if self.world_size() == 1 {
@@ -187,7 +205,9 @@ impl ProcessGroup {
         if t.dim() == 0 || rows % world != 0 {
             return Err(Error::Collective {
                 op: "reduce_scatter",
-                detail: format!("the first dimension ({rows}) must divide evenly by {world} processes"),
+                detail: format!(
+                    "the first dimension ({rows}) must divide evenly by {world} processes"
+                ),
             });
         }
         if world == 1 {

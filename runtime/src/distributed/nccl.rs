@@ -29,11 +29,35 @@ struct Api {
     comm_init_rank: unsafe extern "C" fn(*mut Comm, c_int, UniqueId, c_int) -> NcclResult,
     comm_destroy: unsafe extern "C" fn(Comm) -> NcclResult,
     comm_abort: unsafe extern "C" fn(Comm) -> NcclResult,
-    all_reduce: unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, Comm, Stream) -> NcclResult,
-    broadcast: unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, Comm, Stream) -> NcclResult,
-    all_gather: unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, Comm, Stream) -> NcclResult,
-    reduce_scatter:
-        unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, Comm, Stream) -> NcclResult,
+    all_reduce: unsafe extern "C" fn(
+        *const c_void,
+        *mut c_void,
+        usize,
+        c_int,
+        c_int,
+        Comm,
+        Stream,
+    ) -> NcclResult,
+    broadcast: unsafe extern "C" fn(
+        *const c_void,
+        *mut c_void,
+        usize,
+        c_int,
+        c_int,
+        Comm,
+        Stream,
+    ) -> NcclResult,
+    all_gather:
+        unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, Comm, Stream) -> NcclResult,
+    reduce_scatter: unsafe extern "C" fn(
+        *const c_void,
+        *mut c_void,
+        usize,
+        c_int,
+        c_int,
+        Comm,
+        Stream,
+    ) -> NcclResult,
     error_string: unsafe extern "C" fn(NcclResult) -> *const c_char,
     get_version: unsafe extern "C" fn(*mut c_int) -> NcclResult,
     cuda_set_device: unsafe extern "C" fn(c_int) -> c_int,
@@ -63,7 +87,11 @@ fn load() -> std::result::Result<Api, String> {
     if let Some(dir) = crate::libtorch().lib_dir.as_ref() {
         // pip's layout: torch/lib/../../nvidia/nccl/lib/libnccl.so.2
         if let Some(site) = dir.parent().and_then(|p| p.parent()) {
-            names.push(site.join("nvidia/nccl/lib/libnccl.so.2").display().to_string());
+            names.push(
+                site.join("nvidia/nccl/lib/libnccl.so.2")
+                    .display()
+                    .to_string(),
+            );
         }
     }
     for name in &names {
@@ -76,7 +104,10 @@ fn load() -> std::result::Result<Api, String> {
         tried.push(name.clone());
     }
     if handle.is_null() {
-        return Err(format!("libnccl could not be loaded (tried {})", tried.join(", ")));
+        return Err(format!(
+            "libnccl could not be loaded (tried {})",
+            tried.join(", ")
+        ));
     }
     // SAFETY: symbols looked up with their documented C signatures (nccl.h, cuda_runtime_api.h).
     unsafe {
@@ -98,9 +129,11 @@ fn load() -> std::result::Result<Api, String> {
 }
 
 fn api() -> Result<&'static Api> {
-    API.get_or_init(load).as_ref().map_err(|e| Error::DeviceUnavailable {
-        detail: format!("NCCL: {e}"),
-    })
+    API.get_or_init(load)
+        .as_ref()
+        .map_err(|e| Error::DeviceUnavailable {
+            detail: format!("NCCL: {e}"),
+        })
 }
 
 /// NCCL's version as `major.minor.patch`, when it can be loaded.
@@ -147,7 +180,11 @@ pub(crate) fn unique_id() -> Result<UniqueId> {
     let api = api()?;
     let mut id = UniqueId { internal: [0; 128] };
     // SAFETY: writes one ncclUniqueId.
-    check(api, unsafe { (api.get_unique_id)(&mut id) }, "ncclGetUniqueId")?;
+    check(
+        api,
+        unsafe { (api.get_unique_id)(&mut id) },
+        "ncclGetUniqueId",
+    )?;
     Ok(id)
 }
 
@@ -178,14 +215,22 @@ impl Nccl {
             unsafe { (api.comm_init_rank)(&mut comm, world as c_int, id, rank as c_int) },
             "ncclCommInitRank",
         )?;
-        Ok(Nccl { comm, device, world })
+        Ok(Nccl {
+            comm,
+            device,
+            world,
+        })
     }
 
     fn prepare(&self, t: &Tensor, op: &'static str) -> Result<(&'static Api, c_int)> {
         if t.device() != Device::Cuda(self.device) {
             return Err(Error::Collective {
                 op,
-                detail: format!("NCCL on cuda:{} got a tensor on {:?}", self.device, t.device()),
+                detail: format!(
+                    "NCCL on cuda:{} got a tensor on {:?}",
+                    self.device,
+                    t.device()
+                ),
             });
         }
         let dtype = nccl_type(t.kind()).ok_or_else(|| Error::Collective {
@@ -234,7 +279,17 @@ impl Backend for Nccl {
         // SAFETY: in-place all-reduce of numel elements on the tensor's own device memory.
         check(
             api,
-            unsafe { (api.all_reduce)(ptr, ptr, t.numel(), dtype, red, self.comm, std::ptr::null_mut()) },
+            unsafe {
+                (api.all_reduce)(
+                    ptr,
+                    ptr,
+                    t.numel(),
+                    dtype,
+                    red,
+                    self.comm,
+                    std::ptr::null_mut(),
+                )
+            },
             "ncclAllReduce",
         )
     }
@@ -245,7 +300,17 @@ impl Backend for Nccl {
         // SAFETY: in-place broadcast of numel elements.
         check(
             api,
-            unsafe { (api.broadcast)(ptr, ptr, t.numel(), dtype, src as c_int, self.comm, std::ptr::null_mut()) },
+            unsafe {
+                (api.broadcast)(
+                    ptr,
+                    ptr,
+                    t.numel(),
+                    dtype,
+                    src as c_int,
+                    self.comm,
+                    std::ptr::null_mut(),
+                )
+            },
             "ncclBroadcast",
         )
     }
@@ -254,15 +319,23 @@ impl Backend for Nccl {
         let (api, dtype) = self.prepare(t, "all_gather")?;
         let mut shape = t.size();
         shape[0] *= self.world as i64;
-        let out = Tensor::f_empty(&shape, (t.kind(), t.device())).map_err(|source| Error::Torch {
-            op: "all_gather",
-            source,
-        })?;
+        let out =
+            Tensor::f_empty(&shape, (t.kind(), t.device())).map_err(|source| Error::Torch {
+                op: "all_gather",
+                source,
+            })?;
         // SAFETY: the output holds world × numel elements of the same dtype on the same device.
         check(
             api,
             unsafe {
-                (api.all_gather)(t.data_ptr(), out.data_ptr(), t.numel(), dtype, self.comm, std::ptr::null_mut())
+                (api.all_gather)(
+                    t.data_ptr(),
+                    out.data_ptr(),
+                    t.numel(),
+                    dtype,
+                    self.comm,
+                    std::ptr::null_mut(),
+                )
             },
             "ncclAllGather",
         )?;
@@ -280,10 +353,11 @@ impl Backend for Nccl {
         };
         let mut shape = t.size();
         shape[0] /= self.world as i64;
-        let out = Tensor::f_empty(&shape, (t.kind(), t.device())).map_err(|source| Error::Torch {
-            op: "reduce_scatter",
-            source,
-        })?;
+        let out =
+            Tensor::f_empty(&shape, (t.kind(), t.device())).map_err(|source| Error::Torch {
+                op: "reduce_scatter",
+                source,
+            })?;
         // SAFETY: recvcount = numel / world elements, with a matching output buffer.
         check(
             api,

@@ -66,8 +66,10 @@ impl ProcessGroup {
         let tensors = tensors_of(data);
         let shapes: Vec<Vec<i64>> = tensors.iter().map(|t| t.size()).collect();
         let devices: Vec<&str> = tensors.iter().map(|t| device_type(t.device())).collect();
-        let all: Vec<(Vec<Vec<i64>>, Vec<String>)> =
-            self.all_gather_object(&(shapes, devices.iter().map(|s| s.to_string()).collect::<Vec<_>>()))?;
+        let all: Vec<(Vec<Vec<i64>>, Vec<String>)> = self.all_gather_object(&(
+            shapes,
+            devices.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+        ))?;
         let operation = format!("hasten::ops::{op}");
         let expected = device_type(self.state().device);
         for (rank, (_, devs)) in all.iter().enumerate() {
@@ -104,13 +106,20 @@ impl ProcessGroup {
     pub fn gather<T: Nested>(&mut self, data: T) -> Result<T> {
         self.verify("gather", &data)?;
         map_tensors(data, |t| {
-            let t = if t.dim() == 0 { t.f_unsqueeze(0).map_err(torch("gather"))? } else { t };
+            let t = if t.dim() == 0 {
+                t.f_unsqueeze(0).map_err(torch("gather"))?
+            } else {
+                t
+            };
             self.all_gather_cat(&t)
         })
     }
 
     /// Every rank's `obj`, in rank order, on every rank.
-    pub fn all_gather_object<T: Serialize + DeserializeOwned>(&mut self, obj: &T) -> Result<Vec<T>> {
+    pub fn all_gather_object<T: Serialize + DeserializeOwned>(
+        &mut self,
+        obj: &T,
+    ) -> Result<Vec<T>> {
         let bytes = serde_json::to_vec(obj).map_err(|e| Error::Collective {
             op: "gather_object",
             detail: format!("cannot serialise the object: {e}"),
@@ -129,8 +138,15 @@ impl ProcessGroup {
 
     /// Accelerate's `gather_object`: every rank's list, flattened one level (`[rank]` on each of two
     /// ranks gives `[0, 1]`).
-    pub fn gather_object<T: Serialize + DeserializeOwned + Clone>(&mut self, items: &[T]) -> Result<Vec<T>> {
-        Ok(self.all_gather_object(&items.to_vec())?.into_iter().flatten().collect())
+    pub fn gather_object<T: Serialize + DeserializeOwned + Clone>(
+        &mut self,
+        items: &[T],
+    ) -> Result<Vec<T>> {
+        Ok(self
+            .all_gather_object(&items.to_vec())?
+            .into_iter()
+            .flatten()
+            .collect())
     }
 
     /// Copies rank `from_process`'s tensors into every rank's (returned as new tensors).
@@ -153,7 +169,10 @@ impl ProcessGroup {
         if from_process >= self.world_size() {
             return Err(Error::Collective {
                 op: "broadcast_object_list",
-                detail: format!("source process {from_process} is not in a group of {}", self.world_size()),
+                detail: format!(
+                    "source process {from_process} is not in a group of {}",
+                    self.world_size()
+                ),
             });
         }
         let mine = if self.rank() == from_process {
@@ -200,14 +219,13 @@ impl ProcessGroup {
         pad_index: f64,
         pad_first: bool,
     ) -> Result<T> {
-        map_tensors(data, |t| self.pad_one(t, dim, pad_index, pad_first))
-            .map_err(|e| match e {
-                Error::DistributedOperation { .. } => Error::ChainedOperation {
-                    op: "pad_across_processes",
-                    source: Box::new(e),
-                },
-                other => other,
-            })
+        map_tensors(data, |t| self.pad_one(t, dim, pad_index, pad_first)).map_err(|e| match e {
+            Error::DistributedOperation { .. } => Error::ChainedOperation {
+                op: "pad_across_processes",
+                source: Box::new(e),
+            },
+            other => other,
+        })
     }
 
     fn pad_one(&mut self, t: Tensor, dim: i64, pad_index: f64, pad_first: bool) -> Result<Tensor> {
@@ -218,7 +236,9 @@ impl ProcessGroup {
         let dim = if dim < 0 { dim + ndim } else { dim };
         // Every rank's sizes, gathered as a [1, ndim] tensor like Accelerate does, so a rank whose tensor
         // has a different number of dimensions shows up in debug mode instead of hanging.
-        let size = Tensor::from_slice(&t.size()).unsqueeze(0).to_device(self.state().device);
+        let size = Tensor::from_slice(&t.size())
+            .unsqueeze(0)
+            .to_device(self.state().device);
         let sizes = self.gather(size)?.to_device(Device::Cpu);
         let max = sizes
             .f_select(1, dim)
@@ -231,7 +251,8 @@ impl ProcessGroup {
         }
         let mut shape = t.size();
         shape[dim as usize] = max;
-        let padded = Tensor::f_full(&shape, pad_index, (t.kind(), t.device())).map_err(torch("pad_across_processes"))?;
+        let padded = Tensor::f_full(&shape, pad_index, (t.kind(), t.device()))
+            .map_err(torch("pad_across_processes"))?;
         let start = if pad_first { max - own } else { 0 };
         padded
             .f_narrow(dim, start, own)
@@ -248,7 +269,10 @@ impl ProcessGroup {
 
 /// Kinds a mean can be taken of.
 pub(crate) fn is_float(kind: Kind) -> bool {
-    matches!(kind, Kind::Half | Kind::BFloat16 | Kind::Float | Kind::Double)
+    matches!(
+        kind,
+        Kind::Half | Kind::BFloat16 | Kind::Float | Kind::Double
+    )
 }
 
 #[cfg(test)]

@@ -137,16 +137,30 @@ mod tests {
     fn concatenate_like_accelerate() {
         let a = Tensor::ones([2, 3], (Kind::Float, Device::Cpu));
         let b = Tensor::zeros([2, 3], (Kind::Float, Device::Cpu));
-        assert_eq!(concatenate(vec![a.shallow_clone(), b.shallow_clone()], 0).unwrap().size(), [4, 3]);
+        assert_eq!(
+            concatenate(vec![a.shallow_clone(), b.shallow_clone()], 0)
+                .unwrap()
+                .size(),
+            [4, 3]
+        );
         // Lists/tuples are joined position by position.
         let pairs = vec![
-            (a.shallow_clone(), Tensor::ones([2, 4], (Kind::Float, Device::Cpu))),
-            (b.shallow_clone(), Tensor::ones([2, 4], (Kind::Float, Device::Cpu))),
+            (
+                a.shallow_clone(),
+                Tensor::ones([2, 4], (Kind::Float, Device::Cpu)),
+            ),
+            (
+                b.shallow_clone(),
+                Tensor::ones([2, 4], (Kind::Float, Device::Cpu)),
+            ),
         ];
         let (x, y) = concatenate(pairs, 0).unwrap();
         assert_eq!((x.size(), y.size()), (vec![4, 3], vec![4, 4]));
         // A single element comes back unchanged, whatever it is.
-        assert_eq!(concatenate(vec!["just a string".to_owned()], 0).unwrap(), "just a string");
+        assert_eq!(
+            concatenate(vec!["just a string".to_owned()], 0).unwrap(),
+            "just a string"
+        );
         let mut m1 = BTreeMap::new();
         m1.insert("x".to_owned(), t(&[1.0]));
         let mut m2 = BTreeMap::new();
@@ -177,10 +191,16 @@ mod tests {
     #[test]
     fn listify_nests_and_widens() {
         let x = Tensor::arange(6, (Kind::Int64, Device::Cpu)).view([2, 3]);
-        assert_eq!(listify_tensor(&x).unwrap(), serde_json::json!([[0, 1, 2], [3, 4, 5]]));
+        assert_eq!(
+            listify_tensor(&x).unwrap(),
+            serde_json::json!([[0, 1, 2], [3, 4, 5]])
+        );
         let b = t(&[0.5, 1.5]).to_kind(Kind::BFloat16);
         assert_eq!(listify_tensor(&b).unwrap(), serde_json::json!([0.5, 1.5]));
-        assert_eq!(listify_tensor(&Tensor::from(3i64)).unwrap(), serde_json::json!(3));
+        assert_eq!(
+            listify_tensor(&Tensor::from(3i64)).unwrap(),
+            serde_json::json!(3)
+        );
         assert_eq!(listify(&vec![x]).unwrap().len(), 1);
     }
 }

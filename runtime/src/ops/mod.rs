@@ -6,7 +6,9 @@ mod collective;
 mod local;
 mod nested;
 
-pub(crate) use collective::is_float;
 pub use collective::Reduction;
-pub use local::{concatenate, convert_to_fp32, listify, listify_tensor, send_to_device, slice_tensors};
+pub(crate) use collective::is_float;
+pub use local::{
+    concatenate, convert_to_fp32, listify, listify_tensor, send_to_device, slice_tensors,
+};
 pub use nested::{Nested, map_tensors, tensors_of};

@@ -1,0 +1,475 @@
+//! `notebook_launcher` and `debug_launcher`: run a closure on N forked workers from inside a running
+//! program (a notebook kernel, a test, a REPL), relay their output live, and return the main rank's
+//! result.
+
+use crate::host::{cuda_initialized_in_this_process, visible_gpu_count};
+use crate::plan::{FOREIGN_CONTRACT_VARS, LaunchConfig, LaunchPlan, RankPlan, plan};
+use crate::relay::{LinePrefix, OutputSink, StdioSink};
+use crate::supervise::{Worker, kill_and_reap, supervise};
+use crate::{LaunchError, Result};
+use hasten::PrecisionType;
+use serde::{Serialize, de::DeserializeOwned};
+use std::fmt::Display;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Accelerate's `notebook_launcher` options, as a builder. Every setter names Accelerate's default.
+#[derive(Debug, Clone)]
+pub struct NotebookLauncher {
+    num_processes: usize,
+    mixed_precision: PrecisionType,
+    use_port: u16,
+    master_addr: String,
+    node_rank: usize,
+    num_nodes: usize,
+    max_restarts: u32,
+    prefix: LinePrefix,
+    use_cpu: bool,
+    debug: Option<bool>,
+}
+
+impl NotebookLauncher {
+    /// A launcher for `num_processes` processes on this machine.
+    pub fn new(num_processes: usize) -> Self {
+        NotebookLauncher {
+            num_processes,
+            mixed_precision: PrecisionType::No,
+            use_port: hasten::DEFAULT_MASTER_PORT,
+            master_addr: hasten::DEFAULT_MASTER_ADDR.to_owned(),
+            node_rank: 0,
+            num_nodes: 1,
+            max_restarts: 0,
+            prefix: LinePrefix::default(),
+            use_cpu: false,
+            debug: None,
+        }
+    }
+
+    /// Mixed precision for the workers, exported as ACCELERATE_MIXED_PRECISION (default `no`). Unlike
+    /// Accelerate's, this setting reaches the workers.
+    pub fn mixed_precision(mut self, mode: PrecisionType) -> Self {
+        self.mixed_precision = mode;
+        self
+    }
+
+    /// Rendezvous port (default 29500; 0 picks a free one; a busy port on one machine is replaced).
+    pub fn use_port(mut self, port: u16) -> Self {
+        self.use_port = port;
+        self
+    }
+
+    /// Rendezvous address (default 127.0.0.1).
+    pub fn master_addr(mut self, addr: impl Into<String>) -> Self {
+        self.master_addr = addr.into();
+        self
+    }
+
+    /// This machine's index among `num_nodes` (default 0).
+    pub fn node_rank(mut self, rank: usize) -> Self {
+        self.node_rank = rank;
+        self
+    }
+
+    /// Number of machines (default 1); each runs `num_processes` workers.
+    pub fn num_nodes(mut self, n: usize) -> Self {
+        self.num_nodes = n;
+        self
+    }
+
+    /// Restart the whole group up to `n` times after a failure (default 0).
+    pub fn max_restarts(mut self, n: u32) -> Self {
+        self.max_restarts = n;
+        self
+    }
+
+    /// Prefix of relayed lines, with `${rank}`, `${local_rank}`, `${role_name}` (default `[rank${rank}]: `).
+    pub fn log_line_prefix_template(mut self, template: impl Into<String>) -> Self {
+        self.prefix = LinePrefix::new(template);
+        self
+    }
+
+    /// Forces the CPU (ACCELERATE_USE_CPU) even where GPUs exist (default: GPUs when present).
+    pub fn cpu(mut self, on: bool) -> Self {
+        self.use_cpu = on;
+        self
+    }
+
+    /// Debug mode for the workers (default: whatever ACCELERATE_DEBUG_MODE says in this process).
+    pub fn debug(mut self, on: bool) -> Self {
+        self.debug = Some(on);
+        self
+    }
+
+    /// Runs `function(args)` on every worker and returns the main rank's result (`None` on a machine
+    /// without global rank 0). Fails with the first failing rank, its cause and its last lines, after
+    /// stopping and reaping every worker.
+    pub fn launch<A, T, E, F>(&self, function: F, args: A) -> Result<Option<T>>
+    where
+        F: Fn(A) -> std::result::Result<T, E>,
+        A: Clone,
+        T: Serialize + DeserializeOwned,
+        E: Display,
+    {
+        self.launch_with(function, args, &StdioSink)
+    }
+
+    /// [`launch`](Self::launch) with the workers' lines sent to `sink`.
+    pub fn launch_with<A, T, E, F>(
+        &self,
+        function: F,
+        args: A,
+        sink: &dyn OutputSink,
+    ) -> Result<Option<T>>
+    where
+        F: Fn(A) -> std::result::Result<T, E>,
+        A: Clone,
+        T: Serialize + DeserializeOwned,
+        E: Display,
+    {
+        if self.num_processes == 0 {
+            return Err(LaunchError::Invalid(
+                "num_processes must be at least 1: say how many processes to launch".into(),
+            ));
+        }
+        if self.node_rank >= self.num_nodes {
+            return Err(LaunchError::Invalid(format!(
+                "node_rank {} must be less than num_nodes {}",
+                self.node_rank, self.num_nodes
+            )));
+        }
+        let gpus = if self.use_cpu { 0 } else { visible_gpu_count() };
+        if self.num_processes == 1 && self.num_nodes == 1 {
+            sink.note(if gpus > 0 {
+                "Launching training on one GPU."
+            } else {
+                "Launching training on CPU."
+            });
+            return function(args)
+                .map(Some)
+                .map_err(|e| LaunchError::RankFailed {
+                    rank: 0,
+                    cause: format!("returned an error: {e}"),
+                    last_lines: Vec::new(),
+                    exit_code: 1,
+                });
+        }
+        if hasten::distributed_state_initialized() {
+            return Err(LaunchError::Invalid(
+                "a process group (or Accelerator) already exists in this process: it must be created inside \
+                 the training function. Restart the kernel and make sure no cell creates one before \
+                 notebook_launcher."
+                    .into(),
+            ));
+        }
+        if cuda_initialized_in_this_process() {
+            return Err(LaunchError::Invalid(
+                "CUDA has been initialized in this process before notebook_launcher could fork its workers, \
+                 and forked workers cannot use a CUDA context inherited from their parent. Keep every CUDA \
+                 call (tensors on a GPU, hasten::is_cuda_available, cuda_devices, …) inside the training \
+                 function, then restart the kernel."
+                    .into(),
+            ));
+        }
+        if gpus > 0 && self.num_processes > gpus {
+            return Err(LaunchError::Invalid(format!(
+                "num_processes={} but only {gpus} GPU(s) are visible: use at most {gpus}, or .cpu(true)",
+                self.num_processes
+            )));
+        }
+        let mut cfg = LaunchConfig {
+            num_processes: self.num_processes * self.num_nodes,
+            num_machines: self.num_nodes,
+            machine_rank: self.node_rank,
+            main_process_ip: self.master_addr.clone(),
+            main_process_port: self.use_port,
+            mixed_precision: self.mixed_precision,
+            use_cpu: self.use_cpu || gpus == 0,
+            gpu_ids: None,
+            debug: match self.debug {
+                Some(d) => d,
+                None => hasten::debug_mode_from_env()?,
+            },
+            num_cpu_threads_per_process: None,
+            cpu_count: crate::cpu_count(),
+        };
+        crate::resolve_port(&mut cfg, &|w| sink.note(w))?;
+        let launch_plan = plan(&cfg)?;
+        sink.note(&format!(
+            "Launching training on {} {}.",
+            self.num_processes,
+            if cfg.use_cpu { "CPUs" } else { "GPUs" }
+        ));
+
+        let stop = StopOnSignal::install();
+        let mut restarts = 0;
+        loop {
+            let (workers, result_pipe) = fork_all(&launch_plan, &function, &args)?;
+            // Read the main rank's result while it runs: a large result would otherwise fill the pipe.
+            let reader = result_pipe.map(|mut f| {
+                std::thread::spawn(move || {
+                    let mut buf = Vec::new();
+                    f.read_to_end(&mut buf).map(|_| buf)
+                })
+            });
+            let outcome = supervise(workers, sink, &self.prefix, stop.flag);
+            let bytes = reader.and_then(|h| h.join().ok()).and_then(|r| r.ok());
+            match outcome {
+                Ok(()) => {
+                    return match bytes {
+                        None => Ok(None),
+                        Some(b) => serde_json::from_slice(&b).map(Some).map_err(|e| {
+                            LaunchError::Invalid(format!(
+                                "the main rank's return value does not read back: {e}"
+                            ))
+                        }),
+                    };
+                }
+                Err(LaunchError::RankFailed { rank, cause, .. })
+                    if restarts < self.max_restarts && !stop.flag.load(Ordering::SeqCst) =>
+                {
+                    restarts += 1;
+                    sink.note(&format!(
+                        "hasten: rank {rank} failed ({cause}); restarting the group ({restarts}/{})",
+                        self.max_restarts
+                    ));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// Accelerate's `notebook_launcher(function, args, num_processes)` on one machine: forks
+/// `num_processes` workers (rank i on GPU i, or the CPU where there is none), relays their output and
+/// returns the main rank's result. With one process, calls `function` here. See [`NotebookLauncher`]
+/// for the other options.
+pub fn notebook_launcher<A, T, E, F>(function: F, args: A, num_processes: usize) -> Result<T>
+where
+    F: Fn(A) -> std::result::Result<T, E>,
+    A: Clone,
+    T: Serialize + DeserializeOwned,
+    E: Display,
+{
+    NotebookLauncher::new(num_processes)
+        .launch(function, args)?
+        .ok_or_else(|| LaunchError::Invalid("the main rank returned no value".into()))
+}
+
+/// Accelerate's `debug_launcher`: `num_processes` CPU workers on this machine, for testing distributed
+/// code without GPUs.
+pub fn debug_launcher<A, T, E, F>(function: F, args: A, num_processes: usize) -> Result<T>
+where
+    F: Fn(A) -> std::result::Result<T, E>,
+    A: Clone,
+    T: Serialize + DeserializeOwned,
+    E: Display,
+{
+    NotebookLauncher::new(num_processes)
+        .cpu(true)
+        .use_port(0)
+        .launch(function, args)?
+        .ok_or_else(|| LaunchError::Invalid("the main rank returned no value".into()))
+}
+
+fn pipe() -> Result<(RawFd, RawFd)> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: pipe2 fills two descriptors; O_CLOEXEC keeps them out of any program a worker executes.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(LaunchError::Os {
+            op: "creating a pipe",
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok((fds[0], fds[1]))
+}
+
+fn close(fd: RawFd) {
+    // SAFETY: closing a descriptor we own.
+    unsafe {
+        libc::close(fd);
+    }
+}
+
+/// Forks one worker per rank of the plan. Returns the workers and, on the machine with rank 0, the read
+/// end of the pipe that carries its result.
+fn fork_all<A, T, E, F>(
+    launch_plan: &LaunchPlan,
+    function: &F,
+    args: &A,
+) -> Result<(Vec<Worker>, Option<File>)>
+where
+    F: Fn(A) -> std::result::Result<T, E>,
+    A: Clone,
+    T: Serialize,
+    E: Display,
+{
+    let mut workers: Vec<Worker> = Vec::new();
+    let mut result_read = None;
+    for rank_plan in &launch_plan.ranks {
+        let out = pipe()?;
+        let err = pipe()?;
+        let result = if rank_plan.rank == 0 {
+            Some(pipe()?)
+        } else {
+            None
+        };
+        // Anything buffered now would be written twice, once by each process.
+        let _ = std::io::stdout().flush();
+        let _ = std::io::stderr().flush();
+        // SAFETY: fork; the child only runs the worker body below and leaves through _exit.
+        let pid = unsafe { libc::fork() };
+        if pid < 0 {
+            let source = std::io::Error::last_os_error();
+            kill_and_reap(&workers.iter().map(|w| w.pid).collect::<Vec<_>>());
+            return Err(LaunchError::Spawn {
+                rank: rank_plan.rank,
+                program: "forked worker".into(),
+                source,
+            });
+        }
+        if pid == 0 {
+            child(
+                rank_plan,
+                out.1,
+                err.1,
+                result.map(|r| r.1),
+                function,
+                args.clone(),
+            );
+        }
+        close(out.1);
+        close(err.1);
+        if let Some((read, write)) = result {
+            close(write);
+            // SAFETY: we own the read end from here on.
+            result_read = Some(unsafe { File::from_raw_fd(read) });
+        }
+        // SAFETY: we own both read ends from here on.
+        let (stdout, stderr) = unsafe { (File::from_raw_fd(out.0), File::from_raw_fd(err.0)) };
+        workers.push(Worker {
+            rank: rank_plan.rank,
+            local_rank: rank_plan.local_rank,
+            pid,
+            stdout,
+            stderr,
+        });
+    }
+    Ok((workers, result_read))
+}
+
+/// The worker side of a fork: become rank `plan.rank`, run the function, report, and `_exit` (never
+/// return into the parent's code, never run its destructors).
+fn child<A, T, E, F>(
+    rank_plan: &RankPlan,
+    out: RawFd,
+    err: RawFd,
+    result: Option<RawFd>,
+    function: &F,
+    args: A,
+) -> !
+where
+    F: Fn(A) -> std::result::Result<T, E>,
+    T: Serialize,
+    E: Display,
+{
+    // SAFETY: in the freshly forked, single-threaded child: own process group (so the supervisor can stop
+    // everything this rank starts), default signal dispositions, and the pipes as stdout/stderr.
+    unsafe {
+        libc::setpgid(0, 0);
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::signal(sig, libc::SIG_DFL);
+        }
+        libc::dup2(out, 1);
+        libc::dup2(err, 2);
+        close(out);
+        close(err);
+        for var in FOREIGN_CONTRACT_VARS {
+            std::env::remove_var(var);
+        }
+        for (k, v) in &rank_plan.env {
+            std::env::set_var(k, v);
+        }
+    }
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| function(args)));
+    let code = match outcome {
+        Ok(Ok(value)) => match result {
+            Some(fd) => {
+                // SAFETY: we own the write end of the result pipe.
+                let mut pipe = unsafe { File::from_raw_fd(fd) };
+                match serde_json::to_vec(&value)
+                    .map_err(|e| e.to_string())
+                    .and_then(|b| pipe.write_all(&b).map_err(|e| e.to_string()))
+                {
+                    Ok(()) => 0,
+                    Err(e) => {
+                        eprintln!(
+                            "rank {} could not send its return value: {e}",
+                            rank_plan.rank
+                        );
+                        1
+                    }
+                }
+            }
+            None => 0,
+        },
+        Ok(Err(e)) => {
+            eprintln!("rank {} returned an error: {e}", rank_plan.rank);
+            1
+        }
+        // The panic hook has already printed the message and location to stderr.
+        Err(_) => 101,
+    };
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    // SAFETY: leave without unwinding into the parent's stack or running its atexit handlers.
+    unsafe { libc::_exit(code) }
+}
+
+/// While a launch runs, SIGINT/SIGTERM stop every worker instead of killing only this process; the
+/// previous handlers come back afterwards.
+struct StopOnSignal {
+    flag: &'static AtomicBool,
+    previous: Vec<(libc::c_int, libc::sigaction)>,
+}
+
+static STOP_REQUESTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn request_stop(_: libc::c_int) {
+    STOP_REQUESTED.store(true, Ordering::SeqCst);
+}
+
+impl StopOnSignal {
+    fn install() -> Self {
+        STOP_REQUESTED.store(false, Ordering::SeqCst);
+        let mut previous = Vec::new();
+        for sig in [libc::SIGINT, libc::SIGTERM] {
+            // SAFETY: sigaction with a handler that only stores to an atomic.
+            unsafe {
+                let mut action: libc::sigaction = std::mem::zeroed();
+                action.sa_sigaction = request_stop as *const () as libc::sighandler_t;
+                libc::sigemptyset(&mut action.sa_mask);
+                let mut old: libc::sigaction = std::mem::zeroed();
+                if libc::sigaction(sig, &action, &mut old) == 0 {
+                    previous.push((sig, old));
+                }
+            }
+        }
+        StopOnSignal {
+            flag: &STOP_REQUESTED,
+            previous,
+        }
+    }
+}
+
+impl Drop for StopOnSignal {
+    fn drop(&mut self) {
+        for (sig, old) in &self.previous {
+            // SAFETY: restoring the handler saved in install().
+            unsafe {
+                libc::sigaction(*sig, old, std::ptr::null_mut());
+            }
+        }
+    }
+}

@@ -1,0 +1,291 @@
+//! One body of checks for every collective operation, run on every backend: under `hasten launch` and
+//! `notebook_launcher` on CPUs in CI, and over NCCL on the GPU machine. Expected values are Accelerate's
+//! own test values (shared/oracle/accelerate_cases.md): process r holds `arange(P) + 1 + P*r`.
+
+use hasten::tch::{Device, Kind, Tensor};
+use hasten::{Error, ProcessGroup, ReduceOp, Reduction};
+use std::collections::BTreeMap;
+
+type Check = Result<(), String>;
+type CheckFn = fn(&mut ProcessGroup, &Ctx) -> Check;
+
+fn values(t: &Tensor) -> Vec<f64> {
+    Vec::<f64>::try_from(
+        t.to_device(Device::Cpu)
+            .to_kind(Kind::Double)
+            .flatten(0, -1),
+    )
+    .unwrap_or_default()
+}
+
+fn expect(t: &Tensor, want: &[f64], what: &str) -> Check {
+    let got = values(t);
+    if got == want {
+        Ok(())
+    } else {
+        Err(format!("{what}: got {got:?}, want {want:?}"))
+    }
+}
+
+fn err<E: std::fmt::Display>(e: E) -> String {
+    e.to_string()
+}
+
+struct Ctx {
+    p: usize,
+    r: usize,
+    device: Device,
+}
+
+impl Ctx {
+    /// `arange(P) + 1 + P*rank` as f32 on this rank's device.
+    fn mine(&self) -> Tensor {
+        (Tensor::arange(self.p as i64, (Kind::Float, Device::Cpu)) + 1.0 + (self.p * self.r) as f64)
+            .to_device(self.device)
+    }
+    fn range(&self, from: usize, to: usize) -> Vec<f64> {
+        (from..to).map(|x| x as f64).collect()
+    }
+}
+
+fn gather(g: &mut ProcessGroup, c: &Ctx) -> Check {
+    let out = g.gather(c.mine()).map_err(err)?;
+    expect(&out, &c.range(1, c.p * c.p + 1), "gather")?;
+    // Nested: a map and a tuple gather each tensor; 0-d tensors become 1-d.
+    let mut m = BTreeMap::new();
+    m.insert("a".to_owned(), c.mine());
+    let scalar = Tensor::from(c.r as f32).to_device(c.device);
+    let (m, s, label) = g.gather((m, scalar, "kept")).map_err(err)?;
+    expect(&m["a"], &c.range(1, c.p * c.p + 1), "gather map")?;
+    expect(&s, &c.range(0, c.p), "gather 0-d")?;
+    if label != "kept" {
+        return Err("non-tensor leaves must pass through".into());
+    }
+    // bf16 and int64 travel too.
+    let bf = g.gather(c.mine().to_kind(Kind::BFloat16)).map_err(err)?;
+    expect(&bf, &c.range(1, c.p * c.p + 1), "gather bf16")?;
+    let ints = g.gather(c.mine().to_kind(Kind::Int64)).map_err(err)?;
+    expect(&ints, &c.range(1, c.p * c.p + 1), "gather int64")
+}
+
+fn gather_object(g: &mut ProcessGroup, c: &Ctx) -> Check {
+    let out = g.gather_object(&[c.r]).map_err(err)?;
+    if out != (0..c.p).collect::<Vec<_>>() {
+        return Err(format!("gather_object: got {out:?}"));
+    }
+    let names = g.all_gather_object(&format!("rank-{}", c.r)).map_err(err)?;
+    if names.len() != c.p || names[c.p - 1] != format!("rank-{}", c.p - 1) {
+        return Err(format!("all_gather_object: got {names:?}"));
+    }
+    Ok(())
+}
+
+fn broadcast(g: &mut ProcessGroup, c: &Ctx) -> Check {
+    let out = g.broadcast_data(c.mine(), 0).map_err(err)?;
+    expect(&out, &c.range(1, c.p + 1), "broadcast from 0")?;
+    let last = c.p - 1;
+    let out = g.broadcast_data(c.mine(), last).map_err(err)?;
+    let want: Vec<f64> = (0..c.p).map(|i| (i + 1 + c.p * last) as f64).collect();
+    expect(&out, &want, "broadcast from the last rank")?;
+    let mut objects = vec![c.r * 10, c.r];
+    g.broadcast_object_list(&mut objects, last).map_err(err)?;
+    if objects != vec![last * 10, last] {
+        return Err(format!("broadcast_object_list: got {objects:?}"));
+    }
+    Ok(())
+}
+
+fn reduce(g: &mut ProcessGroup, c: &Ctx) -> Check {
+    let p = c.p as f64;
+    let sum: Vec<f64> = (0..c.p)
+        .map(|i| (0..c.p).map(|r| (i + 1 + c.p * r) as f64).sum())
+        .collect();
+    expect(
+        &g.reduce(c.mine(), Reduction::Sum, 1.0).map_err(err)?,
+        &sum,
+        "reduce sum",
+    )?;
+    let mean: Vec<f64> = sum.iter().map(|s| s / p).collect();
+    expect(
+        &g.reduce(c.mine(), Reduction::Mean, 1.0).map_err(err)?,
+        &mean,
+        "reduce mean",
+    )?;
+    let max: Vec<f64> = (0..c.p).map(|i| (i + 1 + c.p * (c.p - 1)) as f64).collect();
+    expect(
+        &g.reduce(c.mine(), Reduction::Max, 1.0).map_err(err)?,
+        &max,
+        "reduce max",
+    )?;
+    let scaled: Vec<f64> = sum.iter().map(|s| s * 0.5).collect();
+    expect(
+        &g.reduce(c.mine(), Reduction::Sum, 0.5).map_err(err)?,
+        &scaled,
+        "reduce scale",
+    )?;
+    expect(
+        &g.reduce(c.mine(), Reduction::None, 1.0).map_err(err)?,
+        &values(&c.mine()),
+        "reduce none",
+    )?;
+    // all_reduce's other operations.
+    let mut t = Tensor::from_slice(&[(c.r + 1) as f32]).to_device(c.device);
+    g.all_reduce(&mut t, ReduceOp::Min).map_err(err)?;
+    expect(&t, &[1.0], "all_reduce min")?;
+    let mut t = Tensor::from_slice(&[(c.r + 1) as f64]).to_device(c.device);
+    g.all_reduce(&mut t, ReduceOp::Product).map_err(err)?;
+    let factorial: f64 = (1..=c.p).map(|x| x as f64).product();
+    expect(&t, &[factorial], "all_reduce product")?;
+    let mut ints = Tensor::from_slice(&[1i64]).to_device(c.device);
+    if g.all_reduce(&mut ints, ReduceOp::Mean).is_ok() {
+        return Err("a mean of integers must be refused".into());
+    }
+    Ok(())
+}
+
+fn reduce_scatter(g: &mut ProcessGroup, c: &Ctx) -> Check {
+    // Every rank holds 0..2P (+ rank); rank r gets rows 2r, 2r+1 summed over ranks.
+    let t = (Tensor::arange(2 * c.p as i64, (Kind::Float, Device::Cpu)) + c.r as f64)
+        .to_device(c.device);
+    let out = g.reduce_scatter(&t, ReduceOp::Sum).map_err(err)?;
+    let base: f64 = (0..c.p).map(|r| r as f64).sum();
+    let want: Vec<f64> = (0..2)
+        .map(|k| ((2 * c.r + k) * c.p) as f64 + base)
+        .collect();
+    expect(&out, &want, "reduce_scatter")
+}
+
+fn pad_across_processes(g: &mut ProcessGroup, c: &Ctx) -> Check {
+    let len = if c.r == 0 { c.p + 1 } else { c.p };
+    let t = Tensor::arange(len as i64, (Kind::Float, Device::Cpu)).to_device(c.device);
+    let out = g.pad_across_processes(t, 0, 0.0, false).map_err(err)?;
+    let mut want = c.range(0, len);
+    want.resize(c.p + 1, 0.0);
+    expect(&out, &want, "pad_across_processes")?;
+    // pad_first puts the padding in front.
+    let t = Tensor::arange(len as i64, (Kind::Float, Device::Cpu)).to_device(c.device);
+    let out = g.pad_across_processes(t, 0, -1.0, true).map_err(err)?;
+    let mut want = vec![-1.0; c.p + 1 - len];
+    want.extend(c.range(0, len));
+    expect(&out, &want, "pad_across_processes pad_first")?;
+    // A dim outside the tensor's dimensions leaves it unchanged.
+    let t = Tensor::ones([2, 3], (Kind::Float, c.device));
+    let out = g.pad_across_processes(t, 2, 0.0, false).map_err(err)?;
+    if out.size() != [2, 3] {
+        return Err(format!(
+            "pad outside dims changed the shape to {:?}",
+            out.size()
+        ));
+    }
+    Ok(())
+}
+
+fn debug_mode(g: &mut ProcessGroup, c: &Ctx) -> Check {
+    g.set_debug(true);
+    let result = (|| {
+        // Matching shapes pass.
+        expect(
+            &g.gather(c.mine()).map_err(err)?,
+            &c.range(1, c.p * c.p + 1),
+            "debug gather",
+        )?;
+        let shape: Vec<i64> = if c.r == 0 { vec![1, 5] } else { vec![1, 2, 5] };
+        let t = Tensor::zeros(&shape, (Kind::Float, c.device));
+        for (op, outcome) in [
+            (
+                "reduce",
+                g.reduce(t.shallow_clone(), Reduction::Sum, 1.0).map(drop),
+            ),
+            (
+                "broadcast",
+                g.broadcast_data(t.shallow_clone(), 0).map(drop),
+            ),
+            ("gather", g.gather(t.shallow_clone()).map(drop)),
+        ] {
+            match outcome {
+                Err(Error::DistributedOperation { message }) => {
+                    for needle in [
+                        "Cannot apply desired operation due to shape mismatches".to_owned(),
+                        format!("Operation: `hasten::ops::{op}`"),
+                        "  - Process 0: [1, 5]".to_owned(),
+                        "  - Process 1: [1, 2, 5]".to_owned(),
+                    ] {
+                        if !message.contains(&needle) {
+                            return Err(format!("{op}: message lacks {needle:?}:\n{message}"));
+                        }
+                    }
+                }
+                other => return Err(format!("{op} with mismatched shapes gave {other:?}")),
+            }
+        }
+        let shape: Vec<i64> = if c.r == 0 { vec![1, 5] } else { vec![1, 1, 6] };
+        let t = Tensor::zeros(&shape, (Kind::Float, c.device));
+        match g.pad_across_processes(t, 0, 0.0, false) {
+            Err(Error::ChainedOperation {
+                op: "pad_across_processes",
+                source,
+            }) => {
+                if !matches!(*source, Error::DistributedOperation { .. }) {
+                    return Err(format!("pad chained the wrong error: {source}"));
+                }
+            }
+            other => {
+                return Err(format!(
+                    "pad_across_processes with mismatched ranks gave {other:?}"
+                ));
+            }
+        }
+        // A tensor on the wrong device type is named, on every rank.
+        if c.device != Device::Cpu {
+            let wrong = if c.r == 1 {
+                c.mine().to_device(Device::Cpu)
+            } else {
+                c.mine()
+            };
+            match g.gather(wrong) {
+                Err(Error::DistributedOperation { message })
+                    if message.contains("process 1 passed one on cpu") => {}
+                other => return Err(format!("a CPU tensor on a GPU run gave {other:?}")),
+            }
+        }
+        Ok(())
+    })();
+    g.set_debug(false);
+    result
+}
+
+/// Runs every check on this rank, prints one line per check and returns the number that failed.
+pub fn run_ops_checks(g: &mut ProcessGroup) -> usize {
+    let c = Ctx {
+        p: g.world_size(),
+        r: g.rank(),
+        device: g.state().device,
+    };
+    let checks: [(&str, CheckFn); 7] = [
+        ("gather", gather),
+        ("gather_object", gather_object),
+        ("broadcast", broadcast),
+        ("reduce", reduce),
+        ("reduce_scatter", reduce_scatter),
+        ("pad_across_processes", pad_across_processes),
+        ("debug_mode", debug_mode),
+    ];
+    let mut failed = 0;
+    for (name, check) in checks {
+        match check(g, &c) {
+            Ok(()) => println!("check {name}: ok"),
+            Err(e) => {
+                failed += 1;
+                println!("check {name}: FAILED: {e}");
+            }
+        }
+    }
+    let backend = if g.uses_nccl() { "nccl" } else { "cpu" };
+    println!(
+        "ops checks on rank {} ({backend}, {} processes): {} passed, {failed} failed",
+        c.r,
+        c.p,
+        checks.len() - failed
+    );
+    failed
+}
