@@ -163,6 +163,9 @@ impl NotebookLauncher {
                     .into(),
             ));
         }
+        // Load libtorch's CUDA half here, once, so the workers inherit it instead of each loading it.
+        // Loading initialises nothing: the check below still sees an uninitialised driver.
+        let _ = hasten::libtorch();
         if cuda_initialized_in_this_process() {
             return Err(LaunchError::Invalid(
                 "CUDA has been initialized in this process before notebook_launcher could fork its workers, \
