@@ -4,7 +4,7 @@
 
 use crate::host;
 use crate::{LaunchConfig, LaunchError, Result};
-use hasten::{ClusterConfig, PrecisionType};
+use hasten_core::{ClusterConfig, PrecisionType};
 use std::ffi::OsString;
 use std::path::PathBuf;
 
@@ -119,7 +119,7 @@ pub fn load_config_file(named: Option<&PathBuf>) -> Result<Option<ClusterConfig>
             Ok(Some(ClusterConfig::from_file(path)?))
         }
         None => {
-            let default = hasten::default_config_file();
+            let default = hasten_core::default_config_file();
             if default.is_file() {
                 Ok(Some(ClusterConfig::from_file(&default)?))
             } else {
@@ -174,11 +174,11 @@ pub fn merge(args: &LaunchArgs, file: Option<&ClusterConfig>, host: HostFacts) -
             .main_process_ip
             .clone()
             .or(file.and_then(|f| f.main_process_ip.clone()))
-            .unwrap_or_else(|| hasten::DEFAULT_MASTER_ADDR.to_owned()),
+            .unwrap_or_else(|| hasten_core::DEFAULT_MASTER_ADDR.to_owned()),
         main_process_port: args
             .main_process_port
             .or(file.and_then(|f| f.main_process_port))
-            .unwrap_or(hasten::DEFAULT_MASTER_PORT),
+            .unwrap_or(hasten_core::DEFAULT_MASTER_PORT),
         mixed_precision: args
             .mixed_precision
             .or(file.and_then(|f| f.mixed_precision))
@@ -266,7 +266,7 @@ mod tests {
             debug: true,
             mixed_precision: Some(PrecisionType::Bf16),
             main_process_port: Some(1234),
-            ..hasten::basic_config(PrecisionType::No, 4)
+            ..hasten_core::basic_config(PrecisionType::No, 4)
         };
         let cfg = merge(&args(&["--num_processes", "2", "p"]), Some(&file), HOST);
         assert_eq!(cfg.num_processes, 2);

@@ -39,7 +39,7 @@ pub enum LaunchError {
 
     /// An error from the runtime (config file, environment).
     #[error(transparent)]
-    Runtime(#[from] hasten::Error),
+    Runtime(#[from] hasten_core::Error),
 
     /// An operating-system call failed.
     #[error("{op}: {source}")]

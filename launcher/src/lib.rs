@@ -32,7 +32,6 @@ mod host;
 mod notebook;
 mod plan;
 mod relay;
-mod report;
 mod supervise;
 
 pub use cli::{HostFacts, LaunchArgs, load_config_file, merge, resolve_port};
@@ -44,4 +43,3 @@ pub use host::{
 pub use notebook::{NotebookLauncher, debug_launcher, notebook_launcher};
 pub use plan::{FOREIGN_CONTRACT_VARS, LaunchConfig, LaunchPlan, RankPlan, plan};
 pub use relay::{LinePrefix, OutputSink, StdioSink, Stream};
-pub use report::env_report;

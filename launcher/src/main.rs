@@ -44,7 +44,7 @@ enum ConfigAction {
             visible_alias = "mixed-precision",
             default_value = "no"
         )]
-        mixed_precision: hasten::PrecisionType,
+        mixed_precision: hasten_core::PrecisionType,
         /// Where to write it. Default: Accelerate's default_config.yaml.
         #[arg(long = "config_file", visible_alias = "config-file")]
         config_file: Option<PathBuf>,
@@ -88,14 +88,33 @@ fn launch(args: &LaunchArgs) -> anyhow::Result<i32> {
     }
 }
 
+/// `hasten env` runs `hasten-env`, installed next to `hasten`: the report needs libtorch, and keeping
+/// libtorch out of `hasten` makes every launch start in milliseconds instead of a fifth of a second.
+fn env(check: bool) -> anyhow::Result<i32> {
+    let exe = std::env::current_exe().context("locating the hasten binary")?;
+    let helper = exe.with_file_name("hasten-env");
+    let mut cmd = std::process::Command::new(if helper.exists() {
+        helper.as_os_str()
+    } else {
+        "hasten-env".as_ref()
+    });
+    if check {
+        cmd.arg("--check");
+    }
+    let status = cmd.status().with_context(|| {
+        format!(
+            "running {} (it is installed next to hasten)",
+            helper.display()
+        )
+    })?;
+    Ok(status.code().unwrap_or(1))
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Launch(args) => launch(&args)?,
-        Command::Env { check } => {
-            print!("{}", hasten_launch::env_report(check));
-            0
-        }
+        Command::Env { check } => env(check)?,
         Command::Config {
             action:
                 ConfigAction::Default {
@@ -105,7 +124,7 @@ fn main() -> anyhow::Result<()> {
         } => {
             let gpus = hasten_launch::visible_gpu_count();
             let path =
-                hasten::write_basic_config_for(mixed_precision, config_file.as_deref(), gpus)
+                hasten_core::write_basic_config_for(mixed_precision, config_file.as_deref(), gpus)
                     .context("hasten config default")?;
             println!("hasten config saved at {}", path.display());
             0

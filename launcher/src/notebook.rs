@@ -7,7 +7,7 @@ use crate::plan::{FOREIGN_CONTRACT_VARS, LaunchConfig, LaunchPlan, RankPlan, pla
 use crate::relay::{LinePrefix, OutputSink, StdioSink};
 use crate::supervise::{Worker, kill_and_reap, supervise};
 use crate::{LaunchError, Result};
-use hasten::PrecisionType;
+use hasten_core::PrecisionType;
 use serde::{Serialize, de::DeserializeOwned};
 use std::fmt::Display;
 use std::fs::File;
@@ -36,8 +36,8 @@ impl NotebookLauncher {
         NotebookLauncher {
             num_processes,
             mixed_precision: PrecisionType::No,
-            use_port: hasten::DEFAULT_MASTER_PORT,
-            master_addr: hasten::DEFAULT_MASTER_ADDR.to_owned(),
+            use_port: hasten_core::DEFAULT_MASTER_PORT,
+            master_addr: hasten_core::DEFAULT_MASTER_ADDR.to_owned(),
             node_rank: 0,
             num_nodes: 1,
             max_restarts: 0,
@@ -155,7 +155,7 @@ impl NotebookLauncher {
                     exit_code: 1,
                 });
         }
-        if hasten::distributed_state_initialized() {
+        if hasten_core::distributed_state_initialized() {
             return Err(LaunchError::Invalid(
                 "a process group (or Accelerator) already exists in this process: it must be created inside \
                  the training function. Restart the kernel and make sure no cell creates one before \
@@ -165,7 +165,7 @@ impl NotebookLauncher {
         }
         // Load libtorch's CUDA half here, once, so the workers inherit it instead of each loading it.
         // Loading initialises nothing: the check below still sees an uninitialised driver.
-        let _ = hasten::libtorch();
+        let _ = hasten_core::libtorch();
         if cuda_initialized_in_this_process() {
             return Err(LaunchError::Invalid(
                 "CUDA has been initialized in this process before notebook_launcher could fork its workers, \
@@ -192,7 +192,7 @@ impl NotebookLauncher {
             gpu_ids: None,
             debug: match self.debug {
                 Some(d) => d,
-                None => hasten::debug_mode_from_env()?,
+                None => hasten_core::debug_mode_from_env()?,
             },
             num_cpu_threads_per_process: None,
             cpu_count: crate::cpu_count(),

@@ -2,7 +2,7 @@
 //! processes, ports or devices; the facts it needs (port, CPU count) come in as values.
 
 use crate::{LaunchError, Result};
-use hasten::PrecisionType;
+use hasten_core::PrecisionType;
 
 /// The settings of one launch, after the config file and the command line are merged.
 #[derive(Debug, Clone, PartialEq)]
@@ -37,8 +37,8 @@ impl Default for LaunchConfig {
             num_processes: 1,
             num_machines: 1,
             machine_rank: 0,
-            main_process_ip: hasten::DEFAULT_MASTER_ADDR.to_owned(),
-            main_process_port: hasten::DEFAULT_MASTER_PORT,
+            main_process_ip: hasten_core::DEFAULT_MASTER_ADDR.to_owned(),
+            main_process_port: hasten_core::DEFAULT_MASTER_PORT,
             mixed_precision: PrecisionType::No,
             use_cpu: false,
             gpu_ids: None,
@@ -128,11 +128,11 @@ pub fn plan(cfg: &LaunchConfig) -> Result<LaunchPlan> {
         ("MASTER_ADDR".into(), cfg.main_process_ip.clone()),
         ("MASTER_PORT".into(), cfg.main_process_port.to_string()),
         (
-            hasten::MIXED_PRECISION_VAR.into(),
+            hasten_core::MIXED_PRECISION_VAR.into(),
             cfg.mixed_precision.to_string(),
         ),
-        (hasten::USE_CPU_VAR.into(), cfg.use_cpu.to_string()),
-        (hasten::DEBUG_MODE_VAR.into(), cfg.debug.to_string()),
+        (hasten_core::USE_CPU_VAR.into(), cfg.use_cpu.to_string()),
+        (hasten_core::DEBUG_MODE_VAR.into(), cfg.debug.to_string()),
         ("OMP_NUM_THREADS".into(), threads.to_string()),
     ];
     if let (Some(ids), false) = (gpu_ids, cfg.use_cpu) {

@@ -1,6 +1,6 @@
 //! Devices: what this process can use, which one a rank takes, and a quick check that a GPU computes.
 
-use crate::libtorch::libtorch;
+use crate::libtorch;
 use crate::{Error, Result};
 use tch::{Device, Kind, Tensor};
 
@@ -217,7 +217,7 @@ pub struct MatmulCheck {
 /// A smoke test for a new host: it proves libtorch reaches the device and computes sensibly. The
 /// tolerance a caller should apply is bf16's (about 1e-2 relative, at these sizes).
 pub fn matmul_check(device: Device, n: i64) -> Result<MatmulCheck> {
-    let torch = |op: &'static str| move |source| Error::Torch { op, source };
+    let torch = |op: &'static str| move |source| Error::torch(op, source);
     let a = Tensor::f_randn([n, n], (Kind::Float, device)).map_err(torch("randn"))?;
     let b = Tensor::f_randn([n, n], (Kind::Float, device)).map_err(torch("randn"))?;
     let a16 = a.f_to_kind(Kind::BFloat16).map_err(torch("to bf16"))?;
@@ -258,6 +258,15 @@ mod tests {
             err.contains("LOCAL_RANK=2") && err.contains("only 2"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn finds_the_mapped_libtorch_and_its_version() {
+        let info = crate::libtorch();
+        let dir = info.lib_dir.as_ref().expect("libtorch_cpu.so is mapped");
+        assert!(dir.join("libtorch_cpu.so").exists());
+        let version = info.version.as_deref().expect("a version file");
+        assert!(version.starts_with("2.11."), "{version}");
     }
 
     #[test]

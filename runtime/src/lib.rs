@@ -22,49 +22,51 @@
 #![deny(missing_docs)]
 
 mod config;
-mod constants;
 mod device;
 mod distributed;
-mod environment;
-mod error;
-mod libtorch;
 mod ops;
 mod random;
+mod report;
 mod state;
-mod string_enum;
-mod tracking;
 
-pub use config::{
-    ClusterConfig, ComputeEnvironment, DynamoBackend, PrecisionType, SageMakerDistributedType,
-    Sections, accelerate_cache_dir, basic_config, default_config_file, write_basic_config,
-    write_basic_config_for,
+pub use config::write_basic_config;
+pub use hasten_core::{
+    ClusterConfig, ComputeEnvironment, ContractSource, CudaLoad, DEBUG_MODE_VAR,
+    DEFAULT_MASTER_ADDR, DEFAULT_MASTER_PORT, DistributedType, DynamoBackend, EnvContract,
+    EnvPatch, Error, LibtorchInfo, LoggerType, MIXED_PRECISION_VAR, PrecisionType, RNGType, Result,
+    SageMakerDistributedType, Sections, USE_CPU_VAR, accelerate_cache_dir, basic_config,
+    clear_environment, debug_mode_from_env, default_config_file, distributed_state_initialized,
+    parse_flag_from_env, patch_environment, str_to_bool, write_basic_config_for,
 };
-pub use constants::*;
+// Accelerate's file names for checkpoints and weights.
 pub use device::{
     GpuInfo, MatmulCheck, cuda_device_count, cuda_devices, is_bf16_available, is_cuda_available,
     is_ipex_available, is_mps_available, is_npu_available, is_torch_version, is_tpu_available,
     is_xpu_available, matmul_check, select_device,
 };
 pub use distributed::{
-    DEFAULT_RDZV_TIMEOUT, ProcessGroup, ReduceOp, distributed_state_initialized, nccl_version,
-    rdzv_timeout_from_env,
+    DEFAULT_RDZV_TIMEOUT, ProcessGroup, ReduceOp, nccl_version, rdzv_timeout_from_env,
 };
-pub use environment::{
-    DEBUG_MODE_VAR, EnvPatch, MIXED_PRECISION_VAR, USE_CPU_VAR, clear_environment,
-    debug_mode_from_env, parse_flag_from_env, patch_environment, str_to_bool,
+pub use hasten_core::{
+    MODEL_NAME, OPTIMIZER_NAME, RNG_STATE_NAME, SAFE_MODEL_NAME, SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_PATTERN_NAME, SAMPLER_NAME, SCALER_NAME, SCHEDULER_NAME,
+    WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_PATTERN_NAME, shard_file_name, shard_suffix,
 };
-pub use error::{Error, Result};
-pub use libtorch::{CudaLoad, LibtorchInfo, libtorch};
 pub use ops::{
     Nested, Reduction, concatenate, convert_to_fp32, listify, listify_tensor, map_tensors,
     send_to_device, slice_tensors, tensors_of,
 };
-pub use random::{HostRng, RNGType, host_rng, set_seed};
-pub use state::{
-    ContractSource, DEFAULT_MASTER_ADDR, DEFAULT_MASTER_PORT, DistributedType, EnvContract,
-    ProcessState,
-};
-pub use tracking::LoggerType;
+pub use random::{HostRng, host_rng, set_seed};
+pub use report::env_report;
+pub use state::ProcessState;
+
+/// Facts about the libtorch this process runs on, loading its CUDA half on first use (see
+/// [`LibtorchInfo`]). Every hasten function that asks about CUDA goes through here.
+pub fn libtorch() -> &'static LibtorchInfo {
+    // Make sure libtorch is mapped (it is, in any program calling this) before looking for it.
+    let _ = tch::get_num_threads();
+    hasten_core::libtorch()
+}
 
 /// tch, re-exported so user code uses the exact libtorch binding hasten was built with.
 pub use tch;

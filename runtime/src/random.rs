@@ -1,38 +1,9 @@
 //! Seeding: one call seeds every generator hasten uses.
 
-use crate::string_enum::string_enum;
 use crate::{EnvContract, Result};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::sync::{Mutex, MutexGuard};
-
-string_enum! {
-    /// Which random generators to synchronise across processes (`rng_types`).
-    pub enum RNGType {
-        /// libtorch's CPU generator.
-        Torch = "torch",
-        /// libtorch's CUDA generators.
-        Cuda = "cuda",
-        /// Cambricon MLU.
-        Mlu = "mlu",
-        /// SDAA.
-        Sdaa = "sdaa",
-        /// Moore Threads.
-        Musa = "musa",
-        /// Ascend NPU.
-        Npu = "npu",
-        /// torch_xla.
-        Xla = "xla",
-        /// Intel XPU.
-        Xpu = "xpu",
-        /// Gaudi HPU.
-        Hpu = "hpu",
-        /// AWS Neuron.
-        Neuron = "neuron",
-        /// The data loader's own generator.
-        Generator = "generator",
-    }
-}
 
 /// hasten's own generator, the counterpart of Python's `random` module: samplers and host-side shuffles
 /// draw from it. Process-wide like libtorch's default generators, which `set_seed` seeds alongside it.

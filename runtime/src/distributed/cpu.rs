@@ -53,7 +53,7 @@ fn on_cpu(
     f(&mut staged)?;
     t.f_copy_(&staged)
         .map(drop)
-        .map_err(|source| Error::Torch { op, source })
+        .map_err(|source| Error::torch(op, source))
 }
 
 /// The bytes of a tensor, in row-major order.
@@ -66,10 +66,7 @@ pub(crate) fn tensor_bytes(t: &Tensor) -> Vec<u8> {
 }
 
 fn reduce_into(acc: &mut Tensor, other: &Tensor, op: ReduceOp) -> Result<()> {
-    let torch = |source| Error::Torch {
-        op: "all_reduce",
-        source,
-    };
+    let torch = |source| Error::torch("all_reduce", source);
     match op {
         ReduceOp::Sum | ReduceOp::Mean => acc.f_add_(other).map(drop),
         ReduceOp::Product => acc.f_mul_(other).map(drop),
@@ -112,7 +109,7 @@ impl Backend for CpuBackend {
             .collect();
         Tensor::f_cat(&tensors, 0)
             .and_then(|c| c.f_to_device(device))
-            .map_err(|source| Error::Torch { op: OP, source })
+            .map_err(|source| Error::torch(OP, source))
     }
 
     fn reduce_scatter(&mut self, t: &Tensor, op: ReduceOp) -> Result<Tensor> {
@@ -121,10 +118,7 @@ impl Backend for CpuBackend {
         let rows = t.size()[0] / self.links.world_size as i64;
         full.f_narrow(0, self.links.rank as i64 * rows, rows)
             .map(|s| s.copy())
-            .map_err(|source| Error::Torch {
-                op: "reduce_scatter",
-                source,
-            })
+            .map_err(|source| Error::torch("reduce_scatter", source))
     }
 }
 
@@ -178,8 +172,7 @@ impl CpuBackend {
                     wire::send(stream, &result, peer, OP)?;
                 }
             }
-            t.f_copy_(&acc)
-                .map_err(|source| Error::Torch { op: OP, source })?;
+            t.f_copy_(&acc).map_err(|source| Error::torch(OP, source))?;
         } else {
             let bytes = tensor_bytes(t);
             let stream = self.root_stream();
@@ -188,13 +181,13 @@ impl CpuBackend {
             wire::recv_into(stream, &mut out, 0, OP)?;
             let reduced = Tensor::from_data_size(&out, &size, kind);
             t.f_copy_(&reduced)
-                .map_err(|source| Error::Torch { op: OP, source })?;
+                .map_err(|source| Error::torch(OP, source))?;
         }
         if op == ReduceOp::Mean {
             let n = self.links.world_size as f64;
             t.f_div_scalar_(n)
                 .map(drop)
-                .map_err(|source| Error::Torch { op: OP, source })?;
+                .map_err(|source| Error::torch(OP, source))?;
         }
         Ok(())
     }
@@ -261,7 +254,7 @@ impl CpuBackend {
             }
             let value = Tensor::from_data_size(&bytes, &size, kind);
             t.f_copy_(&value)
-                .map_err(|source| Error::Torch { op: OP, source })?;
+                .map_err(|source| Error::torch(OP, source))?;
         }
         Ok(())
     }

@@ -199,7 +199,13 @@ pub(crate) struct Nccl {
 unsafe impl Send for Nccl {}
 
 impl Nccl {
-    pub(crate) fn new(id: UniqueId, rank: usize, world: usize, device: usize) -> Result<Self> {
+    pub(crate) fn new(
+        id: UniqueId,
+        rank: usize,
+        world: usize,
+        device: usize,
+        trace: &super::Trace,
+    ) -> Result<Self> {
         let api = api()?;
         // SAFETY: selects this rank's GPU for the calling thread, as torch.cuda.set_device does.
         let r = unsafe { (api.cuda_set_device)(device as c_int) };
@@ -208,6 +214,7 @@ impl Nccl {
                 detail: format!("cudaSetDevice({device}) failed with CUDA error {r}"),
             });
         }
+        trace.mark("cudaSetDevice (context created)");
         let mut comm: Comm = std::ptr::null_mut();
         // SAFETY: initialises one communicator; every rank calls it with the same id.
         check(
@@ -319,11 +326,8 @@ impl Backend for Nccl {
         let (api, dtype) = self.prepare(t, "all_gather")?;
         let mut shape = t.size();
         shape[0] *= self.world as i64;
-        let out =
-            Tensor::f_empty(&shape, (t.kind(), t.device())).map_err(|source| Error::Torch {
-                op: "all_gather",
-                source,
-            })?;
+        let out = Tensor::f_empty(&shape, (t.kind(), t.device()))
+            .map_err(|source| Error::torch("all_gather", source))?;
         // SAFETY: the output holds world × numel elements of the same dtype on the same device.
         check(
             api,
@@ -353,11 +357,8 @@ impl Backend for Nccl {
         };
         let mut shape = t.size();
         shape[0] /= self.world as i64;
-        let out =
-            Tensor::f_empty(&shape, (t.kind(), t.device())).map_err(|source| Error::Torch {
-                op: "reduce_scatter",
-                source,
-            })?;
+        let out = Tensor::f_empty(&shape, (t.kind(), t.device()))
+            .map_err(|source| Error::torch("reduce_scatter", source))?;
         // SAFETY: recvcount = numel / world elements, with a matching output buffer.
         check(
             api,
@@ -378,12 +379,14 @@ impl Backend for Nccl {
     }
 }
 
-impl Drop for Nccl {
-    fn drop(&mut self) {
+impl Nccl {
+    /// Destroys the communicator now, waiting for its work to finish and freeing its GPU buffers.
+    pub(crate) fn destroy(&mut self) {
         if let Ok(api) = api() {
             if !self.comm.is_null() {
                 // SAFETY: destroying our own communicator once.
                 unsafe { (api.comm_destroy)(self.comm) };
+                self.comm = std::ptr::null_mut();
             }
         }
     }

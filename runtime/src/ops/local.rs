@@ -5,7 +5,7 @@ use crate::{Error, Result};
 use tch::{Device, Kind, Tensor};
 
 pub(crate) fn torch(op: &'static str) -> impl Fn(tch::TchError) -> Error {
-    move |source| Error::Torch { op, source }
+    move |source| Error::torch(op, source)
 }
 
 /// Concatenates a list of structures position by position along `dim` (Accelerate's `concatenate`):

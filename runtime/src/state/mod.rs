@@ -1,48 +1,9 @@
 //! Process state as an explicit value: built once from the environment contract and passed around,
 //! instead of Accelerate's shared-dict singletons.
 
-mod contract;
-
-pub use contract::{ContractSource, DEFAULT_MASTER_ADDR, DEFAULT_MASTER_PORT, EnvContract};
-
-use crate::environment::{USE_CPU_VAR, debug_mode_from_env, parse_flag_from_env};
-use crate::string_enum::string_enum;
-use crate::{Result, select_device};
+use crate::{DistributedType, EnvContract, Result, select_device};
+use hasten_core::{USE_CPU_VAR, debug_mode_from_env, parse_flag_from_env};
 use tch::Device;
-
-string_enum! {
-    /// How the job is distributed (`distributed_type`).
-    pub enum DistributedType {
-        /// One process.
-        No = "NO",
-        /// Several CPU processes.
-        MultiCpu = "MULTI_CPU",
-        /// Several CUDA GPUs.
-        MultiGpu = "MULTI_GPU",
-        /// Several Ascend NPUs.
-        MultiNpu = "MULTI_NPU",
-        /// Several Cambricon MLUs.
-        MultiMlu = "MULTI_MLU",
-        /// Several SDAA devices.
-        MultiSdaa = "MULTI_SDAA",
-        /// Several Moore Threads GPUs.
-        MultiMusa = "MULTI_MUSA",
-        /// Several Intel XPUs.
-        MultiXpu = "MULTI_XPU",
-        /// DeepSpeed.
-        Deepspeed = "DEEPSPEED",
-        /// Fully sharded data parallel.
-        Fsdp = "FSDP",
-        /// TPUs through torch_xla.
-        Xla = "XLA",
-        /// Megatron-LM.
-        MegatronLm = "MEGATRON_LM",
-        /// Several Gaudi HPUs.
-        MultiHpu = "MULTI_HPU",
-        /// Several AWS Neuron cores.
-        MultiNeuron = "MULTI_NEURON",
-    }
-}
 
 /// Everything a worker knows about its place in the job: Accelerate's `PartialState`, as a value.
 #[derive(Debug, Clone, PartialEq)]
@@ -136,6 +97,7 @@ impl ProcessState {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ContractSource;
 
     fn contract(rank: usize, world: usize, local_rank: usize, local_world: usize) -> EnvContract {
         EnvContract {

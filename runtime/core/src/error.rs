@@ -1,4 +1,4 @@
-//! The one error type of the `hasten` crate.
+//! The one error type of hasten's runtime, shared by `hasten-core` and `hasten` (which re-exports it).
 
 use std::path::PathBuf;
 
@@ -135,17 +135,26 @@ pub enum Error {
     Torch {
         /// The operation that failed.
         op: &'static str,
-        /// libtorch's error.
+        /// libtorch's error (a `tch::TchError`; boxed so this crate needs no libtorch).
         #[source]
-        source: tch::TchError,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
 }
 
-/// The `Result` of the `hasten` crate.
+/// The `Result` of hasten's runtime.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
-    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    /// A libtorch error raised while doing `op`.
+    pub fn torch(op: &'static str, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Error::Torch {
+            op,
+            source: Box::new(source),
+        }
+    }
+
+    /// An I/O error on `path` while doing `op`.
+    pub fn io(op: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             op,
             path: path.into(),

@@ -1,9 +1,9 @@
 //! `hasten env`: what a bug report needs (versions, libtorch and its CUDA backend, devices, config),
 //! and with `--check` a bf16 matmul on every device.
 
-use hasten::CudaLoad;
-use hasten::tch::Device;
+use crate::CudaLoad;
 use std::fmt::Write;
+use tch::Device;
 
 fn gib(bytes: usize) -> f64 {
     bytes as f64 / (1u64 << 30) as f64
@@ -19,8 +19,11 @@ fn total_ram() -> Option<usize> {
 /// The environment report, as text. Initialises CUDA (it lists GPUs through the driver).
 pub fn env_report(check: bool) -> String {
     let mut out = String::new();
-    let info = hasten::libtorch();
+    let info = crate::libtorch();
     let _ = writeln!(out, "- hasten version: {}", env!("CARGO_PKG_VERSION"));
+    if let Some(v) = crate::nccl_version() {
+        let _ = writeln!(out, "- NCCL version: {v}");
+    }
     let _ = writeln!(
         out,
         "- Platform: {} {}",
@@ -46,13 +49,17 @@ pub fn env_report(check: bool) -> String {
         CudaLoad::Disabled => "not loaded (HASTEN_NO_CUDA_LOAD is set)".to_owned(),
     };
     let _ = writeln!(out, "- libtorch CUDA backend: {cuda}");
-    let _ = writeln!(out, "- CUDA available: {}", hasten::is_cuda_available());
-    let _ = writeln!(out, "- bf16 available: {}", hasten::is_bf16_available());
-    let _ = writeln!(out, "- CPU cores: {}", crate::cpu_count());
+    let _ = writeln!(out, "- CUDA available: {}", crate::is_cuda_available());
+    let _ = writeln!(out, "- bf16 available: {}", crate::is_bf16_available());
+    let _ = writeln!(
+        out,
+        "- CPU cores: {}",
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
     if let Some(ram) = total_ram() {
         let _ = writeln!(out, "- System RAM: {:.2} GiB", gib(ram));
     }
-    let gpus = hasten::cuda_devices();
+    let gpus = crate::cuda_devices();
     match &gpus {
         Ok(list) if list.is_empty() => {
             let _ = writeln!(out, "- GPUs: none");
@@ -76,7 +83,7 @@ pub fn env_report(check: bool) -> String {
             let _ = writeln!(out, "- GPUs: could not be listed: {e}");
         }
     }
-    let config = hasten::default_config_file();
+    let config = crate::default_config_file();
     if config.is_file() {
         let _ = writeln!(out, "- Default config ({}):", config.display());
         match std::fs::read_to_string(&config) {
@@ -94,13 +101,13 @@ pub fn env_report(check: bool) -> String {
     }
     if check {
         let mut devices = vec![Device::Cpu];
-        if hasten::is_cuda_available() {
-            devices.extend((0..hasten::cuda_device_count()).map(Device::Cuda));
+        if crate::is_cuda_available() {
+            devices.extend((0..crate::cuda_device_count()).map(Device::Cuda));
         }
         let _ = writeln!(out, "- Checks (bf16 matmul 4096x4096 against fp32):");
         for device in devices {
             let started = std::time::Instant::now();
-            match hasten::matmul_check(device, 4096) {
+            match crate::matmul_check(device, 4096) {
                 Ok(c) => {
                     let _ = writeln!(
                         out,

@@ -1,5 +1,0 @@
-include!("../runtime/build_libtorch.rs");
-
-fn main() {
-    emit_libtorch_rpath();
-}
