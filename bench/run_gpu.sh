@@ -14,6 +14,8 @@ echo "== device"
 nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader
 "$PY" -c "import torch, accelerate; print('torch', torch.__version__, 'accelerate', accelerate.__version__, 'nccl', torch.cuda.nccl.version())"
 
+"$B/hasten" env --check
+
 echo "== NCCL correctness (the same checks CI runs on CPUs)"
 launch --num_processes 2 "$B/hasten-test-worker" --ops
 launch --num_processes 2 --debug "$B/hasten-test-worker" --ops
@@ -24,6 +26,7 @@ launch --num_processes 2 "$B/train_demo"
 
 echo "== L1: notebook_launcher to the first all-reduce"
 for i in 1 2 3; do "$B/bench-l1" 2; done
+HASTEN_TRACE_INIT=1 "$B/bench-l1" 2
 for i in 1 2 3; do "$PY" "$P/py_bench.py" l1 2 2>&1 | grep ANCHOR; done
 
 echo "== L2: CLI launcher to the first all-reduce"

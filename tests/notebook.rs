@@ -53,7 +53,11 @@ fn debug_launcher_runs_on_cpu() {
 
 #[test]
 fn the_main_rank_returns_its_value() {
-    let ran = notebook(&["value", "3"], &[]);
+    let pids = tempfile::tempdir().unwrap();
+    let ran = notebook(
+        &["value", "3"],
+        &[("HASTEN_TEST_PID_DIR", pids.path().to_str().unwrap())],
+    );
     assert_eq!(ran.code, 0, "{}", ran.all());
     assert!(
         ran.stdout.contains(

@@ -271,6 +271,23 @@ pub fn run_ops_checks(g: &mut ProcessGroup) -> usize {
         ("debug_mode", debug_mode),
     ];
     let mut failed = 0;
+    let total = checks.len() + usize::from(g.uses_nccl());
+    if g.uses_nccl() {
+        // A large collective waits for NCCL; the small one after it lets the ranks agree to switch, so
+        // every check below runs on NCCL rather than on the TCP path used while NCCL starts.
+        let mut big = Tensor::ones([1 << 20], (Kind::Float, c.device));
+        let mut small = Tensor::ones([1], (Kind::Float, c.device));
+        let warm = g
+            .all_reduce(&mut big, ReduceOp::Sum)
+            .and_then(|_| g.all_reduce(&mut small, ReduceOp::Sum));
+        match (warm, g.nccl_active()) {
+            (Ok(()), true) => println!("check nccl_switch: ok"),
+            (outcome, active) => {
+                failed += 1;
+                println!("check nccl_switch: FAILED: {outcome:?}, active {active}");
+            }
+        }
+    }
     for (name, check) in checks {
         match check(g, &c) {
             Ok(()) => println!("check {name}: ok"),
@@ -280,12 +297,12 @@ pub fn run_ops_checks(g: &mut ProcessGroup) -> usize {
             }
         }
     }
-    let backend = if g.uses_nccl() { "nccl" } else { "cpu" };
+    let backend = if g.nccl_active() { "nccl" } else { "cpu" };
     println!(
         "ops checks on rank {} ({backend}, {} processes): {} passed, {failed} failed",
         c.r,
         c.p,
-        checks.len() - failed
+        total - failed
     );
     failed
 }

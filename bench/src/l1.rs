@@ -25,7 +25,7 @@ fn first_collective(t0: f64) -> Result<f64, hasten::Error> {
     let p = Vec::<f64>::try_from(&phases).unwrap_or_default();
     if state.is_main_process() {
         report::emit(json!({
-            "part": "launch_first_collective_s", "value": p[3], "sum": sum, "nccl": group.uses_nccl(),
+            "part": "launch_first_collective_s", "value": p[3], "sum": sum, "nccl_active": group.nccl_active(),
             "phases_s": {"worker_started": p[0], "state_ready": p[1], "group_ready": p[2]},
         }));
     }

@@ -51,6 +51,7 @@ fn spawn_all(plan: &LaunchPlan, program: &OsString, args: &[OsString]) -> Result
                 pid,
                 stdout,
                 stderr,
+                status: None,
             })
         });
         match spawned {
@@ -89,7 +90,7 @@ pub fn run_program(
                     opts.max_restarts
                 ));
             }
-            other => return other,
+            other => return other.map(drop),
         }
     }
 }

@@ -5,13 +5,13 @@
 use crate::host::{cuda_initialized_in_this_process, visible_gpu_count};
 use crate::plan::{FOREIGN_CONTRACT_VARS, LaunchConfig, LaunchPlan, RankPlan, plan};
 use crate::relay::{LinePrefix, OutputSink, StdioSink};
-use crate::supervise::{Worker, kill_and_reap, supervise};
+use crate::supervise::{STATUS_OK, Worker, kill_and_reap, supervise};
 use crate::{LaunchError, Result};
 use hasten_core::PrecisionType;
 use serde::{Serialize, de::DeserializeOwned};
 use std::fmt::Display;
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::fd::{FromRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -208,26 +208,22 @@ impl NotebookLauncher {
         let stop = StopOnSignal::install();
         let mut restarts = 0;
         loop {
-            let (workers, result_pipe) = fork_all(&launch_plan, &function, &args)?;
-            // Read the main rank's result while it runs: a large result would otherwise fill the pipe.
-            let reader = result_pipe.map(|mut f| {
-                std::thread::spawn(move || {
-                    let mut buf = Vec::new();
-                    f.read_to_end(&mut buf).map(|_| buf)
-                })
-            });
-            let outcome = supervise(workers, sink, &self.prefix, stop.flag);
-            let bytes = reader.and_then(|h| h.join().ok()).and_then(|r| r.ok());
-            match outcome {
-                Ok(()) => {
-                    return match bytes {
-                        None => Ok(None),
-                        Some(b) => serde_json::from_slice(&b).map(Some).map_err(|e| {
-                            LaunchError::Invalid(format!(
-                                "the main rank's return value does not read back: {e}"
-                            ))
-                        }),
+            let workers = fork_all(&launch_plan, &function, &args)?;
+            let main_index = launch_plan.ranks.iter().position(|r| r.rank == 0);
+            match supervise(workers, sink, &self.prefix, stop.flag) {
+                Ok(statuses) => {
+                    let Some(i) = main_index else {
+                        return Ok(None);
                     };
+                    let bytes = statuses[i]
+                        .as_deref()
+                        .and_then(|b| b.get(1..))
+                        .unwrap_or_default();
+                    return serde_json::from_slice(bytes).map(Some).map_err(|e| {
+                        LaunchError::Invalid(format!(
+                            "the main rank's return value does not read back: {e}"
+                        ))
+                    });
                 }
                 Err(LaunchError::RankFailed { rank, cause, .. })
                     if restarts < self.max_restarts && !stop.flag.load(Ordering::SeqCst) =>
@@ -295,13 +291,9 @@ fn close(fd: RawFd) {
     }
 }
 
-/// Forks one worker per rank of the plan. Returns the workers and, on the machine with rank 0, the read
-/// end of the pipe that carries its result.
-fn fork_all<A, T, E, F>(
-    launch_plan: &LaunchPlan,
-    function: &F,
-    args: &A,
-) -> Result<(Vec<Worker>, Option<File>)>
+/// Forks one worker per rank of the plan, each with pipes for its stdout, its stderr and its status
+/// (success, and rank 0's return value).
+fn fork_all<A, T, E, F>(launch_plan: &LaunchPlan, function: &F, args: &A) -> Result<Vec<Worker>>
 where
     F: Fn(A) -> std::result::Result<T, E>,
     A: Clone,
@@ -309,15 +301,10 @@ where
     E: Display,
 {
     let mut workers: Vec<Worker> = Vec::new();
-    let mut result_read = None;
     for rank_plan in &launch_plan.ranks {
         let out = pipe()?;
         let err = pipe()?;
-        let result = if rank_plan.rank == 0 {
-            Some(pipe()?)
-        } else {
-            None
-        };
+        let status = pipe()?;
         // Anything buffered now would be written twice, once by each process.
         let _ = std::io::stdout().flush();
         let _ = std::io::stderr().flush();
@@ -333,33 +320,29 @@ where
             });
         }
         if pid == 0 {
-            child(
-                rank_plan,
-                out.1,
-                err.1,
-                result.map(|r| r.1),
-                function,
-                args.clone(),
-            );
+            child(rank_plan, out.1, err.1, status.1, function, args.clone());
         }
         close(out.1);
         close(err.1);
-        if let Some((read, write)) = result {
-            close(write);
-            // SAFETY: we own the read end from here on.
-            result_read = Some(unsafe { File::from_raw_fd(read) });
-        }
-        // SAFETY: we own both read ends from here on.
-        let (stdout, stderr) = unsafe { (File::from_raw_fd(out.0), File::from_raw_fd(err.0)) };
+        close(status.1);
+        // SAFETY: we own the three read ends from here on.
+        let (stdout, stderr, status) = unsafe {
+            (
+                File::from_raw_fd(out.0),
+                File::from_raw_fd(err.0),
+                File::from_raw_fd(status.0),
+            )
+        };
         workers.push(Worker {
             rank: rank_plan.rank,
             local_rank: rank_plan.local_rank,
             pid,
             stdout,
             stderr,
+            status: Some(status),
         });
     }
-    Ok((workers, result_read))
+    Ok(workers)
 }
 
 /// The worker side of a fork: become rank `plan.rank`, run the function, report, and `_exit` (never
@@ -368,7 +351,7 @@ fn child<A, T, E, F>(
     rank_plan: &RankPlan,
     out: RawFd,
     err: RawFd,
-    result: Option<RawFd>,
+    status: RawFd,
     function: &F,
     args: A,
 ) -> !
@@ -397,26 +380,35 @@ where
     }
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| function(args)));
     let code = match outcome {
-        Ok(Ok(value)) => match result {
-            Some(fd) => {
-                // SAFETY: we own the write end of the result pipe.
-                let mut pipe = unsafe { File::from_raw_fd(fd) };
-                match serde_json::to_vec(&value)
-                    .map_err(|e| e.to_string())
-                    .and_then(|b| pipe.write_all(&b).map_err(|e| e.to_string()))
-                {
-                    Ok(()) => 0,
-                    Err(e) => {
-                        eprintln!(
-                            "rank {} could not send its return value: {e}",
-                            rank_plan.rank
-                        );
-                        1
+        Ok(Ok(value)) => {
+            let mut report = vec![STATUS_OK];
+            let encoded = if rank_plan.rank == 0 {
+                serde_json::to_vec(&value).map_err(|e| e.to_string())
+            } else {
+                Ok(Vec::new())
+            };
+            match encoded {
+                Ok(bytes) => {
+                    report.extend_from_slice(&bytes);
+                    // SAFETY: we own the write end of the status pipe.
+                    let mut pipe = unsafe { File::from_raw_fd(status) };
+                    match pipe.write_all(&report) {
+                        Ok(()) => 0,
+                        Err(e) => {
+                            eprintln!("rank {} could not report its result: {e}", rank_plan.rank);
+                            1
+                        }
                     }
                 }
+                Err(e) => {
+                    eprintln!(
+                        "rank {} could not send its return value: {e}",
+                        rank_plan.rank
+                    );
+                    1
+                }
             }
-            None => 0,
-        },
+        }
         Ok(Err(e)) => {
             eprintln!("rank {} returned an error: {e}", rank_plan.rank);
             1
@@ -426,6 +418,11 @@ where
     };
     let _ = std::io::stdout().flush();
     let _ = std::io::stderr().flush();
+    // Closing our output now tells the parent we are done, before the process (and its CUDA context)
+    // has finished tearing down.
+    close(1);
+    close(2);
+    close(status);
     // SAFETY: leave without unwinding into the parent's stack or running its atexit handlers.
     unsafe { libc::_exit(code) }
 }

@@ -87,7 +87,14 @@ pub(crate) enum Event {
         stream: Stream,
         text: String,
     },
-    Eof,
+    Eof {
+        index: usize,
+    },
+    /// Everything a worker wrote to its status pipe (forked workers only), sent at end of file.
+    Status {
+        index: usize,
+        bytes: Vec<u8>,
+    },
 }
 
 /// Starts a thread that reads `pipe` line by line and forwards each line to `tx`.
@@ -119,10 +126,24 @@ pub(crate) fn spawn_reader(index: usize, stream: Stream, pipe: File, tx: Sender<
                     }
                 }
             }
-            let _ = tx.send(Event::Eof);
+            let _ = tx.send(Event::Eof { index });
         })
         .map(drop)
         .unwrap_or_else(|e| eprintln!("hasten: could not start an output relay thread: {e}"));
+}
+
+/// Starts a thread that reads a worker's status pipe to its end and reports the bytes.
+pub(crate) fn spawn_status_reader(index: usize, mut pipe: File, tx: Sender<Event>) {
+    use std::io::Read;
+    std::thread::Builder::new()
+        .name(format!("hasten-status-{index}"))
+        .spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = pipe.read_to_end(&mut bytes);
+            let _ = tx.send(Event::Status { index, bytes });
+        })
+        .map(drop)
+        .unwrap_or_else(|e| eprintln!("hasten: could not start a status reader thread: {e}"));
 }
 
 #[cfg(test)]

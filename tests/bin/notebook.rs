@@ -37,6 +37,7 @@ fn ops(_: ()) -> Result<usize, hasten::Error> {
 
 fn value(note: String) -> Result<Summary, hasten::Error> {
     let state = ProcessState::from_env()?;
+    record_pid(state.process_index());
     let mut group = ProcessGroup::init(&state)?;
     println!("rank {} says hello", group.rank());
     let ranks_seen = group.gather_object(&[group.rank()])?;
@@ -106,6 +107,28 @@ fn main() {
             assert_eq!(summary.world, n);
             assert_eq!(summary.ranks_seen, (0..n).collect::<Vec<_>>());
             assert_eq!(summary.note, "hello from rank 0");
+            // The launcher returns as soon as every rank reported success; the workers, still ending,
+            // are reaped in the background: none may linger, not even as a zombie.
+            let dir = std::env::var("HASTEN_TEST_PID_DIR").unwrap_or_default();
+            let pids: Vec<String> = std::fs::read_dir(&dir)
+                .map(|d| {
+                    d.flatten()
+                        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+                        .collect()
+                })
+                .unwrap_or_default();
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while pids
+                .iter()
+                .any(|p| std::path::Path::new(&format!("/proc/{}", p.trim())).exists())
+                && std::time::Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let gone = pids
+                .iter()
+                .all(|p| !std::path::Path::new(&format!("/proc/{}", p.trim())).exists());
+            println!("workers recorded: {}, all reaped: {gone}", pids.len());
             0
         }
         "fail" => {

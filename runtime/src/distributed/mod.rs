@@ -6,6 +6,7 @@
 //! backend of the tensor's device, so call sites carry no backend checks.
 
 mod cpu;
+mod lazy;
 mod nccl;
 mod rendezvous;
 mod wire;
@@ -44,6 +45,7 @@ pub(crate) trait Backend: Send {
 }
 
 /// `HASTEN_TRACE_INIT=1`: each rank prints how long each step of joining the group took, to stderr.
+#[derive(Clone, Copy)]
 pub(crate) struct Trace {
     rank: usize,
     start: Option<std::time::Instant>,
@@ -73,7 +75,7 @@ impl Trace {
 pub struct ProcessGroup {
     state: ProcessState,
     cpu: cpu::CpuBackend,
-    nccl: Option<nccl::Nccl>,
+    nccl: Option<lazy::LazyNccl>,
 }
 
 impl std::fmt::Debug for ProcessGroup {
@@ -105,12 +107,15 @@ impl ProcessGroup {
             nccl: None,
         };
         if let (Device::Cuda(index), true) = (state.device, state.use_distributed()) {
-            group.nccl = Some(group.init_nccl(index, &trace)?);
+            group.nccl = Some(group.start_nccl(index, trace)?);
+            // This thread computes on the rank's GPU too: make it current here, as Accelerate does with
+            // torch.cuda.set_device, or libtorch's device guards would also create a context on GPU 0.
+            nccl::set_device(index)?;
         }
         Ok(group)
     }
 
-    fn init_nccl(&mut self, device: usize, trace: &Trace) -> Result<nccl::Nccl> {
+    fn start_nccl(&mut self, device: usize, trace: Trace) -> Result<lazy::LazyNccl> {
         // Rank 0 makes the id (or says why it cannot); everyone learns the outcome, so no rank waits
         // in ncclCommInitRank for a peer that gave up.
         let mine: Vec<u8> = if self.rank() == 0 {
@@ -135,13 +140,13 @@ impl ProcessGroup {
                     ),
                 })?;
         trace.mark("nccl unique id exchanged");
-        nccl::Nccl::new(
+        Ok(lazy::LazyNccl::start(
             nccl::UniqueId { internal },
             self.rank(),
             self.world_size(),
             device,
             trace,
-        )
+        ))
     }
 
     /// The process state this group was built from.
@@ -165,16 +170,41 @@ impl ProcessGroup {
         self.state.contract.world_size
     }
 
-    /// True when CUDA tensors travel through NCCL.
+    /// True when this rank computes on a GPU and CUDA tensors go (or will go, once NCCL is up) through
+    /// NCCL.
     pub fn uses_nccl(&self) -> bool {
         self.nccl.is_some()
     }
 
-    fn backend_for(&mut self, t: &Tensor) -> &mut dyn Backend {
-        match (&mut self.nccl, t.device()) {
-            (Some(nccl), Device::Cuda(_)) => nccl,
-            _ => &mut self.cpu,
+    /// True once every rank's NCCL communicator is up and small CUDA collectives use it too.
+    pub fn nccl_active(&self) -> bool {
+        self.nccl.as_ref().is_some_and(|l| l.agreed())
+    }
+
+    /// Runs a tensor collective on the right backend: TCP for CPU tensors; NCCL for CUDA tensors once all
+    /// ranks agree it is ready, or at once (waiting for it) for large ones; TCP for small CUDA tensors
+    /// before that, followed by a vote on switching (see `lazy`).
+    fn on_backend<R>(
+        &mut self,
+        device: Device,
+        bytes: usize,
+        f: impl FnOnce(&mut dyn Backend) -> Result<R>,
+    ) -> Result<R> {
+        let Some(lazy) = self.nccl.as_mut().filter(|_| device.is_cuda()) else {
+            return f(&mut self.cpu);
+        };
+        if lazy.agreed() || bytes >= lazy::TCP_LIMIT_BYTES {
+            return f(lazy.wait()?);
         }
+        let out = f(&mut self.cpu)?;
+        let ready = lazy.ready_now();
+        let votes = self.cpu.all_gather_bytes(&[u8::from(ready)])?;
+        if votes.iter().all(|v| v.as_slice() == [1]) {
+            if let Some(lazy) = self.nccl.as_mut() {
+                lazy.set_agreed();
+            }
+        }
+        Ok(out)
     }
 
     /// Combines `t` across ranks in place; every rank ends with the same values.
@@ -189,7 +219,8 @@ impl ProcessGroup {
                 Ok(())
             };
         }
-        self.backend_for(t).all_reduce(t, op)
+        let bytes = t.numel() * t.kind().elt_size_in_bytes();
+        self.on_backend(t.device(), bytes, |b| b.all_reduce(t, op))
     }
 
     /// Copies rank `src`'s `t` into every rank's `t` (same shape and dtype everywhere).
@@ -206,7 +237,8 @@ impl ProcessGroup {
         if self.world_size() == 1 {
             return Ok(());
         }
-        self.backend_for(t).broadcast(t, src)
+        let bytes = t.numel() * t.kind().elt_size_in_bytes();
+        self.on_backend(t.device(), bytes, |b| b.broadcast(t, src))
     }
 
     /// Every rank's `t` concatenated along dim 0, on every rank (shapes must match).
@@ -215,7 +247,8 @@ impl ProcessGroup {
             return Ok(t.shallow_clone());
         }
         let t = t.contiguous();
-        self.backend_for(&t).all_gather_cat(&t)
+        let bytes = t.numel() * t.kind().elt_size_in_bytes();
+        self.on_backend(t.device(), bytes, |b| b.all_gather_cat(&t))
     }
 
     /// Reduces `t` across ranks and returns this rank's share of the first dimension, which must divide
@@ -235,7 +268,8 @@ impl ProcessGroup {
             return Ok(t.copy());
         }
         let t = t.contiguous();
-        self.backend_for(&t).reduce_scatter(&t, op)
+        let bytes = t.numel() * t.kind().elt_size_in_bytes();
+        self.on_backend(t.device(), bytes, |b| b.reduce_scatter(&t, op))
     }
 
     /// Every rank's bytes, in rank order, on every rank.
@@ -259,7 +293,7 @@ impl ProcessGroup {
     /// Tears the group down now (PyTorch's `destroy_process_group`): waits for outstanding GPU work and
     /// frees NCCL's buffers. Only needed by a process that goes on using the GPU afterwards.
     pub fn destroy(mut self) {
-        if let Some(nccl) = self.nccl.as_mut() {
+        if let Some(nccl) = self.nccl.as_mut().and_then(|l| l.wait().ok()) {
             nccl.destroy();
         }
     }
@@ -272,7 +306,7 @@ impl Drop for ProcessGroup {
     /// communicator is aborted so no peer waits on it.
     fn drop(&mut self) {
         if std::thread::panicking() {
-            if let Some(nccl) = self.nccl.as_mut() {
+            if let Some(nccl) = self.nccl.as_mut().and_then(|l| l.ready_mut()) {
                 nccl.abort();
             }
         }

@@ -128,6 +128,20 @@ fn load() -> std::result::Result<Api, String> {
     }
 }
 
+/// Makes `device` the calling thread's current CUDA device (creating its context), as
+/// `torch.cuda.set_device` does.
+pub(crate) fn set_device(device: usize) -> Result<()> {
+    let api = api()?;
+    // SAFETY: selects a GPU for the calling thread.
+    let r = unsafe { (api.cuda_set_device)(device as c_int) };
+    if r != 0 {
+        return Err(Error::DeviceUnavailable {
+            detail: format!("cudaSetDevice({device}) failed with CUDA error {r}"),
+        });
+    }
+    Ok(())
+}
+
 fn api() -> Result<&'static Api> {
     API.get_or_init(load)
         .as_ref()
@@ -207,14 +221,8 @@ impl Nccl {
         trace: &super::Trace,
     ) -> Result<Self> {
         let api = api()?;
-        // SAFETY: selects this rank's GPU for the calling thread, as torch.cuda.set_device does.
-        let r = unsafe { (api.cuda_set_device)(device as c_int) };
-        if r != 0 {
-            return Err(Error::DeviceUnavailable {
-                detail: format!("cudaSetDevice({device}) failed with CUDA error {r}"),
-            });
-        }
-        trace.mark("cudaSetDevice (context created)");
+        set_device(device)?;
+        trace.mark("cudaSetDevice (context ready)");
         let mut comm: Comm = std::ptr::null_mut();
         // SAFETY: initialises one communicator; every rank calls it with the same id.
         check(
@@ -222,6 +230,7 @@ impl Nccl {
             unsafe { (api.comm_init_rank)(&mut comm, world as c_int, id, rank as c_int) },
             "ncclCommInitRank",
         )?;
+        trace.mark("ncclCommInitRank");
         Ok(Nccl {
             comm,
             device,
