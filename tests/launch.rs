@@ -377,7 +377,7 @@ fn every_operation_through_hasten_launch_on_2_3_and_4_ranks() {
             assert_eq!(ran.code, 0, "{}", ran.all());
             for rank in 0..n.parse::<usize>().unwrap() {
                 let line = format!(
-                    "[rank{rank}]: ops checks on rank {rank} (cpu, {n} processes): 7 passed, 0 failed"
+                    "[rank{rank}]: ops checks on rank {rank} (cpu, {n} processes): 9 passed, 0 failed"
                 );
                 assert!(
                     ran.stdout.contains(&line),
@@ -386,5 +386,24 @@ fn every_operation_through_hasten_launch_on_2_3_and_4_ranks() {
                 );
             }
         }
+    }
+}
+
+#[test]
+fn large_collectives_through_chunked_shared_memory_and_through_tcp() {
+    // 1 MiB slots split the 2.4 MB tensors of the checks into chunks; 0 turns shared memory off.
+    for slot_mb in ["1", "0"] {
+        let ran = launch(
+            &["--num_processes", "3", "--cpu", "--main_process_port", "0"],
+            &["--ops"],
+            &[("HASTEN_SHM_SLOT_MB", slot_mb)],
+        );
+        assert_eq!(ran.code, 0, "{}", ran.all());
+        assert_eq!(
+            ran.stdout.matches("9 passed, 0 failed").count(),
+            3,
+            "{}",
+            ran.all()
+        );
     }
 }

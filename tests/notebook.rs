@@ -27,7 +27,7 @@ fn every_operation_on_2_3_and_4_forked_ranks() {
         );
         for rank in 0..n.parse::<usize>().unwrap() {
             let line = format!(
-                "[rank{rank}]: ops checks on rank {rank} (cpu, {n} processes): 7 passed, 0 failed"
+                "[rank{rank}]: ops checks on rank {rank} (cpu, {n} processes): 9 passed, 0 failed"
             );
             assert!(
                 ran.stdout.contains(&line),
@@ -45,7 +45,7 @@ fn debug_launcher_runs_on_cpu() {
     assert_eq!(ran.code, 0, "{}", ran.all());
     assert!(
         ran.stdout
-            .contains("[rank2]: ops checks on rank 2 (cpu, 3 processes): 7 passed"),
+            .contains("[rank2]: ops checks on rank 2 (cpu, 3 processes): 9 passed"),
         "{}",
         ran.all()
     );

@@ -180,6 +180,62 @@ fn pad_across_processes(g: &mut ProcessGroup, c: &Ctx) -> Check {
     Ok(())
 }
 
+/// Tensors large enough for the bulk paths (shared memory on one host, NCCL on GPUs).
+fn large_tensors(g: &mut ProcessGroup, c: &Ctx) -> Check {
+    const N: i64 = 600_000;
+    let p = c.p as f64;
+    let base = || Tensor::arange(N, (Kind::Float, Device::Cpu)).to_device(c.device);
+    let at = |t: &Tensor, i: i64| t.to_device(Device::Cpu).double_value(&[i]);
+    let mut t = base() + c.r as f64;
+    g.all_reduce(&mut t, ReduceOp::Sum).map_err(err)?;
+    let rank_sum: f64 = (0..c.p).map(|r| r as f64).sum();
+    for i in [0, 1, N / 2, N - 1] {
+        let want = i as f64 * p + rank_sum;
+        if at(&t, i) != want {
+            return Err(format!("large sum at {i}: got {}, want {want}", at(&t, i)));
+        }
+    }
+    let mut t = base() + c.r as f64;
+    g.all_reduce(&mut t, ReduceOp::Max).map_err(err)?;
+    if at(&t, N - 1) != (N - 1) as f64 + (c.p - 1) as f64 {
+        return Err(format!("large max: got {}", at(&t, N - 1)));
+    }
+    let mut t = base() + c.r as f64;
+    g.all_reduce(&mut t, ReduceOp::Mean).map_err(err)?;
+    if (at(&t, 7) - (7.0 + rank_sum / p)).abs() > 1e-3 {
+        return Err(format!("large mean: got {}", at(&t, 7)));
+    }
+    let mut t = base() + c.r as f64;
+    g.broadcast(&mut t, c.p - 1).map_err(err)?;
+    if at(&t, 3) != 3.0 + (c.p - 1) as f64 {
+        return Err(format!("large broadcast: got {}", at(&t, 3)));
+    }
+    let gathered = g.gather(base() + c.r as f64).map_err(err)?;
+    if gathered.size() != [N * c.p as i64] {
+        return Err(format!("large gather shape {:?}", gathered.size()));
+    }
+    for r in 0..c.p as i64 {
+        if at(&gathered, r * N + 5) != 5.0 + r as f64 {
+            return Err(format!("large gather: rank {r}'s part is wrong"));
+        }
+    }
+    Ok(())
+}
+
+/// Without debug mode, ranks passing different sizes to a CPU collective all get an error (not a hang).
+/// Run last: the group may be unusable afterwards. (On NCCL this is undefined, as in PyTorch.)
+fn mismatch_without_debug(g: &mut ProcessGroup, c: &Ctx) -> Check {
+    if c.device != Device::Cpu {
+        return Ok(());
+    }
+    let n = if c.r == 0 { 600_000 } else { 600_001 };
+    let mut t = Tensor::ones([n], (Kind::Float, Device::Cpu));
+    match g.all_reduce(&mut t, ReduceOp::Sum) {
+        Err(e) if e.to_string().contains("same shape and dtype") => Ok(()),
+        other => Err(format!("mismatched sizes gave {other:?}")),
+    }
+}
+
 fn debug_mode(g: &mut ProcessGroup, c: &Ctx) -> Check {
     g.set_debug(true);
     let result = (|| {
@@ -261,14 +317,16 @@ pub fn run_ops_checks(g: &mut ProcessGroup) -> usize {
         r: g.rank(),
         device: g.state().device,
     };
-    let checks: [(&str, CheckFn); 7] = [
+    let checks: [(&str, CheckFn); 9] = [
         ("gather", gather),
         ("gather_object", gather_object),
         ("broadcast", broadcast),
         ("reduce", reduce),
         ("reduce_scatter", reduce_scatter),
         ("pad_across_processes", pad_across_processes),
+        ("large_tensors", large_tensors),
         ("debug_mode", debug_mode),
+        ("mismatch_without_debug", mismatch_without_debug),
     ];
     let mut failed = 0;
     let total = checks.len() + usize::from(g.uses_nccl());

@@ -12,11 +12,21 @@ use tch::{Device, Tensor};
 
 pub(crate) struct CpuBackend {
     links: Links,
+    /// Shared memory with the other ranks, when they are all on this host.
+    pub(crate) arena: Option<super::shm::Arena>,
 }
 
 impl CpuBackend {
     pub(crate) fn new(links: Links) -> Self {
-        CpuBackend { links }
+        CpuBackend { links, arena: None }
+    }
+
+    pub(crate) fn rank(&self) -> usize {
+        self.links.rank
+    }
+
+    pub(crate) fn world_size(&self) -> usize {
+        self.links.world_size
     }
 
     fn is_root(&self) -> bool {
@@ -78,17 +88,41 @@ fn reduce_into(acc: &mut Tensor, other: &Tensor, op: ReduceOp) -> Result<()> {
 
 impl Backend for CpuBackend {
     fn all_reduce(&mut self, t: &mut Tensor, op: ReduceOp) -> Result<()> {
-        on_cpu(t, "all_reduce", |t| self.all_reduce_cpu(t, op))
+        on_cpu(t, "all_reduce", |t| {
+            if self.use_shm(t.numel() * t.kind().elt_size_in_bytes()) && t.is_contiguous() {
+                if op == ReduceOp::Mean && !crate::ops::is_float(t.kind()) {
+                    return Err(Error::Collective {
+                        op: "all_reduce",
+                        detail: format!("a mean needs a floating-point tensor, got {:?}", t.kind()),
+                    });
+                }
+                self.all_reduce_shm(t, op)
+            } else {
+                self.all_reduce_cpu(t, op)
+            }
+        })
     }
 
     fn broadcast(&mut self, t: &mut Tensor, src: usize) -> Result<()> {
-        on_cpu(t, "broadcast", |t| self.broadcast_cpu(t, src))
+        on_cpu(t, "broadcast", |t| {
+            if self.use_shm(t.numel() * t.kind().elt_size_in_bytes()) && t.is_contiguous() {
+                self.broadcast_shm(t, src)
+            } else {
+                self.broadcast_cpu(t, src)
+            }
+        })
     }
 
     fn all_gather_cat(&mut self, t: &Tensor) -> Result<Tensor> {
         const OP: &str = "all_gather";
         let device = t.device();
         let cpu = t.to_device(Device::Cpu);
+        if self.use_shm(cpu.numel() * cpu.kind().elt_size_in_bytes()) {
+            return self
+                .all_gather_shm(&cpu)?
+                .f_to_device(device)
+                .map_err(|e| Error::torch(OP, e));
+        }
         let parts = self.all_gather_bytes(&tensor_bytes(&cpu))?;
         let own = parts[self.links.rank].len();
         if let Some((rank, p)) = parts.iter().enumerate().find(|(_, p)| p.len() != own) {

@@ -9,6 +9,7 @@ mod cpu;
 mod lazy;
 mod nccl;
 mod rendezvous;
+mod shm;
 mod wire;
 
 pub use nccl::nccl_version;
@@ -106,6 +107,10 @@ impl ProcessGroup {
             cpu: cpu::CpuBackend::new(links),
             nccl: None,
         };
+        if state.use_distributed() {
+            group.cpu.setup_shared_memory(state.contract.master_port)?;
+            trace.mark("shared memory");
+        }
         if let (Device::Cuda(index), true) = (state.device, state.use_distributed()) {
             group.nccl = Some(group.start_nccl(index, trace)?);
             // This thread computes on the rank's GPU too: make it current here, as Accelerate does with
