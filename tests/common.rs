@@ -115,3 +115,43 @@ pub fn free_port() -> u16 {
         .map(|a| a.port())
         .expect("free port")
 }
+
+/// What every failed launch must show: it ended within 10 s with `code`, named rank 1 and `cause` (after
+/// `report_prefix`), printed the rank's last lines, and left none of the recorded processes behind.
+pub fn assert_failed_cleanly(
+    ran: &Ran,
+    code: i32,
+    report_prefix: &str,
+    cause: &str,
+    pid_dir: &std::path::Path,
+    expected_ranks: usize,
+) {
+    assert_eq!(ran.code, code, "{}", ran.all());
+    assert!(
+        ran.elapsed < Duration::from_secs(10),
+        "took {:?}\n{}",
+        ran.elapsed,
+        ran.all()
+    );
+    let report = format!("{report_prefix}rank 1 failed: {cause}");
+    assert!(
+        ran.stderr.contains(&report),
+        "missing {report:?}\n{}",
+        ran.all()
+    );
+    assert!(
+        ran.stderr.contains("last lines of its output"),
+        "{}",
+        ran.all()
+    );
+    let recorded = recorded_pids(pid_dir);
+    assert_eq!(
+        recorded.len(),
+        expected_ranks,
+        "every rank started: {}",
+        ran.all()
+    );
+    for pid in recorded {
+        assert!(!alive(pid), "process {pid} outlived the launch");
+    }
+}

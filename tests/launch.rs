@@ -97,23 +97,7 @@ fn failing_rank(mode: &str, world: usize, expected_code: i32, expected_cause: &s
         &["--fail", &format!("1:{mode}"), "--sleep", "60"],
         &[("HASTEN_TEST_PID_DIR", pids.path().to_str().unwrap())],
     );
-    assert_eq!(ran.code, expected_code, "{}", ran.all());
-    assert!(
-        ran.elapsed < Duration::from_secs(10),
-        "took {:?}",
-        ran.elapsed
-    );
-    let report = format!("rank 1 failed: {expected_cause}");
-    assert!(
-        ran.stderr.contains(&report),
-        "missing {report:?}\n{}",
-        ran.all()
-    );
-    assert!(
-        ran.stderr.contains("last lines of its output"),
-        "{}",
-        ran.all()
-    );
+    assert_failed_cleanly(&ran, expected_code, "", expected_cause, pids.path(), world);
     assert!(
         ran.stderr.contains("rank 1 fails on purpose"),
         "{}",
@@ -121,11 +105,6 @@ fn failing_rank(mode: &str, world: usize, expected_code: i32, expected_cause: &s
     );
     if mode == "panic" {
         assert!(ran.stderr.contains(": rank 1 gives up\n"), "{}", ran.all());
-    }
-    let recorded = recorded_pids(pids.path());
-    assert_eq!(recorded.len(), world, "every rank started: {}", ran.all());
-    for pid in recorded {
-        assert!(!alive(pid), "process {pid} outlived the launcher");
     }
 }
 

@@ -82,29 +82,14 @@ fn failing(how: &str, n: &str, code: i32, cause: &str) {
         &["fail", n, how],
         &[("HASTEN_TEST_PID_DIR", pids.path().to_str().unwrap())],
     );
-    assert_eq!(ran.code, code, "{}", ran.all());
-    assert!(
-        ran.elapsed < Duration::from_secs(10),
-        "took {:?}\n{}",
-        ran.elapsed,
-        ran.all()
+    assert_failed_cleanly(
+        &ran,
+        code,
+        "launch failed: ",
+        cause,
+        pids.path(),
+        n.parse().unwrap(),
     );
-    let report = format!("launch failed: rank 1 failed: {cause}");
-    assert!(
-        ran.stderr.contains(&report),
-        "missing {report:?}\n{}",
-        ran.all()
-    );
-    assert!(
-        ran.stderr.contains("last lines of its output"),
-        "{}",
-        ran.all()
-    );
-    let recorded = recorded_pids(pids.path());
-    assert_eq!(recorded.len(), n.parse::<usize>().unwrap(), "{}", ran.all());
-    for pid in recorded {
-        assert!(!alive(pid), "worker {pid} outlived the launch");
-    }
 }
 
 #[test]

@@ -175,6 +175,23 @@ fn check(api: &Api, r: NcclResult, op: &'static str) -> Result<()> {
     })
 }
 
+/// NCCL's `ncclRedOp_t` for `op` on tensors of `kind` (a mean needs a floating-point type).
+fn nccl_op(op: ReduceOp, kind: Kind, name: &'static str) -> Result<c_int> {
+    Ok(match op {
+        ReduceOp::Sum => 0,
+        ReduceOp::Product => 1,
+        ReduceOp::Max => 2,
+        ReduceOp::Min => 3,
+        ReduceOp::Mean if is_float(kind) => 4,
+        ReduceOp::Mean => {
+            return Err(Error::Collective {
+                op: name,
+                detail: format!("a mean needs a floating-point tensor, got {kind:?}"),
+            });
+        }
+    })
+}
+
 fn nccl_type(kind: Kind) -> Option<c_int> {
     Some(match kind {
         Kind::Int8 => 0,
@@ -278,19 +295,7 @@ impl Backend for Nccl {
     fn all_reduce(&mut self, t: &mut Tensor, op: ReduceOp) -> Result<()> {
         const OP: &str = "all_reduce";
         let (api, dtype) = self.prepare(t, OP)?;
-        let red = match op {
-            ReduceOp::Sum => 0,
-            ReduceOp::Product => 1,
-            ReduceOp::Max => 2,
-            ReduceOp::Min => 3,
-            ReduceOp::Mean if is_float(t.kind()) => 4,
-            ReduceOp::Mean => {
-                return Err(Error::Collective {
-                    op: OP,
-                    detail: format!("a mean needs a floating-point tensor, got {:?}", t.kind()),
-                });
-            }
-        };
+        let red = nccl_op(op, t.kind(), OP)?;
         let ptr = t.data_ptr();
         // SAFETY: in-place all-reduce of numel elements on the tensor's own device memory.
         check(
@@ -357,13 +362,7 @@ impl Backend for Nccl {
 
     fn reduce_scatter(&mut self, t: &Tensor, op: ReduceOp) -> Result<Tensor> {
         let (api, dtype) = self.prepare(t, "reduce_scatter")?;
-        let red = match op {
-            ReduceOp::Sum => 0,
-            ReduceOp::Product => 1,
-            ReduceOp::Max => 2,
-            ReduceOp::Min => 3,
-            ReduceOp::Mean => 4,
-        };
+        let red = nccl_op(op, t.kind(), "reduce_scatter")?;
         let mut shape = t.size();
         shape[0] /= self.world as i64;
         let out = Tensor::f_empty(&shape, (t.kind(), t.device()))

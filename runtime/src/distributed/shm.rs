@@ -230,43 +230,55 @@ impl CpuBackend {
         self.all_gather_bytes(&[]).map(drop)
     }
 
-    /// All-reduce through shared memory: every rank writes its chunk into its slot, reduces its share
-    /// of the chunk across all slots into slot 0, and copies the result back.
-    pub(crate) fn all_reduce_shm(&mut self, t: &mut Tensor, op: ReduceOp) -> Result<()> {
-        const OP: &str = "all_reduce";
-        let torch = |e| Error::torch(OP, e);
-        self.agree_on(OP, t)?;
-        let (world, rank) = (self.world_size(), self.rank());
-        let kind = t.kind();
-        let flat = t.f_view([-1]).map_err(torch)?;
-        let total = flat.numel();
-        let per_chunk = self
-            .arena
-            .as_ref()
-            .map_or(1, |a| a.slot_bytes / kind.elt_size_in_bytes());
+    fn arena(&self, op: &'static str) -> Result<&Arena> {
+        self.arena.as_ref().ok_or(Error::Collective {
+            op,
+            detail: "shared memory is not set up".into(),
+        })
+    }
+
+    /// Runs `step(self, start, len)` over `total` elements of `kind` in slot-sized chunks, with a barrier
+    /// between chunks so no rank overwrites a slot another is still reading. (The barrier before the
+    /// first chunk is `agree_on`, and the next collective's `agree_on` closes the last one.)
+    fn for_each_chunk(
+        &mut self,
+        op: &'static str,
+        total: usize,
+        kind: Kind,
+        mut step: impl FnMut(&mut Self, usize, usize) -> Result<()>,
+    ) -> Result<()> {
+        let per_chunk = (self.arena(op)?.slot_bytes / kind.elt_size_in_bytes()).max(1);
         let mut start = 0;
         while start < total {
             let len = per_chunk.min(total - start);
             if start > 0 {
                 self.barrier_tcp()?;
             }
-            let arena = self.arena.as_ref().ok_or(Error::Collective {
-                op: OP,
-                detail: "no shared memory".into(),
-            })?;
-            let part = flat.f_narrow(0, start as i64, len as i64).map_err(torch)?;
-            arena
+            step(self, start, len)?;
+            start += len;
+        }
+        Ok(())
+    }
+
+    /// All-reduce through shared memory: every rank writes its chunk into its slot, reduces its share
+    /// of the chunk across all slots into slot 0, and copies the result back.
+    pub(crate) fn all_reduce_shm(&mut self, t: &mut Tensor, op: ReduceOp) -> Result<()> {
+        const OP: &str = "all_reduce";
+        let torch = |e| Error::torch(OP, e);
+        self.agree_on(OP, t)?;
+        let (world, rank, kind) = (self.world_size(), self.rank(), t.kind());
+        let flat = t.f_view([-1]).map_err(torch)?;
+        self.for_each_chunk(OP, flat.numel(), kind, |me, start, len| {
+            let mut part = flat.f_narrow(0, start as i64, len as i64).map_err(torch)?;
+            me.arena(OP)?
                 .view(rank, 0, len, kind)?
                 .f_copy_(&part)
                 .map_err(torch)?;
-            self.barrier_tcp()?;
-            // This rank's share of the chunk: [lo, lo + n).
+            me.barrier_tcp()?;
+            // This rank's share of the chunk, [lo, lo + n): only this rank touches it in slot 0 now.
             let (lo, n) = share(len, world, rank);
             if n > 0 {
-                let arena = self.arena.as_ref().ok_or(Error::Collective {
-                    op: OP,
-                    detail: "no shared memory".into(),
-                })?;
+                let arena = me.arena(OP)?;
                 let mut acc = arena.view(0, lo, n, kind)?;
                 for j in 1..world {
                     let other = arena.view(j, lo, n, kind)?;
@@ -279,15 +291,10 @@ impl CpuBackend {
                     .map_err(torch)?;
                 }
             }
-            self.barrier_tcp()?;
-            let arena = self.arena.as_ref().ok_or(Error::Collective {
-                op: OP,
-                detail: "no shared memory".into(),
-            })?;
-            let mut out = flat.f_narrow(0, start as i64, len as i64).map_err(torch)?;
-            out.f_copy_(&arena.view(0, 0, len, kind)?).map_err(torch)?;
-            start += len;
-        }
+            me.barrier_tcp()?;
+            part.f_copy_(&me.arena(OP)?.view(0, 0, len, kind)?)
+                .map_err(torch)
+        })?;
         if op == ReduceOp::Mean {
             t.f_div_scalar_(world as f64).map(drop).map_err(torch)?;
         }
@@ -299,38 +306,23 @@ impl CpuBackend {
         const OP: &str = "broadcast";
         let torch = |e| Error::torch(OP, e);
         self.agree_on(OP, t)?;
-        let kind = t.kind();
+        let (rank, kind) = (self.rank(), t.kind());
         let flat = t.f_view([-1]).map_err(torch)?;
-        let total = flat.numel();
-        let per_chunk = self
-            .arena
-            .as_ref()
-            .map_or(1, |a| a.slot_bytes / kind.elt_size_in_bytes());
-        let mut start = 0;
-        while start < total {
-            let len = per_chunk.min(total - start);
-            if start > 0 {
-                self.barrier_tcp()?;
-            }
-            let arena = self.arena.as_ref().ok_or(Error::Collective {
-                op: OP,
-                detail: "no shared memory".into(),
-            })?;
+        self.for_each_chunk(OP, flat.numel(), kind, |me, start, len| {
             let mut part = flat.f_narrow(0, start as i64, len as i64).map_err(torch)?;
-            if self.rank() == src {
-                arena.view(0, 0, len, kind)?.f_copy_(&part).map_err(torch)?;
+            if rank == src {
+                me.arena(OP)?
+                    .view(0, 0, len, kind)?
+                    .f_copy_(&part)
+                    .map_err(torch)?;
             }
-            self.barrier_tcp()?;
-            if self.rank() != src {
-                let arena = self.arena.as_ref().ok_or(Error::Collective {
-                    op: OP,
-                    detail: "no shared memory".into(),
-                })?;
-                part.f_copy_(&arena.view(0, 0, len, kind)?).map_err(torch)?;
+            me.barrier_tcp()?;
+            if rank != src {
+                part.f_copy_(&me.arena(OP)?.view(0, 0, len, kind)?)
+                    .map_err(torch)?;
             }
-            start += len;
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     /// All-gather through shared memory into a new tensor of `world` × the input, concatenated on dim 0.
@@ -338,8 +330,7 @@ impl CpuBackend {
         const OP: &str = "all_gather";
         let torch = |e| Error::torch(OP, e);
         self.agree_on(OP, t)?;
-        let world = self.world_size();
-        let kind = t.kind();
+        let (world, rank, kind) = (self.world_size(), self.rank(), t.kind());
         let flat = t
             .f_contiguous()
             .and_then(|c| c.f_view([-1]))
@@ -349,38 +340,22 @@ impl CpuBackend {
         shape[0] *= world as i64;
         let out = Tensor::f_empty(&shape, (kind, Device::Cpu)).map_err(torch)?;
         let out_flat = out.f_view([-1]).map_err(torch)?;
-        let per_chunk = self
-            .arena
-            .as_ref()
-            .map_or(1, |a| a.slot_bytes / kind.elt_size_in_bytes());
-        let mut start = 0;
-        while start < total {
-            let len = per_chunk.min(total - start);
-            if start > 0 {
-                self.barrier_tcp()?;
-            }
-            let arena = self.arena.as_ref().ok_or(Error::Collective {
-                op: OP,
-                detail: "no shared memory".into(),
-            })?;
+        self.for_each_chunk(OP, total, kind, |me, start, len| {
             let part = flat.f_narrow(0, start as i64, len as i64).map_err(torch)?;
-            arena
-                .view(self.rank(), 0, len, kind)?
+            me.arena(OP)?
+                .view(rank, 0, len, kind)?
                 .f_copy_(&part)
                 .map_err(torch)?;
-            self.barrier_tcp()?;
-            let arena = self.arena.as_ref().ok_or(Error::Collective {
-                op: OP,
-                detail: "no shared memory".into(),
-            })?;
+            me.barrier_tcp()?;
             for j in 0..world {
                 let mut dst = out_flat
                     .f_narrow(0, (j * total + start) as i64, len as i64)
                     .map_err(torch)?;
-                dst.f_copy_(&arena.view(j, 0, len, kind)?).map_err(torch)?;
+                dst.f_copy_(&me.arena(OP)?.view(j, 0, len, kind)?)
+                    .map_err(torch)?;
             }
-            start += len;
-        }
+            Ok(())
+        })?;
         Ok(out)
     }
 }
