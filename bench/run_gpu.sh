@@ -38,3 +38,9 @@ done
 echo "== C1, C2: all-reduce bandwidth, small gather"
 for i in 1 2; do launch --num_processes 2 "$B/bench-collectives"; done
 for i in 1 2; do "$PY" "$P/py_bench.py" c 2 2>&1 | grep ANCHOR; done
+
+echo "== CPU collectives: hasten's TCP + shared memory against gloo"
+for i in 1 2; do
+  launch --num_processes 2 --cpu "$B/bench-collectives" | grep allreduce
+  CUDA_VISIBLE_DEVICES= "$PY" "$P/py_cpu_allreduce.py" 2 2>&1 | grep ANCHOR
+done

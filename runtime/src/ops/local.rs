@@ -188,6 +188,30 @@ mod tests {
         assert_eq!(moved["move"].device(), Device::Cpu);
     }
 
+    struct Batch {
+        input: Tensor,
+        labels: Tensor,
+        ids: Vec<u64>,
+    }
+    crate::nested_struct!(Batch { input, labels, ids });
+
+    #[test]
+    fn user_structs_take_part_through_the_macro() {
+        let batch = Batch {
+            input: Tensor::ones([4, 2], (Kind::Half, Device::Cpu)),
+            labels: Tensor::arange(4, (Kind::Int64, Device::Cpu)),
+            ids: vec![7, 8, 9, 10],
+        };
+        let b = convert_to_fp32(slice_tensors(batch, 1..3).unwrap()).unwrap();
+        assert_eq!(b.input.size(), [2, 2]);
+        assert_eq!(b.input.kind(), Kind::Float);
+        assert_eq!(Vec::<i64>::try_from(&b.labels).unwrap(), vec![1, 2]);
+        assert_eq!(b.ids, vec![7, 8, 9, 10], "non-tensor fields pass through");
+        // Field names are keys for skip_keys.
+        let moved = send_to_device(b, Device::Cpu, false, &["labels"]).unwrap();
+        assert_eq!(crate::tensors_of(&moved).len(), 2);
+    }
+
     #[test]
     fn listify_nests_and_widens() {
         let x = Tensor::arange(6, (Kind::Int64, Device::Cpu)).view([2, 3]);
