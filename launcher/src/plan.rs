@@ -176,6 +176,8 @@ pub const FOREIGN_CONTRACT_VARS: &[&str] = &[
     "PMI_SIZE",
     "MV2_COMM_WORLD_RANK",
     "MV2_COMM_WORLD_SIZE",
+    // torchrun's agent store lives on MASTER_PORT only under torchrun.
+    "TORCHELASTIC_USE_AGENT_STORE",
 ];
 
 #[cfg(test)]

@@ -69,6 +69,9 @@ pub struct EnvContract {
     pub master_addr: String,
     /// Rendezvous port.
     pub master_port: u16,
+    /// The port hasten's rendezvous uses: MASTER_PORT, except under torchrun, whose agent already serves
+    /// its own store there (then MASTER_PORT + 1), or as `HASTEN_RDZV_PORT` says.
+    pub rdzv_port: u16,
     /// Which launcher's variables supplied the rank.
     pub source: ContractSource,
 }
@@ -82,6 +85,7 @@ impl Default for EnvContract {
             local_world_size: 1,
             master_addr: DEFAULT_MASTER_ADDR.to_owned(),
             master_port: DEFAULT_MASTER_PORT,
+            rdzv_port: DEFAULT_MASTER_PORT,
             source: ContractSource::SingleProcess,
         }
     }
@@ -297,6 +301,7 @@ impl EnvContract {
             local_world_size: local_world.value,
             master_addr: DEFAULT_MASTER_ADDR.to_owned(),
             master_port: DEFAULT_MASTER_PORT,
+            rdzv_port: DEFAULT_MASTER_PORT,
             source,
         };
         contract.read_master(lookup, Some(source))?;
@@ -321,6 +326,23 @@ impl EnvContract {
                 var: "MASTER_PORT".to_owned(),
                 value: raw.clone(),
                 expected: "a port number (0-65535)",
+            })?;
+        }
+        self.rdzv_port = self.master_port;
+        if let Some(raw) = lookup("HASTEN_RDZV_PORT") {
+            self.rdzv_port = raw.trim().parse::<u16>().map_err(|_| Error::EnvParse {
+                var: "HASTEN_RDZV_PORT".to_owned(),
+                value: raw.clone(),
+                expected: "a port number (0-65535)",
+            })?;
+        } else if lookup("TORCHELASTIC_USE_AGENT_STORE")
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
+        {
+            // torchrun's agent listens on MASTER_PORT itself (its TCPStore); take the next port.
+            self.rdzv_port = self.master_port.checked_add(1).ok_or(Error::EnvParse {
+                var: "MASTER_PORT".to_owned(),
+                value: self.master_port.to_string(),
+                expected: "a port below 65535 under torchrun (hasten rendezvouses on MASTER_PORT + 1)",
             })?;
         }
         Ok(())
@@ -380,6 +402,7 @@ mod tests {
                 local_world_size: 4,
                 master_addr: "10.1.2.3".into(),
                 master_port: 12345,
+                rdzv_port: 12345,
                 source: ContractSource::Torchrun,
             }
         );
@@ -516,6 +539,26 @@ mod tests {
         );
         // WORLD_SIZE=1 alone is a valid single process.
         assert_eq!(parse(&[("WORLD_SIZE", "1")]).unwrap().world_size, 1);
+    }
+
+    #[test]
+    fn rendezvous_port_under_torchrun_and_by_request() {
+        let base = [("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_PORT", "29400")];
+        assert_eq!(parse(&base).unwrap().rdzv_port, 29400);
+        let mut torchrun = base.to_vec();
+        torchrun.push(("TORCHELASTIC_USE_AGENT_STORE", "True"));
+        let c = parse(&torchrun).unwrap();
+        assert_eq!((c.master_port, c.rdzv_port), (29400, 29401));
+        torchrun.push(("HASTEN_RDZV_PORT", "31000"));
+        assert_eq!(parse(&torchrun).unwrap().rdzv_port, 31000);
+        let err = parse(&[
+            ("RANK", "0"),
+            ("WORLD_SIZE", "2"),
+            ("HASTEN_RDZV_PORT", "x"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("HASTEN_RDZV_PORT"), "{err}");
     }
 
     #[test]

@@ -88,14 +88,14 @@ pub(crate) fn rendezvous(contract: &EnvContract, timeout: Duration) -> Result<Li
 
 fn serve(c: &EnvContract, timeout: Duration, peers: &mut [Option<TcpStream>]) -> Result<()> {
     // Listen on every interface unless the master address is loopback, so remote ranks can reach us.
-    let loopback = resolve(&c.master_addr, c.master_port)?
+    let loopback = resolve(&c.master_addr, c.rdzv_port)?
         .iter()
         .all(|a| a.ip().is_loopback());
     let bind = if loopback { "127.0.0.1" } else { "0.0.0.0" };
-    let listener = TcpListener::bind((bind, c.master_port)).map_err(|e| {
+    let listener = TcpListener::bind((bind, c.rdzv_port)).map_err(|e| {
         rdzv_err(format!(
-            "rank 0 cannot listen on {bind}:{} (MASTER_PORT): {e}; is another job using this port?",
-            c.master_port
+            "rank 0 cannot listen on {bind}:{} (the rendezvous port): {e}; is another job using this port?",
+            c.rdzv_port
         ))
     })?;
     listener
@@ -126,7 +126,7 @@ fn serve(c: &EnvContract, timeout: Duration, peers: &mut [Option<TcpStream>]) ->
                             timeout.as_secs_f64(),
                             missing.join(", "),
                             c.master_addr,
-                            c.master_port,
+                            c.rdzv_port,
                             c.world_size
                         )));
                     }
@@ -220,7 +220,7 @@ fn admit(
 }
 
 fn join(c: &EnvContract, timeout: Duration) -> Result<TcpStream> {
-    let addrs = resolve(&c.master_addr, c.master_port)?;
+    let addrs = resolve(&c.master_addr, c.rdzv_port)?;
     let deadline = Instant::now() + timeout;
     let mut stream = connect_until(c, &addrs, deadline, timeout)?;
     let greeting = format!("{MAGIC} {} {}\n", c.rank, c.world_size);
@@ -263,7 +263,7 @@ fn connect_until(
                 "rank {} could not reach the master at {}:{} within {:.0} s: {}",
                 c.rank,
                 c.master_addr,
-                c.master_port,
+                c.rdzv_port,
                 timeout.as_secs_f64(),
                 last_err.map_or_else(|| "no answer".to_owned(), |e| e.to_string())
             )));
