@@ -22,6 +22,7 @@
 #![deny(missing_docs)]
 
 mod config;
+mod data;
 mod device;
 mod distributed;
 mod ops;
@@ -39,6 +40,9 @@ pub use hasten_core::{
     parse_flag_from_env, patch_environment, str_to_bool, write_basic_config_for,
 };
 // Accelerate's file names for checkpoints and weights.
+pub use data::{
+    BatchSampler, BatchSamplerShard, BatchSource, FixedBatches, IterableDatasetShard, Sampler,
+};
 pub use device::{
     GpuInfo, MatmulCheck, cuda_device_count, cuda_devices, is_bf16_available, is_cuda_available,
     is_ipex_available, is_mps_available, is_npu_available, is_torch_version, is_tpu_available,
