@@ -41,7 +41,9 @@ pub use hasten_core::{
 };
 // Accelerate's file names for checkpoints and weights.
 pub use data::{
-    BatchSampler, BatchSamplerShard, BatchSource, FixedBatches, IterableDatasetShard, Sampler,
+    BatchSampler, BatchSamplerShard, BatchSource, Batches, Collate, DataLoader, DataLoaderShard,
+    Dataset, FixedBatches, IterableDatasetShard, Sampler, ShardBatches, ShardOptions,
+    TensorDataset,
 };
 pub use device::{
     GpuInfo, MatmulCheck, cuda_device_count, cuda_devices, is_bf16_available, is_cuda_available,
@@ -62,7 +64,7 @@ pub use ops::{
 };
 pub use random::{HostRng, host_rng, set_seed};
 pub use report::env_report;
-pub use state::ProcessState;
+pub use state::{GradientState, GradientStateHandle, ProcessState};
 
 /// Facts about the libtorch this process runs on, loading its CUDA half on first use (see
 /// [`LibtorchInfo`]). Every hasten function that asks about CUDA goes through here.

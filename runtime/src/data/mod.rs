@@ -1,10 +1,12 @@
-//! Data for training: samplers and Accelerate's sharding of batches between processes.
-//!
-//! (The `Dataset` trait, collation and the prefetching `DataLoader` that `Accelerator::prepare` wraps come
-//! next; what is here is the part whose semantics Accelerate's tests pin down exactly.)
+//! Data for training: datasets, collation, samplers, the prefetching data loader, and Accelerate's
+//! sharding of batches between processes.
 
+mod dataset;
+mod loader;
 mod sampler;
 mod shard;
 
+pub use dataset::{Collate, Dataset, TensorDataset};
+pub use loader::{Batches, DataLoader, DataLoaderShard, ShardBatches, ShardOptions};
 pub use sampler::{BatchSampler, BatchSource, FixedBatches, Sampler};
 pub use shard::{BatchSamplerShard, IterableDatasetShard};

@@ -1,6 +1,10 @@
 //! Process state as an explicit value: built once from the environment contract and passed around,
 //! instead of Accelerate's shared-dict singletons.
 
+mod gradient;
+
+pub use gradient::{GradientState, GradientStateHandle};
+
 use crate::{DistributedType, EnvContract, Result, select_device};
 use hasten_core::{USE_CPU_VAR, debug_mode_from_env, parse_flag_from_env};
 use tch::Device;

@@ -1,0 +1,177 @@
+//! Datasets and collation: what a data loader reads and how items become a batch.
+
+use crate::{Error, Result};
+use tch::{Kind, Tensor};
+
+/// A map-style dataset: `len()` items addressed by index (PyTorch's `Dataset`).
+pub trait Dataset: Send + Sync {
+    /// One sample.
+    type Item: Send;
+    /// Number of samples.
+    fn len(&self) -> usize;
+    /// True when there is no sample.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Sample `index` (`0..len()`).
+    fn get(&self, index: usize) -> Self::Item;
+}
+
+/// Tensors whose first dimension indexes the samples: `(inputs, targets)` with `inputs[i]`, `targets[i]`
+/// as sample `i` (PyTorch's `TensorDataset`).
+pub struct TensorDataset {
+    tensors: Vec<Tensor>,
+    len: usize,
+}
+
+impl TensorDataset {
+    /// A dataset over `tensors`, which must share their first dimension.
+    pub fn new(tensors: Vec<Tensor>) -> Result<Self> {
+        let len = tensors
+            .first()
+            .map_or(0, |t| t.size().first().copied().unwrap_or(0));
+        if let Some(bad) = tensors
+            .iter()
+            .find(|t| t.size().first().copied() != Some(len))
+        {
+            return Err(Error::Collective {
+                op: "TensorDataset",
+                detail: format!(
+                    "every tensor needs the same first dimension ({len}); one has shape {:?}",
+                    bad.size()
+                ),
+            });
+        }
+        Ok(TensorDataset {
+            tensors,
+            len: usize::try_from(len).unwrap_or(0),
+        })
+    }
+}
+
+// SAFETY: the tensors are never mutated after construction; `get` only makes views (`select`), and
+// libtorch's tensor handles are atomically reference-counted, so reads from several data workers at once
+// are safe. tch marks Tensor Send but not Sync only because it cannot know a tensor is read-only.
+unsafe impl Sync for TensorDataset {}
+
+impl Dataset for TensorDataset {
+    type Item = Vec<Tensor>;
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn get(&self, index: usize) -> Vec<Tensor> {
+        self.tensors.iter().map(|t| t.get(index as i64)).collect()
+    }
+}
+
+/// How a list of samples becomes one batch. Implemented for tensors (stacked), numbers (a 1-d tensor),
+/// `Vec`s of those (position by position) and tuples; a data loader can take any other function.
+pub trait Collate: Sized {
+    /// The batch type.
+    type Batch: Send;
+    /// Builds one batch from samples.
+    fn collate(items: Vec<Self>) -> Result<Self::Batch>;
+}
+
+fn stack(items: &[Tensor]) -> Result<Tensor> {
+    Tensor::f_stack(items, 0).map_err(|e| Error::torch("collate (stack)", e))
+}
+
+impl Collate for Tensor {
+    type Batch = Tensor;
+    fn collate(items: Vec<Self>) -> Result<Tensor> {
+        stack(&items)
+    }
+}
+
+macro_rules! collate_numbers {
+    ($($t:ty => $kind:expr),*) => {$(
+        impl Collate for $t {
+            type Batch = Tensor;
+            fn collate(items: Vec<Self>) -> Result<Tensor> {
+                Ok(Tensor::from_slice(&items).to_kind($kind))
+            }
+        }
+    )*};
+}
+collate_numbers!(i64 => Kind::Int64, i32 => Kind::Int, f32 => Kind::Float, f64 => Kind::Double);
+
+impl Collate for Vec<Tensor> {
+    type Batch = Vec<Tensor>;
+    fn collate(items: Vec<Self>) -> Result<Vec<Tensor>> {
+        let width = items.first().map_or(0, Vec::len);
+        (0..width)
+            .map(|j| {
+                let column: Vec<Tensor> = items
+                    .iter()
+                    .map(|item| {
+                        item.get(j)
+                            .map(Tensor::shallow_clone)
+                            .ok_or_else(|| Error::Collective {
+                                op: "collate",
+                                detail: format!(
+                                    "samples hold different numbers of tensors ({width} expected)"
+                                ),
+                            })
+                    })
+                    .collect::<Result<_>>()?;
+                stack(&column)
+            })
+            .collect()
+    }
+}
+
+macro_rules! collate_tuples {
+    ($( ($($name:ident : $idx:tt),+) ),*) => {$(
+        impl<$($name: Collate),+> Collate for ($($name,)+) {
+            type Batch = ($($name::Batch,)+);
+            #[allow(non_snake_case)]
+            fn collate(items: Vec<Self>) -> Result<Self::Batch> {
+                $( let mut $name = Vec::with_capacity(items.len()); )+
+                for item in items {
+                    $( $name.push(item.$idx); )+
+                }
+                Ok(($( $name::collate($name)?, )+))
+            }
+        }
+    )*};
+}
+collate_tuples!((A: 0, B: 1), (A: 0, B: 1, C: 2), (A: 0, B: 1, C: 2, D: 3));
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    #[test]
+    fn tensor_dataset_and_default_collation() {
+        let x = Tensor::arange(12, (Kind::Float, Device::Cpu)).view([6, 2]);
+        let y = Tensor::arange(6, (Kind::Int64, Device::Cpu));
+        let ds = TensorDataset::new(vec![x, y]).unwrap();
+        assert_eq!(ds.len(), 6);
+        let batch = Vec::<Tensor>::collate((0..3).map(|i| ds.get(i)).collect()).unwrap();
+        assert_eq!(batch[0].size(), [3, 2]);
+        assert_eq!(Vec::<i64>::try_from(&batch[1]).unwrap(), vec![0, 1, 2]);
+        let (a, b) = <(Tensor, i64)>::collate(vec![
+            (Tensor::ones([2], (Kind::Float, Device::Cpu)), 4),
+            (Tensor::zeros([2], (Kind::Float, Device::Cpu)), 5),
+        ])
+        .unwrap();
+        assert_eq!(
+            (a.size(), Vec::<i64>::try_from(&b).unwrap()),
+            (vec![2, 2], vec![4, 5])
+        );
+        let bad = TensorDataset::new(vec![
+            Tensor::ones([3], (Kind::Float, Device::Cpu)),
+            Tensor::ones([4], (Kind::Float, Device::Cpu)),
+        ]);
+        assert!(
+            bad.err()
+                .unwrap()
+                .to_string()
+                .contains("same first dimension")
+        );
+    }
+}
