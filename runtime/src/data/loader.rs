@@ -425,10 +425,10 @@ mod tests {
         let shard =
             DataLoaderShard::new(DataLoader::new(dataset(22), 3), options(1), state.clone());
         assert_eq!(shard.len(), 4);
-        let mut it = shard.iter().unwrap();
+        let it = shard.iter().unwrap();
         assert_eq!(state.get().remainder, 22 % 6);
         let mut seen = Vec::new();
-        while let Some(b) = it.next() {
+        for b in it {
             seen.push(Vec::<i64>::try_from(&b.unwrap()[0]).unwrap());
             assert_eq!(
                 state.get().end_of_dataloader,
