@@ -21,6 +21,7 @@
 //! `runtime/build_libtorch.rs`); libtorch's CUDA half is loaded at run time when present ([`libtorch()`]).
 #![deny(missing_docs)]
 
+mod accelerator;
 mod config;
 mod data;
 mod device;
@@ -30,6 +31,12 @@ mod random;
 mod report;
 mod state;
 
+pub use accelerator::{
+    AcceleratedOptimizer, AcceleratedScheduler, Accelerator, AcceleratorBuilder, AutocastKwargs,
+    DataLoaderConfiguration, DistributedDataParallelKwargs, GradScaler, GradScalerKwargs,
+    GradientAccumulationPlugin, InitProcessGroupKwargs, ModelHandle, ProjectConfiguration,
+    Schedule, Splittable, autocast, find_executable_batch_size, should_reduce_batch_size,
+};
 pub use config::write_basic_config;
 pub use hasten_core::{
     ClusterConfig, ComputeEnvironment, ContractSource, CudaLoad, DEBUG_MODE_VAR,

@@ -1,0 +1,579 @@
+//! The `Accelerator`: one object that makes the same training loop run on one CPU, one GPU or many.
+//!
+//! Split by concern: `config` (plugins and kwargs), `ddp` (parameter broadcast, gradient buckets),
+//! `precision` (autocast, gradient scaler), `optimizer` (optimizer and scheduler wrappers), `utilities`
+//! (gather_for_metrics, split_between_processes, triggers, saving…); this file holds the object, its
+//! builder, `prepare` and the step logic (backward, accumulate, no_sync, clipping).
+
+mod config;
+mod ddp;
+mod optimizer;
+mod precision;
+mod utilities;
+
+pub use config::{
+    AutocastKwargs, DataLoaderConfiguration, DistributedDataParallelKwargs,
+    GradientAccumulationPlugin, InitProcessGroupKwargs, ProjectConfiguration,
+};
+pub use ddp::ModelHandle;
+pub use optimizer::{AcceleratedOptimizer, AcceleratedScheduler, Schedule};
+pub use precision::{GradScaler, GradScalerKwargs, autocast};
+pub use utilities::{Splittable, find_executable_batch_size, should_reduce_batch_size};
+
+use crate::data::{DataLoader, DataLoaderShard, Dataset, ShardOptions};
+use crate::{
+    DistributedType, Error, GradientState, GradientStateHandle, LoggerType, Nested, PrecisionType,
+    ProcessGroup, ProcessState, RNGType, Result,
+};
+use ddp::ModelEntry;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use tch::{Device, Tensor};
+
+/// Builds an [`Accelerator`]. Every setter names Accelerate's default; values not given come from the
+/// environment contract (`ACCELERATE_MIXED_PRECISION`, `ACCELERATE_USE_CPU`,
+/// `ACCELERATE_GRADIENT_ACCUMULATION_STEPS`), as in Accelerate.
+#[derive(Debug, Clone, Default)]
+pub struct AcceleratorBuilder {
+    mixed_precision: Option<PrecisionType>,
+    accumulation: Option<GradientAccumulationPlugin>,
+    cpu: bool,
+    dataloader: DataLoaderConfiguration,
+    ddp: DistributedDataParallelKwargs,
+    scaler: GradScalerKwargs,
+    init: InitProcessGroupKwargs,
+    autocast: AutocastKwargs,
+    project: ProjectConfiguration,
+    rng_types: Option<Vec<RNGType>>,
+    log_with: Vec<LoggerType>,
+    step_scheduler_with_optimizer: Option<bool>,
+}
+
+impl AcceleratorBuilder {
+    /// `no`, `fp16` or `bf16` (default: `ACCELERATE_MIXED_PRECISION`, else `no`).
+    pub fn mixed_precision(mut self, mode: PrecisionType) -> Self {
+        self.mixed_precision = Some(mode);
+        self
+    }
+
+    /// Micro-batches per optimizer step (default: `ACCELERATE_GRADIENT_ACCUMULATION_STEPS`, else 1).
+    pub fn gradient_accumulation_steps(mut self, n: usize) -> Self {
+        self.accumulation = Some(GradientAccumulationPlugin {
+            num_steps: n.max(1),
+            ..self.accumulation.unwrap_or_default()
+        });
+        self
+    }
+
+    /// The full accumulation settings (default: [`GradientAccumulationPlugin::default`]).
+    pub fn gradient_accumulation_plugin(mut self, plugin: GradientAccumulationPlugin) -> Self {
+        self.accumulation = Some(plugin);
+        self
+    }
+
+    /// Run on the CPU even where GPUs exist (default false, or `ACCELERATE_USE_CPU`).
+    pub fn cpu(mut self, on: bool) -> Self {
+        self.cpu = on;
+        self
+    }
+
+    /// How data loaders are sharded (default [`DataLoaderConfiguration::default`]).
+    pub fn dataloader_config(mut self, config: DataLoaderConfiguration) -> Self {
+        self.dataloader = config;
+        self
+    }
+
+    /// Data-parallel settings (default [`DistributedDataParallelKwargs::default`]).
+    pub fn ddp_kwargs(mut self, kwargs: DistributedDataParallelKwargs) -> Self {
+        self.ddp = kwargs;
+        self
+    }
+
+    /// fp16 loss-scaler settings (default [`GradScalerKwargs::default`]).
+    pub fn grad_scaler_kwargs(mut self, kwargs: GradScalerKwargs) -> Self {
+        self.scaler = kwargs;
+        self
+    }
+
+    /// Process-group settings (default: rendezvous timeout from `HASTEN_RDZV_TIMEOUT`, else 120 s).
+    pub fn init_process_group_kwargs(mut self, kwargs: InitProcessGroupKwargs) -> Self {
+        self.init = kwargs;
+        self
+    }
+
+    /// Autocast settings (default enabled).
+    pub fn autocast_kwargs(mut self, kwargs: AutocastKwargs) -> Self {
+        self.autocast = kwargs;
+        self
+    }
+
+    /// Where checkpoints and logs go (default: none).
+    pub fn project_config(mut self, config: ProjectConfiguration) -> Self {
+        self.project = config;
+        self
+    }
+
+    /// Generators synchronised at each data loader epoch (default `generator`).
+    pub fn rng_types(mut self, types: Vec<RNGType>) -> Self {
+        self.rng_types = Some(types);
+        self
+    }
+
+    /// Experiment trackers (default none).
+    pub fn log_with(mut self, trackers: Vec<LoggerType>) -> Self {
+        self.log_with = trackers;
+        self
+    }
+
+    /// Whether the scheduler steps with the optimizer (default true).
+    pub fn step_scheduler_with_optimizer(mut self, on: bool) -> Self {
+        self.step_scheduler_with_optimizer = Some(on);
+        self
+    }
+
+    /// Reads the environment contract, joins the process group and builds the Accelerator.
+    pub fn build(self) -> Result<Accelerator> {
+        let env_mode = match std::env::var(crate::MIXED_PRECISION_VAR) {
+            Ok(v) if !v.trim().is_empty() => Some(v.parse::<PrecisionType>()?),
+            _ => None,
+        };
+        let mixed_precision = self
+            .mixed_precision
+            .or(env_mode)
+            .unwrap_or(PrecisionType::No);
+        let env_steps = match std::env::var("ACCELERATE_GRADIENT_ACCUMULATION_STEPS") {
+            Ok(v) => Some(v.trim().parse::<usize>().map_err(|_| Error::EnvParse {
+                var: "ACCELERATE_GRADIENT_ACCUMULATION_STEPS".into(),
+                value: v,
+                expected: "a positive integer",
+            })?),
+            Err(_) => None,
+        };
+        let accumulation = self.accumulation.unwrap_or(GradientAccumulationPlugin {
+            num_steps: env_steps.unwrap_or(1).max(1),
+            ..GradientAccumulationPlugin::default()
+        });
+        let mut state = ProcessState::from_env()?;
+        if self.cpu && !state.use_cpu {
+            state = ProcessState::new(state.contract, true, state.debug, 0)?;
+        }
+        if mixed_precision == PrecisionType::Fp8 {
+            return Err(Error::DeviceUnavailable {
+                detail: "fp8 mixed precision needs Transformer Engine or torchao, which libtorch alone does not have; \
+                         use bf16"
+                    .into(),
+            });
+        }
+        if mixed_precision == PrecisionType::Fp16 && !state.device.is_cuda() {
+            return Err(Error::DeviceUnavailable {
+                detail: "fp16 mixed precision needs a GPU; on the CPU use bf16".into(),
+            });
+        }
+        let timeout = match self.init.timeout {
+            Some(t) => t,
+            None => crate::rdzv_timeout_from_env()?,
+        };
+        let group = ProcessGroup::init_with_timeout(&state, timeout)?;
+        let scaler = (mixed_precision == PrecisionType::Fp16)
+            .then(|| Arc::new(Mutex::new(GradScaler::new(self.scaler, state.device))));
+        let gradient = GradientStateHandle::new(GradientState {
+            num_steps: accumulation.num_steps,
+            sync_with_dataloader: accumulation.sync_with_dataloader,
+            sync_each_batch: accumulation.sync_each_batch,
+            adjust_scheduler: accumulation.adjust_scheduler,
+            ..GradientState::default()
+        });
+        Ok(Accelerator {
+            state,
+            group,
+            gradient,
+            mixed_precision,
+            dataloader: self.dataloader,
+            ddp: self.ddp,
+            autocast: self.autocast,
+            project: self.project,
+            scaler,
+            skipped: Arc::new(AtomicBool::new(false)),
+            models: Vec::new(),
+            step: 0,
+            step_scheduler_with_optimizer: self.step_scheduler_with_optimizer.unwrap_or(true),
+            rng_types: self.rng_types.unwrap_or_else(|| vec![RNGType::Generator]),
+            log_with: self.log_with,
+            trigger: false,
+        })
+    }
+}
+
+/// Accelerate's `Accelerator`: prepares models, optimizers, schedulers and data loaders for the job this
+/// process belongs to, and runs the step logic (backward, accumulation, mixed precision, clipping).
+pub struct Accelerator {
+    state: ProcessState,
+    group: ProcessGroup,
+    gradient: GradientStateHandle,
+    mixed_precision: PrecisionType,
+    dataloader: DataLoaderConfiguration,
+    ddp: DistributedDataParallelKwargs,
+    autocast: AutocastKwargs,
+    project: ProjectConfiguration,
+    scaler: Option<Arc<Mutex<GradScaler>>>,
+    skipped: Arc<AtomicBool>,
+    models: Vec<ModelEntry>,
+    step: usize,
+    step_scheduler_with_optimizer: bool,
+    rng_types: Vec<RNGType>,
+    log_with: Vec<LoggerType>,
+    trigger: bool,
+}
+
+impl Accelerator {
+    /// An Accelerator with every setting from the environment (Accelerate's `Accelerator()`).
+    pub fn new() -> Result<Self> {
+        Self::builder().build()
+    }
+
+    /// A builder for the settings.
+    pub fn builder() -> AcceleratorBuilder {
+        AcceleratorBuilder::default()
+    }
+
+    /// The device this process computes on.
+    pub fn device(&self) -> Device {
+        self.state.device
+    }
+
+    /// NO, MULTI_CPU or MULTI_GPU.
+    pub fn distributed_type(&self) -> DistributedType {
+        self.state.distributed_type
+    }
+
+    /// Number of processes.
+    pub fn num_processes(&self) -> usize {
+        self.state.num_processes()
+    }
+
+    /// This process's global rank.
+    pub fn process_index(&self) -> usize {
+        self.state.process_index()
+    }
+
+    /// This process's rank on its node.
+    pub fn local_process_index(&self) -> usize {
+        self.state.local_process_index()
+    }
+
+    /// True on global rank 0.
+    pub fn is_main_process(&self) -> bool {
+        self.state.is_main_process()
+    }
+
+    /// True on rank 0 of this node.
+    pub fn is_local_main_process(&self) -> bool {
+        self.state.is_local_main_process()
+    }
+
+    /// True on the last rank.
+    pub fn is_last_process(&self) -> bool {
+        self.state.is_last_process()
+    }
+
+    /// True when this step synchronises gradients (and the optimizer steps).
+    pub fn sync_gradients(&self) -> bool {
+        self.gradient.get().sync_gradients
+    }
+
+    /// Forces (or suppresses) gradient synchronisation for the next backward.
+    pub fn set_sync_gradients(&mut self, on: bool) {
+        self.gradient.lock().sync_gradients = on;
+    }
+
+    /// The mixed-precision mode.
+    pub fn mixed_precision(&self) -> PrecisionType {
+        self.mixed_precision
+    }
+
+    /// Micro-batches per optimizer step.
+    pub fn gradient_accumulation_steps(&self) -> usize {
+        self.gradient.get().num_steps
+    }
+
+    /// Changes the accumulation steps.
+    pub fn set_gradient_accumulation_steps(&mut self, n: usize) {
+        self.gradient.lock().num_steps = n.max(1);
+    }
+
+    /// True when the last optimizer step was skipped (fp16 overflow).
+    pub fn optimizer_step_was_skipped(&self) -> bool {
+        self.skipped.load(Ordering::SeqCst)
+    }
+
+    /// The process state.
+    pub fn state(&self) -> &ProcessState {
+        &self.state
+    }
+
+    /// The process group, for collectives not wrapped here.
+    pub fn group(&mut self) -> &mut ProcessGroup {
+        &mut self.group
+    }
+
+    /// The shared gradient state.
+    pub fn gradient_state(&self) -> GradientStateHandle {
+        self.gradient.clone()
+    }
+
+    /// The generators synchronised at each epoch.
+    pub fn rng_types(&self) -> &[RNGType] {
+        &self.rng_types
+    }
+
+    /// The trackers asked for.
+    pub fn log_with(&self) -> &[LoggerType] {
+        &self.log_with
+    }
+
+    /// The project settings.
+    pub fn project_config(&self) -> &ProjectConfiguration {
+        &self.project
+    }
+
+    /// Prepares a model: moves its variables to this process's device, makes them equal on every rank
+    /// (rank 0's), and registers its parameters for gradient averaging.
+    pub fn prepare_model(&mut self, vs: &mut tch::nn::VarStore) -> Result<ModelHandle> {
+        if vs.device() != self.state.device {
+            vs.set_device(self.state.device);
+        }
+        ddp::broadcast_variables(&mut self.group, vs, self.ddp.broadcast_buffers)?;
+        let cap = (self.ddp.bucket_cap_mb * 1024.0 * 1024.0) as usize;
+        self.models.push(ModelEntry::new(vs, cap.max(1)));
+        Ok(ModelHandle(self.models.len() - 1))
+    }
+
+    /// Wraps an optimizer built over a prepared model's variables with learning rate `lr`.
+    pub fn prepare_optimizer(&mut self, opt: tch::nn::Optimizer, lr: f64) -> AcceleratedOptimizer {
+        let params = opt.trainable_variables();
+        AcceleratedOptimizer::new(
+            opt,
+            params,
+            lr,
+            self.gradient.clone(),
+            self.scaler.clone(),
+            self.skipped.clone(),
+        )
+    }
+
+    /// A scheduler following `optimizer` through `schedule`.
+    pub fn prepare_scheduler(
+        &mut self,
+        schedule: Schedule,
+        optimizer: &AcceleratedOptimizer,
+    ) -> AcceleratedScheduler {
+        let steps = if self.dataloader.split_batches {
+            1
+        } else {
+            self.num_processes()
+        };
+        AcceleratedScheduler::new(
+            schedule,
+            optimizer,
+            self.gradient.clone(),
+            steps,
+            self.step_scheduler_with_optimizer,
+        )
+    }
+
+    /// Prepares a data loader: this rank's shard of every epoch, on this rank's device.
+    pub fn prepare_data_loader<D: Dataset + 'static, B: Nested + Send + 'static>(
+        &mut self,
+        loader: DataLoader<D, B>,
+    ) -> DataLoaderShard<D, B> {
+        let options = ShardOptions {
+            num_processes: self.num_processes(),
+            process_index: self.process_index(),
+            split_batches: self.dataloader.split_batches,
+            even_batches: self.dataloader.even_batches,
+            device: self.state.device,
+            non_blocking: self.dataloader.non_blocking,
+        };
+        DataLoaderShard::new(loader, options, self.gradient.clone())
+    }
+
+    /// Runs `f` under this Accelerator's mixed precision (fp16/bf16 autocast), as `accelerator.autocast()`.
+    pub fn autocast<T>(&self, f: impl FnOnce() -> T) -> Result<T> {
+        if !self.autocast.enabled {
+            return Ok(f());
+        }
+        autocast(self.state.device, self.mixed_precision, f)
+    }
+
+    /// Backpropagates `loss`: divided by the accumulation steps, scaled under fp16, and followed, on
+    /// synchronising steps, by averaging every prepared model's gradients across ranks.
+    pub fn backward(&mut self, loss: &Tensor) -> Result<()> {
+        let state = self.gradient.get();
+        let torch = |e| Error::torch("backward", e);
+        let mut loss = loss.shallow_clone();
+        if state.num_steps > 1 {
+            loss = loss.f_div_scalar(state.num_steps as f64).map_err(torch)?;
+        }
+        if let Some(scaler) = &self.scaler {
+            loss = scaler
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .scale_loss(&loss)?;
+        }
+        loss.f_backward().map_err(torch)?;
+        let sync = state.sync_gradients || (state.sync_each_batch && self.state.use_distributed());
+        if sync {
+            for entry in self.models.iter().filter(|m| !m.no_sync) {
+                ddp::average_gradients(&mut self.group, entry, self.ddp.find_unused_parameters)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Accelerate's `accumulate`: counts this micro-batch, decides whether it synchronises (every
+    /// `gradient_accumulation_steps`, and at the end of the data loader), and runs `body`. Gradients of
+    /// every prepared model are averaged only on synchronising steps.
+    pub fn accumulate<R>(&mut self, body: impl FnOnce(&mut Self) -> R) -> R {
+        {
+            let mut g = self.gradient.lock();
+            if g.sync_with_dataloader && g.end_of_dataloader {
+                self.step = 0;
+                g.sync_gradients = true;
+            } else {
+                self.step += 1;
+                g.sync_gradients = self.step % g.num_steps.max(1) == 0;
+            }
+        }
+        body(self)
+    }
+
+    /// Runs `body` without averaging `model`'s gradients in its backward passes (DDP's `no_sync`).
+    pub fn no_sync<R>(&mut self, model: ModelHandle, body: impl FnOnce(&mut Self) -> R) -> R {
+        let previous = self.models.get(model.0).is_some_and(|m| m.no_sync);
+        if let Some(m) = self.models.get_mut(model.0) {
+            m.no_sync = true;
+        }
+        let out = body(self);
+        if let Some(m) = self.models.get_mut(model.0) {
+            m.no_sync = previous;
+        }
+        out
+    }
+
+    fn model(&self, model: ModelHandle) -> Result<&ModelEntry> {
+        self.models.get(model.0).ok_or(Error::Collective {
+            op: "model",
+            detail: format!(
+                "model handle {} was not prepared by this Accelerator",
+                model.0
+            ),
+        })
+    }
+
+    /// Divides fp16 gradients by the loss scale now (before clipping or inspecting them).
+    pub fn unscale_gradients(&mut self, model: ModelHandle) -> Result<()> {
+        if let Some(scaler) = &self.scaler {
+            let params: Vec<Tensor> = self
+                .model(model)?
+                .params
+                .iter()
+                .map(Tensor::shallow_clone)
+                .collect();
+            scaler
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .unscale(&params)?;
+        }
+        Ok(())
+    }
+
+    /// Clips the gradients' total `norm_type` norm to `max_norm` (unscaling first) and returns the total
+    /// norm before clipping, as `torch.nn.utils.clip_grad_norm_`.
+    pub fn clip_grad_norm_(
+        &mut self,
+        model: ModelHandle,
+        max_norm: f64,
+        norm_type: f64,
+    ) -> Result<f64> {
+        self.unscale_gradients(model)?;
+        let torch = |e| Error::torch("clip_grad_norm_", e);
+        let grads: Vec<Tensor> = self
+            .model(model)?
+            .params
+            .iter()
+            .map(Tensor::grad)
+            .filter(Tensor::defined)
+            .collect();
+        if grads.is_empty() {
+            return Ok(0.0);
+        }
+        tch::no_grad(|| {
+            let norms: Vec<Tensor> = grads
+                .iter()
+                .map(|g| {
+                    g.f_norm_scalaropt_dim(norm_type, [-1i64].as_slice(), false)
+                        .and_then(|n| n.f_to_kind(tch::Kind::Float))
+                })
+                .map(|r| r.map_err(torch))
+                .collect::<Result<_>>()?;
+            let total = if norm_type.is_infinite() {
+                Tensor::f_stack(&norms, 0)
+                    .and_then(|s| s.f_max())
+                    .map_err(torch)?
+            } else {
+                Tensor::f_stack(&norms, 0)
+                    .and_then(|s| s.f_norm_scalaropt_dim(norm_type, [0i64].as_slice(), false))
+                    .map_err(torch)?
+            };
+            let total_norm = total.double_value(&[]);
+            let coef = max_norm / (total_norm + 1e-6);
+            if coef < 1.0 {
+                for g in &grads {
+                    g.shallow_clone()
+                        .f_mul_scalar_(coef)
+                        .map(drop)
+                        .map_err(torch)?;
+                }
+            }
+            Ok(total_norm)
+        })
+    }
+
+    /// Clamps every gradient element to `[-clip_value, clip_value]` (unscaling first).
+    pub fn clip_grad_value_(&mut self, model: ModelHandle, clip_value: f64) -> Result<()> {
+        self.unscale_gradients(model)?;
+        tch::no_grad(|| {
+            for p in &self.model(model)?.params {
+                let g = p.grad();
+                if g.defined() {
+                    g.shallow_clone()
+                        .f_clamp_(-clip_value, clip_value)
+                        .map(drop)
+                        .map_err(|e| Error::torch("clip_grad_value_", e))?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// A prepared model's variables by name (Accelerate's `unwrap_model` / `get_state_dict`): the same
+    /// tensors the VarStore holds, free of any wrapper.
+    pub fn unwrap_model(&self, model: ModelHandle) -> Result<Vec<(String, Tensor)>> {
+        Ok(self
+            .model(model)?
+            .named
+            .iter()
+            .map(|(n, t)| (n.clone(), t.shallow_clone()))
+            .collect())
+    }
+
+    /// Forgets every prepared model and resets the accumulation counter (Accelerate's `free_memory`).
+    pub fn free_memory(&mut self) {
+        self.models.clear();
+        self.step = 0;
+        *self.gradient.lock() = GradientState {
+            num_steps: self.gradient.get().num_steps,
+            ..GradientState::default()
+        };
+    }
+}

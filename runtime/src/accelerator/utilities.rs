@@ -1,0 +1,347 @@
+//! The rest of the Accelerator's surface: metrics gathering, reductions, printing, ordering between
+//! processes, splitting inputs, triggers, saving, and the batch-size finder.
+
+use super::Accelerator;
+use crate::{Error, Nested, Reduction, Result, slice_tensors};
+use serde::{Serialize, de::DeserializeOwned};
+use std::path::Path;
+use tch::Tensor;
+
+impl Accelerator {
+    /// Gathers `data` from every rank, concatenated on the first dimension.
+    pub fn gather<T: Nested>(&mut self, data: T) -> Result<T> {
+        self.group.gather(data)
+    }
+
+    /// Gathers `data` for computing metrics: like [`gather`](Self::gather), but on the last batch of
+    /// a data loader the samples duplicated to even out the ranks are dropped, so the result covers the
+    /// dataset exactly.
+    pub fn gather_for_metrics<T: Nested>(&mut self, data: T) -> Result<T> {
+        let gathered = self.group.gather(data)?;
+        let g = self.gradient.get();
+        if g.end_of_dataloader && g.remainder > 0 {
+            return slice_tensors(gathered, 0..g.remainder);
+        }
+        Ok(gathered)
+    }
+
+    /// [`gather_for_metrics`](Self::gather_for_metrics) for objects (every rank's list, flattened).
+    pub fn gather_objects_for_metrics<T: Serialize + DeserializeOwned + Clone>(
+        &mut self,
+        items: &[T],
+    ) -> Result<Vec<T>> {
+        let mut all = self.group.gather_object(items)?;
+        let g = self.gradient.get();
+        if g.end_of_dataloader && g.remainder > 0 {
+            all.truncate(g.remainder as usize);
+        }
+        Ok(all)
+    }
+
+    /// Reduces `data` across ranks (the Accelerator's default is `Reduction::Sum`).
+    pub fn reduce<T: Nested>(&mut self, data: T, reduction: Reduction, scale: f64) -> Result<T> {
+        self.group.reduce(data, reduction, scale)
+    }
+
+    /// Pads `data` along `dim` to the largest size on any rank.
+    pub fn pad_across_processes<T: Nested>(
+        &mut self,
+        data: T,
+        dim: i64,
+        pad_index: f64,
+        pad_first: bool,
+    ) -> Result<T> {
+        self.group
+            .pad_across_processes(data, dim, pad_index, pad_first)
+    }
+
+    /// Waits for every process.
+    pub fn wait_for_everyone(&mut self) -> Result<()> {
+        self.group.barrier()
+    }
+
+    /// Prints on the local main process only.
+    pub fn print(&self, text: impl std::fmt::Display) {
+        if self.is_local_main_process() {
+            println!("{text}");
+        }
+    }
+
+    /// Runs `f` on the main process first, then on the others (downloads, preprocessing caches).
+    pub fn main_process_first<R>(&mut self, f: impl FnOnce() -> R) -> Result<R> {
+        let main = self.is_main_process();
+        self.in_order(main, f)
+    }
+
+    /// Runs `f` on each node's local main process first, then on the node's other processes.
+    pub fn local_main_process_first<R>(&mut self, f: impl FnOnce() -> R) -> Result<R> {
+        let main = self.is_local_main_process();
+        self.in_order(main, f)
+    }
+
+    fn in_order<R>(&mut self, first: bool, f: impl FnOnce() -> R) -> Result<R> {
+        if !first {
+            self.group.barrier()?;
+        }
+        let out = f();
+        if first {
+            self.group.barrier()?;
+        }
+        Ok(out)
+    }
+
+    /// Runs `f` on the main process only (Accelerate's `on_main_process`).
+    pub fn on_main_process<R>(&self, f: impl FnOnce() -> R) -> Option<R> {
+        self.is_main_process().then(f)
+    }
+
+    /// Runs `f` on each node's local main process only.
+    pub fn on_local_main_process<R>(&self, f: impl FnOnce() -> R) -> Option<R> {
+        self.is_local_main_process().then(f)
+    }
+
+    /// Runs `f` on the last process only.
+    pub fn on_last_process<R>(&self, f: impl FnOnce() -> R) -> Option<R> {
+        self.is_last_process().then(f)
+    }
+
+    /// Runs `f` on global rank `index` only.
+    pub fn on_process<R>(&self, index: usize, f: impl FnOnce() -> R) -> Option<R> {
+        (self.process_index() == index).then(f)
+    }
+
+    /// Runs `f` on local rank `index` only.
+    pub fn on_local_process<R>(&self, index: usize, f: impl FnOnce() -> R) -> Option<R> {
+        (self.local_process_index() == index).then(f)
+    }
+
+    /// This rank's contiguous part of `inputs` (Accelerate's `split_between_processes`): ranks below
+    /// `len % P` get one more item; with `apply_padding` every rank gets as many, repeating the last item.
+    pub fn split_between_processes<S: Splittable>(
+        &self,
+        inputs: &S,
+        apply_padding: bool,
+    ) -> Result<S> {
+        inputs.split_for(self.process_index(), self.num_processes(), apply_padding)
+    }
+
+    /// Raises this process's trigger (early stopping): [`check_trigger`](Self::check_trigger) then
+    /// reports it on every rank.
+    pub fn set_trigger(&mut self) {
+        self.trigger = true;
+    }
+
+    /// True on every rank if any rank raised its trigger since the last check; resets it.
+    pub fn check_trigger(&mut self) -> Result<bool> {
+        let mut flag = Tensor::from(f32::from(u8::from(self.trigger))).to_device(tch::Device::Cpu);
+        self.group.all_reduce(&mut flag, crate::ReduceOp::Sum)?;
+        let raised = flag.double_value(&[]) >= 1.0;
+        if raised {
+            self.trigger = false;
+        }
+        Ok(raised)
+    }
+
+    /// Saves named tensors as safetensors once per job (main process), or once per node with
+    /// `ProjectConfiguration::save_on_each_node` (Accelerate's `save`). Returns whether this process wrote.
+    pub fn save(&self, tensors: &[(String, Tensor)], path: &Path) -> Result<bool> {
+        let writer = if self.project.save_on_each_node {
+            self.is_local_main_process()
+        } else {
+            self.is_main_process()
+        };
+        if !writer {
+            return Ok(false);
+        }
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| Error::io("creating the folder of", parent, e))?;
+        }
+        let on_cpu: Vec<(String, Tensor)> = tensors
+            .iter()
+            .map(|(n, t)| (n.clone(), t.to_device(tch::Device::Cpu).contiguous()))
+            .collect();
+        Tensor::write_safetensors(&on_cpu, path)
+            .map_err(|e| Error::torch("save (safetensors)", e))?;
+        Ok(true)
+    }
+
+    /// Makes every rank's random generators (hasten's, libtorch's CPU and CUDA ones) continue from the
+    /// same point: rank 0 draws a seed and every rank reseeds with it. (Accelerate copies rank 0's
+    /// generator state; tch cannot read a generator's state, so the state is re-derived instead.)
+    pub fn synchronize_rng_states(&mut self) -> Result<()> {
+        use rand::RngCore;
+        let seed = crate::host_rng().next_u64();
+        let mut seeds = vec![seed];
+        self.group.broadcast_object_list(&mut seeds, 0)?;
+        crate::set_seed(seeds[0], false)
+    }
+}
+
+/// Inputs [`Accelerator::split_between_processes`] can split: lists and tensors (by their first
+/// dimension).
+pub trait Splittable: Sized {
+    /// Rank `rank`'s part of `self` among `world` ranks.
+    fn split_for(&self, rank: usize, world: usize, apply_padding: bool) -> Result<Self>;
+}
+
+/// `[start, end)` of rank `rank` and the padded length, per Accelerate's rule.
+fn bounds(len: usize, rank: usize, world: usize) -> (usize, usize, usize) {
+    let (per, extra) = (len / world.max(1), len % world.max(1));
+    let start = rank * per + rank.min(extra);
+    let end = start + per + usize::from(rank < extra);
+    (start, end, per + usize::from(extra > 0))
+}
+
+impl<T: Clone> Splittable for Vec<T> {
+    fn split_for(&self, rank: usize, world: usize, apply_padding: bool) -> Result<Self> {
+        let (start, end, padded) = bounds(self.len(), rank, world);
+        let mut part = self[start.min(self.len())..end.min(self.len())].to_vec();
+        if apply_padding {
+            if let Some(last) = self.last() {
+                while part.len() < padded {
+                    part.push(last.clone());
+                }
+            }
+        }
+        Ok(part)
+    }
+}
+
+impl Splittable for Tensor {
+    fn split_for(&self, rank: usize, world: usize, apply_padding: bool) -> Result<Self> {
+        let len = self.size().first().copied().unwrap_or(0) as usize;
+        let (start, end, padded) = bounds(len, rank, world);
+        let torch = |e| Error::torch("split_between_processes", e);
+        let mut part = self
+            .f_narrow(0, start as i64, (end - start) as i64)
+            .map_err(torch)?;
+        if apply_padding && part.size()[0] < padded as i64 && len > 0 {
+            let last = self.f_narrow(0, len as i64 - 1, 1).map_err(torch)?;
+            let missing = padded as i64 - part.size()[0];
+            let reps: Vec<i64> = std::iter::once(missing)
+                .chain(std::iter::repeat_n(1, self.dim() - 1))
+                .collect();
+            part =
+                Tensor::f_cat(&[part, last.f_repeat(&reps).map_err(torch)?], 0).map_err(torch)?;
+        }
+        Ok(part)
+    }
+}
+
+impl<T: Splittable> Splittable for std::collections::BTreeMap<String, T> {
+    fn split_for(&self, rank: usize, world: usize, apply_padding: bool) -> Result<Self> {
+        self.iter()
+            .map(|(k, v)| {
+                v.split_for(rank, world, apply_padding)
+                    .map(|p| (k.clone(), p))
+            })
+            .collect()
+    }
+}
+
+/// True when `error` says the device ran out of memory, as Accelerate's `should_reduce_batch_size`
+/// recognises it in libtorch's messages.
+pub fn should_reduce_batch_size(error: &str) -> bool {
+    const MARKERS: [&str; 5] = [
+        "CUDA out of memory.",
+        "cuDNN error: CUDNN_STATUS_NOT_SUPPORTED.",
+        "DefaultCPUAllocator: can't allocate memory",
+        "XPU out of memory.",
+        "CUDA error: out of memory",
+    ];
+    MARKERS.iter().any(|m| error.contains(m))
+}
+
+/// Calls `f` with `starting_batch_size`, and again with 90% of the size (rounded down) each time it
+/// fails because memory ran out, until it succeeds (Accelerate's `find_executable_batch_size`). Any
+/// other error is returned at once; reaching 0 is an error.
+pub fn find_executable_batch_size<T, E: std::fmt::Display>(
+    starting_batch_size: usize,
+    mut f: impl FnMut(usize) -> std::result::Result<T, E>,
+) -> Result<T> {
+    let mut batch_size = starting_batch_size;
+    loop {
+        if batch_size == 0 {
+            return Err(Error::DeviceUnavailable {
+                detail: "No executable batch size found, reached zero.".into(),
+            });
+        }
+        match f(batch_size) {
+            Ok(v) => return Ok(v),
+            Err(e) if should_reduce_batch_size(&e.to_string()) => {
+                batch_size = batch_size * 9 / 10;
+            }
+            Err(e) => {
+                return Err(Error::Collective {
+                    op: "find_executable_batch_size",
+                    detail: e.to_string(),
+                });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind};
+
+    #[test]
+    fn splitting_follows_accelerate() {
+        let abc = vec!["A", "B", "C"];
+        assert_eq!(abc.split_for(0, 2, false).unwrap(), vec!["A", "B"]);
+        assert_eq!(abc.split_for(1, 2, false).unwrap(), vec!["C"]);
+        assert_eq!(abc.split_for(1, 2, true).unwrap(), vec!["C", "C"]);
+        let r: Vec<usize> = (0..17).collect();
+        for p in [2, 4, 8] {
+            for rank in 0..p {
+                let want = 17 / p + usize::from(rank < 17 % p);
+                assert_eq!(
+                    r.split_for(rank, p, false).unwrap().len(),
+                    want,
+                    "P={p} rank {rank}"
+                );
+            }
+        }
+        let t = Tensor::arange(8, (Kind::Int64, Device::Cpu)).view([2, 4]);
+        assert_eq!(
+            Vec::<i64>::try_from(t.split_for(1, 2, false).unwrap().flatten(0, -1)).unwrap(),
+            vec![4, 5, 6, 7]
+        );
+        let mut m = std::collections::BTreeMap::new();
+        m.insert("a".to_owned(), (1..=8).collect::<Vec<i32>>());
+        assert_eq!(m.split_for(3, 4, false).unwrap()["a"], vec![7, 8]);
+        let three = Tensor::arange(3, (Kind::Int64, Device::Cpu));
+        let padded = three.split_for(1, 2, true).unwrap();
+        assert_eq!(Vec::<i64>::try_from(&padded).unwrap(), vec![2, 2]);
+    }
+
+    #[test]
+    fn batch_size_finder_shrinks_by_ten_percent_on_oom() {
+        let mut tried = Vec::new();
+        let got = find_executable_batch_size(128, |bs| {
+            tried.push(bs);
+            if bs > 100 {
+                Err("CUDA out of memory. Tried to allocate 2 GiB")
+            } else {
+                Ok(bs)
+            }
+        })
+        .unwrap();
+        assert_eq!(tried, vec![128, 115, 103, 92]);
+        assert_eq!(got, 92);
+        let err = find_executable_batch_size(4, |_| -> std::result::Result<(), _> {
+            Err("DefaultCPUAllocator: can't allocate memory: you tried to allocate")
+        })
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("No executable batch size found, reached zero.")
+        );
+        let other = find_executable_batch_size(8, |_| -> std::result::Result<(), _> {
+            Err("shape mismatch")
+        });
+        assert!(other.unwrap_err().to_string().contains("shape mismatch"));
+    }
+}
