@@ -231,6 +231,49 @@ impl AcceleratedScheduler {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::accelerator::precision::GradScalerKwargs;
+    use tch::nn::OptimizerConfig;
+    use tch::{Device, Kind};
+
+    #[test]
+    fn an_overflowing_fp16_step_is_skipped_and_the_scale_backs_off() {
+        let vs = tch::nn::VarStore::new(Device::Cpu);
+        let w = vs.root().ones("w", &[3]);
+        let opt = tch::nn::Sgd::default().build(&vs, 0.1).unwrap();
+        let scaler = Arc::new(Mutex::new(GradScaler::new(
+            GradScalerKwargs::default(),
+            Device::Cpu,
+        )));
+        let gradient = GradientStateHandle::default();
+        let skipped = Arc::new(AtomicBool::new(false));
+        let mut opt = AcceleratedOptimizer::new(
+            opt,
+            vec![w.shallow_clone()],
+            0.1,
+            gradient,
+            Some(scaler.clone()),
+            skipped,
+        );
+        // A scaled loss whose gradient overflows.
+        let loss = (&w * f64::INFINITY).sum(Kind::Float);
+        scaler.lock().unwrap().scale_loss(&loss).unwrap().backward();
+        opt.step().unwrap();
+        assert!(opt.step_was_skipped());
+        assert_eq!(
+            Vec::<f32>::try_from(&w).unwrap(),
+            vec![1.0; 3],
+            "the parameters did not move"
+        );
+        assert_eq!(scaler.lock().unwrap().scale_value(), 32768.0);
+        // A finite step goes through.
+        opt.zero_grad();
+        let loss = w.sum(Kind::Float);
+        scaler.lock().unwrap().scale_loss(&loss).unwrap().backward();
+        opt.step().unwrap();
+        assert!(!opt.step_was_skipped());
+        let after = Vec::<f32>::try_from(&w).unwrap();
+        assert!((after[0] - 0.9).abs() < 1e-6, "{after:?}");
+    }
 
     #[test]
     fn schedules() {

@@ -1,0 +1,317 @@
+//! Correctness checks of the training library, run on every rank under `hasten launch`:
+//! `hasten-test-training MODE` with MODE one of `ddp`, `accumulate`, `dataloader_end`, `scheduler`,
+//! `metrics`. Prints `training check MODE: ok` or `... FAILED: why` and exits non-zero on failure.
+
+use hasten::tch::nn::{self, Module, OptimizerConfig};
+use hasten::tch::{Device, Kind, Tensor};
+use hasten::{
+    Accelerator, DataLoader, GradientAccumulationPlugin, ReduceOp, Schedule, TensorDataset,
+};
+
+type Check = Result<(), String>;
+
+fn err<E: std::fmt::Display>(e: E) -> String {
+    e.to_string()
+}
+
+/// A small MLP under `root`.
+fn mlp(root: &nn::Path) -> nn::Sequential {
+    nn::seq()
+        .add(nn::linear(root / "fc1", 8, 16, Default::default()))
+        .add_fn(|x| x.tanh())
+        .add(nn::linear(root / "fc2", 16, 4, Default::default()))
+}
+
+/// Deterministic data, the same on every rank.
+fn data(n: i64) -> (Tensor, Tensor) {
+    let x = Tensor::arange(n * 8, (Kind::Float, Device::Cpu))
+        .view([n, 8])
+        .sin();
+    let y = Tensor::arange(n * 4, (Kind::Float, Device::Cpu))
+        .view([n, 4])
+        .cos();
+    (x, y)
+}
+
+/// A reference model on this process alone, starting from `weights`.
+fn reference(weights: &[(String, Tensor)]) -> Result<(nn::VarStore, nn::Sequential), String> {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = mlp(&vs.root());
+    hasten::tch::no_grad(|| -> Check {
+        let vars = vs.variables();
+        for (name, w) in weights {
+            let mut v = vars
+                .get(name)
+                .ok_or(format!("no variable {name}"))?
+                .shallow_clone();
+            v.copy_(w);
+        }
+        Ok(())
+    })?;
+    Ok((vs, model))
+}
+
+fn max_rel_diff(a: &[(String, Tensor)], b: &nn::VarStore) -> f64 {
+    let vars = b.variables();
+    a.iter()
+        .map(|(n, t)| {
+            let r = &vars[n];
+            ((t - r).abs().max().double_value(&[]) / r.abs().max().double_value(&[]).max(1e-12))
+                .abs()
+        })
+        .fold(0.0, f64::max)
+}
+
+/// After K steps, DDP parameters equal a single-process run on the concatenated batch.
+fn ddp(acc: &mut Accelerator) -> Check {
+    let (p, r) = (acc.num_processes() as i64, acc.process_index() as i64);
+    let global = 12;
+    let (x, y) = data(global * 5);
+    let mut vs = nn::VarStore::new(acc.device());
+    // Different initial weights per rank: prepare must make them equal.
+    hasten::tch::manual_seed(100 + r);
+    let model = mlp(&vs.root());
+    let handle = acc.prepare_model(&mut vs).map_err(err)?;
+    let initial = acc
+        .unwrap_model(handle)
+        .map_err(err)?
+        .into_iter()
+        .map(|(n, t)| (n, t.copy()))
+        .collect::<Vec<_>>();
+    let opt = nn::Sgd::default().build(&vs, 0.1).map_err(err)?;
+    let mut opt = acc.prepare_optimizer(opt, 0.1);
+    let (ref_vs, ref_model) = reference(&initial)?;
+    let mut ref_opt = nn::Sgd::default().build(&ref_vs, 0.1).map_err(err)?;
+    let share = global / p;
+    for step in 0..5 {
+        let rows = x.narrow(0, step * global, global);
+        let targets = y.narrow(0, step * global, global);
+        let mine = rows.narrow(0, r * share, share);
+        let my_targets = targets.narrow(0, r * share, share);
+        opt.zero_grad();
+        let loss = model
+            .forward(&mine)
+            .mse_loss(&my_targets, hasten::tch::Reduction::Mean);
+        acc.backward(&loss).map_err(err)?;
+        opt.step().map_err(err)?;
+        ref_opt.zero_grad();
+        ref_model
+            .forward(&rows)
+            .mse_loss(&targets, hasten::tch::Reduction::Mean)
+            .backward();
+        ref_opt.step();
+    }
+    let diff = max_rel_diff(&acc.unwrap_model(handle).map_err(err)?, &ref_vs);
+    if diff > 1e-5 {
+        return Err(format!(
+            "DDP parameters differ from the single-process run by {diff:.2e} (relative)"
+        ));
+    }
+    Ok(())
+}
+
+/// N accumulated micro-batches equal one N-times batch; gradients stay local until the sync step.
+fn accumulate(acc: &mut Accelerator) -> Check {
+    let (p, r) = (acc.num_processes() as i64, acc.process_index() as i64);
+    let n = acc.gradient_accumulation_steps() as i64;
+    let micro = 2;
+    let (x, y) = data(micro * n * p);
+    let mut vs = nn::VarStore::new(acc.device());
+    let model = mlp(&vs.root());
+    let handle = acc.prepare_model(&mut vs).map_err(err)?;
+    let initial = acc
+        .unwrap_model(handle)
+        .map_err(err)?
+        .into_iter()
+        .map(|(n, t)| (n, t.copy()))
+        .collect::<Vec<_>>();
+    let opt = nn::Sgd::default().build(&vs, 0.05).map_err(err)?;
+    let mut opt = acc.prepare_optimizer(opt, 0.05);
+    let mut syncs = Vec::new();
+    for k in 0..n {
+        // Rank r's micro-batch k: rows of the global batch, interleaved so every rank sees distinct data.
+        let start = (k * p + r) * micro;
+        let (xb, yb) = (x.narrow(0, start, micro), y.narrow(0, start, micro));
+        acc.accumulate(|acc| -> Check {
+            syncs.push(acc.sync_gradients());
+            let loss = model
+                .forward(&xb)
+                .mse_loss(&yb, hasten::tch::Reduction::Mean);
+            acc.backward(&loss).map_err(err)?;
+            if !acc.sync_gradients() && p > 1 {
+                // Not synchronised yet: ranks hold different gradients.
+                let local = vs.trainable_variables()[0]
+                    .grad()
+                    .sum(Kind::Float)
+                    .double_value(&[]);
+                let all = acc.group().all_gather_object(&local).map_err(err)?;
+                if all.windows(2).all(|w| w[0] == w[1]) {
+                    return Err("gradients were synchronised on an accumulation step".into());
+                }
+            }
+            opt.step().map_err(err)?;
+            opt.zero_grad();
+            Ok(())
+        })?;
+    }
+    let want: Vec<bool> = (1..=n).map(|k| k == n).collect();
+    if syncs != want {
+        return Err(format!(
+            "sync_gradients per micro-batch {syncs:?}, want {want:?}"
+        ));
+    }
+    let (ref_vs, ref_model) = reference(&initial)?;
+    let mut ref_opt = nn::Sgd::default().build(&ref_vs, 0.05).map_err(err)?;
+    ref_opt.zero_grad();
+    ref_model
+        .forward(&x)
+        .mse_loss(&y, hasten::tch::Reduction::Mean)
+        .backward();
+    ref_opt.step();
+    let diff = max_rel_diff(&acc.unwrap_model(handle).map_err(err)?, &ref_vs);
+    if diff > 1e-5 {
+        return Err(format!(
+            "accumulated run differs from one {n}x batch by {diff:.2e} (relative)"
+        ));
+    }
+    Ok(())
+}
+
+fn loader(
+    acc: &mut Accelerator,
+    n: i64,
+    batch: usize,
+) -> Result<hasten::DataLoaderShard<TensorDataset, Vec<Tensor>>, String> {
+    let labels = Tensor::arange(n, (Kind::Int64, Device::Cpu));
+    let features = labels.to_kind(Kind::Float).unsqueeze(1).repeat([1, 8]);
+    let ds = TensorDataset::new(vec![features, labels]).map_err(err)?;
+    Ok(acc.prepare_data_loader(DataLoader::new(ds, batch)))
+}
+
+/// The end of the data loader forces a sync mid-accumulation.
+fn dataloader_end(acc: &mut Accelerator) -> Check {
+    // 20 samples, batch 2 per rank, 2 ranks: 5 batches per rank; accumulation 2.
+    let p = acc.num_processes() as i64;
+    let dl = loader(acc, 10 * p, 2)?;
+    let mut vs = nn::VarStore::new(acc.device());
+    let model = mlp(&vs.root());
+    acc.prepare_model(&mut vs).map_err(err)?;
+    let opt = nn::Sgd::default().build(&vs, 0.01).map_err(err)?;
+    let mut opt = acc.prepare_optimizer(opt, 0.01);
+    let mut pattern = Vec::new();
+    for batch in dl.iter().map_err(err)? {
+        let batch = batch.map_err(err)?;
+        acc.accumulate(|acc| -> Check {
+            pattern.push(acc.sync_gradients());
+            let loss = model.forward(&batch[0]).sum(Kind::Float);
+            acc.backward(&loss).map_err(err)?;
+            opt.step().map_err(err)?;
+            opt.zero_grad();
+            Ok(())
+        })?;
+    }
+    if pattern != [false, true, false, true, true] {
+        return Err(format!(
+            "sync pattern {pattern:?}, want [false, true, false, true, true]"
+        ));
+    }
+    Ok(())
+}
+
+/// The scheduler steps num_processes times per optimizer step, and never on accumulation steps.
+fn scheduler(acc: &mut Accelerator) -> Check {
+    let p = acc.num_processes();
+    let mut vs = nn::VarStore::new(acc.device());
+    let model = mlp(&vs.root());
+    acc.prepare_model(&mut vs).map_err(err)?;
+    let opt = nn::Sgd::default().build(&vs, 1.0).map_err(err)?;
+    let mut opt = acc.prepare_optimizer(opt, 1.0);
+    let mut sched = acc.prepare_scheduler(
+        Schedule::Linear {
+            warmup: 0,
+            total: 100,
+        },
+        &opt,
+    );
+    let x = Tensor::ones([2, 8], (Kind::Float, acc.device()));
+    for _ in 0..6 {
+        acc.accumulate(|acc| -> Check {
+            acc.backward(&model.forward(&x).sum(Kind::Float))
+                .map_err(err)?;
+            opt.step().map_err(err)?;
+            sched.step();
+            opt.zero_grad();
+            Ok(())
+        })?;
+    }
+    let steps = acc.gradient_accumulation_steps();
+    let want = 6 / steps * p;
+    if sched.last_step() != want {
+        return Err(format!(
+            "scheduler took {} steps, want {want}",
+            sched.last_step()
+        ));
+    }
+    let lr = 1.0 - want as f64 / 100.0;
+    if (opt.lr() - lr).abs() > 1e-12 {
+        return Err(format!("learning rate {}, want {lr}", opt.lr()));
+    }
+    Ok(())
+}
+
+/// gather_for_metrics covers the dataset exactly, although the last batches repeat samples.
+fn metrics(acc: &mut Accelerator) -> Check {
+    let dl = loader(acc, 21, 4)?;
+    let mut seen = Vec::new();
+    for batch in dl.iter().map_err(err)? {
+        let labels = batch.map_err(err)?.remove(1);
+        let all = acc.gather_for_metrics(labels).map_err(err)?;
+        seen.extend(Vec::<i64>::try_from(&all).map_err(err)?);
+    }
+    let mut sorted = seen.clone();
+    sorted.sort_unstable();
+    if sorted != (0..21).collect::<Vec<_>>() {
+        return Err(format!(
+            "gathered {} labels {seen:?}, want each of 0..21 once",
+            seen.len()
+        ));
+    }
+    let mut total = Tensor::from(seen.len() as f32);
+    acc.group()
+        .all_reduce(&mut total, ReduceOp::Max)
+        .map_err(err)?;
+    Ok(())
+}
+
+fn main() {
+    let mode = std::env::args().nth(1).unwrap_or_default();
+    let builder = Accelerator::builder().cpu(true);
+    let builder = match mode.as_str() {
+        "accumulate" => builder.gradient_accumulation_steps(3),
+        "dataloader_end" | "scheduler" => {
+            builder.gradient_accumulation_plugin(GradientAccumulationPlugin {
+                num_steps: 2,
+                ..GradientAccumulationPlugin::default()
+            })
+        }
+        _ => builder,
+    };
+    let outcome = builder
+        .build()
+        .map_err(err)
+        .and_then(|mut acc| match mode.as_str() {
+            "ddp" => ddp(&mut acc),
+            "accumulate" => accumulate(&mut acc),
+            "dataloader_end" => dataloader_end(&mut acc),
+            "scheduler" => scheduler(&mut acc),
+            "metrics" => metrics(&mut acc),
+            other => Err(format!("unknown mode {other:?}")),
+        });
+    match outcome {
+        Ok(()) => println!("training check {mode}: ok"),
+        Err(e) => {
+            println!("training check {mode}: FAILED: {e}");
+            std::process::exit(1);
+        }
+    }
+}
