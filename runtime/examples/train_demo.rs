@@ -1,129 +1,157 @@
-//! hasten's first demo: data-parallel training of a small classifier on a synthetic task.
+//! hasten's demo: the training loop Accelerate's users write, in Rust. A classifier learns four
+//! interleaved spirals; the Accelerator shards the data, averages gradients across processes,
+//! accumulates micro-batches, applies mixed precision, and gathers metrics.
 //!
-//! Run it on two CPU processes with `hasten launch --num_processes 2 --cpu train_demo`, on every GPU
-//! with `hasten launch train_demo`, or alone as a plain program. Each rank trains on its half of every
-//! batch; gradients are averaged across ranks after each backward, so every rank holds the same model.
+//! - alone:                       `train_demo`
+//! - on 2 CPU processes:          `hasten launch --num_processes 2 --cpu train_demo`
+//! - on every GPU, in bf16:       `hasten launch --mixed_precision bf16 train_demo`
+//! - from a running program:      `train_demo --notebook 2` (calls `notebook_launcher` on itself)
 
 use hasten::tch::nn::{self, Module, OptimizerConfig};
 use hasten::tch::{Device, Kind, Tensor};
-use hasten::{ProcessGroup, ProcessState, ReduceOp};
+use hasten::{Accelerator, DataLoader, Schedule, TensorDataset};
+use serde::{Deserialize, Serialize};
 
-const CLASSES: i64 = 4;
-const TRAIN: i64 = 8192;
-const TEST: i64 = 2048;
-const GLOBAL_BATCH: i64 = 256;
-const EPOCHS: usize = 5;
-
-/// Four interleaved spiral arms in the plane; the same points on every rank (fixed seed).
-fn spirals(n: i64, seed: i64) -> (Tensor, Tensor) {
-    hasten::tch::manual_seed(seed);
-    let labels = Tensor::randint(CLASSES, [n], (Kind::Int64, Device::Cpu));
-    let r = Tensor::rand([n], (Kind::Float, Device::Cpu)) * 0.9 + 0.1;
-    let theta = labels.to_kind(Kind::Float) * (2.0 * std::f64::consts::PI / CLASSES as f64)
-        + &r * 4.0
-        + Tensor::randn([n], (Kind::Float, Device::Cpu)) * 0.15;
-    let x = Tensor::stack(&[&r * theta.cos(), &r * theta.sin()], 1);
-    (x, labels)
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Config {
+    epochs: u64,
+    batch_size: usize,
+    accumulation_steps: usize,
+    lr: f64,
+    seed: u64,
 }
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let state = ProcessState::from_env()?;
-    let (rank, world) = (state.process_index(), state.num_processes());
-    let device = state.device;
-    println!(
-        "rank {rank}/{world} on {device:?} ({}), libtorch {}",
-        state.distributed_type,
-        hasten::libtorch().version.as_deref().unwrap_or("?")
-    );
-    let mut group = ProcessGroup::init(&state)?;
+/// Four interleaved spiral arms in the plane (the same points on every rank: a fixed seed).
+fn spirals(n: i64, seed: i64) -> hasten::Result<TensorDataset> {
+    hasten::tch::manual_seed(seed);
+    let labels = Tensor::randint(4, [n], (Kind::Int64, Device::Cpu));
+    let r = Tensor::rand([n], (Kind::Float, Device::Cpu)) * 0.9 + 0.1;
+    let theta = labels.to_kind(Kind::Float) * (std::f64::consts::PI / 2.0)
+        + &r * 4.0
+        + Tensor::randn([n], (Kind::Float, Device::Cpu)) * 0.2;
+    let x = Tensor::stack(&[&r * theta.cos(), &r * theta.sin()], 1);
+    TensorDataset::new(vec![x, labels])
+}
 
-    let (x_train, y_train) = spirals(TRAIN, 1);
-    let (x_test, y_test) = spirals(TEST, 2);
+fn training_loop(cfg: Config) -> hasten::Result<f64> {
+    let mut acc = Accelerator::builder()
+        .gradient_accumulation_steps(cfg.accumulation_steps)
+        .build()?;
+    acc.print(format!(
+        "training on {} process(es), {:?} ({}), mixed precision {}",
+        acc.num_processes(),
+        acc.device(),
+        acc.distributed_type(),
+        acc.mixed_precision()
+    ));
+    let train = DataLoader::new(spirals(8192, 1)?, cfg.batch_size).shuffle(cfg.seed);
+    // As with Accelerate, count the schedule in the unprepared loader's batches: the scheduler steps once
+    // per process for every optimizer step.
+    let total = train.len() * cfg.epochs as usize / cfg.accumulation_steps;
+    let mut train = acc.prepare_data_loader(train);
+    let test = acc.prepare_data_loader(DataLoader::new(spirals(2000, 2)?, 256));
 
-    // Different seeds per rank on purpose: the broadcast below must make the models identical.
-    hasten::set_seed(1234, true)?;
-    let vs = nn::VarStore::new(device);
+    hasten::set_seed(cfg.seed, false)?;
+    let mut vs = nn::VarStore::new(acc.device());
     let root = vs.root();
     let model = nn::seq()
         .add(nn::linear(&root / "fc1", 2, 128, Default::default()))
         .add_fn(|x| x.relu())
         .add(nn::linear(&root / "fc2", 128, 128, Default::default()))
         .add_fn(|x| x.relu())
-        .add(nn::linear(&root / "fc3", 128, CLASSES, Default::default()));
-    let mut params = vs.trainable_variables();
-    hasten::tch::no_grad(|| -> hasten::Result<()> {
-        for p in params.iter_mut() {
-            group.broadcast(p, 0)?;
-        }
-        Ok(())
-    })?;
-    let mut opt = nn::Adam::default().build(&vs, 3e-3)?;
+        .add(nn::linear(&root / "fc3", 128, 4, Default::default()));
+    let handle = acc.prepare_model(&mut vs)?;
+    let opt = nn::AdamW::default()
+        .build(&vs, cfg.lr)
+        .map_err(|e| hasten::Error::torch("AdamW", e))?;
+    let mut opt = acc.prepare_optimizer(opt, cfg.lr);
+    let mut sched = acc.prepare_scheduler(
+        Schedule::Cosine {
+            warmup: total / 10,
+            total,
+            cycles: 0.5,
+        },
+        &opt,
+    );
 
-    let local_batch = GLOBAL_BATCH / world as i64;
-    let steps = TRAIN / GLOBAL_BATCH;
-    for epoch in 1..=EPOCHS {
-        hasten::tch::manual_seed(epoch as i64); // same shuffle on every rank
-        let order = Tensor::randperm(TRAIN, (Kind::Int64, Device::Cpu));
+    let mut accuracy = 0.0;
+    for epoch in 1..=cfg.epochs {
+        train.set_epoch(epoch);
         let mut loss_sum = 0.0;
-        for step in 0..steps {
-            // This rank's contiguous slice of the global batch.
-            let start = step * GLOBAL_BATCH + rank as i64 * local_batch;
-            let idx = order.narrow(0, start, local_batch);
-            let xb = x_train.index_select(0, &idx).to_device(device);
-            let yb = y_train.index_select(0, &idx).to_device(device);
-            let loss = model.forward(&xb).cross_entropy_for_logits(&yb);
-            opt.zero_grad();
-            loss.backward();
-            for p in &params {
-                let mut g = p.grad();
-                group.all_reduce(&mut g, ReduceOp::Mean)?;
-            }
-            opt.step();
-            loss_sum += loss.double_value(&[]);
+        let mut batches = 0;
+        for batch in train.iter()? {
+            let batch = batch?;
+            acc.accumulate(|acc| -> hasten::Result<()> {
+                let logits = acc
+                    .autocast(|| model.forward(&batch[0]))?
+                    .to_kind(Kind::Float);
+                let loss = logits.cross_entropy_for_logits(&batch[1]);
+                acc.backward(&loss)?;
+                if acc.sync_gradients() {
+                    acc.clip_grad_norm_(handle, 1.0, 2.0)?;
+                }
+                opt.step()?;
+                sched.step();
+                opt.zero_grad();
+                loss_sum += loss.double_value(&[]);
+                batches += 1;
+                Ok(())
+            })?;
         }
-        // Accuracy on the test set, each rank scoring its share.
-        let share = TEST / world as i64;
-        let xs = x_test
-            .narrow(0, rank as i64 * share, share)
-            .to_device(device);
-        let ys = y_test
-            .narrow(0, rank as i64 * share, share)
-            .to_device(device);
-        let correct = hasten::tch::no_grad(|| model.forward(&xs).argmax(-1, false).eq_tensor(&ys))
-            .sum(Kind::Float)
-            .to_device(Device::Cpu);
-        let mut totals = Tensor::stack(&[correct, Tensor::from(share as f32)], 0);
-        let mut mean_loss = Tensor::from((loss_sum / steps as f64) as f32);
-        group.all_reduce(&mut totals, ReduceOp::Sum)?;
-        group.all_reduce(&mut mean_loss, ReduceOp::Mean)?;
-        if state.is_main_process() {
-            let t = Vec::<f32>::try_from(&totals)?;
-            println!(
-                "epoch {epoch}: loss {:.4}, test accuracy {:.1}% ({} of {} samples, {world} ranks)",
-                mean_loss.double_value(&[]),
-                100.0 * t[0] / t[1],
-                t[0],
-                t[1]
-            );
+        let (mut correct, mut seen) = (0i64, 0i64);
+        for batch in test.iter()? {
+            let batch = batch?;
+            let predictions = hasten::tch::no_grad(|| model.forward(&batch[0]).argmax(-1, false));
+            let (predictions, labels) =
+                acc.gather_for_metrics((predictions, batch[1].shallow_clone()))?;
+            correct += predictions
+                .eq_tensor(&labels)
+                .sum(Kind::Int64)
+                .int64_value(&[]);
+            seen += labels.size()[0];
         }
+        accuracy = correct as f64 / seen as f64;
+        let mean_loss = acc.reduce(
+            Tensor::from(loss_sum / batches.max(1) as f64),
+            hasten::Reduction::Mean,
+            1.0,
+        )?;
+        acc.print(format!(
+            "epoch {epoch}: loss {:.4}, test accuracy {:.1}% ({correct} of {seen} samples), lr {:.2e}",
+            mean_loss.double_value(&[]),
+            100.0 * accuracy,
+            opt.lr()
+        ));
     }
+    acc.wait_for_everyone()?;
+    Ok(accuracy)
+}
 
-    // Every rank must end with the same weights: compare each against rank 0's copy.
-    let mut worst = 0.0f64;
-    for p in &params {
-        let mut reference = p.detach().copy();
-        group.broadcast(&mut reference, 0)?;
-        worst = worst.max((p.detach() - reference).abs().max().double_value(&[]));
+fn main() {
+    let cfg = Config {
+        epochs: 5,
+        batch_size: 32,
+        accumulation_steps: 2,
+        lr: 3e-3,
+        seed: 42,
+    };
+    let args: Vec<String> = std::env::args().collect();
+    let outcome = match args.iter().position(|a| a == "--notebook") {
+        Some(i) => {
+            let n = args.get(i + 1).and_then(|s| s.parse().ok()).unwrap_or(2);
+            hasten_launch::notebook_launcher(training_loop, cfg, n)
+                .map(|acc| {
+                    println!(
+                        "notebook_launcher returned the main rank's accuracy: {:.3}",
+                        acc
+                    )
+                })
+                .map_err(|e| e.to_string())
+        }
+        None => training_loop(cfg).map(drop).map_err(|e| e.to_string()),
+    };
+    if let Err(e) = outcome {
+        eprintln!("train_demo: {e}");
+        std::process::exit(1);
     }
-    let mut worst_t = Tensor::from(worst);
-    group.all_reduce(&mut worst_t, ReduceOp::Max)?;
-    group.barrier()?;
-    if state.is_main_process() {
-        println!(
-            "parameters identical on all {world} ranks: {} (largest difference {:.1e})",
-            worst_t.double_value(&[]) == 0.0,
-            worst_t.double_value(&[])
-        );
-    }
-    Ok(())
 }

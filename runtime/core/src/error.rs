@@ -135,21 +135,42 @@ pub enum Error {
     Torch {
         /// The operation that failed.
         op: &'static str,
-        /// libtorch's error (a `tch::TchError`; boxed so this crate needs no libtorch).
+        /// libtorch's message (from a `tch::TchError`, without its C++ stack trace).
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
 }
 
+/// libtorch's message without its C++ stack trace.
+#[derive(Debug)]
+struct TorchMessage(String);
+
+impl std::fmt::Display for TorchMessage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for TorchMessage {}
+
 /// The `Result` of hasten's runtime.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
-    /// A libtorch error raised while doing `op`.
+    /// A libtorch error raised while doing `op`. libtorch appends a C++ stack trace of dozens of lines to
+    /// its messages; only the message is kept, so a rank's report stays readable.
     pub fn torch(op: &'static str, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        let text = source.to_string();
+        let message = text
+            .split("\nException raised from")
+            .next()
+            .unwrap_or(&text)
+            .trim_start_matches("Internal torch error: ")
+            .trim()
+            .to_owned();
         Error::Torch {
             op,
-            source: Box::new(source),
+            source: Box::new(TorchMessage(message)),
         }
     }
 

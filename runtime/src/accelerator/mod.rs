@@ -511,7 +511,10 @@ impl Accelerator {
             let norms: Vec<Tensor> = grads
                 .iter()
                 .map(|g| {
-                    g.f_norm_scalaropt_dim(norm_type, [-1i64].as_slice(), false)
+                    g.f_reshape([-1])
+                        .and_then(|flat| {
+                            flat.f_norm_scalaropt_dim(norm_type, [0i64].as_slice(), false)
+                        })
                         .and_then(|n| n.f_to_kind(tch::Kind::Float))
                 })
                 .map(|r| r.map_err(torch))
