@@ -1,4 +1,4 @@
-"""Python Accelerate's side of L1 (`l1`) and of C1/C2 (`c`), using the functions of
+"""Python Accelerate's side of L1 (`l1`), C1/C2 (`c`) and S/M training (`S`, `M`), using the functions of
 shared/bench/py_anchor.py, which the device run copies next to this file."""
 import os
 import sys
@@ -17,5 +17,8 @@ if __name__ == "__main__":
         p.emit(part="launch_total_s", value=time.time() - t0)
     elif what == "c":
         notebook_launcher(p.allreduce_bw, (0,), num_processes=n)
+    elif what in ("S", "M"):
+        steps, warm = (300, 30) if what == "S" else (30, 5)
+        notebook_launcher(p.train, (what, steps, warm, 0), num_processes=n)
     else:
         sys.exit(f"unknown part {what}")

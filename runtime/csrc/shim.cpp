@@ -5,6 +5,7 @@
 // bf16 as well, and CPU autocast, so we set the device type's enabled flag and dtype ourselves.
 
 #include <ATen/autocast_mode.h>
+#include <cstdio>
 
 namespace {
 c10::DeviceType device_type(int device) {
@@ -68,6 +69,55 @@ void hasten_autocast_clear_cache() {
   try {
     at::autocast::clear_cache();
   } catch (...) {
+  }
+}
+
+}  // extern "C"
+
+// Optimizer support. tch's tensors are `at::Tensor*` behind an opaque pointer.
+#include <ATen/ops/_fused_adamw.h>
+#include <vector>
+
+extern "C" {
+
+// Drops each tensor's gradient (PyTorch's zero_grad(set_to_none=True), its default since 2.0): the next
+// backward writes fresh gradients instead of zero-filling and then adding.
+int hasten_clear_grads(at::Tensor** tensors, int n) {
+  try {
+    for (int i = 0; i < n; ++i) {
+      tensors[i]->mutable_grad().reset();
+    }
+    return 0;
+  } catch (...) {
+    return -1;
+  }
+}
+
+// One fused AdamW step over every parameter that has a gradient (at::_fused_adamw_, the kernel behind
+// torch.optim.AdamW(fused=True)). State tensors are per parameter; steps are float tensors on the device.
+int hasten_fused_adamw(at::Tensor** params, at::Tensor** exp_avgs, at::Tensor** exp_avg_sqs, at::Tensor** steps,
+                       int n, double lr, double beta1, double beta2, double weight_decay, double eps) {
+  try {
+    std::vector<at::Tensor> p, g, m, v, s;
+    for (int i = 0; i < n; ++i) {
+      const at::Tensor& grad = params[i]->grad();
+      if (!grad.defined()) continue;
+      // The kernel expects the step count already advanced (torch.optim does `_foreach_add_(steps, 1)`).
+      steps[i]->add_(1);
+      p.push_back(*params[i]);
+      g.push_back(grad);
+      m.push_back(*exp_avgs[i]);
+      v.push_back(*exp_avg_sqs[i]);
+      s.push_back(*steps[i]);
+    }
+    if (p.empty()) return 0;
+    at::_fused_adamw_(p, g, m, v, {}, s, lr, beta1, beta2, weight_decay, eps, false, false);
+    return 0;
+  } catch (const std::exception& e) {
+    fprintf(stderr, "hasten_fused_adamw: %s\n", e.what());
+    return -1;
+  } catch (...) {
+    return -1;
   }
 }
 

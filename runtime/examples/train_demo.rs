@@ -7,7 +7,7 @@
 //! - on every GPU, in bf16:       `hasten launch --mixed_precision bf16 train_demo`
 //! - from a running program:      `train_demo --notebook 2` (calls `notebook_launcher` on itself)
 
-use hasten::tch::nn::{self, Module, OptimizerConfig};
+use hasten::tch::nn::{self, Module};
 use hasten::tch::{Device, Kind, Tensor};
 use hasten::{Accelerator, DataLoader, Schedule, TensorDataset};
 use serde::{Deserialize, Serialize};
@@ -61,10 +61,7 @@ fn training_loop(cfg: Config) -> hasten::Result<f64> {
         .add_fn(|x| x.relu())
         .add(nn::linear(&root / "fc3", 128, 4, Default::default()));
     let handle = acc.prepare_model(&mut vs)?;
-    let opt = nn::AdamW::default()
-        .build(&vs, cfg.lr)
-        .map_err(|e| hasten::Error::torch("AdamW", e))?;
-    let mut opt = acc.prepare_optimizer(opt, cfg.lr);
+    let mut opt = acc.prepare_optimizer(hasten::AdamW::new(&vs, cfg.lr), cfg.lr);
     let mut sched = acc.prepare_scheduler(
         Schedule::Cosine {
             warmup: total / 10,

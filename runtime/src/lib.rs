@@ -27,6 +27,7 @@ mod data;
 mod device;
 mod distributed;
 mod ops;
+mod optim;
 mod random;
 mod report;
 mod state;
@@ -69,6 +70,7 @@ pub use ops::{
     Nested, Reduction, concatenate, convert_to_fp32, listify, listify_tensor, map_tensors,
     send_to_device, slice_tensors, tensors_of,
 };
+pub use optim::{AdamW, Optimizer, clear_grads};
 pub use random::{HostRng, host_rng, set_seed};
 pub use report::env_report;
 pub use state::{GradientState, GradientStateHandle, ProcessState};

@@ -348,11 +348,16 @@ impl Accelerator {
         Ok(ModelHandle(self.models.len() - 1))
     }
 
-    /// Wraps an optimizer built over a prepared model's variables with learning rate `lr`.
-    pub fn prepare_optimizer(&mut self, opt: tch::nn::Optimizer, lr: f64) -> AcceleratedOptimizer {
-        let params = opt.trainable_variables();
+    /// Wraps an optimizer (a tch `nn::Optimizer`, or hasten's fused [`crate::AdamW`]) built over a prepared
+    /// model's variables with learning rate `lr`.
+    pub fn prepare_optimizer(
+        &mut self,
+        opt: impl crate::Optimizer + 'static,
+        lr: f64,
+    ) -> AcceleratedOptimizer {
+        let params = opt.params();
         AcceleratedOptimizer::new(
-            opt,
+            Box::new(opt),
             params,
             lr,
             self.gradient.clone(),

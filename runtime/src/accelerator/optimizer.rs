@@ -2,6 +2,7 @@
 //! `AcceleratedScheduler`), and the learning-rate schedules tch lacks.
 
 use super::precision::GradScaler;
+use crate::optim::Optimizer;
 use crate::{GradientStateHandle, Result};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -10,7 +11,7 @@ use tch::Tensor;
 /// An optimizer whose `step` and `zero_grad` act only on steps that synchronise gradients, and which
 /// unscales fp16 gradients and skips steps that overflowed.
 pub struct AcceleratedOptimizer {
-    opt: tch::nn::Optimizer,
+    opt: Box<dyn Optimizer>,
     params: Vec<Tensor>,
     gradient: GradientStateHandle,
     scaler: Option<Arc<Mutex<GradScaler>>>,
@@ -21,7 +22,7 @@ pub struct AcceleratedOptimizer {
 
 impl AcceleratedOptimizer {
     pub(crate) fn new(
-        mut opt: tch::nn::Optimizer,
+        mut opt: Box<dyn Optimizer>,
         params: Vec<Tensor>,
         lr: f64,
         gradient: GradientStateHandle,
@@ -53,7 +54,7 @@ impl AcceleratedOptimizer {
         }
         match &self.scaler {
             None => {
-                self.opt.step();
+                self.opt.step()?;
                 self.skipped.store(false, Ordering::SeqCst);
             }
             Some(scaler) => {
@@ -61,7 +62,7 @@ impl AcceleratedOptimizer {
                 s.unscale(&self.params)?;
                 let overflow = s.found_inf();
                 if !overflow {
-                    self.opt.step();
+                    self.opt.step()?;
                 }
                 s.update()?;
                 self.skipped.store(overflow, Ordering::SeqCst);
@@ -70,7 +71,7 @@ impl AcceleratedOptimizer {
         Ok(())
     }
 
-    /// Clears the gradients, unless this is an accumulation step.
+    /// Drops the gradients (set_to_none, PyTorch's default), unless this is an accumulation step.
     pub fn zero_grad(&mut self) {
         if self.gradient.get().sync_gradients {
             self.opt.zero_grad();
@@ -92,9 +93,9 @@ impl AcceleratedOptimizer {
         *self.lr.lock().unwrap_or_else(|e| e.into_inner()) = lr;
     }
 
-    /// The wrapped tch optimizer.
-    pub fn inner(&mut self) -> &mut tch::nn::Optimizer {
-        &mut self.opt
+    /// The wrapped optimizer.
+    pub fn inner(&mut self) -> &mut dyn Optimizer {
+        self.opt.as_mut()
     }
 
     pub(crate) fn lr_cell(&self) -> Arc<Mutex<f64>> {
@@ -247,7 +248,7 @@ mod tests {
         let gradient = GradientStateHandle::default();
         let skipped = Arc::new(AtomicBool::new(false));
         let mut opt = AcceleratedOptimizer::new(
-            opt,
+            Box::new(opt),
             vec![w.shallow_clone()],
             0.1,
             gradient,

@@ -1,0 +1,170 @@
+//! S1/S2 and M1/M2 of shared/bench/WORKLOADS.md, run under `hasten launch --num_processes 1|2`:
+//! `bench-train S|M [--init FILE] [--steps N] [--warmup N] [--losses]`.
+//!
+//! With `--init FILE` the model's weights and the batch come from a safetensors file (written by
+//! `bench-train M --write-init FILE` and read by `py_train.py` too), so both sides start equal and their
+//! loss curves can be compared step by step (`--losses` prints every step's loss).
+
+#[path = "report.rs"]
+mod report;
+
+use hasten::tch::nn::{self, Module, OptimizerConfig};
+use hasten::tch::{Cuda, Device, Kind, Tensor};
+use hasten::{Accelerator, PrecisionType};
+use serde_json::json;
+use std::time::Instant;
+
+fn model_s(root: &nn::Path) -> nn::Sequential {
+    nn::seq()
+        .add(nn::linear(root / "0", 784, 512, Default::default()))
+        .add_fn(|x| x.relu())
+        .add(nn::linear(root / "2", 512, 512, Default::default()))
+        .add_fn(|x| x.relu())
+        .add(nn::linear(root / "4", 512, 10, Default::default()))
+}
+
+/// `x + down(gelu(up(layernorm(x))))`, named like the Python Block (`ln`, `up`, `down`).
+fn block(p: &nn::Path, d: i64, h: i64) -> nn::Func<'static> {
+    let ln = nn::layer_norm(p / "ln", vec![d], Default::default());
+    let up = nn::linear(p / "up", d, h, Default::default());
+    let down = nn::linear(p / "down", h, d, Default::default());
+    nn::func(move |x| x + down.forward(&up.forward(&ln.forward(x)).gelu("none")))
+}
+
+fn model_m(root: &nn::Path) -> nn::Sequential {
+    let (d, h) = (2048, 8192);
+    let mut seq = nn::seq();
+    for i in 0..8 {
+        seq = seq.add(block(&(root / i.to_string()), d, h));
+    }
+    seq.add(nn::linear(root / "8", d, d, Default::default()))
+}
+
+fn sync(device: Device) {
+    if let Device::Cuda(i) = device {
+        Cuda::synchronize(i as i64);
+    }
+}
+
+fn arg(args: &[String], name: &str) -> Option<String> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().collect();
+    let kind = args.get(1).cloned().unwrap_or_else(|| "S".into());
+    let is_m = kind == "M";
+    let mut acc = Accelerator::builder()
+        .mixed_precision(if is_m {
+            PrecisionType::Bf16
+        } else {
+            PrecisionType::No
+        })
+        .build()?;
+    let device = acc.device();
+    hasten::tch::manual_seed(0);
+    let mut vs = nn::VarStore::new(device);
+    let model = if is_m {
+        model_m(&vs.root())
+    } else {
+        model_s(&vs.root())
+    };
+    let (x, y) = if is_m {
+        (
+            Tensor::randn([16, 256, 2048], (Kind::Float, device)),
+            Tensor::randn([16, 256, 2048], (Kind::Float, device)),
+        )
+    } else {
+        (
+            Tensor::randn([128, 784], (Kind::Float, device)),
+            Tensor::randint(10, [128], (Kind::Int64, device)),
+        )
+    };
+    if let Some(path) = arg(&args, "--write-init") {
+        // Weights and batch for both sides of the loss-curve comparison.
+        let mut named: Vec<(String, Tensor)> = vs
+            .variables()
+            .into_iter()
+            .map(|(n, t)| (n, t.to_device(Device::Cpu)))
+            .collect();
+        named.push(("data.x".into(), x.to_device(Device::Cpu)));
+        named.push(("data.y".into(), y.to_device(Device::Cpu)));
+        Tensor::write_safetensors(&named, &path)?;
+        println!("wrote {} tensors to {path}", named.len());
+        return Ok(());
+    }
+    let (x, y) = match arg(&args, "--init") {
+        Some(path) => {
+            let loaded: std::collections::HashMap<String, Tensor> =
+                Tensor::read_safetensors(&path)?.into_iter().collect();
+            hasten::tch::no_grad(|| {
+                for (name, mut var) in vs.variables() {
+                    var.copy_(&loaded[&name]);
+                }
+            });
+            (
+                loaded["data.x"].to_device(device),
+                loaded["data.y"].to_device(device),
+            )
+        }
+        None => (x, y),
+    };
+    let handle = acc.prepare_model(&mut vs)?;
+    let _ = handle;
+    let lr = if is_m { 1e-4 } else { 1e-2 };
+    let mut opt = if is_m {
+        acc.prepare_optimizer(hasten::AdamW::new(&vs, lr), lr)
+    } else {
+        acc.prepare_optimizer(nn::Sgd::default().build(&vs, lr)?, lr)
+    };
+    let warmup: usize = arg(&args, "--warmup")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(if is_m { 5 } else { 30 });
+    let steps: usize = arg(&args, "--steps")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(if is_m { 30 } else { 300 });
+    let print_losses = args.iter().any(|a| a == "--losses");
+    let mut start = Instant::now();
+    let mut last_loss = 0.0;
+    let mut losses = Vec::new();
+    for i in 0..warmup + steps {
+        if i == warmup {
+            sync(device);
+            start = Instant::now();
+        }
+        opt.zero_grad();
+        let loss = if is_m {
+            let out = acc.autocast(|| model.forward(&x))?.to_kind(Kind::Float);
+            out.mse_loss(&y, hasten::tch::Reduction::Mean)
+        } else {
+            model.forward(&x).cross_entropy_for_logits(&y)
+        };
+        acc.backward(&loss)?;
+        opt.step()?;
+        if print_losses {
+            losses.push(loss.double_value(&[]));
+        }
+        if i + 1 == warmup + steps {
+            last_loss = loss.double_value(&[]);
+        }
+    }
+    sync(device);
+    let elapsed = start.elapsed().as_secs_f64();
+    if acc.is_main_process() {
+        let per = if is_m { 16 * 256 } else { 128 };
+        let n = acc.num_processes();
+        report::emit(json!({
+            "part": format!("ddp_{kind}_np{n}"),
+            "steps_per_s": steps as f64 / elapsed,
+            "items_per_s_global": (steps * per * n) as f64 / elapsed,
+            "loss": last_loss,
+            "params": vs.trainable_variables().iter().map(|t| t.numel()).sum::<usize>(),
+        }));
+        if print_losses {
+            report::emit(json!({"part": format!("losses_{kind}_np{n}"), "losses": losses}));
+        }
+    }
+    Ok(())
+}
