@@ -54,6 +54,26 @@ impl Ran {
     pub fn all(&self) -> String {
         format!("--- stdout\n{}--- stderr\n{}", self.stdout, self.stderr)
     }
+
+    /// Asserts that standard output contains `text`, showing everything the command printed if not.
+    #[track_caller]
+    pub fn expect_stdout(&self, text: &str) {
+        assert!(
+            self.stdout.contains(text),
+            "missing {text:?} in stdout\n{}",
+            self.all()
+        );
+    }
+
+    /// Asserts that standard error contains `text`, showing everything the command printed if not.
+    #[track_caller]
+    pub fn expect_stderr(&self, text: &str) {
+        assert!(
+            self.stderr.contains(text),
+            "missing {text:?} in stderr\n{}",
+            self.all()
+        );
+    }
 }
 
 /// Runs a command to completion with extra environment variables.

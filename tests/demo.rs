@@ -36,18 +36,10 @@ fn the_demo_trains_on_two_processes_through_hasten_launch() {
         .arg(demo());
         let ran = run(cmd, &[]);
         assert_eq!(ran.code, 0, "{}", ran.all());
-        assert!(
-            ran.stdout.contains(&format!(
-                "[rank0]: training on 2 process(es), Cpu (MULTI_CPU), mixed precision {precision}"
-            )),
-            "{}",
-            ran.all()
-        );
-        assert!(
-            ran.stdout.contains("[rank0]: epoch 5: loss"),
-            "{}",
-            ran.all()
-        );
+        ran.expect_stdout(&format!(
+            "[rank0]: training on 2 process(es), Cpu (MULTI_CPU), mixed precision {precision}"
+        ));
+        ran.expect_stdout("[rank0]: epoch 5: loss");
         assert!(
             !ran.stdout.contains("[rank1]: epoch"),
             "only the main process prints: {}",
@@ -65,20 +57,7 @@ fn the_demo_trains_inside_notebook_launcher() {
         .env("CUDA_VISIBLE_DEVICES", "");
     let ran = run(cmd, &[]);
     assert_eq!(ran.code, 0, "{}", ran.all());
-    assert!(
-        ran.stderr.contains("Launching training on 3 CPUs."),
-        "{}",
-        ran.all()
-    );
-    assert!(
-        ran.stdout.contains("[rank0]: training on 3 process(es)"),
-        "{}",
-        ran.all()
-    );
-    assert!(
-        ran.stdout
-            .contains("notebook_launcher returned the main rank's accuracy: 0.9"),
-        "{}",
-        ran.all()
-    );
+    ran.expect_stderr("Launching training on 3 CPUs.");
+    ran.expect_stdout("[rank0]: training on 3 process(es)");
+    ran.expect_stdout("notebook_launcher returned the main rank's accuracy: 0.9");
 }

@@ -17,11 +17,7 @@ fn expect_clean_exit(ran: &Ran, world: usize) {
     let expected_sum = (world * (world + 1) / 2) as f64;
     for rank in 0..world {
         let line = format!("[rank{rank}]: rank {rank} all_reduce sum = {expected_sum}");
-        assert!(
-            ran.stdout.contains(&line),
-            "missing {line:?}\n{}",
-            ran.all()
-        );
+        ran.expect_stdout(&line);
     }
 }
 
@@ -38,7 +34,7 @@ fn two_three_and_four_ranks_on_cpu() {
         for rank in 0..world {
             let ready =
                 format!("[rank{rank}]: rank {rank} of {world} (local {rank} of {world}) ready");
-            assert!(ran.stdout.contains(&ready), "{}", ran.all());
+            ran.expect_stdout(&ready);
         }
     }
 }
@@ -80,11 +76,7 @@ fn custom_prefix_template() {
         &[],
     );
     assert_eq!(ran.code, 0, "{}", ran.all());
-    assert!(
-        ran.stdout.contains("<1/1> rank 1 all_reduce sum = 3"),
-        "{}",
-        ran.all()
-    );
+    ran.expect_stdout("<1/1> rank 1 all_reduce sum = 3");
 }
 
 /// A failing rank: the launcher returns quickly, names the rank and cause, and leaves no process.
@@ -98,13 +90,9 @@ fn failing_rank(mode: &str, world: usize, expected_code: i32, expected_cause: &s
         &[("HASTEN_TEST_PID_DIR", pids.path().to_str().unwrap())],
     );
     assert_failed_cleanly(&ran, expected_code, "", expected_cause, pids.path(), world);
-    assert!(
-        ran.stderr.contains("rank 1 fails on purpose"),
-        "{}",
-        ran.all()
-    );
+    ran.expect_stderr("rank 1 fails on purpose");
     if mode == "panic" {
-        assert!(ran.stderr.contains(": rank 1 gives up\n"), "{}", ran.all());
+        ran.expect_stderr(": rank 1 gives up\n");
     }
 }
 
@@ -133,11 +121,7 @@ fn a_rank_ignoring_sigterm_is_killed() {
         &[("HASTEN_TEST_PID_DIR", pids.path().to_str().unwrap())],
     );
     assert_eq!(ran.code, 3, "{}", ran.all());
-    assert!(
-        ran.stderr.contains("rank 2 failed: exited with code 3"),
-        "{}",
-        ran.all()
-    );
+    ran.expect_stderr("rank 2 failed: exited with code 3");
     assert!(
         ran.elapsed < Duration::from_secs(10),
         "took {:?}",
@@ -164,16 +148,8 @@ fn max_restarts_reruns_the_group() {
         &[],
     );
     assert_eq!(ran.code, 3, "{}", ran.all());
-    assert!(
-        ran.stderr.contains("restarting the group (1/2)"),
-        "{}",
-        ran.all()
-    );
-    assert!(
-        ran.stderr.contains("restarting the group (2/2)"),
-        "{}",
-        ran.all()
-    );
+    ran.expect_stderr("restarting the group (1/2)");
+    ran.expect_stderr("restarting the group (2/2)");
     assert_eq!(
         ran.stdout.matches("[rank0]: rank 0 of 2").count(),
         3,
@@ -214,34 +190,16 @@ fn two_machines_on_loopback() {
     assert_eq!(a.code, 0, "{}", a.all());
     assert_eq!(b.code, 0, "{}", b.all());
     for rank in 0..2 {
-        assert!(
-            a.stdout.contains(&format!(
-                "[rank{rank}]: rank {rank} of 4 (local {rank} of 2) ready"
-            )),
-            "{}",
-            a.all()
-        );
-        assert!(
-            a.stdout
-                .contains(&format!("[rank{rank}]: rank {rank} all_reduce sum = 10")),
-            "{}",
-            a.all()
-        );
+        a.expect_stdout(&format!(
+            "[rank{rank}]: rank {rank} of 4 (local {rank} of 2) ready"
+        ));
+        a.expect_stdout(&format!("[rank{rank}]: rank {rank} all_reduce sum = 10"));
     }
     for (rank, local) in [(2, 0), (3, 1)] {
-        assert!(
-            b.stdout.contains(&format!(
-                "[rank{rank}]: rank {rank} of 4 (local {local} of 2) ready"
-            )),
-            "{}",
-            b.all()
-        );
-        assert!(
-            b.stdout
-                .contains(&format!("[rank{rank}]: rank {rank} all_reduce sum = 10")),
-            "{}",
-            b.all()
-        );
+        b.expect_stdout(&format!(
+            "[rank{rank}]: rank {rank} of 4 (local {local} of 2) ready"
+        ));
+        b.expect_stdout(&format!("[rank{rank}]: rank {rank} all_reduce sum = 10"));
     }
 }
 
@@ -249,14 +207,10 @@ fn two_machines_on_loopback() {
 fn bad_launch_arguments_are_refused_before_starting() {
     let ran = launch(&["--num_processes", "3", "--num_machines", "2"], &[], &[]);
     assert_eq!(ran.code, 1, "{}", ran.all());
-    assert!(ran.stderr.contains("--num_processes 3"), "{}", ran.all());
+    ran.expect_stderr("--num_processes 3");
     let ran = launch(&["--config_file", "/nonexistent/hasten.yaml"], &[], &[]);
     assert_eq!(ran.code, 1, "{}", ran.all());
-    assert!(
-        ran.stderr.contains("/nonexistent/hasten.yaml"),
-        "{}",
-        ran.all()
-    );
+    ran.expect_stderr("/nonexistent/hasten.yaml");
     let mut cmd = Command::new(hasten());
     cmd.args([
         "launch",
@@ -269,12 +223,7 @@ fn bad_launch_arguments_are_refused_before_starting() {
     ]);
     let ran = run(cmd, &[]);
     assert_eq!(ran.code, 1, "{}", ran.all());
-    assert!(
-        ran.stderr
-            .contains("could not start rank 0 (/nonexistent/program)"),
-        "{}",
-        ran.all()
-    );
+    ran.expect_stderr("could not start rank 0 (/nonexistent/program)");
 }
 
 #[test]
@@ -309,20 +258,12 @@ fn config_default_writes_once() {
     };
     let first = write();
     assert_eq!(first.code, 0, "{}", first.all());
-    assert!(
-        first.stdout.contains("hasten config saved at"),
-        "{}",
-        first.all()
-    );
+    first.expect_stdout("hasten config saved at");
     let text = std::fs::read_to_string(&path).unwrap();
     assert!(text.contains("\"mixed_precision\": \"bf16\""), "{text}");
     let second = write();
     assert_ne!(second.code, 0);
-    assert!(
-        second.stderr.contains("will not override"),
-        "{}",
-        second.all()
-    );
+    second.expect_stderr("will not override");
     assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
 }
 
@@ -332,16 +273,8 @@ fn env_report_runs_without_ld_library_path() {
     cmd.args(["env", "--check"]).env_remove("LD_LIBRARY_PATH");
     let ran = run(cmd, &[]);
     assert_eq!(ran.code, 0, "{}", ran.all());
-    assert!(
-        ran.stdout.contains("- libtorch version: 2.11.0"),
-        "{}",
-        ran.all()
-    );
-    assert!(
-        ran.stdout.contains("- Cpu: ok, max relative error"),
-        "{}",
-        ran.all()
-    );
+    ran.expect_stdout("- libtorch version: 2.11.0");
+    ran.expect_stdout("- Cpu: ok, max relative error");
 }
 
 #[test]
@@ -358,11 +291,7 @@ fn every_operation_through_hasten_launch_on_2_3_and_4_ranks() {
                 let line = format!(
                     "[rank{rank}]: ops checks on rank {rank} (cpu, {n} processes): 9 passed, 0 failed"
                 );
-                assert!(
-                    ran.stdout.contains(&line),
-                    "missing {line:?}\n{}",
-                    ran.all()
-                );
+                ran.expect_stdout(&line);
             }
         }
     }

@@ -19,21 +19,12 @@ fn every_operation_on_2_3_and_4_forked_ranks() {
     for n in ["2", "3", "4"] {
         let ran = notebook(&["ops", n], &[]);
         assert_eq!(ran.code, 0, "{}", ran.all());
-        assert!(
-            ran.stderr
-                .contains(&format!("Launching training on {n} CPUs.")),
-            "{}",
-            ran.all()
-        );
+        ran.expect_stderr(&format!("Launching training on {n} CPUs."));
         for rank in 0..n.parse::<usize>().unwrap() {
             let line = format!(
                 "[rank{rank}]: ops checks on rank {rank} (cpu, {n} processes): 9 passed, 0 failed"
             );
-            assert!(
-                ran.stdout.contains(&line),
-                "missing {line:?}\n{}",
-                ran.all()
-            );
+            ran.expect_stdout(&line);
         }
         assert!(!ran.stdout.contains("FAILED"), "{}", ran.all());
     }
@@ -43,12 +34,7 @@ fn every_operation_on_2_3_and_4_forked_ranks() {
 fn debug_launcher_runs_on_cpu() {
     let ran = notebook(&["debug", "3"], &[]);
     assert_eq!(ran.code, 0, "{}", ran.all());
-    assert!(
-        ran.stdout
-            .contains("[rank2]: ops checks on rank 2 (cpu, 3 processes): 9 passed"),
-        "{}",
-        ran.all()
-    );
+    ran.expect_stdout("[rank2]: ops checks on rank 2 (cpu, 3 processes): 9 passed");
 }
 
 #[test]
@@ -59,20 +45,11 @@ fn the_main_rank_returns_its_value() {
         &[("HASTEN_TEST_PID_DIR", pids.path().to_str().unwrap())],
     );
     assert_eq!(ran.code, 0, "{}", ran.all());
-    assert!(
-        ran.stdout.contains(
-            r#"returned: Summary { world: 3, ranks_seen: [0, 1, 2], note: "hello from rank 0" }"#
-        ),
-        "{}",
-        ran.all()
+    ran.expect_stdout(
+        r#"returned: Summary { world: 3, ranks_seen: [0, 1, 2], note: "hello from rank 0" }"#,
     );
     for rank in 0..3 {
-        assert!(
-            ran.stdout
-                .contains(&format!("[rank{rank}]: rank {rank} says hello")),
-            "{}",
-            ran.all()
-        );
+        ran.expect_stdout(&format!("[rank{rank}]: rank {rank} says hello"));
     }
 }
 
@@ -97,23 +74,14 @@ fn a_panicking_rank_is_named_with_its_message() {
     failing("panic", "2", 101, "panicked at tests/bin/notebook.rs");
     failing("panic", "3", 101, "panicked at tests/bin/notebook.rs");
     let ran = notebook(&["fail", "2", "panic"], &[]);
-    assert!(
-        ran.stderr.contains(": rank 1 cannot go on\nlast lines"),
-        "{}",
-        ran.all()
-    );
+    ran.expect_stderr(": rank 1 cannot go on\nlast lines");
 }
 
 #[test]
 fn an_error_return_is_a_failure() {
     failing("error", "3", 1, "exited with code 1");
     let ran = notebook(&["fail", "2", "error"], &[]);
-    assert!(
-        ran.stderr
-            .contains("rank 1 returned an error: the loss is NaN"),
-        "{}",
-        ran.all()
-    );
+    ran.expect_stderr("rank 1 returned an error: the loss is NaN");
 }
 
 #[test]
@@ -126,51 +94,24 @@ fn exit_3_and_sigkill_are_failures() {
 fn one_process_runs_in_process() {
     let ran = notebook(&["single"], &[]);
     assert_eq!(ran.code, 0, "{}", ran.all());
-    assert!(
-        ran.stdout
-            .contains("single process: same pid true, value 42"),
-        "{}",
-        ran.all()
-    );
-    assert!(
-        ran.stderr.contains("Launching training on CPU."),
-        "{}",
-        ran.all()
-    );
+    ran.expect_stdout("single process: same pid true, value 42");
+    ran.expect_stderr("Launching training on CPU.");
 }
 
 #[test]
 fn an_existing_process_group_is_refused() {
     let ran = notebook(&["refuse-group"], &[]);
     assert_eq!(ran.code, 0, "{}", ran.all());
-    assert!(
-        ran.stderr
-            .contains("refused: invalid launch: a process group (or Accelerator) already exists"),
-        "{}",
-        ran.all()
-    );
+    ran.expect_stderr("refused: invalid launch: a process group (or Accelerator) already exists");
 }
 
 #[test]
 fn max_restarts_restarts_the_group() {
     let ran = notebook(&["restarts"], &[]);
     assert_eq!(ran.code, 1, "{}", ran.all());
-    assert!(
-        ran.stderr.contains("restarting the group (1/2)"),
-        "{}",
-        ran.all()
-    );
-    assert!(
-        ran.stderr.contains("restarting the group (2/2)"),
-        "{}",
-        ran.all()
-    );
-    assert!(
-        ran.stderr
-            .contains("rank 1 returned an error: always failing"),
-        "{}",
-        ran.all()
-    );
+    ran.expect_stderr("restarting the group (1/2)");
+    ran.expect_stderr("restarting the group (2/2)");
+    ran.expect_stderr("rank 1 returned an error: always failing");
 }
 
 #[test]
@@ -181,12 +122,7 @@ fn an_interrupt_stops_every_rank_and_spares_the_caller() {
         &[("HASTEN_TEST_PID_DIR", pids.path().to_str().unwrap())],
     );
     assert_eq!(ran.code, 0, "{}", ran.all());
-    assert!(
-        ran.stdout
-            .contains("interrupted, and this process lives on"),
-        "{}",
-        ran.all()
-    );
+    ran.expect_stdout("interrupted, and this process lives on");
     assert!(
         ran.elapsed < Duration::from_secs(10),
         "took {:?}",

@@ -50,12 +50,7 @@ fn torchrun_style_environment_is_enough() {
     for (rank, child) in children.into_iter().enumerate() {
         let ran = finish(child);
         assert_eq!(ran.code, 0, "{}", ran.all());
-        assert!(
-            ran.stdout
-                .contains(&format!("rank {rank} all_reduce sum = 6")),
-            "{}",
-            ran.all()
-        );
+        ran.expect_stdout(&format!("rank {rank} all_reduce sum = 6"));
     }
 }
 
@@ -76,7 +71,7 @@ fn slurm_style_environment_is_enough() {
     for child in children {
         let ran = finish(child);
         assert_eq!(ran.code, 0, "{}", ran.all());
-        assert!(ran.stdout.contains("all_reduce sum = 3"), "{}", ran.all());
+        ran.expect_stdout("all_reduce sum = 3");
     }
 }
 
@@ -88,11 +83,8 @@ fn wrong_world_size_fails_on_both_sides() {
     let (m, s) = (finish(master), finish(stranger));
     for ran in [&m, &s] {
         assert_ne!(ran.code, 0, "{}", ran.all());
-        assert!(
-            ran.stderr.contains("wrong world size: rank 1") && ran.stderr.contains("WORLD_SIZE=3"),
-            "{}",
-            ran.all()
-        );
+        ran.expect_stderr("wrong world size: rank 1");
+        ran.expect_stderr("WORLD_SIZE=3");
     }
 }
 
@@ -123,13 +115,9 @@ fn unreachable_master_times_out_with_a_clear_error() {
     env.push(("HASTEN_RDZV_TIMEOUT", "1".into()));
     let ran = finish(start(&env));
     assert_ne!(ran.code, 0);
-    assert!(
-        ran.stderr.contains(&format!(
-            "rank 1 could not reach the master at 127.0.0.1:{port} within 1 s"
-        )),
-        "{}",
-        ran.all()
-    );
+    ran.expect_stderr(&format!(
+        "rank 1 could not reach the master at 127.0.0.1:{port} within 1 s"
+    ));
     assert!(ran.elapsed < Duration::from_secs(5));
 }
 
@@ -140,20 +128,12 @@ fn missing_ranks_time_out_on_the_master() {
     env.push(("HASTEN_RDZV_TIMEOUT", "1".into()));
     let ran = finish(start(&env));
     assert_ne!(ran.code, 0);
-    assert!(
-        ran.stderr.contains("waiting for rank(s) 1, 2 to join"),
-        "{}",
-        ran.all()
-    );
+    ran.expect_stderr("waiting for rank(s) 1, 2 to join");
 }
 
 #[test]
 fn inconsistent_contract_is_refused_before_connecting() {
     let ran = finish(start(&[("RANK", "2".into()), ("WORLD_SIZE", "2".into())]));
     assert_ne!(ran.code, 0);
-    assert!(
-        ran.stderr.contains("RANK=2 must be less than WORLD_SIZE=2"),
-        "{}",
-        ran.all()
-    );
+    ran.expect_stderr("RANK=2 must be less than WORLD_SIZE=2");
 }

@@ -24,11 +24,7 @@ fn check(mode: &str) {
         assert_eq!(ran.code, 0, "{}", ran.all());
         for rank in 0..n.parse::<usize>().unwrap() {
             let line = format!("[rank{rank}]: training check {mode}: ok");
-            assert!(
-                ran.stdout.contains(&line),
-                "missing {line:?}\n{}",
-                ran.all()
-            );
+            ran.expect_stdout(&line);
         }
     }
 }

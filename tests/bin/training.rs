@@ -62,6 +62,20 @@ fn max_rel_diff(a: &[(String, Tensor)], b: &nn::VarStore) -> f64 {
         .fold(0.0, f64::max)
 }
 
+/// The prepared model's weights equal the reference's within 1e-5 (relative), or `what` and the difference.
+fn same_weights(
+    acc: &Accelerator,
+    handle: hasten::ModelHandle,
+    reference: &nn::VarStore,
+    what: &str,
+) -> Check {
+    let diff = max_rel_diff(&acc.unwrap_model(handle).map_err(err)?, reference);
+    if diff > 1e-5 {
+        return Err(format!("{what} by {diff:.2e} (relative)"));
+    }
+    Ok(())
+}
+
 /// After K steps, DDP parameters equal a single-process run on the concatenated batch.
 fn ddp(acc: &mut Accelerator) -> Check {
     let (p, r) = (acc.num_processes() as i64, acc.process_index() as i64);
@@ -101,13 +115,12 @@ fn ddp(acc: &mut Accelerator) -> Check {
             .backward();
         ref_opt.step();
     }
-    let diff = max_rel_diff(&acc.unwrap_model(handle).map_err(err)?, &ref_vs);
-    if diff > 1e-5 {
-        return Err(format!(
-            "DDP parameters differ from the single-process run by {diff:.2e} (relative)"
-        ));
-    }
-    Ok(())
+    same_weights(
+        acc,
+        handle,
+        &ref_vs,
+        "DDP parameters differ from the single-process run",
+    )
 }
 
 /// N accumulated micro-batches equal one N-times batch; gradients stay local until the sync step.
@@ -168,13 +181,12 @@ fn accumulate(acc: &mut Accelerator) -> Check {
         .mse_loss(&y, hasten::tch::Reduction::Mean)
         .backward();
     ref_opt.step();
-    let diff = max_rel_diff(&acc.unwrap_model(handle).map_err(err)?, &ref_vs);
-    if diff > 1e-5 {
-        return Err(format!(
-            "accumulated run differs from one {n}x batch by {diff:.2e} (relative)"
-        ));
-    }
-    Ok(())
+    same_weights(
+        acc,
+        handle,
+        &ref_vs,
+        &format!("the accumulated run differs from one {n}x batch"),
+    )
 }
 
 fn loader(
