@@ -53,3 +53,8 @@ fn the_scheduler_steps_once_per_process_per_optimizer_step() {
 fn gather_for_metrics_returns_the_dataset_exactly() {
     check("metrics");
 }
+
+#[test]
+fn gather_for_metrics_returns_an_iterable_dataset_exactly() {
+    check("metrics_iterable");
+}

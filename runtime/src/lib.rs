@@ -50,8 +50,8 @@ pub use hasten_core::{
 // Accelerate's file names for checkpoints and weights.
 pub use data::{
     BatchSampler, BatchSamplerShard, BatchSource, Batches, Collate, DataLoader, DataLoaderShard,
-    Dataset, FixedBatches, IterableDatasetShard, Sampler, ShardBatches, ShardOptions,
-    TensorDataset,
+    Dataset, FixedBatches, IterableDataLoader, IterableDataLoaderShard, IterableDataset,
+    IterableDatasetShard, Sampler, ShardBatches, ShardOptions, TensorDataset,
 };
 pub use device::{
     GpuInfo, MatmulCheck, cuda_device_count, cuda_devices, is_bf16_available, is_cuda_available,

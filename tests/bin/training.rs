@@ -1,6 +1,6 @@
 //! Correctness checks of the training library, run on every rank under `hasten launch`:
 //! `hasten-test-training MODE` with MODE one of `ddp`, `accumulate`, `dataloader_end`, `scheduler`,
-//! `metrics`. Prints `training check MODE: ok` or `... FAILED: why` and exits non-zero on failure.
+//! `metrics`, `metrics_iterable`. Prints `training check MODE: ok` or `... FAILED: why` and exits non-zero on failure.
 
 use hasten::tch::nn::{self, Module, OptimizerConfig};
 use hasten::tch::{Device, Kind, Tensor};
@@ -295,6 +295,35 @@ fn metrics(acc: &mut Accelerator) -> Check {
     Ok(())
 }
 
+/// The same for an iterable dataset of known length.
+fn metrics_iterable(acc: &mut Accelerator) -> Check {
+    struct Labels;
+    impl hasten::IterableDataset for Labels {
+        type Item = i64;
+        fn iter(&self, _epoch: u64) -> Box<dyn Iterator<Item = i64> + Send + '_> {
+            Box::new(0..21)
+        }
+        fn known_len(&self) -> Option<usize> {
+            Some(21)
+        }
+    }
+    let dl = acc.prepare_iterable_data_loader(hasten::IterableDataLoader::new(Labels, 4));
+    let mut seen = Vec::new();
+    for batch in dl.iter().map_err(err)? {
+        let all = acc.gather_for_metrics(batch.map_err(err)?).map_err(err)?;
+        seen.extend(Vec::<i64>::try_from(&all).map_err(err)?);
+    }
+    let mut sorted = seen.clone();
+    sorted.sort_unstable();
+    if sorted != (0..21).collect::<Vec<_>>() {
+        return Err(format!(
+            "gathered {} labels {seen:?}, want each of 0..21 once",
+            seen.len()
+        ));
+    }
+    Ok(())
+}
+
 fn main() {
     let mode = std::env::args().nth(1).unwrap_or_default();
     let builder = Accelerator::builder().cpu(true);
@@ -317,6 +346,7 @@ fn main() {
             "dataloader_end" => dataloader_end(&mut acc),
             "scheduler" => scheduler(&mut acc),
             "metrics" => metrics(&mut acc),
+            "metrics_iterable" => metrics_iterable(&mut acc),
             other => Err(format!("unknown mode {other:?}")),
         });
     match outcome {

@@ -386,20 +386,39 @@ impl Accelerator {
         )
     }
 
-    /// Prepares a data loader: this rank's shard of every epoch, on this rank's device.
-    pub fn prepare_data_loader<D: Dataset + 'static, B: Nested + Send + 'static>(
-        &mut self,
-        loader: DataLoader<D, B>,
-    ) -> DataLoaderShard<D, B> {
-        let options = ShardOptions {
+    fn shard_options(&self) -> ShardOptions {
+        ShardOptions {
             num_processes: self.num_processes(),
             process_index: self.process_index(),
             split_batches: self.dataloader.split_batches,
             even_batches: self.dataloader.even_batches,
             device: self.state.device,
             non_blocking: self.dataloader.non_blocking,
-        };
+        }
+    }
+
+    /// Prepares a data loader: this rank's shard of every epoch, on this rank's device.
+    pub fn prepare_data_loader<D: Dataset + 'static, B: Nested + Send + 'static>(
+        &mut self,
+        loader: DataLoader<D, B>,
+    ) -> DataLoaderShard<D, B> {
+        let options = self.shard_options();
         DataLoaderShard::new(loader, options, self.gradient.clone())
+    }
+
+    /// Prepares a loader over an iterable dataset: each rank keeps its slice of every window of
+    /// `batch_size × P` samples (Accelerate's `IterableDatasetShard`, i.e. `dispatch_batches=False`), on its
+    /// device. (Dispatching batches from rank 0, Accelerate's default for iterable datasets, is not
+    /// offered: every rank reads the stream.)
+    pub fn prepare_iterable_data_loader<
+        D: crate::IterableDataset + 'static,
+        B: Nested + Send + 'static,
+    >(
+        &mut self,
+        loader: crate::IterableDataLoader<D, B>,
+    ) -> crate::IterableDataLoaderShard<D, B> {
+        let options = self.shard_options();
+        crate::IterableDataLoaderShard::new(loader, options, self.gradient.clone())
     }
 
     /// Runs `f` under this Accelerator's mixed precision (fp16/bf16 autocast), as `accelerator.autocast()`.

@@ -2,11 +2,13 @@
 //! sharding of batches between processes.
 
 mod dataset;
+mod iterable;
 mod loader;
 mod sampler;
 mod shard;
 
 pub use dataset::{Collate, Dataset, TensorDataset};
+pub use iterable::{IterableDataLoader, IterableDataLoaderShard, IterableDataset};
 pub use loader::{Batches, DataLoader, DataLoaderShard, ShardBatches, ShardOptions};
 pub use sampler::{BatchSampler, BatchSource, FixedBatches, Sampler};
 pub use shard::{BatchSamplerShard, IterableDatasetShard};

@@ -1,0 +1,249 @@
+//! Iterable datasets (streams without random access) and their loader. Prepared, each rank keeps its
+//! contiguous slice of every window of `batch_size × P` items, as Accelerate's `IterableDatasetShard`
+//! does when batches are not dispatched from rank 0.
+
+use super::dataset::Collate;
+use super::loader::ShardOptions;
+use super::shard::IterableDatasetShard;
+use crate::{GradientStateHandle, Nested, Result, send_to_device};
+use std::sync::Arc;
+
+/// A dataset read as a stream (PyTorch's `IterableDataset`).
+pub trait IterableDataset: Send + Sync {
+    /// One sample.
+    type Item: Send + Clone + 'static;
+    /// The samples of one epoch, in order (`epoch` lets a dataset reshuffle its sources).
+    fn iter(&self, epoch: u64) -> Box<dyn Iterator<Item = Self::Item> + Send + '_>;
+    /// The number of samples, when known (it lets `gather_for_metrics` drop the padding at the end).
+    fn known_len(&self) -> Option<usize> {
+        None
+    }
+}
+
+type CollateFn<I, B> = Arc<dyn Fn(Vec<I>) -> Result<B> + Send + Sync>;
+
+/// Batches of an iterable dataset.
+pub struct IterableDataLoader<D: IterableDataset, B> {
+    dataset: Arc<D>,
+    batch_size: usize,
+    drop_last: bool,
+    collate: CollateFn<D::Item, B>,
+    epoch: u64,
+}
+
+impl<D> IterableDataLoader<D, <D::Item as Collate>::Batch>
+where
+    D: IterableDataset + 'static,
+    D::Item: Collate,
+{
+    /// Batches of `batch_size` in stream order, collated with [`Collate`].
+    pub fn new(dataset: D, batch_size: usize) -> Self {
+        IterableDataLoader {
+            dataset: Arc::new(dataset),
+            batch_size: batch_size.max(1),
+            drop_last: false,
+            collate: Arc::new(<D::Item as Collate>::collate),
+            epoch: 0,
+        }
+    }
+}
+
+impl<D: IterableDataset + 'static, B: Send + 'static> IterableDataLoader<D, B> {
+    /// Drops a short last batch (default false).
+    pub fn drop_last(mut self, on: bool) -> Self {
+        self.drop_last = on;
+        self
+    }
+
+    /// Uses `f` instead of the default collation.
+    pub fn collate_fn<B2: Send + 'static>(
+        self,
+        f: impl Fn(Vec<D::Item>) -> Result<B2> + Send + Sync + 'static,
+    ) -> IterableDataLoader<D, B2> {
+        IterableDataLoader {
+            dataset: self.dataset,
+            batch_size: self.batch_size,
+            drop_last: self.drop_last,
+            collate: Arc::new(f),
+            epoch: self.epoch,
+        }
+    }
+
+    /// Sets the epoch passed to the dataset.
+    pub fn set_epoch(&mut self, epoch: u64) {
+        self.epoch = epoch;
+    }
+
+    /// Samples per batch.
+    pub fn batch_size(&self) -> usize {
+        self.batch_size
+    }
+
+    /// The batches of one epoch.
+    pub fn iter(&self) -> impl Iterator<Item = Result<B>> + '_ {
+        chunked(
+            self.dataset.iter(self.epoch),
+            self.batch_size,
+            self.drop_last,
+        )
+        .map(move |items| (self.collate)(items))
+    }
+}
+
+/// Groups a stream into lists of `size` (the last one shorter unless `drop_last`).
+fn chunked<I: Iterator>(
+    mut items: I,
+    size: usize,
+    drop_last: bool,
+) -> impl Iterator<Item = Vec<I::Item>> {
+    std::iter::from_fn(move || {
+        let chunk: Vec<I::Item> = items.by_ref().take(size).collect();
+        (!chunk.is_empty() && (!drop_last || chunk.len() == size)).then_some(chunk)
+    })
+}
+
+/// An iterable loader prepared for one rank.
+pub struct IterableDataLoaderShard<D: IterableDataset, B> {
+    loader: IterableDataLoader<D, B>,
+    options: ShardOptions,
+    gradient_state: GradientStateHandle,
+}
+
+impl<D: IterableDataset + 'static, B: Nested + Send + 'static> IterableDataLoaderShard<D, B> {
+    /// Prepares `loader` for the rank described by `options`.
+    pub fn new(
+        loader: IterableDataLoader<D, B>,
+        options: ShardOptions,
+        gradient_state: GradientStateHandle,
+    ) -> Self {
+        IterableDataLoaderShard {
+            loader,
+            options,
+            gradient_state,
+        }
+    }
+
+    /// Sets the epoch passed to the dataset.
+    pub fn set_epoch(&mut self, epoch: u64) {
+        self.loader.set_epoch(epoch);
+    }
+
+    /// This rank's batches of the current epoch, on its device, tracking the end of the loader.
+    pub fn iter(&self) -> Result<impl Iterator<Item = Result<B>> + '_> {
+        let o = &self.options;
+        let batch_size = self.loader.batch_size;
+        let per_rank = if o.split_batches {
+            batch_size / o.num_processes
+        } else {
+            batch_size
+        };
+        let total_batch = if o.split_batches {
+            batch_size
+        } else {
+            batch_size * o.num_processes
+        };
+        let items = IterableDatasetShard::new(
+            self.loader.dataset.iter(self.loader.epoch),
+            batch_size,
+            self.loader.drop_last,
+            o.num_processes,
+            o.process_index,
+            o.split_batches,
+        )?;
+        {
+            let mut g = self.gradient_state.lock();
+            g.in_dataloader = true;
+            g.end_of_dataloader = false;
+            g.remainder = match (self.loader.drop_last, self.loader.dataset.known_len()) {
+                (true, _) => 0,
+                (false, Some(n)) => (n % total_batch.max(1)) as i64,
+                (false, None) => -1,
+            };
+        }
+        let collate = self.loader.collate.clone();
+        let mut batches = chunked(items, per_rank.max(1), false)
+            .map(move |b| collate(b))
+            .peekable();
+        let (device, non_blocking, state) = (o.device, o.non_blocking, self.gradient_state.clone());
+        Ok(std::iter::from_fn(move || {
+            let Some(current) = batches.next() else {
+                state.lock().in_dataloader = false;
+                return None;
+            };
+            if batches.peek().is_none() {
+                state.lock().end_of_dataloader = true;
+            }
+            Some(current.and_then(|b| send_to_device(b, device, non_blocking, &[])))
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    struct Stream(i64);
+
+    impl IterableDataset for Stream {
+        type Item = i64;
+        fn iter(&self, epoch: u64) -> Box<dyn Iterator<Item = i64> + Send + '_> {
+            let offset = epoch as i64 * 1000;
+            Box::new((0..self.0).map(move |i| i + offset))
+        }
+        fn known_len(&self) -> Option<usize> {
+            Some(self.0 as usize)
+        }
+    }
+
+    fn options(rank: usize) -> ShardOptions {
+        ShardOptions {
+            num_processes: 2,
+            process_index: rank,
+            split_batches: false,
+            even_batches: true,
+            device: Device::Cpu,
+            non_blocking: false,
+        }
+    }
+
+    #[test]
+    fn plain_batches() {
+        let dl = IterableDataLoader::new(Stream(7), 3);
+        let got: Vec<Vec<i64>> = dl
+            .iter()
+            .map(|b| Vec::<i64>::try_from(&b.unwrap()).unwrap())
+            .collect();
+        assert_eq!(got, vec![vec![0, 1, 2], vec![3, 4, 5], vec![6]]);
+        assert_eq!(
+            IterableDataLoader::new(Stream(7), 3)
+                .drop_last(true)
+                .iter()
+                .count(),
+            2
+        );
+    }
+
+    #[test]
+    fn prepared_shards_take_their_slices_and_track_the_end() {
+        let state = GradientStateHandle::default();
+        let mut shard = IterableDataLoaderShard::new(
+            IterableDataLoader::new(Stream(14), 3),
+            options(1),
+            state.clone(),
+        );
+        let mut seen = Vec::new();
+        for b in shard.iter().unwrap() {
+            seen.push(Vec::<i64>::try_from(&b.unwrap()).unwrap());
+            assert_eq!(state.get().end_of_dataloader, seen.len() == 3);
+        }
+        // Windows of 6: [0..6) → 3,4,5; [6..12) → 9,10,11; tail [12, 13] + first window → 1,2,3.
+        assert_eq!(seen, vec![vec![3, 4, 5], vec![9, 10, 11], vec![1, 2, 3]]);
+        assert_eq!(state.get().remainder, 14 % 6);
+        assert!(!state.get().in_dataloader);
+        shard.set_epoch(1);
+        let first: Vec<i64> =
+            Vec::<i64>::try_from(&shard.iter().unwrap().next().unwrap().unwrap()).unwrap();
+        assert_eq!(first, vec![1003, 1004, 1005]);
+    }
+}
