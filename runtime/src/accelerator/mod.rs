@@ -397,11 +397,16 @@ impl Accelerator {
         }
     }
 
-    /// Prepares a data loader: this rank's shard of every epoch, on this rank's device.
+    /// Prepares a data loader: this rank's shard of every epoch, on this rank's device. A shuffled
+    /// loader draws the same order on every rank (its seed plus the epoch; `DataLoaderConfiguration::data_seed`
+    /// replaces the seed), which is what Accelerate's seedable sampler and RNG synchronisation ensure.
     pub fn prepare_data_loader<D: Dataset + 'static, B: Nested + Send + 'static>(
         &mut self,
-        loader: DataLoader<D, B>,
+        mut loader: DataLoader<D, B>,
     ) -> DataLoaderShard<D, B> {
+        if let Some(seed) = self.dataloader.data_seed {
+            loader.reseed(seed);
+        }
         let options = self.shard_options();
         DataLoaderShard::new(loader, options, self.gradient.clone())
     }

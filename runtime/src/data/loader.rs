@@ -50,6 +50,14 @@ impl<D: Dataset + 'static, B: Send + 'static> DataLoader<D, B> {
         self
     }
 
+    /// Replaces the seed of a shuffled loader (the Accelerator's `data_seed`); an ordered loader stays
+    /// ordered.
+    pub fn reseed(&mut self, new_seed: u64) {
+        if let Sampler::Random { seed, .. } = &mut self.batch_sampler.sampler {
+            *seed = new_seed;
+        }
+    }
+
     /// Drops a short last batch (default false).
     pub fn drop_last(mut self, on: bool) -> Self {
         self.batch_sampler.drop_last = on;
@@ -408,6 +416,16 @@ mod tests {
         );
         dl.set_epoch(1);
         assert_ne!(values(dl.iter()), e0);
+        let mut other = DataLoader::new(dataset(20), 5).shuffle(7);
+        other.reseed(8);
+        assert_ne!(values(other.iter()), e0);
+        let mut ordered = DataLoader::new(dataset(20), 5);
+        ordered.reseed(8);
+        assert_eq!(
+            values(ordered.iter())[0],
+            vec![0, 1, 2, 3, 4],
+            "reseeding keeps an ordered loader ordered"
+        );
     }
 
     #[test]
