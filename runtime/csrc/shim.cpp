@@ -93,6 +93,16 @@ int hasten_clear_grads(at::Tensor** tensors, int n) {
   }
 }
 
+// Makes `grad` the gradient of `tensor` (a view into a gradient bucket, so the all-reduce runs in place).
+int hasten_set_grad(at::Tensor* tensor, at::Tensor* grad) {
+  try {
+    tensor->mutable_grad() = *grad;
+    return 0;
+  } catch (...) {
+    return -1;
+  }
+}
+
 // One fused AdamW step over every parameter that has a gradient (at::_fused_adamw_, the kernel behind
 // torch.optim.AdamW(fused=True)). State tensors are per parameter; steps are float tensors on the device.
 int hasten_fused_adamw(at::Tensor** params, at::Tensor** exp_avgs, at::Tensor** exp_avg_sqs, at::Tensor** steps,

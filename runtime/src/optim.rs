@@ -12,6 +12,7 @@ use torch_sys::C_tensor;
 
 unsafe extern "C" {
     fn hasten_clear_grads(tensors: *mut *mut C_tensor, n: c_int) -> c_int;
+    fn hasten_set_grad(tensor: *mut C_tensor, grad: *mut C_tensor) -> c_int;
     #[allow(clippy::too_many_arguments)]
     fn hasten_fused_adamw(
         params: *mut *mut C_tensor,
@@ -41,6 +42,23 @@ pub fn clear_grads(params: &[Tensor]) {
     unsafe {
         hasten_clear_grads(ptrs.as_mut_ptr(), ptrs.len() as c_int);
     }
+}
+
+/// Makes `grad` the gradient of `param` (same shape and dtype).
+pub(crate) fn set_grad(param: &Tensor, grad: &Tensor) -> Result<()> {
+    // SAFETY: two valid tensor handles for the duration of the call; the shim catches exceptions.
+    let r = unsafe {
+        hasten_set_grad(
+            param.as_ptr() as *mut C_tensor,
+            grad.as_ptr() as *mut C_tensor,
+        )
+    };
+    if r != 0 {
+        return Err(Error::DeviceUnavailable {
+            detail: "libtorch refused to set a gradient".into(),
+        });
+    }
+    Ok(())
 }
 
 /// What the Accelerator needs of an optimizer.

@@ -19,6 +19,9 @@ pub(crate) struct ModelEntry {
     pub params: Vec<Tensor>,
     pub names: Vec<String>,
     pub buckets: Vec<Vec<usize>>,
+    /// One flat buffer per bucket, made on the first synchronisation; gradients become views into it so
+    /// the all-reduce runs in place and the optimizer reads the averaged values without a copy back.
+    pub flats: Vec<Tensor>,
     pub no_sync: bool,
 }
 
@@ -47,6 +50,7 @@ impl ModelEntry {
             params,
             names,
             buckets,
+            flats: Vec::new(),
             no_sync: false,
         }
     }
@@ -103,10 +107,11 @@ pub(crate) fn broadcast_variables(
     })
 }
 
-/// Averages the gradients of `entry` across ranks, bucket by bucket.
+/// Averages the gradients of `entry` across ranks, bucket by bucket, in place: each parameter's
+/// gradient is (or is copied into, and then becomes) a view of its bucket's flat buffer.
 pub(crate) fn average_gradients(
     group: &mut ProcessGroup,
-    entry: &ModelEntry,
+    entry: &mut ModelEntry,
     find_unused: bool,
 ) -> Result<()> {
     if group.world_size() == 1 {
@@ -114,17 +119,35 @@ pub(crate) fn average_gradients(
     }
     let torch = |e| Error::torch("gradient all-reduce", e);
     tch::no_grad(|| {
-        for bucket in &entry.buckets {
-            let mut grads = Vec::with_capacity(bucket.len());
-            let mut defined = Vec::with_capacity(bucket.len());
+        if entry.flats.len() != entry.buckets.len() {
+            entry.flats = entry
+                .buckets
+                .iter()
+                .map(|b| {
+                    let first = &entry.params[b[0]];
+                    let numel: usize = b.iter().map(|&i| entry.params[i].numel()).sum();
+                    Tensor::f_zeros([numel as i64], (first.kind(), first.device())).map_err(torch)
+                })
+                .collect::<Result<_>>()?;
+        }
+        for (bucket, flat) in entry.buckets.iter().zip(entry.flats.iter_mut()) {
+            let mut offset = 0i64;
             for &i in bucket {
-                let g = entry.params[i].grad();
+                let p = &entry.params[i];
+                let n = p.numel() as i64;
+                let mut view = flat
+                    .f_narrow(0, offset, n)
+                    .and_then(|v| v.f_view(p.size().as_slice()))
+                    .map_err(torch)?;
+                offset += n;
+                let g = p.grad();
+                if g.defined() && g.data_ptr() == view.data_ptr() {
+                    continue; // already the bucket's view (accumulated in place)
+                }
                 if g.defined() {
-                    grads.push(g);
-                    defined.push(true);
+                    view.f_copy_(&g).map_err(torch)?;
                 } else if find_unused {
-                    grads.push(entry.params[i].zeros_like());
-                    defined.push(false);
+                    view.f_zero_().map(drop).map_err(torch)?;
                 } else {
                     return Err(Error::Collective {
                         op: "gradient all-reduce",
@@ -136,25 +159,9 @@ pub(crate) fn average_gradients(
                         ),
                     });
                 }
+                crate::optim::set_grad(p, &view)?;
             }
-            let flats: Vec<Tensor> = grads.iter().map(|g| g.reshape([-1])).collect();
-            let mut flat = Tensor::f_cat(&flats, 0).map_err(torch)?;
-            group.all_reduce(&mut flat, ReduceOp::Mean)?;
-            let mut offset = 0i64;
-            for (g, is_defined) in grads.iter().zip(defined) {
-                let n = g.numel() as i64;
-                if is_defined {
-                    let mut dst = g.shallow_clone();
-                    dst.f_copy_(
-                        &flat
-                            .f_narrow(0, offset, n)
-                            .and_then(|s| s.f_view_as(g))
-                            .map_err(torch)?,
-                    )
-                    .map_err(torch)?;
-                }
-                offset += n;
-            }
+            group.all_reduce(flat, ReduceOp::Mean)?;
         }
         Ok(())
     })

@@ -452,7 +452,7 @@ impl Accelerator {
         loss.f_backward().map_err(torch)?;
         let sync = state.sync_gradients || (state.sync_each_batch && self.state.use_distributed());
         if sync {
-            for entry in self.models.iter().filter(|m| !m.no_sync) {
+            for entry in self.models.iter_mut().filter(|m| !m.no_sync) {
                 ddp::average_gradients(&mut self.group, entry, self.ddp.find_unused_parameters)?;
             }
         }
