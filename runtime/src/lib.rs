@@ -22,6 +22,7 @@
 #![deny(missing_docs)]
 
 mod accelerator;
+mod big_modeling;
 mod config;
 mod data;
 mod device;
@@ -37,6 +38,10 @@ pub use accelerator::{
     DataLoaderConfiguration, DistributedDataParallelKwargs, GradScaler, GradScalerKwargs,
     GradientAccumulationPlugin, InitProcessGroupKwargs, ModelHandle, ProjectConfiguration,
     Schedule, Splittable, autocast, find_executable_batch_size, should_reduce_batch_size,
+};
+pub use big_modeling::{
+    TensorMeta, compute_module_sizes, compute_module_total_buffer_size, convert_file_size_to_int,
+    dtype_byte_size,
 };
 pub use config::write_basic_config;
 pub use hasten_core::{
