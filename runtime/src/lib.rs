@@ -40,8 +40,9 @@ pub use accelerator::{
     Schedule, Splittable, autocast, find_executable_batch_size, should_reduce_batch_size,
 };
 pub use big_modeling::{
-    TensorMeta, compute_module_sizes, compute_module_total_buffer_size, convert_file_size_to_int,
-    dtype_byte_size,
+    DeviceKey, DeviceMap, DeviceMapOptions, ModelSkeleton, TensorMeta, clean_device_map,
+    compute_module_sizes, compute_module_total_buffer_size, convert_file_size_to_int,
+    dtype_byte_size, get_max_layer_size, infer_auto_device_map,
 };
 pub use config::write_basic_config;
 pub use hasten_core::{

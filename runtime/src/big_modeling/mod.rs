@@ -1,9 +1,16 @@
-//! Big-model inference (in progress): sizes first; empty weights, device maps, loading and dispatch
-//! follow.
+//! Big-model inference (in progress): sizes, model skeletons and device maps so far; loading, offload
+//! and dispatch follow.
 
+mod device_map;
 mod sizes;
+mod skeleton;
 
+pub use device_map::{
+    DeviceKey, DeviceMap, DeviceMapOptions, clean_device_map, get_max_layer_size,
+    infer_auto_device_map,
+};
 pub use sizes::{
     TensorMeta, compute_module_sizes, compute_module_total_buffer_size, convert_file_size_to_int,
     dtype_byte_size,
 };
+pub use skeleton::ModelSkeleton;

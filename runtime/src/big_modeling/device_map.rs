@@ -1,0 +1,281 @@
+//! Device maps (Accelerate's `infer_auto_device_map`, `get_max_layer_size`, `clean_device_map`): which
+//! module goes to which GPU, the CPU or the disk, filling devices in order.
+//!
+//! The rules, as in Accelerate: devices are tried in order (GPUs by index, then the CPU, then the disk);
+//! on the "main" devices (the first GPU and the CPU) room is kept for the largest layer still to place,
+//! so an offloaded layer can be brought back; a module that does not fit is split into its direct
+//! parameters and children unless it is a leaf or its class is in `no_split_module_classes`; tied
+//! parameters pull the modules they are tied to onto the same device; finally children sharing a device
+//! collapse into their parent.
+
+use super::skeleton::ModelSkeleton;
+use std::collections::BTreeMap;
+use tch::Kind;
+
+/// Where a module goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DeviceKey {
+    /// CUDA GPU by index.
+    Gpu(usize),
+    /// Host memory.
+    Cpu,
+    /// Offloaded to disk.
+    Disk,
+}
+
+impl std::fmt::Display for DeviceKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceKey::Gpu(i) => write!(f, "{i}"),
+            DeviceKey::Cpu => f.write_str("cpu"),
+            DeviceKey::Disk => f.write_str("disk"),
+        }
+    }
+}
+
+/// A device map: module (or tensor) paths to devices, in placement order.
+pub type DeviceMap = Vec<(String, DeviceKey)>;
+
+/// Settings of [`infer_auto_device_map`] (Accelerate's keyword arguments and defaults).
+#[derive(Debug, Clone, Default)]
+pub struct DeviceMapOptions {
+    /// Bytes available per device (any order; GPUs are used first, then the CPU, then the disk).
+    pub max_memory: Vec<(DeviceKey, u64)>,
+    /// Classes of modules never split across devices (residual blocks).
+    pub no_split_module_classes: Vec<String>,
+    /// Count floating tensors at this dtype's size.
+    pub dtype: Option<Kind>,
+    /// Per-tensor dtypes that override `dtype`.
+    pub special_dtypes: BTreeMap<String, Kind>,
+    /// Keep the raw per-module map instead of collapsing children into parents (default false: collapse).
+    pub keep_unclean: bool,
+    /// Count buffers of offloaded modules as offloaded too (default false).
+    pub offload_buffers: bool,
+}
+
+/// The largest unsplittable layer among `items` and the names of every layer of that size.
+pub fn get_max_layer_size(
+    model: &ModelSkeleton,
+    items: &[String],
+    sizes: &BTreeMap<String, u64>,
+    no_split: &[String],
+) -> (u64, Vec<String>) {
+    let mut max_size = 0;
+    let mut names = Vec::new();
+    let mut queue: Vec<String> = items.to_vec();
+    while !queue.is_empty() {
+        let name = queue.remove(0);
+        let unsplittable = !model.has_children(&name)
+            || model
+                .class_of(&name)
+                .is_some_and(|c| no_split.iter().any(|n| n == c));
+        if unsplittable {
+            let size = sizes.get(&name).copied().unwrap_or(0);
+            if size > max_size {
+                max_size = size;
+                names = vec![name];
+            } else if size == max_size {
+                names.push(name);
+            }
+        } else {
+            let mut children = model.children(&name);
+            children.extend(queue);
+            queue = children;
+        }
+    }
+    (max_size, names)
+}
+
+/// Collapses children that all share a device into their parent, recursively (Accelerate's
+/// `clean_device_map`).
+pub fn clean_device_map(map: &mut DeviceMap, module: &str) {
+    let prefix = if module.is_empty() {
+        String::new()
+    } else {
+        format!("{module}.")
+    };
+    let under = |k: &str| module.is_empty() || k.starts_with(&prefix);
+    let values: Vec<DeviceKey> = map
+        .iter()
+        .filter(|(k, _)| under(k))
+        .map(|(_, v)| *v)
+        .collect();
+    if values.len() > 1 && values.iter().all(|v| *v == values[0]) {
+        let position = map.iter().position(|(k, _)| under(k)).unwrap_or(map.len());
+        map.retain(|(k, _)| !under(k));
+        map.insert(position.min(map.len()), (module.to_owned(), values[0]));
+    }
+    let depth = if module.is_empty() {
+        1
+    } else {
+        module.split('.').count() + 1
+    };
+    let mut children: Vec<String> = Vec::new();
+    for (k, _) in map.iter() {
+        if under(k) && k.len() > module.len() {
+            let child = k.split('.').take(depth).collect::<Vec<_>>().join(".");
+            if !children.contains(&child) {
+                children.push(child);
+            }
+        }
+    }
+    for child in children {
+        clean_device_map(map, &child);
+    }
+}
+
+fn is_in(name: &str, param: &str) -> bool {
+    format!("{param}.").starts_with(&format!("{name}."))
+}
+
+/// Accelerate's `infer_auto_device_map` over a skeleton.
+pub fn infer_auto_device_map(model: &ModelSkeleton, opts: &DeviceMapOptions) -> DeviceMap {
+    let mut max_memory: Vec<(DeviceKey, u64)> = opts.max_memory.clone();
+    max_memory.sort_by_key(|(d, _)| *d);
+    let mut devices: Vec<DeviceKey> = max_memory.iter().map(|(d, _)| *d).collect();
+    if !devices.contains(&DeviceKey::Disk) {
+        devices.push(DeviceKey::Disk);
+    }
+    let capacity = |d: DeviceKey| max_memory.iter().find(|(k, _)| *k == d).map(|(_, m)| *m);
+    let gpus: Vec<DeviceKey> = devices
+        .iter()
+        .copied()
+        .filter(|d| matches!(d, DeviceKey::Gpu(_)))
+        .collect();
+    let main_devices: Vec<DeviceKey> = match gpus.first() {
+        Some(g) => vec![*g, DeviceKey::Cpu],
+        None => vec![DeviceKey::Cpu],
+    };
+    let no_split = &opts.no_split_module_classes;
+    let sizes = model.module_sizes(opts.dtype, &opts.special_dtypes);
+    let size_of = |n: &str| sizes.get(n).copied().unwrap_or(0);
+    let tied = model.tied_parameters();
+
+    // Direct parameters of the root, its children, then its direct buffers.
+    let root_tensors = model.direct_tensors("");
+    let mut queue: Vec<String> = root_tensors
+        .iter()
+        .filter(|(_, b)| !b)
+        .map(|(n, _)| n.clone())
+        .collect();
+    queue.extend(model.children(""));
+    queue.extend(
+        root_tensors
+            .iter()
+            .filter(|(_, b)| *b)
+            .map(|(n, _)| n.clone()),
+    );
+
+    // get_max_layer_size is given modules only once placement starts (tensors are never the largest layer
+    // then), as in Accelerate.
+    let modules_only = |q: &[String]| -> Vec<String> {
+        q.iter().filter(|n| !model.is_tensor(n)).cloned().collect()
+    };
+    let mut map: DeviceMap = Vec::new();
+    let mut current = 0usize;
+    let mut used: BTreeMap<DeviceKey, u64> = devices.iter().map(|d| (*d, 0)).collect();
+    let (mut max_layer, mut max_names) = get_max_layer_size(model, &queue, &sizes, no_split);
+
+    while !queue.is_empty() {
+        let name = queue.remove(0);
+        max_names.retain(|n| n != &name && !n.starts_with(&format!("{name}.")));
+        if max_names.is_empty() {
+            (max_layer, max_names) =
+                get_max_layer_size(model, &modules_only(&queue), &sizes, no_split);
+        }
+        let module_size = size_of(&name);
+        // Parameters outside this module tied to parameters inside it.
+        let tied_params: Vec<String> = tied
+            .iter()
+            .filter(|g| g.iter().any(|p| is_in(&name, p)) && !g.iter().all(|p| is_in(&name, p)))
+            .flat_map(|g| g.iter().filter(|p| !is_in(&name, p)).cloned())
+            .collect();
+        let device = devices[current.min(devices.len() - 1)];
+        let mut current_max = capacity(device).filter(|_| device != DeviceKey::Disk);
+        let mut reserved = 0;
+        if main_devices.contains(&device) {
+            current_max = current_max.map(|m| m.saturating_sub(max_layer));
+            reserved = max_layer;
+        }
+        // The modules (still to place) holding those tied parameters, and the size with them.
+        let mut tied_modules: Vec<String> = Vec::new();
+        let mut size_with_ties = module_size;
+        for p in &tied_params {
+            if let Some(owner) = queue.iter().find(|n| p.starts_with(&format!("{n}."))) {
+                size_with_ties += size_of(owner).saturating_sub(size_of(p));
+                tied_modules.push(owner.clone());
+            }
+        }
+        let used_here = used[&device];
+        if current_max.is_none_or(|m| used_here + size_with_ties <= m) {
+            *used.get_mut(&device).unwrap_or(&mut 0) += size_with_ties;
+            map.push((name.clone(), device));
+            for t in &tied_modules {
+                queue.retain(|n| n != t);
+                if !map.iter().any(|(k, _)| k == t) {
+                    map.push((t.clone(), device));
+                }
+            }
+            continue;
+        }
+        let max_here = current_max.unwrap_or(u64::MAX);
+        if !tied_params.is_empty() && used_here + module_size <= max_here {
+            // Try splitting a tied module so that only the tied part comes along.
+            let splittable = tied_modules.iter().find(|t| {
+                model.has_children(t)
+                    && !model
+                        .class_of(t)
+                        .is_some_and(|c| no_split.iter().any(|n| n == c))
+            });
+            if let Some(t) = splittable.cloned() {
+                let mut parts: Vec<String> = model
+                    .direct_tensors(&t)
+                    .into_iter()
+                    .filter(|(_, b)| !b)
+                    .map(|(n, _)| n)
+                    .collect();
+                parts.extend(model.children(&t));
+                let index = queue.iter().position(|n| *n == t).unwrap_or(0);
+                let mut next = vec![name.clone()];
+                next.extend(queue[..index].iter().cloned());
+                next.extend(parts);
+                next.extend(queue[index + 1..].iter().cloned());
+                queue = next;
+                (max_layer, max_names) =
+                    get_max_layer_size(model, &modules_only(&queue), &sizes, no_split);
+                continue;
+            }
+        }
+        if used_here + module_size >= max_here {
+            let unsplittable = !model.has_children(&name)
+                || model
+                    .class_of(&name)
+                    .is_some_and(|c| no_split.iter().any(|n| n == c));
+            if !unsplittable {
+                let mut parts: Vec<String> = model
+                    .direct_tensors(&name)
+                    .into_iter()
+                    .filter(|(_, b)| !b)
+                    .map(|(n, _)| n)
+                    .collect();
+                parts.extend(model.children(&name));
+                parts.extend(queue);
+                queue = parts;
+                (max_layer, max_names) =
+                    get_max_layer_size(model, &modules_only(&queue), &sizes, no_split);
+                continue;
+            }
+        }
+        // Next device; keep the reserved room counted on this one.
+        *used.get_mut(&device).unwrap_or(&mut 0) += reserved;
+        current += 1;
+        queue.insert(0, name);
+    }
+    if !opts.keep_unclean {
+        clean_device_map(&mut map, "");
+    }
+    map
+}
+
+#[cfg(test)]
+mod tests;
