@@ -40,9 +40,10 @@ pub use accelerator::{
     Schedule, Splittable, autocast, find_executable_batch_size, should_reduce_batch_size,
 };
 pub use big_modeling::{
-    DeviceKey, DeviceMap, DeviceMapOptions, ModelSkeleton, TensorMeta, clean_device_map,
+    DeviceKey, DeviceMap, DeviceMapOptions, MaxMemory, ModelSkeleton, TensorMeta, clean_device_map,
     compute_module_sizes, compute_module_total_buffer_size, convert_file_size_to_int,
-    dtype_byte_size, get_max_layer_size, infer_auto_device_map,
+    dtype_byte_size, get_balanced_memory, get_max_layer_size, get_max_memory,
+    infer_auto_device_map, parse_device_key, parse_max_memory,
 };
 pub use config::write_basic_config;
 pub use hasten_core::{

@@ -2,12 +2,16 @@
 //! and dispatch follow.
 
 mod device_map;
+mod memory;
 mod sizes;
 mod skeleton;
 
 pub use device_map::{
     DeviceKey, DeviceMap, DeviceMapOptions, clean_device_map, get_max_layer_size,
     infer_auto_device_map,
+};
+pub use memory::{
+    MaxMemory, get_balanced_memory, get_max_memory, parse_device_key, parse_max_memory,
 };
 pub use sizes::{
     TensorMeta, compute_module_sizes, compute_module_total_buffer_size, convert_file_size_to_int,
