@@ -277,6 +277,74 @@ fn env_report_runs_without_ld_library_path() {
     ran.expect_stdout("- Cpu: ok, max relative error");
 }
 
+/// A safetensors file holding only zeros: `estimate-memory` reads the header, never the data.
+fn write_safetensors(path: &std::path::Path, tensors: &[(&str, &str, &[usize], usize)]) {
+    let mut offset = 0;
+    let entries: Vec<String> = tensors
+        .iter()
+        .map(|(name, dtype, shape, elem)| {
+            let bytes = shape.iter().product::<usize>() * elem;
+            let entry = format!(
+                r#""{name}":{{"dtype":"{dtype}","shape":{shape:?},"data_offsets":[{offset},{}]}}"#,
+                offset + bytes
+            );
+            offset += bytes;
+            entry
+        })
+        .collect();
+    let header = format!("{{{}}}", entries.join(","));
+    let mut file = (header.len() as u64).to_le_bytes().to_vec();
+    file.extend_from_slice(header.as_bytes());
+    file.resize(file.len() + offset, 0);
+    std::fs::write(path, file).unwrap();
+}
+
+#[test]
+fn estimate_memory_prints_accelerates_table_and_names_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m.safetensors");
+    // 256,000 B + 65,536 B in fp32: 314.0 KB in all, the embedding (250.0 KB) the largest layer.
+    write_safetensors(
+        &model,
+        &[
+            ("embed.weight", "F32", &[1000, 64], 4),
+            ("0.up.weight", "F32", &[256, 64], 4),
+        ],
+    );
+    let estimate = |args: &[&str]| {
+        let mut cmd = Command::new(hasten());
+        // Relative names keep the title narrower than the columns, as for a Hub model id.
+        cmd.arg("estimate-memory")
+            .args(args)
+            .current_dir(dir.path());
+        run(cmd, &[])
+    };
+    let ran = estimate(&["m.safetensors"]);
+    assert_eq!(ran.code, 0, "{}", ran.all());
+    ran.expect_stdout("Memory Usage for loading `");
+    ran.expect_stdout("│ dtype │Largest Layer│Total Size│Training using Adam│");
+    ran.expect_stdout("│float32│   250.0 KB  │ 314.0 KB │      1.23 MB      │");
+    ran.expect_stdout("│  int4 │   31.25 KB  │ 39.25 KB │        N/A        │");
+
+    let ran = estimate(&["m.safetensors", "--dtypes", "bfloat16"]);
+    assert_eq!(ran.code, 0, "{}", ran.all());
+    ran.expect_stdout("│bfloat16│   125.0 KB  │ 157.0 KB │      628.0 KB     │");
+    assert!(!ran.stdout.contains("float32"), "{}", ran.all());
+
+    let ran = estimate(&["m.safetensors", "--dtypes", "float8"]);
+    assert_eq!(ran.code, 2, "{}", ran.all());
+    ran.expect_stderr("unknown dtype \"float8\"");
+
+    // A header that claims more bytes than the file holds: the error names the file.
+    let corrupt = dir.path().join("corrupt.safetensors");
+    let mut bytes = 4096u64.to_le_bytes().to_vec();
+    bytes.extend_from_slice(b"{\"x\":");
+    std::fs::write(&corrupt, bytes).unwrap();
+    let ran = estimate(&["corrupt.safetensors"]);
+    assert_eq!(ran.code, 1, "{}", ran.all());
+    ran.expect_stderr("corrupt.safetensors");
+}
+
 #[test]
 fn every_operation_through_hasten_launch_on_2_3_and_4_ranks() {
     for n in ["2", "3", "4"] {

@@ -27,6 +27,13 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
+    /// Print the memory needed to load and train a model, from a local checkpoint's headers.
+    #[command(name = "estimate-memory", disable_help_flag = true)]
+    EstimateMemory {
+        /// MODEL (safetensors file, folder, *.index.json or JSON description) [--dtypes D...].
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Write or inspect the launch configuration.
     Config {
         #[command(subcommand)]
@@ -88,19 +95,18 @@ fn launch(args: &LaunchArgs) -> anyhow::Result<i32> {
     }
 }
 
-/// `hasten env` runs `hasten-env`, installed next to `hasten`: the report needs libtorch, and keeping
-/// libtorch out of `hasten` makes every launch start in milliseconds instead of a fifth of a second.
-fn env(check: bool) -> anyhow::Result<i32> {
+/// `hasten env` and `hasten estimate-memory` run helpers installed next to `hasten` (`hasten-env`,
+/// `hasten-estimate-memory`): they need libtorch, and keeping libtorch out of `hasten` makes every
+/// launch start in milliseconds instead of a fifth of a second.
+fn run_helper(name: &str, args: &[String]) -> anyhow::Result<i32> {
     let exe = std::env::current_exe().context("locating the hasten binary")?;
-    let helper = exe.with_file_name("hasten-env");
+    let helper = exe.with_file_name(name);
     let mut cmd = std::process::Command::new(if helper.exists() {
         helper.as_os_str()
     } else {
-        "hasten-env".as_ref()
+        name.as_ref()
     });
-    if check {
-        cmd.arg("--check");
-    }
+    cmd.args(args);
     let status = cmd.status().with_context(|| {
         format!(
             "running {} (it is installed next to hasten)",
@@ -114,7 +120,15 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let code = match cli.command {
         Command::Launch(args) => launch(&args)?,
-        Command::Env { check } => env(check)?,
+        Command::Env { check } => {
+            let args = if check {
+                vec!["--check".to_owned()]
+            } else {
+                Vec::new()
+            };
+            run_helper("hasten-env", &args)?
+        }
+        Command::EstimateMemory { args } => run_helper("hasten-estimate-memory", &args)?,
         Command::Config {
             action:
                 ConfigAction::Default {

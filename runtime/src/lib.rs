@@ -40,10 +40,12 @@ pub use accelerator::{
     Schedule, Splittable, autocast, find_executable_batch_size, should_reduce_batch_size,
 };
 pub use big_modeling::{
-    DeviceKey, DeviceMap, DeviceMapOptions, MaxMemory, ModelSkeleton, TensorMeta, clean_device_map,
-    compute_module_sizes, compute_module_total_buffer_size, convert_file_size_to_int,
-    dtype_byte_size, get_balanced_memory, get_max_layer_size, get_max_memory,
-    infer_auto_device_map, parse_device_key, parse_max_memory,
+    DeviceKey, DeviceMap, DeviceMapOptions, MaxMemory, ModelSkeleton, TensorMeta,
+    calculate_maximum_sizes, checkpoint_files, clean_device_map, compute_module_sizes,
+    compute_module_total_buffer_size, convert_bytes, convert_file_size_to_int, dtype_byte_size,
+    estimate_memory_table, estimate_training_usage, get_balanced_memory, get_max_layer_size,
+    get_max_memory, infer_auto_device_map, kind_from_safetensors, kind_from_torch_name,
+    parse_device_key, parse_max_memory, read_safetensors_header,
 };
 pub use config::write_basic_config;
 pub use hasten_core::{

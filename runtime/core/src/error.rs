@@ -55,6 +55,24 @@ pub enum Error {
         detail: String,
     },
 
+    /// A model checkpoint or model description is malformed (bad header, missing shard, unknown dtype).
+    #[error("checkpoint {}: {detail}", path.display())]
+    Checkpoint {
+        /// The file (or folder) at fault.
+        path: PathBuf,
+        /// What is wrong with it, naming the tensor or key where there is one.
+        detail: String,
+    },
+
+    /// An argument's value cannot be used (a memory size, a device name).
+    #[error("invalid {name}: {detail}")]
+    InvalidValue {
+        /// The argument, e.g. `max_memory`.
+        name: String,
+        /// What is wrong with it, quoting the value.
+        detail: String,
+    },
+
     /// A file could not be read or written.
     #[error("{op} {}: {source}", path.display())]
     Io {

@@ -22,8 +22,8 @@ pub fn parse_device_key(key: &str) -> Result<DeviceKey> {
             .unwrap_or(&k)
             .parse::<usize>()
             .map(DeviceKey::Gpu)
-            .map_err(|_| Error::Config {
-                path: "max_memory".into(),
+            .map_err(|_| Error::InvalidValue {
+                name: "max_memory".into(),
                 detail: format!(
                     "unknown device {key:?}: use a GPU index (0, cuda:1), \"cpu\" or \"disk\""
                 ),

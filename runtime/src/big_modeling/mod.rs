@@ -1,14 +1,22 @@
 //! Big-model inference (in progress): sizes, model skeletons and device maps so far; loading, offload
 //! and dispatch follow.
 
+mod describe;
 mod device_map;
+mod estimate;
 mod memory;
 mod sizes;
 mod skeleton;
 
+pub use describe::{
+    checkpoint_files, kind_from_safetensors, kind_from_torch_name, read_safetensors_header,
+};
 pub use device_map::{
     DeviceKey, DeviceMap, DeviceMapOptions, clean_device_map, get_max_layer_size,
     infer_auto_device_map,
+};
+pub use estimate::{
+    calculate_maximum_sizes, convert_bytes, estimate_memory_table, estimate_training_usage,
 };
 pub use memory::{
     MaxMemory, get_balanced_memory, get_max_memory, parse_device_key, parse_max_memory,

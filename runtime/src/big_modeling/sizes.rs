@@ -41,8 +41,8 @@ fn is_integer(kind: Kind) -> bool {
 /// Parses a size such as `"10GiB"`, `"1.5GB"`, `"512KiB"` or `"100MB"` into bytes (Accelerate's
 /// `convert_file_size_to_int`). A lowercase trailing `b` (`"5Gb"`) means bits. Errors name the input.
 pub fn convert_file_size_to_int(size: &str) -> Result<u64> {
-    let bad = || Error::Config {
-        path: "size".into(),
+    let bad = || Error::InvalidValue {
+        name: "size".into(),
         detail: format!(
             "{size:?} is not a valid size: use a number of bytes or a number with a unit, like \"5.0GB\""
         ),

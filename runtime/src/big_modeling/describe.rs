@@ -1,0 +1,355 @@
+//! Model skeletons from files, without reading any weight: safetensors headers (one file, a sharded
+//! index, or a folder), or a JSON description with module classes.
+
+use super::sizes::TensorMeta;
+use super::skeleton::ModelSkeleton;
+use crate::{Error, Result};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use tch::Kind;
+
+/// A safetensors dtype name as a `Kind`.
+pub fn kind_from_safetensors(dtype: &str) -> Option<Kind> {
+    Some(match dtype {
+        "F64" => Kind::Double,
+        "F32" => Kind::Float,
+        "F16" => Kind::Half,
+        "BF16" => Kind::BFloat16,
+        "I64" => Kind::Int64,
+        "I32" => Kind::Int,
+        "I16" => Kind::Int16,
+        "I8" => Kind::Int8,
+        "U8" => Kind::Uint8,
+        "BOOL" => Kind::Bool,
+        "F8_E4M3" => Kind::Float8e4m3fn,
+        "F8_E5M2" => Kind::Float8e5m2,
+        _ => return None,
+    })
+}
+
+/// A dtype as Accelerate and PyTorch name it (`float32`, `bfloat16`, …) as a `Kind`.
+pub fn kind_from_torch_name(name: &str) -> Option<Kind> {
+    Some(match name.trim_start_matches("torch.") {
+        "float64" | "double" => Kind::Double,
+        "float32" | "float" => Kind::Float,
+        "float16" | "half" => Kind::Half,
+        "bfloat16" => Kind::BFloat16,
+        "int64" | "long" => Kind::Int64,
+        "int32" | "int" => Kind::Int,
+        "int16" => Kind::Int16,
+        "int8" => Kind::Int8,
+        "uint8" => Kind::Uint8,
+        "bool" => Kind::Bool,
+        "float8_e4m3fn" => Kind::Float8e4m3fn,
+        "float8_e5m2" => Kind::Float8e5m2,
+        _ => return None,
+    })
+}
+
+fn bad(path: &Path, detail: String) -> Error {
+    Error::Checkpoint {
+        path: path.to_owned(),
+        detail,
+    }
+}
+
+/// The tensors listed in one safetensors file's header, in file order.
+pub fn read_safetensors_header(path: &Path) -> Result<Vec<(String, TensorMeta)>> {
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io("opening", path, e))?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len).map_err(|_| {
+        bad(
+            path,
+            "too short to be a safetensors file (no 8-byte header length)".into(),
+        )
+    })?;
+    let n = u64::from_le_bytes(len);
+    let file_len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    if n == 0 || n > 100 << 20 || n + 8 > file_len {
+        return Err(bad(
+            path,
+            format!("the header claims {n} bytes, which this {file_len}-byte file cannot hold"),
+        ));
+    }
+    let mut header = vec![0u8; n as usize];
+    file.read_exact(&mut header)
+        .map_err(|e| Error::io("reading the header of", path, e))?;
+    let json: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
+        .map_err(|e| bad(path, format!("the header is not valid JSON: {e}")))?;
+    let mut tensors: Vec<(u64, String, TensorMeta)> = Vec::new();
+    for (name, info) in json {
+        if name == "__metadata__" {
+            continue;
+        }
+        let dtype = info.get("dtype").and_then(|d| d.as_str()).unwrap_or("");
+        let kind = kind_from_safetensors(dtype).ok_or_else(|| {
+            bad(
+                path,
+                format!("tensor {name} has an unsupported dtype {dtype:?}"),
+            )
+        })?;
+        let shape: Vec<i64> = info
+            .get("shape")
+            .and_then(|s| s.as_array())
+            .ok_or_else(|| bad(path, format!("tensor {name} has no shape")))?
+            .iter()
+            .map(|d| {
+                d.as_i64()
+                    .ok_or_else(|| bad(path, format!("tensor {name} has a non-integer dimension")))
+            })
+            .collect::<Result<_>>()?;
+        let start = info
+            .get("data_offsets")
+            .and_then(|o| o.get(0))
+            .and_then(|o| o.as_u64())
+            .unwrap_or(0);
+        tensors.push((
+            start,
+            name,
+            TensorMeta {
+                shape,
+                kind,
+                buffer: false,
+            },
+        ));
+    }
+    // File order is offset order; JSON object order is not guaranteed.
+    tensors.sort_by_key(|(start, _, _)| *start);
+    Ok(tensors.into_iter().map(|(_, n, t)| (n, t)).collect())
+}
+
+/// The shard files of a checkpoint: one `.safetensors` file, a `*.index.json` (its `weight_map`), or a
+/// folder with exactly one index or one `model.safetensors`.
+pub fn checkpoint_files(path: &Path) -> Result<Vec<PathBuf>> {
+    if path.is_dir() {
+        let entries: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(|e| Error::io("listing", path, e))?
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        let indexes: Vec<&PathBuf> = entries
+            .iter()
+            .filter(|p| p.to_string_lossy().ends_with(".safetensors.index.json"))
+            .collect();
+        return match indexes.as_slice() {
+            [index] => checkpoint_files(index),
+            [] if path.join(crate::SAFE_WEIGHTS_NAME).is_file() => {
+                Ok(vec![path.join(crate::SAFE_WEIGHTS_NAME)])
+            }
+            [] => Err(bad(
+                path,
+                "holds no model.safetensors and no *.safetensors.index.json".into(),
+            )),
+            _ => Err(bad(
+                path,
+                format!("holds {} index files; name the one to use", indexes.len()),
+            )),
+        };
+    }
+    if path.to_string_lossy().ends_with(".json") {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io("reading", path, e))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| bad(path, format!("not valid JSON: {e}")))?;
+        // An index without "weight_map" is a flat name → file map, as Accelerate accepts.
+        let map = json.get("weight_map").unwrap_or(&json);
+        let map = map
+            .as_object()
+            .ok_or_else(|| bad(path, "the weight_map is not an object".into()))?;
+        let folder = path.parent().unwrap_or(Path::new("."));
+        let mut files: Vec<PathBuf> = Vec::new();
+        for (tensor, file) in map {
+            let file = file.as_str().ok_or_else(|| {
+                bad(
+                    path,
+                    format!("weight_map entry {tensor} does not name a file"),
+                )
+            })?;
+            let full = folder.join(file);
+            if !files.contains(&full) {
+                files.push(full);
+            }
+        }
+        files.sort();
+        return Ok(files);
+    }
+    Ok(vec![path.to_owned()])
+}
+
+impl ModelSkeleton {
+    /// The skeleton of a safetensors checkpoint (file, index or folder), from the headers alone.
+    pub fn from_safetensors(path: &Path) -> Result<Self> {
+        let mut skeleton = ModelSkeleton::new();
+        for file in checkpoint_files(path)? {
+            for (name, meta) in read_safetensors_header(&file)? {
+                skeleton = skeleton.param(&name, &meta.shape, meta.kind);
+            }
+        }
+        Ok(skeleton)
+    }
+
+    /// A skeleton from hasten's JSON model description:
+    /// `{"tensors": {"name": {"shape": [..], "dtype": "float32", "buffer": false}, ...},
+    ///   "modules": {"path": "ClassName", ...}, "no_split_module_classes": ["ClassName"]}`. Tensors keep
+    /// the file's order. Returns the skeleton and the no-split classes.
+    pub fn from_json_description(path: &Path) -> Result<(Self, Vec<String>)> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io("reading", path, e))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| bad(path, format!("not valid JSON: {e}")))?;
+        let tensors = json
+            .get("tensors")
+            .and_then(|t| t.as_object())
+            .ok_or_else(|| bad(path, "no \"tensors\" object".into()))?;
+        let mut skeleton = ModelSkeleton::new();
+        for (name, info) in tensors {
+            let dtype = info
+                .get("dtype")
+                .and_then(|d| d.as_str())
+                .unwrap_or("float32");
+            let kind = kind_from_torch_name(dtype).ok_or_else(|| {
+                bad(
+                    path,
+                    format!("tensor {name} has an unknown dtype {dtype:?}"),
+                )
+            })?;
+            let shape: Vec<i64> = info
+                .get("shape")
+                .and_then(|s| s.as_array())
+                .ok_or_else(|| bad(path, format!("tensor {name} has no \"shape\"")))?
+                .iter()
+                .map(|d| {
+                    d.as_i64().ok_or_else(|| {
+                        bad(path, format!("tensor {name} has a non-integer dimension"))
+                    })
+                })
+                .collect::<Result<_>>()?;
+            skeleton = if info
+                .get("buffer")
+                .and_then(|b| b.as_bool())
+                .unwrap_or(false)
+            {
+                skeleton.buffer(name, &shape, kind)
+            } else {
+                skeleton.param(name, &shape, kind)
+            };
+        }
+        if let Some(modules) = json.get("modules").and_then(|m| m.as_object()) {
+            for (module, class) in modules {
+                if let Some(class) = class.as_str() {
+                    skeleton = skeleton.class(module, class);
+                }
+            }
+        }
+        let no_split: Vec<String> = json
+            .get("no_split_module_classes")
+            .and_then(|n| n.as_array())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|c| c.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok((skeleton, no_split))
+    }
+}
+
+/// Writes the header-only description of named tensors as a safetensors file whose data is zeros — for
+/// tests of header reading.
+#[cfg(test)]
+pub(crate) fn write_header_only(path: &Path, tensors: &[(&str, &[i64], &str)]) {
+    let mut header = serde_json::Map::new();
+    let mut offset = 0u64;
+    for (name, shape, dtype) in tensors {
+        let elt = match *dtype {
+            "F32" | "I32" => 4,
+            "F16" | "BF16" => 2,
+            "I64" | "F64" => 8,
+            _ => 1,
+        };
+        let bytes = shape.iter().product::<i64>() as u64 * elt;
+        header.insert(
+            (*name).to_owned(),
+            serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + bytes]}),
+        );
+        offset += bytes;
+    }
+    let text = serde_json::to_vec(&serde_json::Value::Object(header)).unwrap_or_default();
+    let mut out = (text.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&text);
+    out.resize(out.len() + offset as usize, 0);
+    std::fs::write(path, out).unwrap_or_default();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_files_indexes_and_folders() {
+        let dir = tempfile::tempdir().unwrap();
+        write_header_only(
+            &dir.path().join("a.safetensors"),
+            &[("w", &[2, 3], "F32"), ("b", &[3], "BF16")],
+        );
+        write_header_only(&dir.path().join("b.safetensors"), &[("c", &[4], "I64")]);
+        std::fs::write(
+            dir.path().join("model.safetensors.index.json"),
+            r#"{"metadata": {"total_size": 64}, "weight_map": {"w": "a.safetensors", "b": "a.safetensors", "c": "b.safetensors"}}"#,
+        )
+        .unwrap();
+        let skeleton = ModelSkeleton::from_safetensors(dir.path()).unwrap();
+        let names: Vec<&str> = skeleton.tensors().iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, vec!["w", "b", "c"]);
+        assert_eq!(skeleton.tensors()[1].1.kind, Kind::BFloat16);
+        assert_eq!(
+            skeleton.module_sizes(None, &Default::default())[""],
+            24 + 6 + 32
+        );
+        // A corrupt header names the file.
+        std::fs::write(
+            dir.path().join("bad.safetensors"),
+            [200u8, 0, 0, 0, 0, 0, 0, 0, b'{'],
+        )
+        .unwrap();
+        let err = ModelSkeleton::from_safetensors(&dir.path().join("bad.safetensors"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("bad.safetensors") && err.contains("header claims"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn json_descriptions() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.json");
+        std::fs::write(
+            &path,
+            r#"{"tensors": {"0.up.weight": {"shape": [8, 4], "dtype": "float16"},
+                            "0.ln.running": {"shape": [4], "dtype": "float32", "buffer": true}},
+                "modules": {"0": "Block"}, "no_split_module_classes": ["Block"]}"#,
+        )
+        .unwrap();
+        let (skeleton, no_split) = ModelSkeleton::from_json_description(&path).unwrap();
+        assert_eq!(no_split, vec!["Block".to_owned()]);
+        assert_eq!(skeleton.class_of("0"), Some("Block"));
+        let running = skeleton
+            .tensors()
+            .iter()
+            .find(|(name, _)| name == "0.ln.running")
+            .expect("buffer listed");
+        assert!(running.1.buffer);
+        std::fs::write(
+            &path,
+            r#"{"tensors": {"x": {"shape": [1], "dtype": "float7"}}}"#,
+        )
+        .unwrap();
+        let err = ModelSkeleton::from_json_description(&path)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("model.json") && err.contains("float7"),
+            "{err}"
+        );
+    }
+}
