@@ -159,6 +159,21 @@ fn max_restarts_reruns_the_group() {
 }
 
 #[test]
+fn a_chosen_port_is_handed_to_rank_0_already_listening() {
+    // Port 0: the launcher binds a free port and passes the socket to rank 0 (no window in which another
+    // program could take it); the other ranks must not hold it.
+    let ran = launch(
+        &["--num_processes", "3", "--cpu", "--main_process_port", "0"],
+        &["--show-listen-fd"],
+        &[],
+    );
+    expect_clean_exit(&ran, 3);
+    ran.expect_stdout("[rank0]: rank 0 inherited a listener: true");
+    ran.expect_stdout("[rank1]: rank 1 inherited a listener: false");
+    ran.expect_stdout("[rank2]: rank 2 inherited a listener: false");
+}
+
+#[test]
 fn two_machines_on_loopback() {
     let port = free_port().to_string();
     let spawn = |machine: &str| {

@@ -196,14 +196,20 @@ pub fn merge(args: &LaunchArgs, file: Option<&ClusterConfig>, host: HostFacts) -
 
 /// Turns port 0 into a free port and, on a single machine, steps off a busy port with a warning (as
 /// Accelerate does); on several machines a busy port on the main machine is an error.
-pub fn resolve_port(cfg: &mut LaunchConfig, warn: &dyn Fn(&str)) -> Result<()> {
+pub fn resolve_port(
+    cfg: &mut LaunchConfig,
+    warn: &dyn Fn(&str),
+) -> Result<Option<host::PortReservation>> {
     let os = |source| LaunchError::Os {
         op: "finding a free port",
         source,
     };
     if cfg.main_process_port == 0 {
-        cfg.main_process_port = host::free_port(&cfg.main_process_ip).map_err(os)?;
-    } else if cfg.machine_rank == 0 && !host::port_is_free(cfg.main_process_port) {
+        let reserved = host::reserve_port(&cfg.main_process_ip).map_err(os)?;
+        cfg.main_process_port = reserved.port();
+        return Ok(Some(reserved));
+    }
+    if cfg.machine_rank == 0 && !host::port_is_free(cfg.main_process_port) {
         if cfg.num_machines > 1 {
             return Err(LaunchError::Invalid(format!(
                 "--main_process_port {} is already in use on this machine, the main one; pick another",
@@ -211,13 +217,15 @@ pub fn resolve_port(cfg: &mut LaunchConfig, warn: &dyn Fn(&str)) -> Result<()> {
             )));
         }
         let busy = cfg.main_process_port;
-        cfg.main_process_port = host::free_port("127.0.0.1").map_err(os)?;
+        let reserved = host::reserve_port("127.0.0.1").map_err(os)?;
+        cfg.main_process_port = reserved.port();
         warn(&format!(
             "hasten: port {busy} is in use; using free port {} for this single-machine run",
             cfg.main_process_port
         ));
+        return Ok(Some(reserved));
     }
-    Ok(())
+    Ok(None)
 }
 
 #[cfg(test)]
@@ -299,8 +307,12 @@ mod tests {
     #[test]
     fn ports_are_resolved() {
         let mut cfg = merge(&args(&["--main_process_port", "0", "p"]), None, HOST);
-        resolve_port(&mut cfg, &|_| {}).unwrap();
+        let reserved = resolve_port(&mut cfg, &|_| {})
+            .unwrap()
+            .expect("port 0 is reserved");
         assert_ne!(cfg.main_process_port, 0);
+        assert_eq!(reserved.port(), cfg.main_process_port);
+        assert!(!host::port_is_free(cfg.main_process_port));
 
         let held = std::net::TcpListener::bind(("0.0.0.0", 0)).unwrap();
         let busy = held.local_addr().unwrap().port();
@@ -309,8 +321,9 @@ mod tests {
             ..LaunchConfig::default()
         };
         let warned = std::cell::RefCell::new(String::new());
-        resolve_port(&mut cfg, &|w| *warned.borrow_mut() = w.to_owned()).unwrap();
+        let reserved = resolve_port(&mut cfg, &|w| *warned.borrow_mut() = w.to_owned()).unwrap();
         assert_ne!(cfg.main_process_port, busy);
+        assert_eq!(reserved.map(|r| r.port()), Some(cfg.main_process_port));
         assert!(warned.borrow().contains(&format!("port {busy} is in use")));
 
         let mut multi = LaunchConfig {

@@ -1,12 +1,13 @@
 //! `hasten launch`: start a program once per rank with its environment, and supervise the group.
 
+use crate::host::PortReservation;
 use crate::plan::{FOREIGN_CONTRACT_VARS, LaunchPlan};
 use crate::relay::{LinePrefix, OutputSink};
 use crate::supervise::{Worker, kill_and_reap, supervise};
 use crate::{LaunchError, Result};
 use std::ffi::OsString;
 use std::fs::File;
-use std::os::fd::OwnedFd;
+use std::os::fd::{OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,7 +24,12 @@ pub struct RunOptions<'a> {
     pub stop: &'a AtomicBool,
 }
 
-fn spawn_all(plan: &LaunchPlan, program: &OsString, args: &[OsString]) -> Result<Vec<Worker>> {
+fn spawn_all(
+    plan: &LaunchPlan,
+    program: &OsString,
+    args: &[OsString],
+    listen_fd: Option<RawFd>,
+) -> Result<Vec<Worker>> {
     let mut workers: Vec<Worker> = Vec::with_capacity(plan.ranks.len());
     for r in &plan.ranks {
         let mut cmd = Command::new(program);
@@ -37,6 +43,19 @@ fn spawn_all(plan: &LaunchPlan, program: &OsString, args: &[OsString]) -> Result
             cmd.env_remove(var);
         }
         cmd.envs(r.env.iter().map(|(k, v)| (k, v)));
+        if let Some(fd) = listen_fd.filter(|_| r.rank == 0) {
+            // Rank 0 inherits the reserved listener across exec (other ranks lose it: close-on-exec).
+            cmd.env(hasten_core::RDZV_LISTEN_FD_VAR, fd.to_string());
+            // SAFETY: fcntl is async-signal-safe, as code between fork and exec must be.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         let spawned = cmd.spawn().and_then(|mut child| {
             let pid = libc::pid_t::try_from(child.id()).map_err(std::io::Error::other)?;
             let take = |fd: Option<OwnedFd>| {
@@ -70,16 +89,23 @@ fn spawn_all(plan: &LaunchPlan, program: &OsString, args: &[OsString]) -> Result
 }
 
 /// Runs `program args` on every rank of `plan`; returns when all ranks exit 0, or with the first
-/// failure after stopping the rest (restarting the group up to `max_restarts` times first).
+/// failure after stopping the rest (restarting the group up to `max_restarts` times first). `reserved`,
+/// from [`crate::resolve_port`], is handed to rank 0 as its already-listening rendezvous socket.
 pub fn run_program(
     plan: &LaunchPlan,
     program: &OsString,
     args: &[OsString],
     opts: &RunOptions<'_>,
+    reserved: Option<PortReservation>,
 ) -> Result<()> {
+    let mut reserved = reserved;
     let mut restarts = 0;
     loop {
-        let workers = spawn_all(plan, program, args)?;
+        let listen_fd = reserved.as_ref().map(PortReservation::fd);
+        let spawned = spawn_all(plan, program, args, listen_fd);
+        // Rank 0 owns the listener now; a restart binds the port by number.
+        drop(reserved.take());
+        let workers = spawned?;
         match supervise(workers, opts.sink, &opts.prefix, opts.stop) {
             Err(LaunchError::RankFailed { rank, cause, .. })
                 if restarts < opts.max_restarts && !opts.stop.load(Ordering::SeqCst) =>

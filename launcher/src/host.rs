@@ -81,10 +81,31 @@ pub fn cpu_count() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-/// A TCP port that is free right now on `addr` (the OS picks it).
-pub fn free_port(addr: &str) -> std::io::Result<u16> {
+/// A rendezvous port the launcher chose and holds open until rank 0 inherits the listening socket, so no
+/// other program can take the port between the choice and rank 0's bind (a real race on a busy host: test
+/// suites, several notebooks). Dropping it closes the launcher's copy.
+#[derive(Debug)]
+pub struct PortReservation {
+    listener: TcpListener,
+}
+
+impl PortReservation {
+    /// The reserved port.
+    pub fn port(&self) -> u16 {
+        self.listener.local_addr().map_or(0, |a| a.port())
+    }
+
+    /// The listening descriptor that rank 0 inherits.
+    pub(crate) fn fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        self.listener.as_raw_fd()
+    }
+}
+
+/// Binds a free port on `addr` (or loopback, when `addr` is not local) and keeps it.
+pub fn reserve_port(addr: &str) -> std::io::Result<PortReservation> {
     let listener = TcpListener::bind((addr, 0)).or_else(|_| TcpListener::bind(("127.0.0.1", 0)))?;
-    Ok(listener.local_addr()?.port())
+    Ok(PortReservation { listener })
 }
 
 /// True when nothing listens on `port` yet (a bind succeeds).
@@ -116,11 +137,12 @@ mod tests {
     }
 
     #[test]
-    fn a_free_port_can_be_bound() {
-        let port = free_port("127.0.0.1").unwrap();
+    fn a_reserved_port_stays_taken_until_dropped() {
+        let reserved = reserve_port("127.0.0.1").unwrap();
+        let port = reserved.port();
         assert_ne!(port, 0);
-        assert!(port_is_free(port));
-        let _held = TcpListener::bind(("0.0.0.0", port)).unwrap();
         assert!(!port_is_free(port));
+        drop(reserved);
+        assert!(port_is_free(port));
     }
 }

@@ -38,7 +38,8 @@ pub use cli::{HostFacts, LaunchArgs, load_config_file, merge, resolve_port};
 pub use error::{LaunchError, Result};
 pub use exec::{RunOptions, run_program};
 pub use host::{
-    cpu_count, cuda_initialized_in_this_process, free_port, port_is_free, visible_gpu_count,
+    PortReservation, cpu_count, cuda_initialized_in_this_process, port_is_free, reserve_port,
+    visible_gpu_count,
 };
 pub use notebook::{NotebookLauncher, debug_launcher, notebook_launcher};
 pub use plan::{FOREIGN_CONTRACT_VARS, LaunchConfig, LaunchPlan, RankPlan, plan};

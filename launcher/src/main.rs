@@ -77,7 +77,7 @@ fn install_stop_handlers() {
 fn launch(args: &LaunchArgs) -> anyhow::Result<i32> {
     let file = hasten_launch::load_config_file(args.config_file.as_ref())?;
     let mut cfg = hasten_launch::merge(args, file.as_ref(), HostFacts::probe());
-    hasten_launch::resolve_port(&mut cfg, &|w| eprintln!("{w}"))?;
+    let reserved = hasten_launch::resolve_port(&mut cfg, &|w| eprintln!("{w}"))?;
     let plan = hasten_launch::plan(&cfg)?;
     install_stop_handlers();
     let opts = RunOptions {
@@ -86,7 +86,7 @@ fn launch(args: &LaunchArgs) -> anyhow::Result<i32> {
         sink: &StdioSink,
         stop: &STOP,
     };
-    match hasten_launch::run_program(&plan, &args.program, &args.args, &opts) {
+    match hasten_launch::run_program(&plan, &args.program, &args.args, &opts, reserved) {
         Ok(()) => Ok(0),
         Err(e) => {
             eprintln!("hasten launch: {e}");

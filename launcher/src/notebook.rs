@@ -2,7 +2,7 @@
 //! program (a notebook kernel, a test, a REPL), relay their output live, and return the main rank's
 //! result.
 
-use crate::host::{cuda_initialized_in_this_process, visible_gpu_count};
+use crate::host::{PortReservation, cuda_initialized_in_this_process, visible_gpu_count};
 use crate::plan::{FOREIGN_CONTRACT_VARS, LaunchConfig, LaunchPlan, RankPlan, plan};
 use crate::relay::{LinePrefix, OutputSink, StdioSink};
 use crate::supervise::{STATUS_OK, Worker, kill_and_reap, supervise};
@@ -197,7 +197,7 @@ impl NotebookLauncher {
             num_cpu_threads_per_process: None,
             cpu_count: crate::cpu_count(),
         };
-        crate::resolve_port(&mut cfg, &|w| sink.note(w))?;
+        let mut reserved = crate::resolve_port(&mut cfg, &|w| sink.note(w))?;
         let launch_plan = plan(&cfg)?;
         sink.note(&format!(
             "Launching training on {} {}.",
@@ -208,7 +208,11 @@ impl NotebookLauncher {
         let stop = StopOnSignal::install();
         let mut restarts = 0;
         loop {
-            let workers = fork_all(&launch_plan, &function, &args)?;
+            let listen_fd = reserved.as_ref().map(PortReservation::fd);
+            let forked = fork_all(&launch_plan, &function, &args, listen_fd);
+            // Rank 0 owns the listener now; a restart binds the port by number.
+            drop(reserved.take());
+            let workers = forked?;
             let main_index = launch_plan.ranks.iter().position(|r| r.rank == 0);
             match supervise(workers, sink, &self.prefix, stop.flag) {
                 Ok(statuses) => {
@@ -293,7 +297,12 @@ fn close(fd: RawFd) {
 
 /// Forks one worker per rank of the plan, each with pipes for its stdout, its stderr and its status
 /// (success, and rank 0's return value).
-fn fork_all<A, T, E, F>(launch_plan: &LaunchPlan, function: &F, args: &A) -> Result<Vec<Worker>>
+fn fork_all<A, T, E, F>(
+    launch_plan: &LaunchPlan,
+    function: &F,
+    args: &A,
+    listen_fd: Option<RawFd>,
+) -> Result<Vec<Worker>>
 where
     F: Fn(A) -> std::result::Result<T, E>,
     A: Clone,
@@ -320,7 +329,13 @@ where
             });
         }
         if pid == 0 {
-            child(rank_plan, out.1, err.1, status.1, function, args.clone());
+            child(
+                rank_plan,
+                [out.1, err.1, status.1],
+                listen_fd,
+                function,
+                args.clone(),
+            );
         }
         close(out.1);
         close(err.1);
@@ -349,9 +364,8 @@ where
 /// return into the parent's code, never run its destructors).
 fn child<A, T, E, F>(
     rank_plan: &RankPlan,
-    out: RawFd,
-    err: RawFd,
-    status: RawFd,
+    [out, err, status]: [RawFd; 3],
+    listen_fd: Option<RawFd>,
     function: &F,
     args: A,
 ) -> !
@@ -376,6 +390,15 @@ where
         }
         for (k, v) in &rank_plan.env {
             std::env::set_var(k, v);
+        }
+        // Rank 0 adopts the reserved listener; every other rank closes its copy, or its connection
+        // attempts would queue on a socket nobody accepts if rank 0 died.
+        if let Some(fd) = listen_fd {
+            if rank_plan.rank == 0 {
+                std::env::set_var(hasten_core::RDZV_LISTEN_FD_VAR, fd.to_string());
+            } else {
+                close(fd);
+            }
         }
     }
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| function(args)));

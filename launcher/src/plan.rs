@@ -162,8 +162,10 @@ pub fn plan(cfg: &LaunchConfig) -> Result<LaunchPlan> {
 }
 
 /// Variables from other launchers that must not reach a worker: they would describe a different job
-/// (hasten's own contract variables are always set, so they win anyway; these are the fallbacks).
+/// (hasten's own contract variables are always set, so they win anyway; these are the fallbacks), and
+/// an inherited listening descriptor meant for some other job's rank 0.
 pub const FOREIGN_CONTRACT_VARS: &[&str] = &[
+    hasten_core::RDZV_LISTEN_FD_VAR,
     "SLURM_PROCID",
     "SLURM_LOCALID",
     "SLURM_NTASKS",

@@ -51,10 +51,11 @@ pub use config::write_basic_config;
 pub use hasten_core::{
     ClusterConfig, ComputeEnvironment, ContractSource, CudaLoad, DEBUG_MODE_VAR,
     DEFAULT_MASTER_ADDR, DEFAULT_MASTER_PORT, DistributedType, DynamoBackend, EnvContract,
-    EnvPatch, Error, LibtorchInfo, LoggerType, MIXED_PRECISION_VAR, PrecisionType, RNGType, Result,
-    SageMakerDistributedType, Sections, USE_CPU_VAR, accelerate_cache_dir, basic_config,
-    clear_environment, debug_mode_from_env, default_config_file, distributed_state_initialized,
-    parse_flag_from_env, patch_environment, str_to_bool, write_basic_config_for,
+    EnvPatch, Error, LibtorchInfo, LoggerType, MIXED_PRECISION_VAR, PrecisionType,
+    RDZV_LISTEN_FD_VAR, RNGType, Result, SageMakerDistributedType, Sections, USE_CPU_VAR,
+    accelerate_cache_dir, basic_config, clear_environment, debug_mode_from_env,
+    default_config_file, distributed_state_initialized, parse_flag_from_env, patch_environment,
+    str_to_bool, write_basic_config_for,
 };
 // Accelerate's file names for checkpoints and weights.
 pub use data::{

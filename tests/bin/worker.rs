@@ -19,6 +19,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut fail: Vec<(usize, String)> = Vec::new();
     let mut sleep = 0.0f64;
     let mut ops = false;
+    let mut show_listen_fd = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -28,6 +29,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 fail.push((r.parse()?, m.to_owned()));
             }
             "--ops" => ops = true,
+            "--show-listen-fd" => show_listen_fd = true,
             "--sleep" => sleep = it.next().ok_or("--sleep needs seconds")?.parse()?,
             other => return Err(format!("unknown argument {other}").into()),
         }
@@ -43,6 +45,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         state.local_process_index(),
         state.contract.local_world_size
     );
+    if show_listen_fd {
+        // Set, and naming a descriptor that is open in this process.
+        let inherited = std::env::var(hasten::RDZV_LISTEN_FD_VAR)
+            .ok()
+            .and_then(|v| v.parse::<i32>().ok())
+            // SAFETY: F_GETFD only reads the descriptor's flags.
+            .is_some_and(|fd| unsafe { libc::fcntl(fd, libc::F_GETFD) } != -1);
+        println!("rank {rank} inherited a listener: {inherited}");
+    }
     let mut group = ProcessGroup::init(&state)?;
     for (r, mode) in &fail {
         if *r == rank {

@@ -41,6 +41,11 @@ pub const DEFAULT_MASTER_ADDR: &str = "127.0.0.1";
 /// Accelerate's default rendezvous port.
 pub const DEFAULT_MASTER_PORT: u16 = 29500;
 
+/// Set by hasten's launchers for rank 0 when they chose the rendezvous port themselves: the number of an
+/// inherited descriptor already listening on that port. Choosing a free port and binding it later is a race
+/// with every other program on the host; handing over the bound socket closes it.
+pub const RDZV_LISTEN_FD_VAR: &str = "HASTEN_RDZV_LISTEN_FD";
+
 /// Where the values came from; shown by `hasten env` and in rendezvous errors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ContractSource {

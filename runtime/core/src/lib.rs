@@ -23,7 +23,9 @@ pub use config::{
     Sections, accelerate_cache_dir, basic_config, default_config_file, write_basic_config_for,
 };
 pub use constants::*;
-pub use contract::{ContractSource, DEFAULT_MASTER_ADDR, DEFAULT_MASTER_PORT, EnvContract};
+pub use contract::{
+    ContractSource, DEFAULT_MASTER_ADDR, DEFAULT_MASTER_PORT, EnvContract, RDZV_LISTEN_FD_VAR,
+};
 pub use environment::{
     DEBUG_MODE_VAR, EnvPatch, MIXED_PRECISION_VAR, USE_CPU_VAR, clear_environment,
     debug_mode_from_env, parse_flag_from_env, patch_environment, str_to_bool,

@@ -86,18 +86,47 @@ pub(crate) fn rendezvous(contract: &EnvContract, timeout: Duration) -> Result<Li
     })
 }
 
+/// The listening socket a hasten launcher reserved for this rank 0 (see `RDZV_LISTEN_FD_VAR`), taken at
+/// most once per process: after the first group it is closed, and the number may name something else.
+fn inherited_listener(port: u16) -> Option<TcpListener> {
+    use std::os::fd::{FromRawFd, IntoRawFd, RawFd};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static TAKEN: AtomicBool = AtomicBool::new(false);
+    let fd: RawFd = std::env::var(hasten_core::RDZV_LISTEN_FD_VAR)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    if fd < 0 || TAKEN.swap(true, Ordering::SeqCst) {
+        return None;
+    }
+    // SAFETY: the launcher passed this descriptor to rank 0 alone. It is checked below to be a socket
+    // bound to our port before we keep it; otherwise ownership is given back untouched.
+    let listener = unsafe { TcpListener::from_raw_fd(fd) };
+    match listener.local_addr() {
+        Ok(addr) if addr.port() == port => Some(listener),
+        _ => {
+            let _ = listener.into_raw_fd();
+            None
+        }
+    }
+}
+
 fn serve(c: &EnvContract, timeout: Duration, peers: &mut [Option<TcpStream>]) -> Result<()> {
     // Listen on every interface unless the master address is loopback, so remote ranks can reach us.
     let loopback = resolve(&c.master_addr, c.rdzv_port)?
         .iter()
         .all(|a| a.ip().is_loopback());
     let bind = if loopback { "127.0.0.1" } else { "0.0.0.0" };
-    let listener = TcpListener::bind((bind, c.rdzv_port)).map_err(|e| {
-        rdzv_err(format!(
-            "rank 0 cannot listen on {bind}:{} (the rendezvous port): {e}; is another job using this port?",
-            c.rdzv_port
-        ))
-    })?;
+    let listener = match inherited_listener(c.rdzv_port) {
+        Some(listener) => listener,
+        None => TcpListener::bind((bind, c.rdzv_port)).map_err(|e| {
+            rdzv_err(format!(
+                "rank 0 cannot listen on {bind}:{} (the rendezvous port): {e}; is another job using this port?",
+                c.rdzv_port
+            ))
+        })?,
+    };
     listener
         .set_nonblocking(true)
         .map_err(|e| rdzv_err(format!("listener: {e}")))?;
