@@ -1,9 +1,10 @@
-//! Big-model inference (in progress): sizes, model skeletons and device maps so far; loading, offload
-//! and dispatch follow.
+//! Big-model inference (in progress): sizes, model skeletons, device maps, memory estimates, loading by
+//! device map and disk offload; dispatch (running a model across devices) follows.
 
 mod describe;
 mod device_map;
 mod estimate;
+mod load;
 mod memory;
 mod sizes;
 mod skeleton;
@@ -17,6 +18,10 @@ pub use device_map::{
 };
 pub use estimate::{
     calculate_maximum_sizes, convert_bytes, estimate_memory_table, estimate_training_usage,
+};
+pub use load::{
+    LoadOptions, LoadReport, load_checkpoint_in_model, load_offloaded_weight,
+    load_offloaded_weights, offload_weight, save_offload_index,
 };
 pub use memory::{
     MaxMemory, get_balanced_memory, get_max_memory, parse_device_key, parse_max_memory,

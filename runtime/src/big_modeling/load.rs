@@ -1,0 +1,526 @@
+//! Loading a checkpoint into a model by device map (Accelerate's `load_checkpoint_in_model`), with
+//! Accelerate's disk-offload format: one raw `NAME.dat` per tensor plus `index.json`.
+//!
+//! tch has no meta device, so an offloaded variable keeps its shape through a placeholder: one element
+//! expanded with stride 0 to the full shape. It costs one element of memory until
+//! [`load_offloaded_weights`] brings the real values back.
+
+use super::describe::{checkpoint_files, read_safetensors_header};
+use super::device_map::{DeviceKey, DeviceMap};
+use crate::{Error, Result};
+use serde_json::{Map, Value, json};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use tch::{Device, Kind, Tensor, nn::VarStore};
+
+/// Settings of [`load_checkpoint_in_model`] (Accelerate's keyword arguments).
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// Module name → device. Without one, every tensor goes to the var store's device.
+    pub device_map: Option<DeviceMap>,
+    /// Cast floating tensors to this dtype on load.
+    pub dtype: Option<Kind>,
+    /// Where tensors mapped to `disk` are written; required when the map names the disk.
+    pub offload_folder: Option<PathBuf>,
+}
+
+/// What [`load_checkpoint_in_model`] did, by tensor name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LoadReport {
+    /// Loaded onto a GPU or the CPU.
+    pub loaded: Vec<String>,
+    /// Written to the offload folder (the model keeps a shape-only placeholder).
+    pub offloaded: Vec<String>,
+    /// In the checkpoint but not in the model (Accelerate warns and skips them).
+    pub unexpected: Vec<String>,
+    /// In the model but in no shard of the checkpoint (left as initialised).
+    pub missing: Vec<String>,
+}
+
+/// The device the map gives `name`: the entry of its longest module prefix (`""` covers everything).
+fn device_for(map: &DeviceMap, name: &str) -> Option<DeviceKey> {
+    let mut module = name;
+    loop {
+        if let Some((_, device)) = map.iter().find(|(m, _)| m == module) {
+            return Some(*device);
+        }
+        if module.is_empty() {
+            return None;
+        }
+        module = module.rsplit_once('.').map_or("", |(parent, _)| parent);
+    }
+}
+
+fn tch_device(device: DeviceKey) -> Device {
+    match device {
+        DeviceKey::Gpu(i) => Device::Cuda(i),
+        _ => Device::Cpu,
+    }
+}
+
+/// Loads `checkpoint` (a safetensors file, a sharded index or a folder) into `vs`, shard by shard, placing
+/// each tensor where `opts.device_map` says. A shape that differs from the model's is an error naming the
+/// tensor and the shard; tensors the model lacks are reported, not loaded.
+pub fn load_checkpoint_in_model(
+    vs: &VarStore,
+    checkpoint: &Path,
+    opts: &LoadOptions,
+) -> Result<LoadReport> {
+    let mut variables: HashMap<String, Tensor> = vs.variables();
+    let disk_used = opts
+        .device_map
+        .as_ref()
+        .is_some_and(|m| m.iter().any(|(_, d)| *d == DeviceKey::Disk));
+    let offload_folder = match (&opts.offload_folder, disk_used) {
+        (None, true) => {
+            return Err(Error::InvalidValue {
+                name: "offload_folder".into(),
+                detail: "the device map offloads modules to disk; pass an offload folder".into(),
+            });
+        }
+        (folder, _) => folder.as_deref(),
+    };
+    if let Some(map) = &opts.device_map {
+        let mut names: Vec<&String> = variables.keys().collect();
+        names.sort();
+        if let Some(name) = names.into_iter().find(|n| device_for(map, n).is_none()) {
+            return Err(Error::InvalidValue {
+                name: "device_map".into(),
+                detail: format!(
+                    "{name} has no device: no entry for it or any module containing it"
+                ),
+            });
+        }
+    }
+    let shards = checkpoint_files(checkpoint)?;
+    // Check every shard's header before touching the model, so a bad checkpoint leaves it as it was.
+    for shard in &shards {
+        for (name, meta) in read_safetensors_header(shard)? {
+            if let Some(var) = variables.get(&name).filter(|v| v.size() != meta.shape) {
+                return Err(shape_mismatch(shard, &name, &meta.shape, &var.size()));
+            }
+        }
+    }
+    let mut report = LoadReport::default();
+    let mut index = Map::new();
+    for shard in shards {
+        let tensors = Tensor::read_safetensors(&shard).map_err(|e| Error::Checkpoint {
+            path: shard.clone(),
+            detail: format!("cannot be read: {e}"),
+        })?;
+        for (name, value) in tensors {
+            let Some(var) = variables.get_mut(&name) else {
+                report.unexpected.push(name);
+                continue;
+            };
+            if value.size() != var.size() {
+                return Err(shape_mismatch(&shard, &name, &value.size(), &var.size()));
+            }
+            let value = match opts.dtype {
+                Some(kind) if value.is_floating_point() => value.to_kind(kind),
+                _ => value,
+            };
+            let device = opts
+                .device_map
+                .as_ref()
+                .and_then(|m| device_for(m, &name))
+                .map_or(vs.device(), tch_device);
+            let on_disk = opts.device_map.as_ref().and_then(|m| device_for(m, &name))
+                == Some(DeviceKey::Disk);
+            let new_data = if on_disk {
+                let folder = offload_folder.expect("checked above: disk needs a folder");
+                offload_weight(&value, &name, folder, &mut index)?;
+                report.offloaded.push(name.clone());
+                Tensor::zeros([1], (value.kind(), Device::Cpu))
+                    .f_expand(value.size(), false)
+                    .map_err(|e| Error::torch("placeholder for an offloaded tensor", e))?
+            } else {
+                report.loaded.push(name.clone());
+                value.to_device(device)
+            };
+            let _guard = tch::no_grad_guard();
+            var.f_set_data(&new_data)
+                .map_err(|e| Error::torch("load_checkpoint_in_model", e))?;
+        }
+    }
+    if let Some(folder) = offload_folder.filter(|_| !index.is_empty()) {
+        save_offload_index(&index, folder)?;
+    }
+    let seen: std::collections::HashSet<&String> =
+        report.loaded.iter().chain(&report.offloaded).collect();
+    report.missing = variables
+        .keys()
+        .filter(|n| !seen.contains(n))
+        .cloned()
+        .collect();
+    report.missing.sort();
+    Ok(report)
+}
+
+fn shape_mismatch(shard: &Path, name: &str, found: &[i64], model: &[i64]) -> Error {
+    Error::Checkpoint {
+        path: shard.to_owned(),
+        detail: format!("tensor {name} has shape {found:?} but the model's has {model:?}"),
+    }
+}
+
+fn numpy_dtype(kind: Kind) -> Option<&'static str> {
+    Some(match kind {
+        Kind::Float => "float32",
+        Kind::Double => "float64",
+        Kind::Half => "float16",
+        // Stored as int16 with the true dtype recorded separately, as Accelerate does (numpy has no bf16).
+        Kind::BFloat16 | Kind::Int16 => "int16",
+        Kind::Int64 => "int64",
+        Kind::Int => "int32",
+        Kind::Int8 => "int8",
+        Kind::Uint8 => "uint8",
+        Kind::Bool => "bool",
+        _ => return None,
+    })
+}
+
+fn kind_from_numpy(dtype: &str) -> Option<Kind> {
+    Some(match dtype {
+        "float32" => Kind::Float,
+        "float64" => Kind::Double,
+        "float16" => Kind::Half,
+        "bfloat16" => Kind::BFloat16,
+        "int16" => Kind::Int16,
+        "int64" => Kind::Int64,
+        "int32" => Kind::Int,
+        "int8" => Kind::Int8,
+        "uint8" => Kind::Uint8,
+        "bool" => Kind::Bool,
+        _ => return None,
+    })
+}
+
+/// Writes `weight` to `folder/NAME.dat` (raw, C order) and records its dtype and shape in `index`
+/// (Accelerate's `offload_weight`).
+pub fn offload_weight(
+    weight: &Tensor,
+    name: &str,
+    folder: &Path,
+    index: &mut Map<String, Value>,
+) -> Result<()> {
+    let kind = weight.kind();
+    let dtype = numpy_dtype(kind).ok_or_else(|| Error::InvalidValue {
+        name: "offload_weight".into(),
+        detail: format!("{name} has dtype {kind:?}, which cannot be offloaded"),
+    })?;
+    std::fs::create_dir_all(folder).map_err(|e| Error::io("creating", folder, e))?;
+    let cpu = weight.to_device(Device::Cpu).contiguous();
+    let numel = cpu.numel();
+    let mut bytes = vec![0u8; numel * kind.elt_size_in_bytes()];
+    cpu.f_copy_data_u8(&mut bytes, numel)
+        .map_err(|e| Error::torch("offload_weight", e))?;
+    let path = folder.join(format!("{name}.dat"));
+    std::fs::write(&path, &bytes).map_err(|e| Error::io("writing", &path, e))?;
+    // numpy cannot memmap a 0-d array, so Accelerate stores scalars with shape [1].
+    let shape: Vec<i64> = if cpu.dim() == 0 { vec![1] } else { cpu.size() };
+    let mut entry = json!({ "dtype": dtype, "shape": shape });
+    if kind == Kind::BFloat16 {
+        entry["dtype"] = json!("bfloat16");
+    }
+    index.insert(name.to_owned(), entry);
+    Ok(())
+}
+
+/// Merges `index` into `folder/index.json` (Accelerate's `save_offload_index`).
+pub fn save_offload_index(index: &Map<String, Value>, folder: &Path) -> Result<()> {
+    let path = folder.join("index.json");
+    let mut current = match std::fs::read_to_string(&path) {
+        Ok(text) => read_index_text(&text, &path)?,
+        Err(_) => Map::new(),
+    };
+    current.extend(index.iter().map(|(k, v)| (k.clone(), v.clone())));
+    let text = serde_json::to_string_pretty(&Value::Object(current)).expect("JSON map serialises");
+    std::fs::write(&path, text).map_err(|e| Error::io("writing", &path, e))
+}
+
+fn read_index_text(text: &str, path: &Path) -> Result<Map<String, Value>> {
+    match serde_json::from_str(text) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err(Error::Checkpoint {
+            path: path.to_owned(),
+            detail: "is not a JSON object".into(),
+        }),
+        Err(e) => Err(Error::Checkpoint {
+            path: path.to_owned(),
+            detail: format!("not valid JSON: {e}"),
+        }),
+    }
+}
+
+/// Reads one offloaded tensor back (to the CPU) from `folder`, using the entry of `index.json`.
+pub fn load_offloaded_weight(folder: &Path, name: &str) -> Result<Tensor> {
+    let index_path = folder.join("index.json");
+    let text =
+        std::fs::read_to_string(&index_path).map_err(|e| Error::io("reading", &index_path, e))?;
+    let index = read_index_text(&text, &index_path)?;
+    let entry = index.get(name).ok_or_else(|| Error::Checkpoint {
+        path: index_path.clone(),
+        detail: format!("has no entry for {name}"),
+    })?;
+    read_offloaded(folder, name, entry, &index_path)
+}
+
+fn read_offloaded(folder: &Path, name: &str, entry: &Value, index_path: &Path) -> Result<Tensor> {
+    let bad = |detail: String| Error::Checkpoint {
+        path: index_path.to_owned(),
+        detail,
+    };
+    let dtype = entry["dtype"].as_str().unwrap_or_default();
+    let kind = kind_from_numpy(dtype)
+        .ok_or_else(|| bad(format!("{name}: unknown dtype {:?}", entry["dtype"])))?;
+    let shape: Vec<i64> = entry["shape"]
+        .as_array()
+        .and_then(|dims| dims.iter().map(Value::as_i64).collect())
+        .ok_or_else(|| {
+            bad(format!(
+                "{name}: shape {} is not a list of sizes",
+                entry["shape"]
+            ))
+        })?;
+    let path = folder.join(format!("{name}.dat"));
+    let bytes = std::fs::read(&path).map_err(|e| Error::io("reading", &path, e))?;
+    let expected = shape.iter().product::<i64>() as usize * kind.elt_size_in_bytes();
+    if bytes.len() != expected {
+        return Err(Error::Checkpoint {
+            path,
+            detail: format!(
+                "holds {} bytes, but index.json says {name} is {dtype} {shape:?} ({expected} bytes)",
+                bytes.len()
+            ),
+        });
+    }
+    Ok(Tensor::from_data_size(&bytes, &shape, kind))
+}
+
+/// Brings every tensor of `folder/index.json` that `vs` has back into the model, on the CPU (Accelerate's
+/// `load_offloaded_weights`). Returns the names restored.
+pub fn load_offloaded_weights(vs: &VarStore, folder: &Path) -> Result<Vec<String>> {
+    let index_path = folder.join("index.json");
+    let text =
+        std::fs::read_to_string(&index_path).map_err(|e| Error::io("reading", &index_path, e))?;
+    let index: BTreeMap<String, Value> = read_index_text(&text, &index_path)?.into_iter().collect();
+    let mut variables = vs.variables();
+    let mut restored = Vec::new();
+    for (name, entry) in &index {
+        let Some(var) = variables.get_mut(name) else {
+            continue;
+        };
+        let mut value = read_offloaded(folder, name, entry, &index_path)?;
+        if var.dim() == 0 {
+            value = value.reshape([] as [i64; 0]);
+        }
+        let _guard = tch::no_grad_guard();
+        var.f_set_data(&value)
+            .map_err(|e| Error::torch("load_offloaded_weights", e))?;
+        restored.push(name.clone());
+    }
+    Ok(restored)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::nn;
+
+    /// Two linear layers, "0" (4 → 3) and "1" (3 → 2), on the CPU.
+    fn model() -> VarStore {
+        let vs = VarStore::new(Device::Cpu);
+        let root = vs.root();
+        let _a = nn::linear(&root / "0", 4, 3, Default::default());
+        let _b = nn::linear(&root / "1", 3, 2, Default::default());
+        vs
+    }
+
+    fn values(shape: &[i64], start: f64) -> Tensor {
+        let n: i64 = shape.iter().product();
+        Tensor::arange(n, (Kind::Float, Device::Cpu))
+            .g_add_scalar(start)
+            .reshape(shape)
+    }
+
+    fn var(vs: &VarStore, name: &str) -> Tensor {
+        vs.variables()[name].shallow_clone()
+    }
+
+    #[test]
+    fn loads_by_device_map_and_offloads_to_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("model.safetensors");
+        let tensors = [
+            ("0.weight", values(&[3, 4], 0.0)),
+            ("0.bias", values(&[3], 100.0)),
+            ("1.weight", values(&[2, 3], 200.0)),
+            ("lm_head.weight", values(&[2], 0.0)),
+        ];
+        Tensor::write_safetensors(&tensors, &file).unwrap();
+        let vs = model();
+        let offload = dir.path().join("offload");
+        let report = load_checkpoint_in_model(
+            &vs,
+            dir.path(),
+            &LoadOptions {
+                device_map: Some(vec![
+                    ("0".into(), DeviceKey::Cpu),
+                    ("1".into(), DeviceKey::Disk),
+                ]),
+                offload_folder: Some(offload.clone()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let mut loaded = report.loaded.clone();
+        loaded.sort();
+        assert_eq!(loaded, ["0.bias", "0.weight"]);
+        assert_eq!(report.offloaded, ["1.weight"]);
+        assert_eq!(report.unexpected, ["lm_head.weight"]);
+        assert_eq!(report.missing, ["1.bias"]);
+        assert!(var(&vs, "0.weight").equal(&tensors[0].1));
+        assert!(var(&vs, "0.bias").equal(&tensors[1].1));
+
+        // The offloaded variable keeps its shape on a one-element placeholder.
+        let placeholder = var(&vs, "1.weight");
+        assert_eq!(placeholder.size(), [2, 3]);
+        assert_eq!(placeholder.stride(), [0, 0]);
+        let index: Value =
+            serde_json::from_str(&std::fs::read_to_string(offload.join("index.json")).unwrap())
+                .unwrap();
+        assert_eq!(
+            index,
+            json!({"1.weight": {"dtype": "float32", "shape": [2, 3]}})
+        );
+        assert_eq!(
+            std::fs::read(offload.join("1.weight.dat")).unwrap().len(),
+            6 * 4
+        );
+
+        assert_eq!(load_offloaded_weights(&vs, &offload).unwrap(), ["1.weight"]);
+        assert!(var(&vs, "1.weight").equal(&tensors[2].1));
+        assert!(
+            load_offloaded_weight(&offload, "1.weight")
+                .unwrap()
+                .equal(&tensors[2].1)
+        );
+    }
+
+    #[test]
+    fn sharded_checkpoints_cast_and_bf16_offload() {
+        let dir = tempfile::tempdir().unwrap();
+        let w0 = values(&[3, 4], 0.5);
+        let w1 = values(&[2, 3], -3.0);
+        Tensor::write_safetensors(&[("0.weight", &w0)], dir.path().join("a.safetensors")).unwrap();
+        Tensor::write_safetensors(&[("1.weight", &w1)], dir.path().join("b.safetensors")).unwrap();
+        std::fs::write(
+            dir.path().join("model.safetensors.index.json"),
+            r#"{"metadata": {}, "weight_map": {"0.weight": "a.safetensors", "1.weight": "b.safetensors"}}"#,
+        )
+        .unwrap();
+        let vs = model();
+        let offload = dir.path().join("offload");
+        load_checkpoint_in_model(
+            &vs,
+            dir.path(),
+            &LoadOptions {
+                device_map: Some(vec![
+                    ("".into(), DeviceKey::Cpu),
+                    ("1".into(), DeviceKey::Disk),
+                ]),
+                dtype: Some(Kind::BFloat16),
+                offload_folder: Some(offload.clone()),
+            },
+        )
+        .unwrap();
+        let first = var(&vs, "0.weight");
+        assert_eq!(first.kind(), Kind::BFloat16);
+        assert!(first.equal(&w0.to_kind(Kind::BFloat16)));
+        let index = std::fs::read_to_string(offload.join("index.json")).unwrap();
+        assert!(index.contains("\"bfloat16\""), "{index}");
+        let back = load_offloaded_weight(&offload, "1.weight").unwrap();
+        assert_eq!(back.kind(), Kind::BFloat16);
+        assert!(back.equal(&w1.to_kind(Kind::BFloat16)));
+    }
+
+    #[test]
+    fn bad_input_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("model.safetensors");
+        Tensor::write_safetensors(&[("0.weight", values(&[4, 3], 0.0))], &file).unwrap();
+        let vs = model();
+        let before = var(&vs, "0.weight").copy();
+        let err = load_checkpoint_in_model(&vs, &file, &LoadOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("0.weight") && err.contains("[4, 3]") && err.contains("model.safetensors"),
+            "{err}"
+        );
+        assert!(
+            var(&vs, "0.weight").equal(&before),
+            "a failed load changed nothing"
+        );
+
+        // A mismatch in the second shard is found before the first shard is loaded.
+        let good = values(&[2, 3], 7.0);
+        Tensor::write_safetensors(&[("1.weight", &good)], dir.path().join("a.safetensors"))
+            .unwrap();
+        Tensor::write_safetensors(
+            &[("0.weight", values(&[4, 3], 0.0))],
+            dir.path().join("b.safetensors"),
+        )
+        .unwrap();
+        let index = dir.path().join("model.safetensors.index.json");
+        std::fs::write(
+            &index,
+            r#"{"weight_map": {"1.weight": "a.safetensors", "0.weight": "b.safetensors"}}"#,
+        )
+        .unwrap();
+        let err = load_checkpoint_in_model(&vs, &index, &LoadOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("b.safetensors"), "{err}");
+        assert!(
+            !var(&vs, "1.weight").equal(&good),
+            "the first shard was not applied"
+        );
+
+        let disk_without_folder = LoadOptions {
+            device_map: Some(vec![("".into(), DeviceKey::Disk)]),
+            ..Default::default()
+        };
+        let err = load_checkpoint_in_model(&vs, &file, &disk_without_folder)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("offload_folder"), "{err}");
+
+        let partial_map = LoadOptions {
+            device_map: Some(vec![("0".into(), DeviceKey::Cpu)]),
+            ..Default::default()
+        };
+        let err = load_checkpoint_in_model(&vs, &file, &partial_map)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("1.bias") && err.contains("no device"), "{err}");
+
+        let corrupt = dir.path().join("corrupt.safetensors");
+        std::fs::write(&corrupt, b"\x10\0\0\0\0\0\0\0{").unwrap();
+        let err = load_checkpoint_in_model(&vs, &corrupt, &LoadOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("corrupt.safetensors"), "{err}");
+
+        let offload = dir.path().join("offload");
+        let mut index = Map::new();
+        offload_weight(&values(&[2, 2], 0.0), "w", &offload, &mut index).unwrap();
+        save_offload_index(&index, &offload).unwrap();
+        std::fs::write(offload.join("w.dat"), [0u8; 5]).unwrap();
+        let err = load_offloaded_weight(&offload, "w")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("w.dat") && err.contains("5 bytes"), "{err}");
+    }
+}
