@@ -38,7 +38,7 @@ pub struct LoadReport {
 }
 
 /// The device the map gives `name`: the entry of its longest module prefix (`""` covers everything).
-fn device_for(map: &DeviceMap, name: &str) -> Option<DeviceKey> {
+pub(super) fn device_for(map: &DeviceMap, name: &str) -> Option<DeviceKey> {
     let mut module = name;
     loop {
         if let Some((_, device)) = map.iter().find(|(m, _)| m == module) {
@@ -51,7 +51,7 @@ fn device_for(map: &DeviceMap, name: &str) -> Option<DeviceKey> {
     }
 }
 
-fn tch_device(device: DeviceKey) -> Device {
+pub(super) fn tch_device(device: DeviceKey) -> Device {
     match device {
         DeviceKey::Gpu(i) => Device::Cuda(i),
         _ => Device::Cpu,

@@ -3,6 +3,7 @@
 
 mod describe;
 mod device_map;
+mod dispatch;
 mod estimate;
 mod load;
 mod memory;
@@ -16,6 +17,7 @@ pub use device_map::{
     DeviceKey, DeviceMap, DeviceMapOptions, clean_device_map, get_max_layer_size,
     infer_auto_device_map,
 };
+pub use dispatch::{DeviceMapSpec, DispatchOptions, device_of, load_checkpoint_and_dispatch};
 pub use estimate::{
     calculate_maximum_sizes, convert_bytes, estimate_memory_table, estimate_training_usage,
 };

@@ -1,0 +1,260 @@
+//! Accelerate's `load_checkpoint_and_dispatch`: plan a device map for a `tch` model, then load the
+//! checkpoint by it.
+//!
+//! Accelerate then attaches forward hooks that move activations between devices; tch modules have no
+//! hooks, so a hasten model's `forward` moves its input to each block's device itself
+//! ([`device_of`] answers which).
+
+use super::device_map::{DeviceMap, DeviceMapOptions, infer_auto_device_map};
+use super::load::{LoadOptions, LoadReport, device_for, load_checkpoint_in_model, tch_device};
+use super::memory::{MaxMemory, get_balanced_memory, get_max_memory};
+use super::skeleton::ModelSkeleton;
+use crate::{Error, Result};
+use std::cmp::Ordering;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use tch::{Device, Kind, nn::VarStore};
+
+/// How to place the model (Accelerate's `device_map` argument).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceMapSpec {
+    /// `"auto"`: like `"balanced"`.
+    Auto,
+    /// `"balanced"`: spread evenly over the GPUs, then the CPU, then the disk.
+    Balanced,
+    /// `"balanced_low_0"`: as balanced, keeping GPU 0 as free as possible (for generation).
+    BalancedLowZero,
+    /// `"sequential"`: fill GPU 0, then GPU 1, …, then the CPU, then the disk.
+    Sequential,
+    /// An explicit map.
+    Map(DeviceMap),
+}
+
+impl FromStr for DeviceMapSpec {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "balanced" => Ok(Self::Balanced),
+            "balanced_low_0" => Ok(Self::BalancedLowZero),
+            "sequential" => Ok(Self::Sequential),
+            other => Err(Error::InvalidValue {
+                name: "device_map".into(),
+                detail: format!(
+                    "{other:?}: use \"auto\", \"balanced\", \"balanced_low_0\", \"sequential\" or a map"
+                ),
+            }),
+        }
+    }
+}
+
+/// Settings of [`load_checkpoint_and_dispatch`] (Accelerate's keyword arguments and defaults).
+#[derive(Debug, Clone)]
+pub struct DispatchOptions {
+    /// Where modules go (default `"auto"`).
+    pub device_map: DeviceMapSpec,
+    /// Memory per device; default: what is free now (`get_max_memory`).
+    pub max_memory: Option<MaxMemory>,
+    /// Module classes never split across devices (classes as the model skeleton names them).
+    pub no_split_module_classes: Vec<String>,
+    /// Cast floating tensors to this dtype (and plan with its size).
+    pub dtype: Option<Kind>,
+    /// Where tensors mapped to the disk go.
+    pub offload_folder: Option<PathBuf>,
+}
+
+impl Default for DispatchOptions {
+    fn default() -> Self {
+        Self {
+            device_map: DeviceMapSpec::Auto,
+            max_memory: None,
+            no_split_module_classes: Vec::new(),
+            dtype: None,
+            offload_folder: None,
+        }
+    }
+}
+
+/// Orders names as a model usually registers them: numeric path segments compare as numbers, so
+/// `layers.2` comes before `layers.10`.
+fn natural_cmp(a: &str, b: &str) -> Ordering {
+    let mut left = a.split('.');
+    let mut right = b.split('.');
+    loop {
+        match (left.next(), right.next()) {
+            (None, None) => return Ordering::Equal,
+            (None, Some(_)) => return Ordering::Less,
+            (Some(_), None) => return Ordering::Greater,
+            (Some(x), Some(y)) => {
+                let ord = match (x.parse::<u64>(), y.parse::<u64>()) {
+                    (Ok(i), Ok(j)) => i.cmp(&j),
+                    _ => x.cmp(y),
+                };
+                if ord != Ordering::Equal {
+                    return ord;
+                }
+            }
+        }
+    }
+}
+
+impl ModelSkeleton {
+    /// The skeleton of a `tch` model: every variable of `vs` (those not trained count as buffers), with
+    /// `classes` naming the modules that `no_split_module_classes` refers to. tch does not keep
+    /// registration order, so tensors are ordered by name, numbers compared as numbers.
+    pub fn from_var_store(vs: &VarStore, classes: &[(&str, &str)]) -> Self {
+        let mut variables: Vec<(String, tch::Tensor)> = vs.variables().into_iter().collect();
+        variables.sort_by(|(a, _), (b, _)| natural_cmp(a, b));
+        let mut skeleton = ModelSkeleton::new();
+        for (name, tensor) in variables {
+            skeleton = if tensor.requires_grad() {
+                skeleton.param(&name, &tensor.size(), tensor.kind())
+            } else {
+                skeleton.buffer(&name, &tensor.size(), tensor.kind())
+            };
+        }
+        for (path, class) in classes {
+            skeleton = skeleton.class(path, class);
+        }
+        skeleton
+    }
+}
+
+/// The device `module` (or tensor) runs on under `map`: its longest prefix's entry. Offloaded modules
+/// run on the CPU once their weights are brought back.
+pub fn device_of(map: &DeviceMap, module: &str) -> Option<Device> {
+    device_for(map, module).map(tch_device)
+}
+
+/// Plans a device map for `vs` (described by `skeleton`, e.g. [`ModelSkeleton::from_var_store`]) and
+/// loads `checkpoint` by it. Returns the map and what was loaded where.
+pub fn load_checkpoint_and_dispatch(
+    vs: &VarStore,
+    skeleton: &ModelSkeleton,
+    checkpoint: &Path,
+    opts: &DispatchOptions,
+) -> Result<(DeviceMap, LoadReport)> {
+    let special = BTreeMap::new();
+    let plan = |max_memory: MaxMemory| {
+        infer_auto_device_map(
+            skeleton,
+            &DeviceMapOptions {
+                max_memory,
+                no_split_module_classes: opts.no_split_module_classes.clone(),
+                dtype: opts.dtype,
+                ..Default::default()
+            },
+        )
+    };
+    let device_map = match &opts.device_map {
+        DeviceMapSpec::Map(map) => map.clone(),
+        DeviceMapSpec::Sequential => plan(match &opts.max_memory {
+            Some(m) => m.clone(),
+            None => get_max_memory()?,
+        }),
+        balanced => plan(get_balanced_memory(
+            skeleton,
+            opts.max_memory.clone(),
+            &opts.no_split_module_classes,
+            opts.dtype,
+            &special,
+            *balanced == DeviceMapSpec::BalancedLowZero,
+        )?),
+    };
+    let report = load_checkpoint_in_model(
+        vs,
+        checkpoint,
+        &LoadOptions {
+            device_map: Some(device_map.clone()),
+            dtype: opts.dtype,
+            offload_folder: opts.offload_folder.clone(),
+        },
+    )?;
+    Ok((device_map, report))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::DeviceKey;
+    use tch::{Tensor, nn};
+
+    #[test]
+    fn names_sort_like_registration() {
+        let mut names = vec!["layers.10.w", "layers.2.w", "embed.w", "layers.2.b"];
+        names.sort_by(|a, b| natural_cmp(a, b));
+        assert_eq!(
+            names,
+            ["embed.w", "layers.2.b", "layers.2.w", "layers.10.w"]
+        );
+        assert!(
+            "balanced_low_0".parse::<DeviceMapSpec>().unwrap() == DeviceMapSpec::BalancedLowZero
+        );
+        let err = "everywhere"
+            .parse::<DeviceMapSpec>()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("device_map") && err.contains("everywhere"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn sequential_fills_the_cpu_then_offloads_the_rest() {
+        // Four 16×16 fp32 blocks (1,088 bytes each with bias). The CPU holds three, but as in Accelerate
+        // room for the largest layer stays free on a device when later modules go to disk: two fit.
+        let vs = VarStore::new(Device::Cpu);
+        let root = vs.root();
+        let layers: Vec<nn::Linear> = (0..4)
+            .map(|i| nn::linear(&root / "layers" / i, 16, 16, Default::default()))
+            .collect();
+        let classes: Vec<(String, &str)> =
+            (0..4).map(|i| (format!("layers.{i}"), "Block")).collect();
+        let class_refs: Vec<(&str, &str)> = classes.iter().map(|(p, c)| (p.as_str(), *c)).collect();
+        let skeleton = ModelSkeleton::from_var_store(&vs, &class_refs);
+        assert_eq!(skeleton.tensors()[0].0, "layers.0.bias");
+
+        let dir = tempfile::tempdir().unwrap();
+        let saved: Vec<(String, Tensor)> = vs
+            .variables()
+            .into_iter()
+            .map(|(n, t)| (n, t.detach().copy().fill_(1.5)))
+            .collect();
+        Tensor::write_safetensors(&saved, dir.path().join("model.safetensors")).unwrap();
+        let offload = dir.path().join("offload");
+        let (map, report) = load_checkpoint_and_dispatch(
+            &vs,
+            &skeleton,
+            dir.path(),
+            &DispatchOptions {
+                device_map: DeviceMapSpec::Sequential,
+                max_memory: Some(vec![(DeviceKey::Cpu, 3 * 1088 + 100)]),
+                no_split_module_classes: vec!["Block".into()],
+                offload_folder: Some(offload.clone()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            map,
+            vec![
+                ("layers.0".to_owned(), DeviceKey::Cpu),
+                ("layers.1".to_owned(), DeviceKey::Cpu),
+                ("layers.2".to_owned(), DeviceKey::Disk),
+                ("layers.3".to_owned(), DeviceKey::Disk),
+            ]
+        );
+        assert_eq!((report.loaded.len(), report.offloaded.len()), (4, 4));
+        assert_eq!(device_of(&map, "layers.1.weight"), Some(Device::Cpu));
+        assert!(
+            layers[0]
+                .ws
+                .equal(&Tensor::full([16, 16], 1.5, (Kind::Float, Device::Cpu)))
+        );
+        assert_eq!(layers[3].ws.stride(), [0, 0], "offloaded: placeholder");
+        assert!(offload.join("layers.3.weight.dat").is_file());
+    }
+}
