@@ -61,3 +61,16 @@ fn the_demo_trains_inside_notebook_launcher() {
     ran.expect_stdout("[rank0]: training on 3 process(es)");
     ran.expect_stdout("notebook_launcher returned the main rank's accuracy: 0.9");
 }
+
+#[test]
+fn the_big_model_example_splits_loads_and_matches_its_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(workspace_bin("examples/big_model"));
+    cmd.arg(dir.path());
+    let ran = run(cmd, &[]);
+    assert_eq!(ran.code, 0, "{}", ran.all());
+    ran.expect_stdout("layers.5 -> Disk");
+    ran.expect_stdout("big model: dispatched output matches the CPU reference");
+    let index = std::fs::read_to_string(dir.path().join("offload/index.json")).unwrap();
+    assert!(index.contains("\"layers.5.weight\""), "{index}");
+}

@@ -46,6 +46,9 @@ impl rand::RngCore for HostRng {
 /// Accelerate's `deterministic=True` (torch.use_deterministic_algorithms) has no tch binding and is not
 /// offered.
 pub fn set_seed(seed: u64, device_specific: bool) -> Result<()> {
+    // Load libtorch's CUDA half before tch::manual_seed: libtorch caches its CUDA hooks on first use, so
+    // seeding first (the usual first line of a program) would leave CUDA unavailable for good.
+    crate::libtorch();
     let seed = if device_specific {
         seed.wrapping_add(EnvContract::from_env()?.rank as u64)
     } else {
