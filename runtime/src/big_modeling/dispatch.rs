@@ -128,6 +128,24 @@ pub fn device_of(map: &DeviceMap, module: &str) -> Option<Device> {
     device_for(map, module).map(tch_device)
 }
 
+/// Checks that `map` gives a device to every tensor of `model` (Accelerate's `check_device_map`); the
+/// error lists the tensors left out.
+pub fn check_device_map(model: &ModelSkeleton, map: &DeviceMap) -> Result<()> {
+    let uncovered: Vec<&str> = model
+        .tensors()
+        .iter()
+        .map(|(name, _)| name.as_str())
+        .filter(|name| device_for(map, name).is_none())
+        .collect();
+    if uncovered.is_empty() {
+        return Ok(());
+    }
+    Err(Error::InvalidValue {
+        name: "device_map".into(),
+        detail: format!("gives no device to these tensors: {}", uncovered.join(", ")),
+    })
+}
+
 /// Plans a device map for `vs` (described by `skeleton`, e.g. [`ModelSkeleton::from_var_store`]) and
 /// loads `checkpoint` by it. Returns the map and what was loaded where.
 pub fn load_checkpoint_and_dispatch(
@@ -170,6 +188,7 @@ pub fn load_checkpoint_and_dispatch(
             device_map: Some(device_map.clone()),
             dtype: opts.dtype,
             offload_folder: opts.offload_folder.clone(),
+            strict: false,
         },
     )?;
     Ok((device_map, report))
@@ -256,5 +275,72 @@ mod tests {
         );
         assert_eq!(layers[3].ws.stride(), [0, 0], "offloaded: placeholder");
         assert!(offload.join("layers.3.weight.dat").is_file());
+
+        check_device_map(&skeleton, &map).unwrap();
+        let err = check_device_map(&skeleton, &map[..3].to_vec())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("layers.3.bias, layers.3.weight") && !err.contains("layers.2"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_70b_skeleton_holds_no_tensor_memory() {
+        // Llama-2-70B's shapes: 80 layers, hidden 8192, MLP 28672, 8 KV heads of 128, vocabulary 32000.
+        let (h, m, kv, vocab) = (8192, 28672, 1024, 32000);
+        let mut model =
+            ModelSkeleton::new().param("model.embed_tokens.weight", &[vocab, h], Kind::BFloat16);
+        for i in 0..80 {
+            let p = format!("model.layers.{i}");
+            for (name, shape) in [
+                ("self_attn.q_proj.weight", [h, h]),
+                ("self_attn.k_proj.weight", [kv, h]),
+                ("self_attn.v_proj.weight", [kv, h]),
+                ("self_attn.o_proj.weight", [h, h]),
+                ("mlp.gate_proj.weight", [m, h]),
+                ("mlp.up_proj.weight", [m, h]),
+                ("mlp.down_proj.weight", [h, m]),
+            ] {
+                model = model.param(&format!("{p}.{name}"), &shape, Kind::BFloat16);
+            }
+            for norm in ["input_layernorm", "post_attention_layernorm"] {
+                model = model.param(&format!("{p}.{norm}.weight"), &[h], Kind::BFloat16);
+            }
+            model = model.class(&p, "LlamaDecoderLayer");
+        }
+        model = model
+            .param("model.norm.weight", &[h], Kind::BFloat16)
+            .param("lm_head.weight", &[vocab, h], Kind::BFloat16);
+        let numel: i64 = model
+            .tensors()
+            .iter()
+            .map(|(_, t)| t.shape.iter().product::<i64>())
+            .sum();
+        assert_eq!(numel, 68_976_648_192, "Llama-2-70B's parameter count");
+        let sizes = model.module_sizes(None, &BTreeMap::new());
+        assert_eq!(sizes[""], 2 * 68_976_648_192);
+        let map = infer_auto_device_map(
+            &model,
+            &DeviceMapOptions {
+                max_memory: vec![
+                    (DeviceKey::Gpu(0), 80 << 30),
+                    (DeviceKey::Gpu(1), 80 << 30),
+                    (DeviceKey::Cpu, 64 << 30),
+                ],
+                no_split_module_classes: vec!["LlamaDecoderLayer".into()],
+                ..Default::default()
+            },
+        );
+        check_device_map(&model, &map).unwrap();
+        assert_eq!(
+            device_of(&map, "model.layers.0.mlp.up_proj.weight"),
+            Some(Device::Cuda(0))
+        );
+        assert_eq!(
+            device_of(&map, "model.layers.79.mlp.up_proj.weight"),
+            Some(Device::Cuda(1))
+        );
     }
 }

@@ -22,6 +22,8 @@ pub struct LoadOptions {
     pub dtype: Option<Kind>,
     /// Where tensors mapped to `disk` are written; required when the map names the disk.
     pub offload_folder: Option<PathBuf>,
+    /// Fail (before loading anything) when the checkpoint and the model do not hold the same tensors.
+    pub strict: bool,
 }
 
 /// What [`load_checkpoint_in_model`] did, by tensor name.
@@ -94,11 +96,32 @@ pub fn load_checkpoint_in_model(
     }
     let shards = checkpoint_files(checkpoint)?;
     // Check every shard's header before touching the model, so a bad checkpoint leaves it as it was.
+    let mut in_checkpoint = std::collections::HashSet::new();
+    let mut unexpected = Vec::new();
     for shard in &shards {
         for (name, meta) in read_safetensors_header(shard)? {
             if let Some(var) = variables.get(&name).filter(|v| v.size() != meta.shape) {
                 return Err(shape_mismatch(shard, &name, &meta.shape, &var.size()));
             }
+            if !variables.contains_key(&name) {
+                unexpected.push(name.clone());
+            }
+            in_checkpoint.insert(name);
+        }
+    }
+    if opts.strict {
+        let mut missing: Vec<&String> = variables
+            .keys()
+            .filter(|n| !in_checkpoint.contains(*n))
+            .collect();
+        missing.sort();
+        if !missing.is_empty() || !unexpected.is_empty() {
+            return Err(Error::Checkpoint {
+                path: checkpoint.to_owned(),
+                detail: format!(
+                    "strict loading: missing keys {missing:?}, unexpected keys {unexpected:?}"
+                ),
+            });
         }
     }
     let mut report = LoadReport::default();
@@ -432,6 +455,8 @@ mod tests {
                 ]),
                 dtype: Some(Kind::BFloat16),
                 offload_folder: Some(offload.clone()),
+                // The biases are not in this checkpoint: a report, not an error.
+                strict: false,
             },
         )
         .unwrap();
@@ -486,6 +511,26 @@ mod tests {
         assert!(
             !var(&vs, "1.weight").equal(&good),
             "the first shard was not applied"
+        );
+
+        // strict: the model's 0.bias, 1.weight, 1.bias are missing from this checkpoint.
+        let good_file = dir.path().join("good.safetensors");
+        Tensor::write_safetensors(&[("0.weight", values(&[3, 4], 0.0))], &good_file).unwrap();
+        let strict = LoadOptions {
+            strict: true,
+            ..Default::default()
+        };
+        let err = load_checkpoint_in_model(&vs, &good_file, &strict)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("good.safetensors")
+                && err.contains("missing keys [\"0.bias\", \"1.bias\", \"1.weight\"]"),
+            "{err}"
+        );
+        assert!(
+            var(&vs, "0.weight").equal(&before),
+            "strict failure loads nothing"
         );
 
         let disk_without_folder = LoadOptions {

@@ -17,7 +17,9 @@ pub use device_map::{
     DeviceKey, DeviceMap, DeviceMapOptions, clean_device_map, get_max_layer_size,
     infer_auto_device_map,
 };
-pub use dispatch::{DeviceMapSpec, DispatchOptions, device_of, load_checkpoint_and_dispatch};
+pub use dispatch::{
+    DeviceMapSpec, DispatchOptions, check_device_map, device_of, load_checkpoint_and_dispatch,
+};
 pub use estimate::{
     calculate_maximum_sizes, convert_bytes, estimate_memory_table, estimate_training_usage,
 };
