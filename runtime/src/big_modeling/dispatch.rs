@@ -100,12 +100,71 @@ fn natural_cmp(a: &str, b: &str) -> Ordering {
     }
 }
 
+/// Groups of variable names of `vs` that share one storage (tied weights, e.g. an embedding reused as
+/// the output layer), each group in name order (Accelerate's `find_tied_parameters`).
+pub fn find_tied_parameters(vs: &VarStore) -> Vec<Vec<String>> {
+    let mut by_storage: BTreeMap<usize, Vec<String>> = BTreeMap::new();
+    for (name, tensor) in vs.variables() {
+        if tensor.numel() > 0 {
+            by_storage
+                .entry(tensor.data_ptr() as usize)
+                .or_default()
+                .push(name);
+        }
+    }
+    let mut groups: Vec<Vec<String>> = by_storage
+        .into_values()
+        .filter(|g| g.len() > 1)
+        .map(|mut g| {
+            g.sort_by(|a, b| natural_cmp(a, b));
+            g
+        })
+        .collect();
+    groups.sort();
+    groups
+}
+
+/// Makes every name of each group share the first name's tensor again (Accelerate's
+/// `retie_parameters`), e.g. after the tied names were loaded separately.
+pub fn retie_parameters(vs: &VarStore, groups: &[Vec<String>]) -> Result<()> {
+    let mut variables = vs.variables();
+    for group in groups {
+        let Some(first) = group.first() else { continue };
+        let original = variables
+            .get(first)
+            .ok_or_else(|| Error::InvalidValue {
+                name: "tied parameters".into(),
+                detail: format!("the model has no variable {first}"),
+            })?
+            .shallow_clone();
+        for alias in &group[1..] {
+            let var = variables
+                .get_mut(alias)
+                .ok_or_else(|| Error::InvalidValue {
+                    name: "tied parameters".into(),
+                    detail: format!("the model has no variable {alias}"),
+                })?;
+            let _guard = tch::no_grad_guard();
+            var.f_set_data(&original)
+                .map_err(|e| Error::torch("retie_parameters", e))?;
+        }
+    }
+    Ok(())
+}
+
 impl ModelSkeleton {
-    /// The skeleton of a `tch` model: every variable of `vs` (those not trained count as buffers), with
-    /// `classes` naming the modules that `no_split_module_classes` refers to. tch does not keep
-    /// registration order, so tensors are ordered by name, numbers compared as numbers.
+    /// The skeleton of a `tch` model: every variable of `vs` (those not trained count as buffers; variables
+    /// sharing storage are tied), with `classes` naming the modules that `no_split_module_classes` refers
+    /// to. tch does not keep registration order, so tensors are ordered by name, numbers compared as numbers.
     pub fn from_var_store(vs: &VarStore, classes: &[(&str, &str)]) -> Self {
-        let mut variables: Vec<(String, tch::Tensor)> = vs.variables().into_iter().collect();
+        let tied = find_tied_parameters(vs);
+        // As in PyTorch's named_parameters, a tied alias is not a tensor of its own.
+        let aliases: Vec<&String> = tied.iter().flat_map(|g| &g[1..]).collect();
+        let mut variables: Vec<(String, tch::Tensor)> = vs
+            .variables()
+            .into_iter()
+            .filter(|(name, _)| !aliases.contains(&name))
+            .collect();
         variables.sort_by(|(a, _), (b, _)| natural_cmp(a, b));
         let mut skeleton = ModelSkeleton::new();
         for (name, tensor) in variables {
@@ -117,6 +176,11 @@ impl ModelSkeleton {
         }
         for (path, class) in classes {
             skeleton = skeleton.class(path, class);
+        }
+        for group in &tied {
+            for alias in &group[1..] {
+                skeleton = skeleton.tie(alias, &group[0]);
+            }
         }
         skeleton
     }
@@ -284,6 +348,72 @@ mod tests {
             err.contains("layers.3.bias, layers.3.weight") && !err.contains("layers.2"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn tied_weights_are_found_kept_together_and_retied() {
+        let vs = VarStore::new(Device::Cpu);
+        let root = vs.root();
+        let embed = root
+            .sub("embed")
+            .var("weight", &[8, 4], nn::Init::Const(0.5));
+        // The output layer reuses the embedding's tensor, as language models do.
+        let _head = root.sub("head").add("weight", embed.shallow_clone(), true);
+        let _other = root.sub("mid").var("weight", &[4, 4], nn::Init::Const(1.0));
+        let groups = find_tied_parameters(&vs);
+        assert_eq!(
+            groups,
+            vec![vec!["embed.weight".to_owned(), "head.weight".to_owned()]]
+        );
+        let skeleton = ModelSkeleton::from_var_store(&vs, &[]);
+        assert_eq!(skeleton.tied_parameters(), groups.as_slice());
+        // The tied tensor counts once: 8×4 + 4×4 floats.
+        assert_eq!(
+            skeleton.module_sizes(None, &BTreeMap::new())[""],
+            (32 + 16) * 4
+        );
+
+        // Two separate variables that should share storage (a tie lost when a model was rebuilt).
+        let loose = VarStore::new(Device::Cpu);
+        let _a = loose
+            .root()
+            .sub("a")
+            .var("weight", &[2, 2], nn::Init::Const(1.0));
+        let _b = loose
+            .root()
+            .sub("b")
+            .var("weight", &[2, 2], nn::Init::Const(2.0));
+        assert!(find_tied_parameters(&loose).is_empty());
+        let pair = vec![vec!["a.weight".to_owned(), "b.weight".to_owned()]];
+        retie_parameters(&loose, &pair).unwrap();
+        assert_eq!(find_tied_parameters(&loose), pair);
+        assert!(
+            loose.variables()["b.weight"].equal(&Tensor::ones([2, 2], (Kind::Float, Device::Cpu)))
+        );
+
+        // Loading by a map that places only the embedding: the tied head follows it, nothing moves apart.
+        let dir = tempfile::tempdir().unwrap();
+        let saved = [(
+            "embed.weight",
+            Tensor::full([8, 4], 2.0, (Kind::Float, Device::Cpu)),
+        )];
+        Tensor::write_safetensors(&saved, dir.path().join("model.safetensors")).unwrap();
+        let map = vec![
+            ("embed".to_owned(), DeviceKey::Cpu),
+            ("mid".to_owned(), DeviceKey::Cpu),
+        ];
+        let opts = LoadOptions {
+            device_map: Some(map),
+            ..Default::default()
+        };
+        load_checkpoint_in_model(&vs, dir.path(), &opts).unwrap();
+        assert!(vs.variables()["head.weight"].equal(&saved[0].1));
+        assert_eq!(find_tied_parameters(&vs), groups);
+
+        let err = retie_parameters(&vs, &[vec!["embed.weight".into(), "nope".into()]])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("nope"), "{err}");
     }
 
     #[test]

@@ -82,8 +82,21 @@ pub fn load_checkpoint_in_model(
         }
         (folder, _) => folder.as_deref(),
     };
+    // A tied alias the map does not name follows the tensor it shares storage with: placing it on its
+    // own would move the shared tensor too.
+    let mut follows: HashMap<String, String> = HashMap::new();
     if let Some(map) = &opts.device_map {
-        let mut names: Vec<&String> = variables.keys().collect();
+        for group in super::dispatch::find_tied_parameters(vs) {
+            if let Some(placed) = group.iter().find(|n| device_for(map, n).is_some()) {
+                for name in group.iter().filter(|n| device_for(map, n).is_none()) {
+                    follows.insert(name.clone(), placed.clone());
+                }
+            }
+        }
+        let mut names: Vec<&String> = variables
+            .keys()
+            .filter(|n| !follows.contains_key(*n))
+            .collect();
         names.sort();
         if let Some(name) = names.into_iter().find(|n| device_for(map, n).is_none()) {
             return Err(Error::InvalidValue {
@@ -143,13 +156,13 @@ pub fn load_checkpoint_in_model(
                 Some(kind) if value.is_floating_point() => value.to_kind(kind),
                 _ => value,
             };
-            let device = opts
+            let placed_as = follows.get(&name).unwrap_or(&name);
+            let key = opts
                 .device_map
                 .as_ref()
-                .and_then(|m| device_for(m, &name))
-                .map_or(vs.device(), tch_device);
-            let on_disk = opts.device_map.as_ref().and_then(|m| device_for(m, &name))
-                == Some(DeviceKey::Disk);
+                .and_then(|m| device_for(m, placed_as));
+            let device = key.map_or(vs.device(), tch_device);
+            let on_disk = key == Some(DeviceKey::Disk);
             let new_data = if on_disk {
                 let folder = offload_folder.expect("checked above: disk needs a folder");
                 offload_weight(&value, &name, folder, &mut index)?;

@@ -18,7 +18,8 @@ pub use device_map::{
     infer_auto_device_map,
 };
 pub use dispatch::{
-    DeviceMapSpec, DispatchOptions, check_device_map, device_of, load_checkpoint_and_dispatch,
+    DeviceMapSpec, DispatchOptions, check_device_map, device_of, find_tied_parameters,
+    load_checkpoint_and_dispatch, retie_parameters,
 };
 pub use estimate::{
     calculate_maximum_sizes, convert_bytes, estimate_memory_table, estimate_training_usage,
