@@ -7,6 +7,7 @@ mod dispatch;
 mod estimate;
 mod load;
 mod memory;
+mod offload;
 mod sizes;
 mod skeleton;
 
@@ -31,6 +32,7 @@ pub use load::{
 pub use memory::{
     MaxMemory, get_balanced_memory, get_max_memory, parse_device_key, parse_max_memory,
 };
+pub use offload::OffloadFolder;
 pub use sizes::{
     TensorMeta, compute_module_sizes, compute_module_total_buffer_size, convert_file_size_to_int,
     dtype_byte_size,

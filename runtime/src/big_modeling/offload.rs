@@ -1,0 +1,154 @@
+//! Running an offloaded block: its weights come to the execution device for one forward pass and leave
+//! afterwards, as Accelerate's offload hooks (`cpu_offload`, `disk_offload`) do around each block. tch has
+//! no hooks, so a model's `forward` wraps each offloaded block in [`OffloadFolder::with_module_on`].
+
+use super::load::load_offloaded_weight;
+use crate::{Error, Result};
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use tch::{Device, Tensor, nn::VarStore};
+
+/// An offload folder written by `load_checkpoint_in_model` (or Accelerate): `index.json` plus one `.dat`
+/// per tensor. Without a folder, only CPU-offloaded weights can be brought over.
+#[derive(Debug, Clone, Default)]
+pub struct OffloadFolder {
+    folder: Option<PathBuf>,
+    on_disk: HashSet<String>,
+}
+
+/// Puts the saved tensors back when the block's forward ends, even by a panic.
+struct Restore<'a> {
+    saved: Vec<(&'a mut Tensor, Tensor)>,
+}
+
+impl Drop for Restore<'_> {
+    fn drop(&mut self) {
+        let _guard = tch::no_grad_guard();
+        for (var, data) in self.saved.drain(..) {
+            // Shapes and kinds are unchanged, so set_data cannot fail here.
+            let _ = var.f_set_data(&data);
+        }
+    }
+}
+
+impl OffloadFolder {
+    /// Reads `folder/index.json` once.
+    pub fn open(folder: &Path) -> Result<Self> {
+        let path = folder.join("index.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io("reading", &path, e))?;
+        let index: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text)
+            .map_err(|e| Error::Checkpoint {
+                path: path.clone(),
+                detail: format!("not a JSON object: {e}"),
+            })?;
+        Ok(Self {
+            folder: Some(folder.to_owned()),
+            on_disk: index.into_iter().map(|(k, _)| k).collect(),
+        })
+    }
+
+    /// No folder: every weight is on the CPU (Accelerate's `cpu_offload`).
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// Runs `forward` with every tensor of `module` (a dotted prefix; `""` for all) on `device`: disk
+    /// tensors are read from the folder, the others copied from where they are. Afterwards each variable
+    /// holds what it held before (the one-element placeholder for disk tensors), so the copies are freed.
+    pub fn with_module_on<R>(
+        &self,
+        vs: &VarStore,
+        module: &str,
+        device: Device,
+        forward: impl FnOnce() -> R,
+    ) -> Result<R> {
+        let prefix = if module.is_empty() {
+            String::new()
+        } else {
+            format!("{module}.")
+        };
+        let mut variables: Vec<(String, Tensor)> = vs
+            .variables()
+            .into_iter()
+            .filter(|(name, _)| name.starts_with(&prefix) || name == module)
+            .collect();
+        if variables.is_empty() {
+            return Err(Error::InvalidValue {
+                name: "module".into(),
+                detail: format!("the model has no tensor under {module:?}"),
+            });
+        }
+        let mut restore = Restore { saved: Vec::new() };
+        {
+            let _guard = tch::no_grad_guard();
+            for (name, var) in &mut variables {
+                let value = match &self.folder {
+                    Some(folder) if self.on_disk.contains(name.as_str()) => {
+                        load_offloaded_weight(folder, name)?.to_device(device)
+                    }
+                    _ => var.to_device(device),
+                };
+                let before = var.detach();
+                var.f_set_data(&value)
+                    .map_err(|e| Error::torch("bringing an offloaded weight over", e))?;
+                restore.saved.push((var, before));
+            }
+        }
+        let out = forward();
+        drop(restore);
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{DeviceKey, LoadOptions, load_checkpoint_in_model};
+    use tch::{Kind, nn, nn::Module};
+
+    #[test]
+    fn an_offloaded_block_runs_and_its_weights_leave_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let reference_vs = VarStore::new(Device::Cpu);
+        let reference = nn::linear(reference_vs.root() / "block", 6, 3, Default::default());
+        reference_vs
+            .save(dir.path().join("model.safetensors"))
+            .unwrap();
+        let x = Tensor::randn([2, 6], (Kind::Float, Device::Cpu));
+        let expected = reference.forward(&x);
+
+        let vs = VarStore::new(Device::Cpu);
+        let block = nn::linear(vs.root() / "block", 6, 3, Default::default());
+        let offload = dir.path().join("offload");
+        load_checkpoint_in_model(
+            &vs,
+            dir.path(),
+            &LoadOptions {
+                device_map: Some(vec![("block".into(), DeviceKey::Disk)]),
+                offload_folder: Some(offload.clone()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(block.ws.stride(), [0, 0], "a placeholder before");
+        let folder = OffloadFolder::open(&offload).unwrap();
+        let out = folder
+            .with_module_on(&vs, "block", Device::Cpu, || block.forward(&x))
+            .unwrap();
+        assert!(out.allclose(&expected, 1e-6, 1e-6, false));
+        assert_eq!(block.ws.stride(), [0, 0], "a placeholder again after");
+
+        // A panic inside the forward still puts the placeholder back.
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            folder.with_module_on(&vs, "block", Device::Cpu, || panic!("forward failed"))
+        }));
+        assert!(caught.is_err());
+        assert_eq!(block.ws.stride(), [0, 0]);
+
+        let err = folder
+            .with_module_on(&vs, "nothing", Device::Cpu, || ())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("nothing"), "{err}");
+    }
+}
