@@ -37,7 +37,9 @@ impl Model {
         let mut x = x.shallow_clone();
         let run = |module: &str, layer: &nn::Linear, x: Tensor| match dispatch {
             None => Ok(layer.forward(&x)),
-            Some((vs, map, offload, exec)) if on_disk(map, module) => {
+            Some((vs, map, offload, exec))
+                if hasten::device_key_of(map, module) == Some(DeviceKey::Disk) =>
+            {
                 let x = x.to_device(exec);
                 offload.with_module_on(vs, module, exec, || layer.forward(&x))
             }
@@ -50,21 +52,6 @@ impl Model {
             x = run(&format!("layers.{i}"), block, x)?.relu();
         }
         Ok(run("head", &self.head, x)?.to_device(Device::Cpu))
-    }
-}
-
-/// True when `module`'s entry (its longest prefix in the map) is the disk.
-fn on_disk(map: &DeviceMap, module: &str) -> bool {
-    let mut name = module;
-    loop {
-        if let Some((_, device)) = map.iter().find(|(m, _)| m == name) {
-            return *device == DeviceKey::Disk;
-        }
-        match name.rsplit_once('.') {
-            Some((parent, _)) => name = parent,
-            None if !name.is_empty() => name = "",
-            None => return false,
-        }
     }
 }
 

@@ -43,13 +43,13 @@ pub use big_modeling::{
     DeviceKey, DeviceMap, DeviceMapOptions, DeviceMapSpec, DispatchOptions, LoadOptions,
     LoadReport, MaxMemory, ModelSkeleton, OffloadFolder, TensorMeta, calculate_maximum_sizes,
     check_device_map, checkpoint_files, clean_device_map, compute_module_sizes,
-    compute_module_total_buffer_size, convert_bytes, convert_file_size_to_int, device_of,
-    dtype_byte_size, estimate_memory_table, estimate_training_usage, find_tied_parameters,
-    get_balanced_memory, get_max_layer_size, get_max_memory, infer_auto_device_map,
-    kind_from_safetensors, kind_from_torch_name, load_checkpoint_and_dispatch,
-    load_checkpoint_in_model, load_offloaded_weight, load_offloaded_weights, offload_weight,
-    parse_device_key, parse_max_memory, read_safetensors_header, retie_parameters,
-    save_offload_index,
+    compute_module_total_buffer_size, convert_bytes, convert_file_size_to_int, device_key_of,
+    device_of, dtype_byte_size, estimate_memory_table, estimate_training_usage,
+    find_tied_parameters, get_balanced_memory, get_max_layer_size, get_max_memory,
+    infer_auto_device_map, kind_from_safetensors, kind_from_torch_name,
+    load_checkpoint_and_dispatch, load_checkpoint_in_model, load_offloaded_weight,
+    load_offloaded_weights, offload_weight, parse_device_key, parse_max_memory,
+    read_safetensors_header, retie_parameters, save_offload_index,
 };
 pub use config::write_basic_config;
 pub use hasten_core::{

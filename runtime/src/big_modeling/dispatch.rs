@@ -6,7 +6,7 @@
 //! ([`device_of`] answers which).
 
 use super::device_map::{DeviceMap, DeviceMapOptions, infer_auto_device_map};
-use super::load::{LoadOptions, LoadReport, device_for, load_checkpoint_in_model, tch_device};
+use super::load::{LoadOptions, LoadReport, device_key_of, load_checkpoint_in_model, tch_device};
 use super::memory::{MaxMemory, get_balanced_memory, get_max_memory};
 use super::skeleton::ModelSkeleton;
 use crate::{Error, Result};
@@ -189,7 +189,7 @@ impl ModelSkeleton {
 /// The device `module` (or tensor) runs on under `map`: its longest prefix's entry. Offloaded modules
 /// run on the CPU once their weights are brought back.
 pub fn device_of(map: &DeviceMap, module: &str) -> Option<Device> {
-    device_for(map, module).map(tch_device)
+    device_key_of(map, module).map(tch_device)
 }
 
 /// Checks that `map` gives a device to every tensor of `model` (Accelerate's `check_device_map`); the
@@ -199,7 +199,7 @@ pub fn check_device_map(model: &ModelSkeleton, map: &DeviceMap) -> Result<()> {
         .tensors()
         .iter()
         .map(|(name, _)| name.as_str())
-        .filter(|name| device_for(map, name).is_none())
+        .filter(|name| device_key_of(map, name).is_none())
         .collect();
     if uncovered.is_empty() {
         return Ok(());

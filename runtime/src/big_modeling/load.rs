@@ -40,7 +40,7 @@ pub struct LoadReport {
 }
 
 /// The device the map gives `name`: the entry of its longest module prefix (`""` covers everything).
-pub(super) fn device_for(map: &DeviceMap, name: &str) -> Option<DeviceKey> {
+pub fn device_key_of(map: &DeviceMap, name: &str) -> Option<DeviceKey> {
     let mut module = name;
     loop {
         if let Some((_, device)) = map.iter().find(|(m, _)| m == module) {
@@ -87,8 +87,8 @@ pub fn load_checkpoint_in_model(
     let mut follows: HashMap<String, String> = HashMap::new();
     if let Some(map) = &opts.device_map {
         for group in super::dispatch::find_tied_parameters(vs) {
-            if let Some(placed) = group.iter().find(|n| device_for(map, n).is_some()) {
-                for name in group.iter().filter(|n| device_for(map, n).is_none()) {
+            if let Some(placed) = group.iter().find(|n| device_key_of(map, n).is_some()) {
+                for name in group.iter().filter(|n| device_key_of(map, n).is_none()) {
                     follows.insert(name.clone(), placed.clone());
                 }
             }
@@ -98,7 +98,7 @@ pub fn load_checkpoint_in_model(
             .filter(|n| !follows.contains_key(*n))
             .collect();
         names.sort();
-        if let Some(name) = names.into_iter().find(|n| device_for(map, n).is_none()) {
+        if let Some(name) = names.into_iter().find(|n| device_key_of(map, n).is_none()) {
             return Err(Error::InvalidValue {
                 name: "device_map".into(),
                 detail: format!(
@@ -160,7 +160,7 @@ pub fn load_checkpoint_in_model(
             let key = opts
                 .device_map
                 .as_ref()
-                .and_then(|m| device_for(m, placed_as));
+                .and_then(|m| device_key_of(m, placed_as));
             let device = key.map_or(vs.device(), tch_device);
             let on_disk = key == Some(DeviceKey::Disk);
             let new_data = if on_disk {
@@ -289,12 +289,18 @@ fn read_index_text(text: &str, path: &Path) -> Result<Map<String, Value>> {
     }
 }
 
-/// Reads one offloaded tensor back (to the CPU) from `folder`, using the entry of `index.json`.
-pub fn load_offloaded_weight(folder: &Path, name: &str) -> Result<Tensor> {
+/// `folder/index.json`: its path and its entries.
+pub(super) fn read_offload_index(folder: &Path) -> Result<(PathBuf, Map<String, Value>)> {
     let index_path = folder.join("index.json");
     let text =
         std::fs::read_to_string(&index_path).map_err(|e| Error::io("reading", &index_path, e))?;
     let index = read_index_text(&text, &index_path)?;
+    Ok((index_path, index))
+}
+
+/// Reads one offloaded tensor back (to the CPU) from `folder`, using the entry of `index.json`.
+pub fn load_offloaded_weight(folder: &Path, name: &str) -> Result<Tensor> {
+    let (index_path, index) = read_offload_index(folder)?;
     let entry = index.get(name).ok_or_else(|| Error::Checkpoint {
         path: index_path.clone(),
         detail: format!("has no entry for {name}"),
@@ -302,7 +308,13 @@ pub fn load_offloaded_weight(folder: &Path, name: &str) -> Result<Tensor> {
     read_offloaded(folder, name, entry, &index_path)
 }
 
-fn read_offloaded(folder: &Path, name: &str, entry: &Value, index_path: &Path) -> Result<Tensor> {
+/// One tensor's `.dat`, checked against its index entry.
+pub(super) fn read_offloaded(
+    folder: &Path,
+    name: &str,
+    entry: &Value,
+    index_path: &Path,
+) -> Result<Tensor> {
     let bad = |detail: String| Error::Checkpoint {
         path: index_path.to_owned(),
         detail,
@@ -337,10 +349,8 @@ fn read_offloaded(folder: &Path, name: &str, entry: &Value, index_path: &Path) -
 /// Brings every tensor of `folder/index.json` that `vs` has back into the model, on the CPU (Accelerate's
 /// `load_offloaded_weights`). Returns the names restored.
 pub fn load_offloaded_weights(vs: &VarStore, folder: &Path) -> Result<Vec<String>> {
-    let index_path = folder.join("index.json");
-    let text =
-        std::fs::read_to_string(&index_path).map_err(|e| Error::io("reading", &index_path, e))?;
-    let index: BTreeMap<String, Value> = read_index_text(&text, &index_path)?.into_iter().collect();
+    let (index_path, index) = read_offload_index(folder)?;
+    let index: BTreeMap<String, Value> = index.into_iter().collect();
     let mut variables = vs.variables();
     let mut restored = Vec::new();
     for (name, entry) in &index {

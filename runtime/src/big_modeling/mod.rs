@@ -26,7 +26,7 @@ pub use estimate::{
     calculate_maximum_sizes, convert_bytes, estimate_memory_table, estimate_training_usage,
 };
 pub use load::{
-    LoadOptions, LoadReport, load_checkpoint_in_model, load_offloaded_weight,
+    LoadOptions, LoadReport, device_key_of, load_checkpoint_in_model, load_offloaded_weight,
     load_offloaded_weights, offload_weight, save_offload_index,
 };
 pub use memory::{

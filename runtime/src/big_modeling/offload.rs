@@ -2,9 +2,8 @@
 //! afterwards, as Accelerate's offload hooks (`cpu_offload`, `disk_offload`) do around each block. tch has
 //! no hooks, so a model's `forward` wraps each offloaded block in [`OffloadFolder::with_module_on`].
 
-use super::load::load_offloaded_weight;
+use super::load::{read_offload_index, read_offloaded};
 use crate::{Error, Result};
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use tch::{Device, Tensor, nn::VarStore};
 
@@ -13,7 +12,8 @@ use tch::{Device, Tensor, nn::VarStore};
 #[derive(Debug, Clone, Default)]
 pub struct OffloadFolder {
     folder: Option<PathBuf>,
-    on_disk: HashSet<String>,
+    index_path: PathBuf,
+    index: serde_json::Map<String, serde_json::Value>,
 }
 
 /// Puts the saved tensors back when the block's forward ends, even by a panic.
@@ -34,16 +34,11 @@ impl Drop for Restore<'_> {
 impl OffloadFolder {
     /// Reads `folder/index.json` once.
     pub fn open(folder: &Path) -> Result<Self> {
-        let path = folder.join("index.json");
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::io("reading", &path, e))?;
-        let index: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&text)
-            .map_err(|e| Error::Checkpoint {
-                path: path.clone(),
-                detail: format!("not a JSON object: {e}"),
-            })?;
+        let (index_path, index) = read_offload_index(folder)?;
         Ok(Self {
             folder: Some(folder.to_owned()),
-            on_disk: index.into_iter().map(|(k, _)| k).collect(),
+            index_path,
+            index,
         })
     }
 
@@ -82,9 +77,12 @@ impl OffloadFolder {
         {
             let _guard = tch::no_grad_guard();
             for (name, var) in &mut variables {
-                let value = match &self.folder {
-                    Some(folder) if self.on_disk.contains(name.as_str()) => {
-                        load_offloaded_weight(folder, name)?.to_device(device)
+                let value = match (&self.folder, self.index.get(name.as_str())) {
+                    // Stored scalars have shape [1]; the reshape gives back the variable's shape.
+                    (Some(folder), Some(entry)) => {
+                        read_offloaded(folder, name, entry, &self.index_path)?
+                            .reshape(var.size())
+                            .to_device(device)
                     }
                     _ => var.to_device(device),
                 };
