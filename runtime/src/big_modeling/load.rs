@@ -122,22 +122,26 @@ pub fn load_checkpoint_in_model(
             in_checkpoint.insert(name);
         }
     }
-    if opts.strict {
-        let mut missing: Vec<&String> = variables
-            .keys()
-            .filter(|n| !in_checkpoint.contains(*n))
-            .collect();
-        missing.sort();
-        if !missing.is_empty() || !unexpected.is_empty() {
-            return Err(Error::Checkpoint {
-                path: checkpoint.to_owned(),
-                detail: format!(
-                    "strict loading: missing keys {missing:?}, unexpected keys {unexpected:?}"
-                ),
-            });
-        }
+    let mut missing: Vec<String> = variables
+        .keys()
+        .filter(|n| !in_checkpoint.contains(*n))
+        .cloned()
+        .collect();
+    missing.sort();
+    if opts.strict && (!missing.is_empty() || !unexpected.is_empty()) {
+        return Err(Error::Checkpoint {
+            path: checkpoint.to_owned(),
+            detail: format!(
+                "strict loading: missing keys {missing:?}, unexpected keys {unexpected:?}"
+            ),
+        });
     }
-    let mut report = LoadReport::default();
+    // The headers already said what is missing and what the model lacks.
+    let mut report = LoadReport {
+        unexpected,
+        missing,
+        ..LoadReport::default()
+    };
     let mut index = Map::new();
     for shard in shards {
         let tensors = Tensor::read_safetensors(&shard).map_err(|e| Error::Checkpoint {
@@ -146,7 +150,6 @@ pub fn load_checkpoint_in_model(
         })?;
         for (name, value) in tensors {
             let Some(var) = variables.get_mut(&name) else {
-                report.unexpected.push(name);
                 continue;
             };
             if value.size() != var.size() {
@@ -182,14 +185,6 @@ pub fn load_checkpoint_in_model(
     if let Some(folder) = offload_folder.filter(|_| !index.is_empty()) {
         save_offload_index(&index, folder)?;
     }
-    let seen: std::collections::HashSet<&String> =
-        report.loaded.iter().chain(&report.offloaded).collect();
-    report.missing = variables
-        .keys()
-        .filter(|n| !seen.contains(n))
-        .cloned()
-        .collect();
-    report.missing.sort();
     Ok(report)
 }
 
