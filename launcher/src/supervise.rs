@@ -249,8 +249,10 @@ pub(crate) fn supervise(
                     .as_ref()
                     .is_some_and(|b| b.first() == Some(&STATUS_OK))
         };
+        // Every rank's output is relayed to the end (its pipes closed) before the caller goes on:
+        // a rank that exited early may still have lines in flight.
         if !must_stop
-            && (0..n).all(|i| exits[i].is_some() || reported_ok(i))
+            && (0..n).all(|i| open_pipes[i] == 0 && (exits[i].is_some() || reported_ok(i)))
             && (0..n).any(reported_ok)
         {
             break;
