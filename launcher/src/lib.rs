@@ -29,6 +29,7 @@ mod cli;
 mod error;
 mod exec;
 mod host;
+pub mod kernel_io;
 mod notebook;
 mod plan;
 mod relay;

@@ -99,3 +99,19 @@ pub fn libtorch() -> &'static LibtorchInfo {
 
 /// tch, re-exported so user code uses the exact libtorch binding hasten was built with.
 pub use tch;
+
+/// What a training script or a notebook usually needs, for `use hasten::prelude::*;` (the Jupyter kernel
+/// brings it into every notebook): the Accelerator and its configuration, data loading, optimizers and
+/// schedules, collectives, seeding, and tch's everyday names. It leaves `Result` and `Error` alone, so
+/// `std`'s stay in scope.
+pub mod prelude {
+    pub use crate::{
+        AcceleratedOptimizer, AcceleratedScheduler, Accelerator, AdamW, AutocastKwargs, Collate,
+        DataLoader, DataLoaderConfiguration, Dataset, DistributedDataParallelKwargs,
+        DistributedType, GradScalerKwargs, GradientAccumulationPlugin, IterableDataLoader,
+        IterableDataset, PrecisionType, ProcessGroup, ProcessState, Reduction, Schedule,
+        TensorDataset, set_seed, tch,
+    };
+    pub use tch::nn::{self, Module, ModuleT, OptimizerConfig};
+    pub use tch::{Device, IndexOp, Kind, Tensor};
+}
