@@ -1,0 +1,71 @@
+//! The connection file Jupyter hands the kernel, and the five sockets it names.
+
+use anyhow::{Context, Result, bail};
+use jupyter_protocol::ConnectionInfo;
+use jupyter_zmq_client::{
+    KernelControlConnection, KernelHeartbeatConnection, KernelIoPubConnection,
+    KernelShellConnection, KernelStdinConnection,
+};
+use std::path::Path;
+
+/// Reads and checks a connection file; errors name the file and the field.
+pub fn read_connection_file(path: &Path) -> Result<ConnectionInfo> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the connection file {}", path.display()))?;
+    let info: ConnectionInfo = serde_json::from_str(&text)
+        .with_context(|| format!("parsing the connection file {}", path.display()))?;
+    if !info.key.is_empty() && info.signature_scheme != "hmac-sha256" {
+        bail!(
+            "{}: signature_scheme {:?} is not supported (hmac-sha256 is)",
+            path.display(),
+            info.signature_scheme
+        );
+    }
+    Ok(info)
+}
+
+/// The kernel's end of every channel, bound exactly where the connection file says.
+pub struct Sockets {
+    pub shell: KernelShellConnection,
+    pub control: KernelControlConnection,
+    pub stdin: KernelStdinConnection,
+    pub iopub: KernelIoPubConnection,
+    pub heartbeat: KernelHeartbeatConnection,
+}
+
+impl Sockets {
+    /// Binds the five sockets; `session` is the kernel's session id, put in every message it sends.
+    pub async fn bind(info: &ConnectionInfo, session: &str) -> Result<Sockets> {
+        let endpoint = |port: u16| format!("{}://{}:{port}", info.transport, info.ip);
+        Ok(Sockets {
+            shell: jupyter_zmq_client::create_kernel_shell_connection(info, session)
+                .await
+                .with_context(|| {
+                    format!("binding the shell socket at {}", endpoint(info.shell_port))
+                })?,
+            control: jupyter_zmq_client::create_kernel_control_connection(info, session)
+                .await
+                .with_context(|| {
+                    format!(
+                        "binding the control socket at {}",
+                        endpoint(info.control_port)
+                    )
+                })?,
+            stdin: jupyter_zmq_client::create_kernel_stdin_connection(info, session)
+                .await
+                .with_context(|| {
+                    format!("binding the stdin socket at {}", endpoint(info.stdin_port))
+                })?,
+            iopub: jupyter_zmq_client::create_kernel_iopub_connection(info, session)
+                .await
+                .with_context(|| {
+                    format!("binding the iopub socket at {}", endpoint(info.iopub_port))
+                })?,
+            heartbeat: jupyter_zmq_client::create_kernel_heartbeat_connection(info)
+                .await
+                .with_context(|| {
+                    format!("binding the heartbeat socket at {}", endpoint(info.hb_port))
+                })?,
+        })
+    }
+}
