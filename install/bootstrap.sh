@@ -6,6 +6,7 @@
 #   test clients     jupyter_client, nbclient, nbformat, jupyter_kernel_test, pytest in a cached venv,
 #                    pinned by install/requirements-test.lock
 #   cargo-nextest    the test runner, if the toolchain lacks it
+#   rust-src         the standard library's source, for completions in the Jupyter kernel
 #   env.sh           LIBTORCH, CARGO_TARGET_DIR (cached build output), HASTEN_PYTHON
 #
 # A second run only checks stamps and finishes in well under a second.
@@ -68,6 +69,16 @@ if [[ "$(cat "$pytools/.stamp" 2>/dev/null)" != "$lock_sum" ]]; then
   [[ -x "$pytools/bin/python" ]] || python3 -m venv "$pytools"
   "$pytools/bin/pip" install --quiet --disable-pip-version-check -r "$here/requirements-test.lock"
   echo "$lock_sum" > "$pytools/.stamp"
+fi
+
+# The kernel's completions come from rust-analyzer, which reads the standard library's source.
+if [[ ! -d "$(rustc --print sysroot)/lib/rustlib/src/rust/library" ]]; then
+  if command -v rustup >/dev/null; then
+    log "adding the rust-src component (for completions in the Jupyter kernel)"
+    rustup component add rust-src >&2
+  else
+    log "warning: rust-src is missing and rustup is not here: the kernel's completions will lack std"
+  fi
 fi
 
 if ! cargo nextest --version >/dev/null 2>&1; then
