@@ -292,3 +292,22 @@ def test_two_kernels_at_once_keep_their_cells_apart():
     assert not errors, errors
     for tag in (1, 2):
         assert results[tag] == [str((tag * 100 + i) * 2) for i in range(5)], results
+
+
+def test_restart_gives_a_fresh_kernel():
+    km = KernelManager(kernel_name="hasten")
+    km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=120)
+        assert execute(kc, "let before_restart = 1;")[0]["status"] == "ok"
+        km.restart_kernel(now=False)
+        kc.wait_for_ready(timeout=120)
+        assert execute(kc, "before_restart")[0]["status"] == "error"
+        reply, outputs = execute(kc, "2 * 21")
+        assert reply["status"] == "ok"
+        assert [c["data"]["text/plain"] for _, t, c in outputs if t == "execute_result"] == ["42"]
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
