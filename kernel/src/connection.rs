@@ -1,11 +1,9 @@
 //! The connection file Jupyter hands the kernel, and the five sockets it names.
 
+use crate::router::Router;
 use anyhow::{Context, Result, bail};
 use jupyter_protocol::ConnectionInfo;
-use jupyter_zmq_client::{
-    KernelControlConnection, KernelHeartbeatConnection, KernelIoPubConnection,
-    KernelShellConnection, KernelStdinConnection,
-};
+use jupyter_zmq_client::{KernelHeartbeatConnection, KernelIoPubConnection, KernelStdinConnection};
 use std::path::Path;
 
 /// Reads and checks a connection file; errors name the file and the field.
@@ -26,8 +24,8 @@ pub fn read_connection_file(path: &Path) -> Result<ConnectionInfo> {
 
 /// The kernel's end of every channel, bound exactly where the connection file says.
 pub struct Sockets {
-    pub shell: KernelShellConnection,
-    pub control: KernelControlConnection,
+    pub shell: Router,
+    pub control: Router,
     pub stdin: KernelStdinConnection,
     pub iopub: KernelIoPubConnection,
     pub heartbeat: KernelHeartbeatConnection,
@@ -38,12 +36,12 @@ impl Sockets {
     pub async fn bind(info: &ConnectionInfo, session: &str) -> Result<Sockets> {
         let endpoint = |port: u16| format!("{}://{}:{port}", info.transport, info.ip);
         Ok(Sockets {
-            shell: jupyter_zmq_client::create_kernel_shell_connection(info, session)
+            shell: Router::bind(&info.shell_url(), &info.key, session)
                 .await
                 .with_context(|| {
                     format!("binding the shell socket at {}", endpoint(info.shell_port))
                 })?,
-            control: jupyter_zmq_client::create_kernel_control_connection(info, session)
+            control: Router::bind(&info.control_url(), &info.key, session)
                 .await
                 .with_context(|| {
                     format!(

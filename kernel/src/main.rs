@@ -13,6 +13,7 @@ mod history;
 mod install;
 mod iopub;
 mod output;
+mod router;
 mod server;
 mod session;
 

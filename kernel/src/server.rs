@@ -7,6 +7,7 @@ use crate::engine::{CellError, Engine};
 use crate::history::History;
 use crate::iopub::{self, Publisher};
 use crate::output::CellContext;
+use crate::router::{ReadError, Router};
 use crate::session::SessionPaths;
 use anyhow::Result;
 use jupyter_protocol::{
@@ -15,7 +16,6 @@ use jupyter_protocol::{
     IsCompleteReply, JupyterMessage, JupyterMessageContent, KernelInfoReply, LanguageInfo, Media,
     ReplyError, ReplyStatus, ShutdownReply, Status,
 };
-use jupyter_zmq_client::{KernelShellConnection, RuntimeError};
 use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
 
@@ -83,18 +83,18 @@ fn rust_version() -> String {
         .unwrap_or_default()
 }
 
-/// Shell and control are both ROUTER sockets (the same connection type).
-async fn channel_loop(kernel: Arc<Kernel>, mut socket: KernelShellConnection, name: &'static str) {
+/// Shell and control are both ROUTER sockets.
+async fn channel_loop(kernel: Arc<Kernel>, mut socket: Router, name: &'static str) {
     loop {
         let message = match socket.read().await {
             Ok(m) => m,
-            Err(RuntimeError::VerifyError(_)) | Err(RuntimeError::MissingHmac) => {
+            Err(ReadError::BadSignature) => {
                 eprintln!(
                     "hasten-kernel: rejected a message on {name}: its signature does not verify"
                 );
                 continue;
             }
-            Err(e) => {
+            Err(ReadError::Malformed(e)) => {
                 eprintln!("hasten-kernel: dropped an unreadable message on {name}: {e}");
                 tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                 continue;

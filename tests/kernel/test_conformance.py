@@ -31,9 +31,7 @@ class HastenKernelTests(jupyter_kernel_test.KernelTests):
     ]
     code_clear_output = 'println!("soon gone"); clear_output(false);'
     code_history_pattern = "6 ? 7"
-    # "search" is left out: jupyter-protocol 2.0.3 cannot parse a search request that omits the
-    # optional `unique` or `n` fields, and the suite sends such requests (see README, kernel section).
-    supported_history_operations = ("tail", "range")
+    supported_history_operations = ("tail", "range", "search")
     code_inspect_sample = "String::new"
 
 

@@ -1,0 +1,176 @@
+//! Shell and control: ROUTER sockets read frame by frame. Signatures are checked here (HMAC-SHA256 over
+//! header, parent header, metadata and content, as the messaging spec says). Reading the frames
+//! ourselves lets a request that jupyter-protocol's types reject only for leaving out an optional field
+//! (a history search without `unique` or `n`) be read with the spec's defaults instead of being lost.
+
+use bytes::Bytes;
+use jupyter_protocol::{Header, JupyterMessage, JupyterMessageContent};
+use ring::hmac;
+use serde_json::{Value, json};
+use zeromq::{Socket, SocketRecv, SocketSend, ZmqMessage};
+
+const DELIMITER: &[u8] = b"<IDS|MSG>";
+
+/// Why an incoming message was not accepted.
+#[derive(Debug)]
+pub enum ReadError {
+    /// The signature is missing or does not verify: the message is dropped unread.
+    BadSignature,
+    /// Not a Jupyter message (frames, JSON or content).
+    Malformed(String),
+}
+
+/// A kernel-side ROUTER socket.
+pub struct Router {
+    socket: zeromq::RouterSocket,
+    key: Option<hmac::Key>,
+    session: String,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(text: &[u8]) -> Option<Vec<u8>> {
+    let text = std::str::from_utf8(text).ok()?;
+    if text.len() % 2 != 0 {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).ok())
+        .collect()
+}
+
+/// The spec's defaults for a history request's optional fields.
+fn with_history_defaults(mut content: Value) -> Value {
+    if let Value::Object(map) = &mut content {
+        let defaults = [
+            ("output", json!(false)),
+            ("raw", json!(true)),
+            ("unique", json!(false)),
+            ("n", json!(0)),
+            ("start", json!(0)),
+            ("stop", json!(0)),
+            ("session", Value::Null),
+        ];
+        for (key, value) in defaults {
+            map.entry(key).or_insert(value);
+        }
+    }
+    content
+}
+
+impl Router {
+    /// Binds at `endpoint`; `key` signs and verifies (empty: no signatures, as Jupyter allows).
+    pub async fn bind(endpoint: &str, key: &str, session: &str) -> anyhow::Result<Router> {
+        let mut socket = zeromq::RouterSocket::new();
+        socket.bind(endpoint).await?;
+        Ok(Router {
+            socket,
+            key: (!key.is_empty()).then(|| hmac::Key::new(hmac::HMAC_SHA256, key.as_bytes())),
+            session: session.to_owned(),
+        })
+    }
+
+    /// The next message whose signature verifies.
+    pub async fn read(&mut self) -> Result<JupyterMessage, ReadError> {
+        let message = self
+            .socket
+            .recv()
+            .await
+            .map_err(|e| ReadError::Malformed(e.to_string()))?;
+        let frames: Vec<Bytes> = message.into_vec();
+        let delimiter = frames
+            .iter()
+            .position(|f| &f[..] == DELIMITER)
+            .ok_or_else(|| ReadError::Malformed("no <IDS|MSG> delimiter".into()))?;
+        let rest = &frames[delimiter + 1..];
+        if rest.len() < 5 {
+            return Err(ReadError::Malformed(format!(
+                "{} frames after the delimiter",
+                rest.len()
+            )));
+        }
+        let (signature, parts) = (&rest[0], &rest[1..]);
+        if let Some(key) = &self.key {
+            let signature = unhex(signature).ok_or(ReadError::BadSignature)?;
+            let signed: Vec<u8> = parts[..4].iter().flat_map(|p| p.iter().copied()).collect();
+            hmac::verify(key, &signed, &signature).map_err(|_| ReadError::BadSignature)?;
+        }
+        let json = |i: usize| {
+            serde_json::from_slice::<Value>(&parts[i])
+                .map_err(|e| ReadError::Malformed(format!("frame {i}: {e}")))
+        };
+        let header: Header = serde_json::from_value(json(0)?)
+            .map_err(|e| ReadError::Malformed(format!("header: {e}")))?;
+        let parent_header = serde_json::from_value::<Header>(json(1)?).ok();
+        let mut content = json(3)?;
+        if header.msg_type == "history_request" {
+            content = with_history_defaults(content);
+        }
+        let content = JupyterMessageContent::from_type_and_content(&header.msg_type, content)
+            .map_err(|e| ReadError::Malformed(format!("{} content: {e}", header.msg_type)))?;
+        Ok(JupyterMessage {
+            zmq_identities: frames[..delimiter].to_vec(),
+            header,
+            parent_header,
+            metadata: json(2)?,
+            content,
+            buffers: parts[4..].to_vec(),
+            channel: None,
+        })
+    }
+
+    /// Signs and sends a reply (to the identities it carries).
+    pub async fn send(&mut self, message: JupyterMessage) -> anyhow::Result<()> {
+        let message = message.with_session(&self.session);
+        let parent = match &message.parent_header {
+            Some(parent) => serde_json::to_vec(parent)?,
+            None => b"{}".to_vec(),
+        };
+        let parts = [
+            serde_json::to_vec(&message.header)?,
+            parent,
+            serde_json::to_vec(&message.metadata)?,
+            serde_json::to_vec(&message.content)?,
+        ];
+        let signature = match &self.key {
+            Some(key) => {
+                let mut ctx = hmac::Context::with_key(key);
+                for part in &parts {
+                    ctx.update(part);
+                }
+                hex(ctx.sign().as_ref())
+            }
+            None => String::new(),
+        };
+        let mut frames: Vec<Bytes> = message.zmq_identities.clone();
+        frames.push(Bytes::from_static(DELIMITER));
+        frames.push(signature.into_bytes().into());
+        frames.extend(parts.into_iter().map(Bytes::from));
+        frames.extend(message.buffers.iter().cloned());
+        let frames = ZmqMessage::try_from(frames).map_err(|e| anyhow::anyhow!("{e}"))?;
+        self.socket.send(frames).await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_round_trips() {
+        assert_eq!(unhex(hex(&[0, 15, 255]).as_bytes()), Some(vec![0, 15, 255]));
+        assert_eq!(unhex(b"0"), None);
+        assert_eq!(unhex(b"zz"), None);
+    }
+
+    #[test]
+    fn a_search_without_optional_fields_parses_with_defaults() {
+        let content = with_history_defaults(json!({"hist_access_type": "search", "pattern": "a*"}));
+        let parsed = JupyterMessageContent::from_type_and_content("history_request", content);
+        assert!(parsed.is_ok(), "{parsed:?}");
+    }
+}
