@@ -4,6 +4,7 @@
 //! (a history search without `unique` or `n`) be read with the spec's defaults instead of being lost.
 
 use bytes::Bytes;
+use hasten_launch::kernel_io::{from_hex, to_hex};
 use jupyter_protocol::{Header, JupyterMessage, JupyterMessageContent};
 use ring::hmac;
 use serde_json::{Value, json};
@@ -25,21 +26,6 @@ pub struct Router {
     socket: zeromq::RouterSocket,
     key: Option<hmac::Key>,
     session: String,
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(text: &[u8]) -> Option<Vec<u8>> {
-    let text = std::str::from_utf8(text).ok()?;
-    if text.len() % 2 != 0 {
-        return None;
-    }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).ok())
-        .collect()
 }
 
 /// The spec's defaults for a history request's optional fields.
@@ -94,7 +80,10 @@ impl Router {
         }
         let (signature, parts) = (&rest[0], &rest[1..]);
         if let Some(key) = &self.key {
-            let signature = unhex(signature).ok_or(ReadError::BadSignature)?;
+            let signature = std::str::from_utf8(signature)
+                .ok()
+                .and_then(from_hex)
+                .ok_or(ReadError::BadSignature)?;
             let signed: Vec<u8> = parts[..4].iter().flat_map(|p| p.iter().copied()).collect();
             hmac::verify(key, &signed, &signature).map_err(|_| ReadError::BadSignature)?;
         }
@@ -141,7 +130,7 @@ impl Router {
                 for part in &parts {
                     ctx.update(part);
                 }
-                hex(ctx.sign().as_ref())
+                to_hex(ctx.sign().as_ref())
             }
             None => String::new(),
         };
@@ -159,13 +148,6 @@ impl Router {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn hex_round_trips() {
-        assert_eq!(unhex(hex(&[0, 15, 255]).as_bytes()), Some(vec![0, 15, 255]));
-        assert_eq!(unhex(b"0"), None);
-        assert_eq!(unhex(b"zz"), None);
-    }
 
     #[test]
     fn a_search_without_optional_fields_parses_with_defaults() {

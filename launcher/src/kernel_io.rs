@@ -80,14 +80,18 @@ fn encode_line(kind: &str, data: &[u8]) -> Vec<u8> {
     line.extend_from_slice(LINE_PREFIX.as_bytes());
     line.extend_from_slice(kind.as_bytes());
     line.push(b' ');
-    for byte in data {
-        line.extend_from_slice(format!("{byte:02x}").as_bytes());
-    }
+    line.extend_from_slice(to_hex(data).as_bytes());
     line.push(b'\n');
     line
 }
 
-fn from_hex(hex: &str) -> Option<Vec<u8>> {
+/// Lower-case hex, as chunk lines (and Jupyter's HMAC signatures) carry bytes.
+pub fn to_hex(data: &[u8]) -> String {
+    data.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+/// The inverse of [`to_hex`]; None for odd lengths or non-hex digits.
+pub fn from_hex(hex: &str) -> Option<Vec<u8>> {
     if hex.len() % 2 != 0 {
         return None;
     }
@@ -464,6 +468,13 @@ mod tests {
             parse_line("HASTEN_KERNEL out zz"),
             KernelLine::Plain("HASTEN_KERNEL out zz".into())
         );
+    }
+
+    #[test]
+    fn hex_round_trips() {
+        assert_eq!(from_hex(&to_hex(&[0, 15, 255])), Some(vec![0, 15, 255]));
+        assert_eq!(from_hex("0"), None);
+        assert_eq!(from_hex("zz"), None);
     }
 
     #[test]
