@@ -146,8 +146,9 @@ impl Engine {
     /// Sends SIGINT to the runner. A `notebook_launcher` running there stops its ranks and returns
     /// `Interrupted`; plain code in the runner dies with it, and evcxr starts a new runner.
     pub fn interrupt(&self) {
-        self.signal(libc::SIGINT);
+        // Set before the signal: the cell may end (and read the flag) as soon as the runner dies.
         self.interrupted.store(true, Ordering::SeqCst);
+        self.signal(libc::SIGINT);
     }
 
     /// Sends `signal` to the runner, if it is running.
