@@ -76,6 +76,7 @@ void hasten_autocast_clear_cache() {
 
 // Optimizer support. tch's tensors are `at::Tensor*` behind an opaque pointer.
 #include <ATen/ops/_fused_adamw.h>
+#include <ATen/ops/_fused_sgd.h>
 #include <vector>
 
 extern "C" {
@@ -128,6 +129,52 @@ int hasten_fused_adamw(at::Tensor** params, at::Tensor** exp_avgs, at::Tensor** 
     return -1;
   } catch (...) {
     return -1;
+  }
+}
+
+// One fused SGD step over every parameter that has a gradient (at::_fused_sgd_, the kernel behind
+// torch.optim.SGD(fused=True); PyTorch's default foreach path is one multi-tensor launch as well).
+// `momenta` holds one buffer per parameter when momentum != 0 (else it is ignored); `first` says they
+// are uninitialised, so the kernel seeds them with the gradient as torch.optim.SGD does.
+int hasten_fused_sgd(at::Tensor** params, at::Tensor** momenta, int n, double lr, double momentum,
+                     double dampening, double weight_decay, int nesterov, int maximize, int first) {
+  try {
+    std::vector<at::Tensor> p, g, m;
+    for (int i = 0; i < n; ++i) {
+      const at::Tensor& grad = params[i]->grad();
+      if (!grad.defined()) continue;
+      p.push_back(*params[i]);
+      g.push_back(grad);
+      if (momentum != 0.0) m.push_back(*momenta[i]);
+    }
+    if (p.empty()) return 0;
+    at::_fused_sgd_(p, g, m, weight_decay, momentum, lr, dampening, nesterov != 0, maximize != 0, first != 0);
+    return 0;
+  } catch (const std::exception& e) {
+    fprintf(stderr, "hasten_fused_sgd: %s\n", e.what());
+    return -1;
+  } catch (...) {
+    return -1;
+  }
+}
+
+}  // extern "C"
+
+// Page-locked host memory, for fast and asynchronous copies to GPUs (checkpoint loading and offloaded
+// weights). tch can only pin by copying an existing tensor; this allocates pinned memory directly, from
+// libtorch's caching host allocator. Needs libtorch's CUDA half loaded; nullptr on failure.
+#include <ATen/ops/empty.h>
+
+extern "C" {
+
+at::Tensor* hasten_empty_pinned_bytes(int64_t nbytes) {
+  try {
+    return new at::Tensor(at::empty({nbytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true)));
+  } catch (const std::exception& e) {
+    fprintf(stderr, "hasten_empty_pinned_bytes: %s\n", e.what());
+    return nullptr;
+  } catch (...) {
+    return nullptr;
   }
 }
 

@@ -1,58 +1,32 @@
-//! Big-model inference end to end: save a checkpoint, plan a device map that splits the model over a GPU
-//! (when there is one), the CPU and the disk, load it by that map, run the forward pass across devices
-//! (disk blocks read their weights for their forward only) and compare with the model run on the CPU.
+//! Big-model inference end to end, as Accelerate's users write it: build the model with empty weights,
+//! let `load_checkpoint_and_dispatch` plan a device map that splits it over a GPU (when there is one), the
+//! CPU and the disk and load the checkpoint by it, then run it through `dispatch_model`'s hooks — each
+//! block runs where the map put it, offloaded blocks get their weights for their forward only — and
+//! compare with the model run on the CPU.
 //!
 //! `big_model [FOLDER]` (default: a fresh temporary folder). Exit status 1 when the outputs differ.
 
+use hasten::layers;
 use hasten::tch::{Device, Kind, Tensor, nn, nn::Module, nn::VarStore};
-use hasten::{DeviceKey, DeviceMap, DeviceMapSpec, DispatchOptions, ModelSkeleton, OffloadFolder};
+use hasten::{DeviceKey, DeviceMapSpec, DispatchOptions, DispatchedSequential, ModelSkeleton};
 use std::path::PathBuf;
 
 const WIDTH: i64 = 256;
 const BLOCKS: i64 = 6;
 
-struct Model {
-    blocks: Vec<nn::Linear>,
-    head: nn::Linear,
-}
-
-impl Model {
-    fn new(vs: &VarStore) -> Self {
-        let root = vs.root();
-        Model {
-            blocks: (0..BLOCKS)
-                .map(|i| nn::linear(&root / "layers" / i, WIDTH, WIDTH, Default::default()))
-                .collect(),
-            head: nn::linear(&root / "head", WIDTH, 10, Default::default()),
-        }
-    }
-
-    /// tch has no forward hooks, so the forward pass moves activations to each block's device itself, and
-    /// runs each disk-offloaded block on `exec` with its weights read for that forward only.
-    fn forward(
-        &self,
-        dispatch: Option<(&VarStore, &DeviceMap, &OffloadFolder, Device)>,
-        x: &Tensor,
-    ) -> Result<Tensor, hasten::Error> {
-        let mut x = x.shallow_clone();
-        let run = |module: &str, layer: &nn::Linear, x: Tensor| match dispatch {
-            None => Ok(layer.forward(&x)),
-            Some((vs, map, offload, exec))
-                if hasten::device_key_of(map, module) == Some(DeviceKey::Disk) =>
-            {
-                let x = x.to_device(exec);
-                offload.with_module_on(vs, module, exec, || layer.forward(&x))
-            }
-            Some((_, map, _, _)) => {
-                let device = hasten::device_of(map, module).unwrap_or(Device::Cpu);
-                Ok(layer.forward(&x.to_device(device)))
-            }
-        };
-        for (i, block) in self.blocks.iter().enumerate() {
-            x = run(&format!("layers.{i}"), block, x)?.relu();
-        }
-        Ok(run("head", &self.head, x)?.to_device(Device::Cpu))
-    }
+/// Six `Linear + ReLU` blocks and a head, each with the name its weights live under.
+fn model(vs: &VarStore) -> Vec<(String, Box<dyn Module>)> {
+    let root = vs.root();
+    let mut blocks: Vec<(String, Box<dyn Module>)> = (0..BLOCKS)
+        .map(|i| {
+            let layer = layers::linear(&(&root / "layers" / i), WIDTH, WIDTH, true);
+            let block: Box<dyn Module> = Box::new(nn::func(move |x| layer.forward(x).relu()));
+            (format!("layers.{i}"), block)
+        })
+        .collect();
+    let head = layers::linear(&(&root / "head"), WIDTH, 10, true);
+    blocks.push(("head".into(), Box::new(head)));
+    blocks
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -65,27 +39,30 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // The reference: a model trained nowhere, saved, and run on the CPU.
     let reference_vs = VarStore::new(Device::Cpu);
-    let reference = Model::new(&reference_vs);
+    let reference = model(&reference_vs);
     let checkpoint = folder.join("model.safetensors");
     reference_vs.save(&checkpoint)?;
     let input = Tensor::randn([8, WIDTH], (Kind::Float, Device::Cpu));
-    let expected = reference.forward(None, &input)?;
+    let expected = reference
+        .iter()
+        .fold(input.shallow_clone(), |x, (_, block)| block.forward(&x));
 
-    // A fresh model (other random weights) loaded by a planned map: two blocks on GPU 0 when there is one,
-    // two on the CPU, the rest on disk.
-    println!("CUDA available: {}", hasten::is_cuda_available());
-    let block = (WIDTH * WIDTH + WIDTH) as u64 * 4;
-    let mut max_memory = vec![(DeviceKey::Cpu, 3 * block)];
-    if hasten::is_cuda_available() {
-        max_memory.push((DeviceKey::Gpu(0), 3 * block));
-    }
+    // The same architecture with empty weights: no memory, no initialisation.
     let vs = VarStore::new(Device::Cpu);
-    let model = Model::new(&vs);
+    let blocks = layers::init_empty_weights(|| model(&vs));
     let classes: Vec<(String, &str)> = (0..BLOCKS)
         .map(|i| (format!("layers.{i}"), "Block"))
         .collect();
     let class_refs: Vec<(&str, &str)> = classes.iter().map(|(p, c)| (p.as_str(), *c)).collect();
     let skeleton = ModelSkeleton::from_var_store(&vs, &class_refs);
+
+    // Room for three blocks on GPU 0 (when there is one) and three on the CPU; the rest goes to disk.
+    println!("CUDA available: {}", hasten::is_cuda_available());
+    let block = (WIDTH * WIDTH + WIDTH) as u64 * 4;
+    let mut max_memory = vec![(DeviceKey::Cpu, 3 * block)];
+    if hasten::is_cuda_available() {
+        max_memory.insert(0, (DeviceKey::Gpu(0), 3 * block));
+    }
     let offload = folder.join("offload");
     let (map, report) = hasten::load_checkpoint_and_dispatch(
         &vs,
@@ -108,16 +85,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         report.offloaded.len(),
         offload.display()
     );
-    // Disk blocks run where the first block runs (GPU 0 when there is one), weights read per forward.
-    let exec = hasten::device_of(&map, "layers.0").unwrap_or(Device::Cpu);
-    let folder_index = OffloadFolder::open(&offload)?;
-    let output = model.forward(Some((&vs, &map, &folder_index, exec)), &input)?;
-    let still_offloaded = model
-        .blocks
-        .iter()
-        .filter(|b| b.ws.stride().iter().all(|s| *s == 0))
+
+    // Accelerate's dispatch_model: blocks run where the map says, offloaded ones on the main device.
+    let dispatcher = hasten::dispatch_model(&vs, map, Some(&offload), None)?;
+    println!("offloaded blocks run on {:?}", dispatcher.main_device());
+    let model = DispatchedSequential::new(dispatcher, blocks);
+    let output = hasten::tch::no_grad(|| model.try_forward(&input))?.to_device(Device::Cpu);
+    let placeholders = vs
+        .variables()
+        .values()
+        .filter(|t| layers::is_empty_placeholder(t))
         .count();
-    println!("disk blocks ran on {exec:?}; {still_offloaded} blocks hold only placeholders again");
+    println!("{placeholders} offloaded tensors hold only placeholders again");
     let diff = (&output - &expected).abs().max().double_value(&[]);
     println!("max |output - reference| = {diff:e}");
     if given.is_none() {

@@ -27,6 +27,7 @@ mod config;
 mod data;
 mod device;
 mod distributed;
+pub mod layers;
 mod ops;
 mod optim;
 mod random;
@@ -40,16 +41,17 @@ pub use accelerator::{
     Schedule, Splittable, autocast, find_executable_batch_size, should_reduce_batch_size,
 };
 pub use big_modeling::{
-    DeviceKey, DeviceMap, DeviceMapOptions, DeviceMapSpec, DispatchOptions, LoadOptions,
-    LoadReport, MaxMemory, ModelSkeleton, OffloadFolder, TensorMeta, calculate_maximum_sizes,
-    check_device_map, checkpoint_files, clean_device_map, compute_module_sizes,
-    compute_module_total_buffer_size, convert_bytes, convert_file_size_to_int, device_key_of,
-    device_of, dtype_byte_size, estimate_memory_table, estimate_training_usage,
-    find_tied_parameters, get_balanced_memory, get_max_layer_size, get_max_memory,
-    infer_auto_device_map, kind_from_safetensors, kind_from_torch_name,
-    load_checkpoint_and_dispatch, load_checkpoint_in_model, load_offloaded_weight,
-    load_offloaded_weights, offload_weight, parse_device_key, parse_max_memory,
-    read_safetensors_header, retie_parameters, save_offload_index,
+    DeviceKey, DeviceMap, DeviceMapOptions, DeviceMapSpec, DispatchOptions, DispatchedSequential,
+    Dispatcher, LoadOptions, LoadReport, MaxMemory, ModelSkeleton, OffloadFolder, TensorMeta,
+    calculate_maximum_sizes, check_device_map, checkpoint_files, clean_device_map,
+    compute_module_sizes, compute_module_total_buffer_size, convert_bytes,
+    convert_file_size_to_int, cpu_offload, device_key_of, device_of, disk_offload, dispatch_model,
+    dtype_byte_size, estimate_memory_table, estimate_training_usage, find_tied_parameters,
+    get_balanced_memory, get_max_layer_size, get_max_memory, infer_auto_device_map,
+    kind_from_safetensors, kind_from_torch_name, load_checkpoint_and_dispatch,
+    load_checkpoint_in_model, load_offloaded_weight, load_offloaded_weights, load_state_dict,
+    offload_state_dict, offload_weight, parse_device_key, parse_max_memory,
+    read_safetensors_header, retie_parameters, save_offload_index, set_module_tensor_to_device,
 };
 pub use config::write_basic_config;
 pub use hasten_core::{
@@ -80,11 +82,12 @@ pub use hasten_core::{
     SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_PATTERN_NAME, SAMPLER_NAME, SCALER_NAME, SCHEDULER_NAME,
     WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_PATTERN_NAME, shard_file_name, shard_suffix,
 };
+pub use layers::{init_empty_weights, init_on_device};
 pub use ops::{
     Nested, Reduction, concatenate, convert_to_fp32, listify, listify_tensor, map_tensors,
     send_to_device, slice_tensors, tensors_of,
 };
-pub use optim::{AdamW, Optimizer, clear_grads};
+pub use optim::{AdamW, Optimizer, Sgd, clear_grads};
 pub use random::{HostRng, host_rng, set_seed};
 pub use report::env_report;
 pub use state::{GradientState, GradientStateHandle, ProcessState};
@@ -109,8 +112,8 @@ pub mod prelude {
         AcceleratedOptimizer, AcceleratedScheduler, Accelerator, AdamW, AutocastKwargs, Collate,
         DataLoader, DataLoaderConfiguration, Dataset, DistributedDataParallelKwargs,
         DistributedType, GradScalerKwargs, GradientAccumulationPlugin, IterableDataLoader,
-        IterableDataset, PrecisionType, ProcessGroup, ProcessState, Reduction, Schedule,
-        TensorDataset, set_seed, tch,
+        IterableDataset, PrecisionType, ProcessGroup, ProcessState, Reduction, Schedule, Sgd,
+        TensorDataset, layers, set_seed, tch,
     };
     pub use tch::nn::{self, Module, ModuleT, OptimizerConfig};
     pub use tch::{Device, IndexOp, Kind, Tensor};

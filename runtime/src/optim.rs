@@ -1,9 +1,10 @@
-//! Optimizers as the Accelerator drives them: tch's (any `nn::Optimizer`), and a fused AdamW.
+//! Optimizers as the Accelerator drives them: tch's (any `nn::Optimizer`), and fused AdamW and SGD.
 //!
 //! Two things PyTorch users get by default and tch does not: `zero_grad` drops gradients instead of
 //! zero-filling them (set_to_none, PyTorch's default since 2.0: the next backward writes instead of
-//! adds), and AdamW updates all parameters in one fused kernel (`torch.optim.AdamW(fused=True)`; the
-//! default foreach path is also multi-tensor). Both come through hasten's C++ shim.
+//! adds), and the optimizers update all parameters in one multi-tensor kernel (PyTorch's default foreach
+//! path; `fused=True` is the single kernel used here), where tch's loop launches a few kernels per
+//! parameter. Both come through hasten's C++ shim.
 
 use crate::{Error, Result};
 use std::os::raw::c_int;
@@ -25,6 +26,19 @@ unsafe extern "C" {
         beta2: f64,
         weight_decay: f64,
         eps: f64,
+    ) -> c_int;
+    #[allow(clippy::too_many_arguments)]
+    fn hasten_fused_sgd(
+        params: *mut *mut C_tensor,
+        momenta: *mut *mut C_tensor,
+        n: c_int,
+        lr: f64,
+        momentum: f64,
+        dampening: f64,
+        weight_decay: f64,
+        nesterov: c_int,
+        maximize: c_int,
+        first: c_int,
     ) -> c_int;
 }
 
@@ -193,6 +207,154 @@ impl Optimizer for AdamW {
     }
 }
 
+/// SGD (momentum, dampening, Nesterov, weight decay, maximize) in one fused kernel for all parameters,
+/// with `torch.optim.SGD`'s semantics and defaults (momentum 0, dampening 0, no weight decay). A
+/// parameter's momentum buffer starts as its first gradient, as in PyTorch.
+pub struct Sgd {
+    params: Vec<Tensor>,
+    momenta: Vec<Option<Tensor>>,
+    lr: f64,
+    momentum: f64,
+    dampening: f64,
+    weight_decay: f64,
+    nesterov: bool,
+    maximize: bool,
+}
+
+impl Sgd {
+    /// SGD over a VarStore's trainable variables.
+    pub fn new(vs: &tch::nn::VarStore, lr: f64) -> Self {
+        Self::over(vs.trainable_variables(), lr)
+    }
+
+    /// SGD over given parameters.
+    pub fn over(params: Vec<Tensor>, lr: f64) -> Self {
+        let momenta = params.iter().map(|_| None).collect();
+        Sgd {
+            params,
+            momenta,
+            lr,
+            momentum: 0.0,
+            dampening: 0.0,
+            weight_decay: 0.0,
+            nesterov: false,
+            maximize: false,
+        }
+    }
+
+    /// Sets the momentum factor (default 0).
+    pub fn momentum(mut self, momentum: f64) -> Self {
+        self.momentum = momentum;
+        self
+    }
+
+    /// Sets the dampening of the momentum (default 0).
+    pub fn dampening(mut self, dampening: f64) -> Self {
+        self.dampening = dampening;
+        self
+    }
+
+    /// Sets the L2 penalty added to the gradient (default 0).
+    pub fn weight_decay(mut self, wd: f64) -> Self {
+        self.weight_decay = wd;
+        self
+    }
+
+    /// Uses Nesterov momentum (default off; needs momentum > 0 and no dampening, as in PyTorch).
+    pub fn nesterov(mut self, nesterov: bool) -> Self {
+        self.nesterov = nesterov;
+        self
+    }
+
+    /// Maximizes the objective instead of minimizing it (default off).
+    pub fn maximize(mut self, maximize: bool) -> Self {
+        self.maximize = maximize;
+        self
+    }
+
+    fn launch(&self, params: &[Tensor], momenta: &[Tensor], first: bool) -> Result<()> {
+        let mut p = pointers(params);
+        let mut m = pointers(momenta);
+        let m_ptr = if m.is_empty() {
+            std::ptr::null_mut()
+        } else {
+            m.as_mut_ptr()
+        };
+        // SAFETY: valid tensor handles alive for the call; `momenta` is as long as `params` whenever the
+        // momentum is non-zero (the only case in which the shim reads it).
+        let r = unsafe {
+            hasten_fused_sgd(
+                p.as_mut_ptr(),
+                m_ptr,
+                p.len() as c_int,
+                self.lr,
+                self.momentum,
+                self.dampening,
+                self.weight_decay,
+                c_int::from(self.nesterov),
+                c_int::from(self.maximize),
+                c_int::from(first),
+            )
+        };
+        if r != 0 {
+            return Err(Error::DeviceUnavailable {
+                detail: "the fused SGD kernel failed (libtorch printed why above)".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Optimizer for Sgd {
+    fn step(&mut self) -> Result<()> {
+        if self.nesterov && (self.momentum <= 0.0 || self.dampening != 0.0) {
+            return Err(Error::InvalidValue {
+                name: "nesterov".into(),
+                detail: "Nesterov momentum requires a momentum and zero dampening".into(),
+            });
+        }
+        if self.momentum == 0.0 {
+            return self.launch(&self.params, &[], false);
+        }
+        // Buffers that exist step together; a parameter's first gradient seeds its new buffer.
+        let (mut old_p, mut old_m, mut new_p, mut new_m) = (vec![], vec![], vec![], vec![]);
+        for (param, buffer) in self.params.iter().zip(&mut self.momenta) {
+            match buffer {
+                Some(b) => {
+                    old_p.push(param.shallow_clone());
+                    old_m.push(b.shallow_clone());
+                }
+                None if param.grad().defined() => {
+                    let b = param.grad().empty_like();
+                    new_p.push(param.shallow_clone());
+                    new_m.push(b.shallow_clone());
+                    *buffer = Some(b);
+                }
+                None => {}
+            }
+        }
+        if !old_p.is_empty() {
+            self.launch(&old_p, &old_m, false)?;
+        }
+        if !new_p.is_empty() {
+            self.launch(&new_p, &new_m, true)?;
+        }
+        Ok(())
+    }
+
+    fn zero_grad(&mut self) {
+        clear_grads(&self.params);
+    }
+
+    fn set_lr(&mut self, lr: f64) {
+        self.lr = lr;
+    }
+
+    fn params(&self) -> Vec<Tensor> {
+        self.params.iter().map(Tensor::shallow_clone).collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -230,6 +392,59 @@ mod tests {
             let diff = (t - &b[name]).abs().max().double_value(&[]);
             assert!(diff < 1e-6, "{name} differs by {diff}");
         }
+    }
+
+    #[test]
+    fn fused_sgd_matches_tch_sgd() {
+        let make = || {
+            tch::manual_seed(5);
+            let vs = nn::VarStore::new(Device::Cpu);
+            let model = nn::seq()
+                .add(nn::linear(vs.root() / "a", 5, 7, Default::default()))
+                .add_fn(|x| x.tanh())
+                .add(nn::linear(vs.root() / "b", 7, 2, Default::default()));
+            (vs, model)
+        };
+        let x = Tensor::arange(20, (Kind::Float, Device::Cpu))
+            .view([4, 5])
+            .cos();
+        for (momentum, dampening, wd, nesterov) in [
+            (0.0, 0.0, 0.0, false),
+            (0.9, 0.1, 1e-2, false),
+            (0.9, 0.0, 0.0, true),
+        ] {
+            let (vs1, m1) = make();
+            let (vs2, m2) = make();
+            let mut reference = nn::Sgd {
+                momentum,
+                dampening,
+                wd,
+                nesterov,
+            }
+            .build(&vs1, 0.05)
+            .unwrap();
+            let mut fused = Sgd::new(&vs2, 0.05)
+                .momentum(momentum)
+                .dampening(dampening)
+                .weight_decay(wd)
+                .nesterov(nesterov);
+            for _ in 0..4 {
+                reference.zero_grad();
+                m1.forward(&x).square().sum(Kind::Float).backward();
+                reference.step();
+                Optimizer::zero_grad(&mut fused);
+                m2.forward(&x).square().sum(Kind::Float).backward();
+                fused.step().unwrap();
+            }
+            let (a, b) = (vs1.variables(), vs2.variables());
+            for (name, t) in &a {
+                let diff = (t - &b[name]).abs().max().double_value(&[]);
+                assert!(diff < 1e-6, "momentum {momentum}: {name} differs by {diff}");
+            }
+        }
+        let bad = Sgd::new(&nn::VarStore::new(Device::Cpu), 0.1).nesterov(true);
+        let err = { bad }.step().unwrap_err().to_string();
+        assert!(err.contains("nesterov"), "{err}");
     }
 
     #[test]

@@ -55,6 +55,26 @@ fn bad(path: &Path, detail: String) -> Error {
 
 /// The tensors listed in one safetensors file's header, in file order.
 pub fn read_safetensors_header(path: &Path) -> Result<Vec<(String, TensorMeta)>> {
+    Ok(read_safetensors_entries(path)?
+        .into_iter()
+        .map(|e| (e.name, e.meta))
+        .collect())
+}
+
+/// One tensor of a safetensors file: its name, shape and dtype, and where its bytes lie in the file.
+#[derive(Debug, Clone)]
+pub(crate) struct SafetensorsEntry {
+    pub name: String,
+    pub meta: TensorMeta,
+    /// Offset of the first byte from the start of the file.
+    pub start: u64,
+    /// Number of bytes (elements × element size).
+    pub len: u64,
+}
+
+/// Reads one safetensors header, checking that every tensor's byte range matches its shape and dtype
+/// and lies inside the file, so a truncated or inconsistent shard is refused before anything is read.
+pub(crate) fn read_safetensors_entries(path: &Path) -> Result<Vec<SafetensorsEntry>> {
     let mut file = std::fs::File::open(path).map_err(|e| Error::io("opening", path, e))?;
     let mut len = [0u8; 8];
     file.read_exact(&mut len).map_err(|_| {
@@ -76,7 +96,8 @@ pub fn read_safetensors_header(path: &Path) -> Result<Vec<(String, TensorMeta)>>
         .map_err(|e| Error::io("reading the header of", path, e))?;
     let json: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
         .map_err(|e| bad(path, format!("the header is not valid JSON: {e}")))?;
-    let mut tensors: Vec<(u64, String, TensorMeta)> = Vec::new();
+    let data_start = 8 + n;
+    let mut tensors: Vec<SafetensorsEntry> = Vec::new();
     for (name, info) in json {
         if name == "__metadata__" {
             continue;
@@ -95,27 +116,54 @@ pub fn read_safetensors_header(path: &Path) -> Result<Vec<(String, TensorMeta)>>
             .iter()
             .map(|d| {
                 d.as_i64()
-                    .ok_or_else(|| bad(path, format!("tensor {name} has a non-integer dimension")))
+                    .filter(|d| *d >= 0)
+                    .ok_or_else(|| bad(path, format!("tensor {name} has an invalid dimension")))
             })
             .collect::<Result<_>>()?;
-        let start = info
+        let offsets: Vec<u64> = info
             .get("data_offsets")
-            .and_then(|o| o.get(0))
-            .and_then(|o| o.as_u64())
-            .unwrap_or(0);
-        tensors.push((
-            start,
+            .and_then(|o| o.as_array())
+            .map(|o| o.iter().filter_map(|v| v.as_u64()).collect())
+            .unwrap_or_default();
+        let [begin, end] = offsets[..] else {
+            return Err(bad(
+                path,
+                format!("tensor {name} has no valid data_offsets"),
+            ));
+        };
+        let meta = TensorMeta {
+            shape,
+            kind,
+            buffer: false,
+        };
+        let expected = meta.numel() * kind.elt_size_in_bytes() as u64;
+        if end < begin || end - begin != expected {
+            return Err(bad(
+                path,
+                format!(
+                    "tensor {name} spans bytes {begin}..{end} but its shape and dtype need {expected}"
+                ),
+            ));
+        }
+        if data_start + end > file_len {
+            return Err(bad(
+                path,
+                format!(
+                    "tensor {name} ends at byte {} but the file has {file_len} (truncated?)",
+                    data_start + end
+                ),
+            ));
+        }
+        tensors.push(SafetensorsEntry {
             name,
-            TensorMeta {
-                shape,
-                kind,
-                buffer: false,
-            },
-        ));
+            meta,
+            start: data_start + begin,
+            len: expected,
+        });
     }
     // File order is offset order; JSON object order is not guaranteed.
-    tensors.sort_by_key(|(start, _, _)| *start);
-    Ok(tensors.into_iter().map(|(_, n, t)| (n, t)).collect())
+    tensors.sort_by_key(|e| e.start);
+    Ok(tensors)
 }
 
 /// The shard files of a checkpoint: one `.safetensors` file, a `*.index.json` (its `weight_map`), or a

@@ -5,8 +5,9 @@
 //! expanded with stride 0 to the full shape. It costs one element of memory until
 //! [`load_offloaded_weights`] brings the real values back.
 
-use super::describe::{checkpoint_files, read_safetensors_header};
+use super::describe::{SafetensorsEntry, checkpoint_files, read_safetensors_entries};
 use super::device_map::{DeviceKey, DeviceMap};
+use super::read::{ReadJob, Target, host_tensor, read_all, read_tensor, reader_threads};
 use crate::{Error, Result};
 use serde_json::{Map, Value, json};
 use std::collections::{BTreeMap, HashMap};
@@ -111,16 +112,19 @@ pub fn load_checkpoint_in_model(
     // Check every shard's header before touching the model, so a bad checkpoint leaves it as it was.
     let mut in_checkpoint = std::collections::HashSet::new();
     let mut unexpected = Vec::new();
+    let mut headers: Vec<Vec<SafetensorsEntry>> = Vec::new();
     for shard in &shards {
-        for (name, meta) in read_safetensors_header(shard)? {
-            if let Some(var) = variables.get(&name).filter(|v| v.size() != meta.shape) {
-                return Err(shape_mismatch(shard, &name, &meta.shape, &var.size()));
+        let entries = read_safetensors_entries(shard)?;
+        for e in &entries {
+            if let Some(var) = variables.get(&e.name).filter(|v| v.size() != e.meta.shape) {
+                return Err(shape_mismatch(shard, &e.name, &e.meta.shape, &var.size()));
             }
-            if !variables.contains_key(&name) {
-                unexpected.push(name.clone());
+            if !variables.contains_key(&e.name) {
+                unexpected.push(e.name.clone());
             }
-            in_checkpoint.insert(name);
+            in_checkpoint.insert(e.name.clone());
         }
+        headers.push(entries);
     }
     let mut missing: Vec<String> = variables
         .keys()
@@ -142,50 +146,225 @@ pub fn load_checkpoint_in_model(
         missing,
         ..LoadReport::default()
     };
+    // CPU copies of GPU-executed weights are page-locked, so moving them for each forward runs at full
+    // bus speed (Accelerate leaves them pageable).
+    let pin_cpu = opts
+        .device_map
+        .as_ref()
+        .is_some_and(|m| m.iter().any(|(_, d)| matches!(d, DeviceKey::Gpu(_))));
+    let mut jobs = Vec::new();
     let mut index = Map::new();
-    for shard in shards {
-        let tensors = Tensor::read_safetensors(&shard).map_err(|e| Error::Checkpoint {
-            path: shard.clone(),
-            detail: format!("cannot be read: {e}"),
-        })?;
-        for (name, value) in tensors {
-            let Some(var) = variables.get_mut(&name) else {
+    let mut plans = Vec::new();
+    for (shard_index, entries) in headers.into_iter().enumerate() {
+        for e in entries {
+            if !variables.contains_key(&e.name) {
                 continue;
-            };
-            if value.size() != var.size() {
-                return Err(shape_mismatch(&shard, &name, &value.size(), &var.size()));
             }
-            let value = match opts.dtype {
-                Some(kind) if value.is_floating_point() => value.to_kind(kind),
-                _ => value,
-            };
-            let placed_as = follows.get(&name).unwrap_or(&name);
+            let cast = opts
+                .dtype
+                .filter(|k| *k != e.meta.kind && is_floating(e.meta.kind));
+            let placed_as = follows.get(&e.name).unwrap_or(&e.name);
             let key = opts
                 .device_map
                 .as_ref()
                 .and_then(|m| device_key_of(m, placed_as));
-            let device = key.map_or(vs.device(), tch_device);
             let on_disk = key == Some(DeviceKey::Disk);
-            let new_data = if on_disk {
+            let (target, plan) = if on_disk && cast.is_none() {
+                let folder = offload_folder.expect("checked above: disk needs a folder");
+                std::fs::create_dir_all(folder).map_err(|e| Error::io("creating", folder, e))?;
+                index.insert(
+                    e.name.clone(),
+                    offload_entry(&e.name, e.meta.kind, &e.meta.shape)?,
+                );
+                (
+                    Target::File(folder.join(format!("{}.dat", e.name))),
+                    Plan::Offloaded,
+                )
+            } else {
+                let device = if on_disk {
+                    Device::Cpu
+                } else {
+                    key.map_or(vs.device(), tch_device)
+                };
+                let value = if device == Device::Cpu {
+                    host_tensor(&e.meta.shape, e.meta.kind, pin_cpu && !on_disk)
+                } else {
+                    device_tensor(&e.name, &e.meta.shape, e.meta.kind, device)?
+                };
+                let plan = if on_disk {
+                    Plan::OffloadAfterCast
+                } else {
+                    Plan::Loaded
+                };
+                (Target::Tensor(value.shallow_clone()), plan)
+            };
+            plans.push((
+                e.name.clone(),
+                cast,
+                plan,
+                e.meta.shape.clone(),
+                e.meta.kind,
+            ));
+            jobs.push(ReadJob {
+                shard: shard_index,
+                name: e.name,
+                start: e.start,
+                len: e.len,
+                target,
+            });
+        }
+    }
+    read_all(&shards, &jobs, reader_threads(), true)?;
+    // Everything is read: only now does the model change.
+    let _guard = tch::no_grad_guard();
+    for ((name, cast, plan, shape, kind), job) in plans.into_iter().zip(jobs) {
+        let var = variables
+            .get_mut(&name)
+            .expect("planned from the model's names");
+        let read = match job.target {
+            Target::Tensor(t) => Some(match cast {
+                Some(kind) => t.to_kind(kind),
+                None => t,
+            }),
+            Target::File(_) => None,
+        };
+        let new_data = match (plan, read) {
+            (Plan::Loaded, Some(value)) => {
+                report.loaded.push(name);
+                value
+            }
+            (Plan::OffloadAfterCast, Some(value)) => {
                 let folder = offload_folder.expect("checked above: disk needs a folder");
                 offload_weight(&value, &name, folder, &mut index)?;
-                report.offloaded.push(name.clone());
-                Tensor::zeros([1], (value.kind(), Device::Cpu))
-                    .f_expand(value.size(), false)
-                    .map_err(|e| Error::torch("placeholder for an offloaded tensor", e))?
-            } else {
-                report.loaded.push(name.clone());
-                value.to_device(device)
-            };
-            let _guard = tch::no_grad_guard();
-            var.f_set_data(&new_data)
-                .map_err(|e| Error::torch("load_checkpoint_in_model", e))?;
-        }
+                report.offloaded.push(name);
+                crate::layers::empty_placeholder(&shape, value.kind())
+            }
+            _ => {
+                report.offloaded.push(name);
+                crate::layers::empty_placeholder(&shape, kind)
+            }
+        };
+        var.f_set_data(&new_data)
+            .map_err(|e| Error::torch("load_checkpoint_in_model", e))?;
     }
     if let Some(folder) = offload_folder.filter(|_| !index.is_empty()) {
         save_offload_index(&index, folder)?;
     }
     Ok(report)
+}
+
+/// Room for tensor `name` on a GPU; an error naming the tensor and the device when there is none (no
+/// CUDA, no such GPU, out of memory).
+fn device_tensor(name: &str, shape: &[i64], kind: Kind, device: Device) -> Result<Tensor> {
+    Tensor::f_empty(shape, (kind, device)).map_err(|e| Error::InvalidValue {
+        name: "device_map".into(),
+        detail: format!(
+            "cannot place {name} on {device:?}: {}",
+            Error::torch("allocating", e)
+        ),
+    })
+}
+
+fn is_floating(kind: Kind) -> bool {
+    matches!(
+        kind,
+        Kind::Half
+            | Kind::Float
+            | Kind::Double
+            | Kind::BFloat16
+            | Kind::Float8e4m3fn
+            | Kind::Float8e5m2
+            | Kind::Float8e4m3fnuz
+            | Kind::Float8e5m2fnuz
+    )
+}
+
+/// What happens to a tensor once its bytes are read.
+#[derive(Debug, Clone, Copy)]
+enum Plan {
+    /// Becomes the variable's data.
+    Loaded,
+    /// Was copied into the offload folder as it is; the variable gets a placeholder.
+    Offloaded,
+    /// Is cast, then written to the offload folder; the variable gets a placeholder.
+    OffloadAfterCast,
+}
+
+/// Accelerate's `set_module_tensor_to_device`: moves the variable `name` of `vs` to `device`, replacing its
+/// values with `value` when given (same shape, or an error naming the tensor) and casting floating
+/// values to `dtype` when given.
+pub fn set_module_tensor_to_device(
+    vs: &VarStore,
+    name: &str,
+    device: Device,
+    value: Option<&Tensor>,
+    dtype: Option<Kind>,
+) -> Result<()> {
+    let mut variables = vs.variables();
+    let var = variables.get_mut(name).ok_or_else(|| Error::InvalidValue {
+        name: "tensor_name".into(),
+        detail: format!("the model has no tensor {name}"),
+    })?;
+    let source = match value {
+        Some(v) if v.size() != var.size() => {
+            return Err(Error::InvalidValue {
+                name: name.into(),
+                detail: format!(
+                    "trying to set a tensor of shape {:?} in {name} (which has shape {:?}), this looks incorrect",
+                    v.size(),
+                    var.size()
+                ),
+            });
+        }
+        Some(v) => v.shallow_clone(),
+        None => var.detach(),
+    };
+    let kind = match dtype {
+        Some(k) if is_floating(source.kind()) => k,
+        _ => source.kind(),
+    };
+    let new_data = source
+        .f_to_device_(device, kind, false, false)
+        .map_err(|e| Error::torch("set_module_tensor_to_device", e))?;
+    let _guard = tch::no_grad_guard();
+    var.f_set_data(&new_data)
+        .map_err(|e| Error::torch("set_module_tensor_to_device", e))
+}
+
+/// Accelerate's `load_state_dict`: the tensors of one safetensors file, each on the device `device_map`
+/// gives it (its longest module prefix; the CPU without a map, or for tensors mapped to the disk), read
+/// in parallel. In file order.
+pub fn load_state_dict(
+    file: &Path,
+    device_map: Option<&DeviceMap>,
+) -> Result<Vec<(String, Tensor)>> {
+    let entries = read_safetensors_entries(file)?;
+    let mut jobs = Vec::with_capacity(entries.len());
+    for e in entries {
+        let device = device_map
+            .and_then(|m| device_key_of(m, &e.name))
+            .map_or(Device::Cpu, tch_device);
+        let tensor = if device == Device::Cpu {
+            host_tensor(&e.meta.shape, e.meta.kind, false)
+        } else {
+            device_tensor(&e.name, &e.meta.shape, e.meta.kind, device)?
+        };
+        jobs.push(ReadJob {
+            shard: 0,
+            name: e.name,
+            start: e.start,
+            len: e.len,
+            target: Target::Tensor(tensor),
+        });
+    }
+    read_all(&[file.to_owned()], &jobs, reader_threads(), true)?;
+    Ok(jobs
+        .into_iter()
+        .filter_map(|j| match j.target {
+            Target::Tensor(t) => Some((j.name, t)),
+            Target::File(_) => None,
+        })
+        .collect())
 }
 
 fn shape_mismatch(shard: &Path, name: &str, found: &[i64], model: &[i64]) -> Error {
@@ -236,10 +415,7 @@ pub fn offload_weight(
     index: &mut Map<String, Value>,
 ) -> Result<()> {
     let kind = weight.kind();
-    let dtype = numpy_dtype(kind).ok_or_else(|| Error::InvalidValue {
-        name: "offload_weight".into(),
-        detail: format!("{name} has dtype {kind:?}, which cannot be offloaded"),
-    })?;
+    let entry = offload_entry(name, kind, &weight.size())?;
     std::fs::create_dir_all(folder).map_err(|e| Error::io("creating", folder, e))?;
     let cpu = weight.to_device(Device::Cpu).contiguous();
     let numel = cpu.numel();
@@ -248,14 +424,27 @@ pub fn offload_weight(
         .map_err(|e| Error::torch("offload_weight", e))?;
     let path = folder.join(format!("{name}.dat"));
     std::fs::write(&path, &bytes).map_err(|e| Error::io("writing", &path, e))?;
+    index.insert(name.to_owned(), entry);
+    Ok(())
+}
+
+/// The `index.json` entry of an offloaded tensor of `kind` and `shape`.
+fn offload_entry(name: &str, kind: Kind, shape: &[i64]) -> Result<Value> {
+    let dtype = numpy_dtype(kind).ok_or_else(|| Error::InvalidValue {
+        name: "offload_weight".into(),
+        detail: format!("{name} has dtype {kind:?}, which cannot be offloaded"),
+    })?;
     // numpy cannot memmap a 0-d array, so Accelerate stores scalars with shape [1].
-    let shape: Vec<i64> = if cpu.dim() == 0 { vec![1] } else { cpu.size() };
+    let shape: Vec<i64> = if shape.is_empty() {
+        vec![1]
+    } else {
+        shape.to_vec()
+    };
     let mut entry = json!({ "dtype": dtype, "shape": shape });
     if kind == Kind::BFloat16 {
         entry["dtype"] = json!("bfloat16");
     }
-    index.insert(name.to_owned(), entry);
-    Ok(())
+    Ok(entry)
 }
 
 /// Merges `index` into `folder/index.json` (Accelerate's `save_offload_index`).
@@ -300,16 +489,30 @@ pub fn load_offloaded_weight(folder: &Path, name: &str) -> Result<Tensor> {
         path: index_path.clone(),
         detail: format!("has no entry for {name}"),
     })?;
-    read_offloaded(folder, name, entry, &index_path)
+    read_offloaded(folder, name, entry, &index_path, false)
 }
 
-/// One tensor's `.dat`, checked against its index entry.
+/// One tensor's `.dat`, checked against its index entry, read into host memory (page-locked when
+/// `pinned`, for a fast copy to a GPU).
 pub(super) fn read_offloaded(
     folder: &Path,
     name: &str,
     entry: &Value,
     index_path: &Path,
+    pinned: bool,
 ) -> Result<Tensor> {
+    let (path, shape, kind) = offloaded_file(folder, name, entry, index_path)?;
+    read_tensor(&path, 0, &shape, kind, pinned)
+}
+
+/// Where one offloaded tensor's `.dat` is, with its shape and kind, after checking the file's size
+/// against the index entry.
+pub(super) fn offloaded_file(
+    folder: &Path,
+    name: &str,
+    entry: &Value,
+    index_path: &Path,
+) -> Result<(PathBuf, Vec<i64>, Kind)> {
     let bad = |detail: String| Error::Checkpoint {
         path: index_path.to_owned(),
         detail,
@@ -327,18 +530,29 @@ pub(super) fn read_offloaded(
             ))
         })?;
     let path = folder.join(format!("{name}.dat"));
-    let bytes = std::fs::read(&path).map_err(|e| Error::io("reading", &path, e))?;
-    let expected = shape.iter().product::<i64>() as usize * kind.elt_size_in_bytes();
-    if bytes.len() != expected {
+    let found = std::fs::metadata(&path)
+        .map_err(|e| Error::io("reading", &path, e))?
+        .len();
+    let expected = shape.iter().product::<i64>() as u64 * kind.elt_size_in_bytes() as u64;
+    if found != expected {
         return Err(Error::Checkpoint {
             path,
             detail: format!(
-                "holds {} bytes, but index.json says {name} is {dtype} {shape:?} ({expected} bytes)",
-                bytes.len()
+                "holds {found} bytes, but index.json says {name} is {dtype} {shape:?} ({expected} bytes)"
             ),
         });
     }
-    Ok(Tensor::from_data_size(&bytes, &shape, kind))
+    Ok((path, shape, kind))
+}
+
+/// Writes every tensor of `state` to `folder` and merges their entries into `folder/index.json`
+/// (Accelerate's `offload_state_dict`).
+pub fn offload_state_dict(folder: &Path, state: &[(String, Tensor)]) -> Result<()> {
+    let mut index = Map::new();
+    for (name, tensor) in state {
+        offload_weight(tensor, name, folder, &mut index)?;
+    }
+    save_offload_index(&index, folder)
 }
 
 /// Brings every tensor of `folder/index.json` that `vs` has back into the model, on the CPU (Accelerate's
@@ -352,7 +566,7 @@ pub fn load_offloaded_weights(vs: &VarStore, folder: &Path) -> Result<Vec<String
         let Some(var) = variables.get_mut(name) else {
             continue;
         };
-        let mut value = read_offloaded(folder, name, entry, &index_path)?;
+        let mut value = read_offloaded(folder, name, entry, &index_path, false)?;
         if var.dim() == 0 {
             value = value.reshape([] as [i64; 0]);
         }
@@ -489,6 +703,38 @@ mod tests {
     }
 
     #[test]
+    fn state_dicts_and_single_tensors() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("model.safetensors");
+        let w = values(&[3, 4], 2.0);
+        Tensor::write_safetensors(&[("0.weight", &w), ("1.bias", &values(&[2], 9.0))], &file)
+            .unwrap();
+        let map = vec![
+            ("0".to_owned(), DeviceKey::Cpu),
+            ("1".to_owned(), DeviceKey::Disk),
+        ];
+        let state = load_state_dict(&file, Some(&map)).unwrap();
+        assert_eq!(state.len(), 2);
+        assert_eq!(state[0].0, "0.weight");
+        assert!(state[0].1.equal(&w));
+        assert_eq!(state[1].1.device(), Device::Cpu);
+
+        let vs = model();
+        set_module_tensor_to_device(&vs, "0.weight", Device::Cpu, Some(&w), Some(Kind::Half))
+            .unwrap();
+        assert_eq!(var(&vs, "0.weight").kind(), Kind::Half);
+        assert!(var(&vs, "0.weight").to_kind(Kind::Float).equal(&w));
+        let err = set_module_tensor_to_device(&vs, "0.weight", Device::Cpu, Some(&w.tr()), None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("0.weight") && err.contains("[4, 3]"), "{err}");
+        let err = set_module_tensor_to_device(&vs, "nope", Device::Cpu, None, None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("nope"), "{err}");
+    }
+
+    #[test]
     fn bad_input_is_named() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("model.safetensors");
@@ -550,6 +796,22 @@ mod tests {
             var(&vs, "0.weight").equal(&before),
             "strict failure loads nothing"
         );
+
+        // A truncated shard: refused from its header, naming the shard and the tensor cut short.
+        let cut = dir.path().join("cut.safetensors");
+        Tensor::write_safetensors(&[("0.weight", values(&[3, 4], 1.0))], &cut).unwrap();
+        let bytes = std::fs::read(&cut).unwrap();
+        std::fs::write(&cut, &bytes[..bytes.len() - 5]).unwrap();
+        let err = load_checkpoint_in_model(&vs, &cut, &LoadOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("cut.safetensors")
+                && err.contains("0.weight")
+                && err.contains("truncated"),
+            "{err}"
+        );
+        assert!(var(&vs, "0.weight").equal(&before));
 
         let disk_without_folder = LoadOptions {
             device_map: Some(vec![("".into(), DeviceKey::Disk)]),

@@ -5,9 +5,11 @@ mod describe;
 mod device_map;
 mod dispatch;
 mod estimate;
+mod hooks;
 mod load;
 mod memory;
 mod offload;
+mod read;
 mod sizes;
 mod skeleton;
 
@@ -25,9 +27,11 @@ pub use dispatch::{
 pub use estimate::{
     calculate_maximum_sizes, convert_bytes, estimate_memory_table, estimate_training_usage,
 };
+pub use hooks::{DispatchedSequential, Dispatcher, cpu_offload, disk_offload, dispatch_model};
 pub use load::{
     LoadOptions, LoadReport, device_key_of, load_checkpoint_in_model, load_offloaded_weight,
-    load_offloaded_weights, offload_weight, save_offload_index,
+    load_offloaded_weights, load_state_dict, offload_state_dict, offload_weight,
+    save_offload_index, set_module_tensor_to_device,
 };
 pub use memory::{
     MaxMemory, get_balanced_memory, get_max_memory, parse_device_key, parse_max_memory,

@@ -80,7 +80,7 @@ impl OffloadFolder {
                 let value = match (&self.folder, self.index.get(name.as_str())) {
                     // Stored scalars have shape [1]; the reshape gives back the variable's shape.
                     (Some(folder), Some(entry)) => {
-                        read_offloaded(folder, name, entry, &self.index_path)?
+                        read_offloaded(folder, name, entry, &self.index_path, device.is_cuda())?
                             .reshape(var.size())
                             .to_device(device)
                     }

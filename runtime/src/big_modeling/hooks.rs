@@ -1,0 +1,432 @@
+//! Accelerate's dispatch hooks, for tch models: [`dispatch_model`] returns a [`Dispatcher`] that runs
+//! each block of a model where the device map puts it. For a block on a GPU it moves the input there; for
+//! a block offloaded to the CPU or the disk it brings the block's weights to the execution device for
+//! that call only (Accelerate's `AlignDevicesHook` with offload), and releases them afterwards.
+//!
+//! tch modules cannot carry hooks, so the model's forward calls [`Dispatcher::run`] around each block,
+//! or the blocks are wrapped in a [`DispatchedSequential`], whose forward does it for them.
+//!
+//! While an offloaded block runs, the next disk-offloaded block's weights are read on a background
+//! thread into page-locked memory, so the disk read overlaps with the copies and compute of the blocks
+//! before it; CPU-offloaded weights are page-locked at load (see `load_checkpoint_in_model`), so their
+//! copies run at full bus speed.
+
+use super::device_map::{DeviceKey, DeviceMap};
+use super::load::{device_key_of, offloaded_file, read_offload_index};
+use super::read::{ReadJob, Target, host_tensor, read_all, reader_threads};
+use crate::{Error, Result};
+use serde_json::{Map, Value};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::thread::JoinHandle;
+use tch::{Device, Tensor, nn::Module, nn::VarStore};
+
+type Weights = Vec<(String, Tensor)>;
+
+/// A background read of one disk-offloaded module's weights.
+struct Prefetch {
+    module: String,
+    handle: JoinHandle<Result<Weights>>,
+}
+
+/// Runs the blocks of a dispatched model where its device map says (see the module docs).
+pub struct Dispatcher {
+    variables: HashMap<String, Tensor>,
+    map: DeviceMap,
+    main: Device,
+    folder: Option<(PathBuf, PathBuf, Map<String, Value>)>,
+    prefetch: Mutex<Option<Prefetch>>,
+}
+
+impl std::fmt::Debug for Dispatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dispatcher")
+            .field("map", &self.map)
+            .field("main", &self.main)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Accelerate's `dispatch_model`: runs `vs`'s modules by `map` (as `load_checkpoint_and_dispatch` or
+/// `infer_auto_device_map` made it). `offload_folder` holds the disk-offloaded weights; `main_device`
+/// (default: the first GPU of the map, else the CPU) runs the offloaded blocks and receives outputs.
+pub fn dispatch_model(
+    vs: &VarStore,
+    map: DeviceMap,
+    offload_folder: Option<&Path>,
+    main_device: Option<Device>,
+) -> Result<Dispatcher> {
+    let folder = match offload_folder {
+        Some(folder) => {
+            let (index_path, index) = read_offload_index(folder)?;
+            Some((folder.to_owned(), index_path, index))
+        }
+        None if map.iter().any(|(_, d)| *d == DeviceKey::Disk) => {
+            return Err(Error::InvalidValue {
+                name: "offload_folder".into(),
+                detail: "the device map offloads modules to disk; pass the offload folder".into(),
+            });
+        }
+        None => None,
+    };
+    let first_gpu = map.iter().find_map(|(_, d)| match d {
+        DeviceKey::Gpu(i) => Some(Device::Cuda(*i)),
+        _ => None,
+    });
+    Ok(Dispatcher {
+        variables: vs.variables(),
+        main: main_device.or(first_gpu).unwrap_or(Device::Cpu),
+        map,
+        folder,
+        prefetch: Mutex::new(None),
+    })
+}
+
+/// Accelerate's `cpu_offload`: every weight stays on the CPU and comes to `execution_device` for the
+/// forward of the block using it.
+pub fn cpu_offload(vs: &VarStore, execution_device: Device) -> Result<Dispatcher> {
+    dispatch_model(
+        vs,
+        vec![(String::new(), DeviceKey::Cpu)],
+        None,
+        Some(execution_device),
+    )
+}
+
+/// Accelerate's `disk_offload`: writes every weight of `vs` to `folder` (unless its index already
+/// lists them), leaves shape-only placeholders in the model, and reads each block's weights for its
+/// forward only.
+pub fn disk_offload(vs: &VarStore, folder: &Path, execution_device: Device) -> Result<Dispatcher> {
+    if !folder.join("index.json").is_file() {
+        let state: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+        super::load::offload_state_dict(folder, &state)?;
+    }
+    let _guard = tch::no_grad_guard();
+    for (_, mut var) in vs.variables() {
+        let placeholder = crate::layers::empty_placeholder(&var.size(), var.kind());
+        var.f_set_data(&placeholder)
+            .map_err(|e| Error::torch("disk_offload", e))?;
+    }
+    dispatch_model(
+        vs,
+        vec![(String::new(), DeviceKey::Disk)],
+        Some(folder),
+        Some(execution_device),
+    )
+}
+
+fn under(name: &str, module: &str) -> bool {
+    module.is_empty()
+        || name == module
+        || (name.starts_with(module) && name.as_bytes().get(module.len()) == Some(&b'.'))
+}
+
+impl Dispatcher {
+    /// The device that receives outputs and runs offloaded blocks.
+    pub fn main_device(&self) -> Device {
+        self.main
+    }
+
+    /// Where `module` runs: its GPU, or the main device when it is offloaded.
+    pub fn execution_device(&self, module: &str) -> Device {
+        match device_key_of(&self.map, module) {
+            Some(DeviceKey::Gpu(i)) => Device::Cuda(i),
+            _ => self.main,
+        }
+    }
+
+    /// Runs `forward` for the block `module` (a dotted name under which its weights live) on `input`,
+    /// moved to where the block runs. Offloaded weights are on that device for the call only.
+    pub fn run(
+        &self,
+        module: &str,
+        input: &Tensor,
+        forward: impl FnOnce(&Tensor) -> Tensor,
+    ) -> Result<Tensor> {
+        let key = device_key_of(&self.map, module).ok_or_else(|| Error::InvalidValue {
+            name: "module".into(),
+            detail: format!("the device map places no module containing {module:?}"),
+        })?;
+        let device = self.execution_device(module);
+        let x = input.to_device(device);
+        if let DeviceKey::Gpu(_) = key {
+            // Blocks on GPUs usually come first: start reading the first disk block while they run.
+            if self
+                .prefetch
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_none()
+            {
+                self.start_prefetch_after(module);
+            }
+            return Ok(forward(&x));
+        }
+        let mut names: Vec<&String> = self.variables.keys().filter(|n| under(n, module)).collect();
+        names.sort();
+        let mut from_disk = self.take_prefetched(module)?;
+        if from_disk.is_none() {
+            from_disk = Some(self.read_module(module, device.is_cuda())?);
+        }
+        let from_disk: HashMap<String, Tensor> =
+            from_disk.unwrap_or_default().into_iter().collect();
+        self.start_prefetch_after(module);
+        let mut restore = Vec::with_capacity(names.len());
+        let _guard = tch::no_grad_guard();
+        let result = (|| {
+            for name in names {
+                let mut var = self.variables[name].shallow_clone();
+                let source = from_disk.get(name).unwrap_or(&var);
+                // Page-locked sources copy asynchronously; the stream keeps the order with compute.
+                let value = source
+                    .f_to_device_(device, source.kind(), true, false)
+                    .and_then(|v| v.f_reshape(var.size()))
+                    .map_err(|e| Error::torch("bringing an offloaded weight over", e))?;
+                let before = var.detach();
+                var.f_set_data(&value)
+                    .map_err(|e| Error::torch("bringing an offloaded weight over", e))?;
+                restore.push((var, before));
+            }
+            Ok(())
+        })();
+        let out = result.map(|()| forward(&x));
+        for (mut var, before) in restore {
+            // Shapes and kinds are unchanged, so this cannot fail.
+            let _ = var.f_set_data(&before);
+        }
+        out
+    }
+
+    /// Brings `output` to the main device (what Accelerate's top-level hook does with the model's output).
+    pub fn to_main(&self, output: &Tensor) -> Tensor {
+        output.to_device(self.main)
+    }
+
+    fn read_module(&self, module: &str, pinned: bool) -> Result<Weights> {
+        let Some((folder, index_path, index)) = &self.folder else {
+            return Ok(Vec::new());
+        };
+        read_module_from(folder, index_path, index, module, pinned)
+    }
+
+    fn take_prefetched(&self, module: &str) -> Result<Option<Weights>> {
+        let mut slot = self.prefetch.lock().unwrap_or_else(|e| e.into_inner());
+        // A read for a later module stays where it is.
+        if slot.as_ref().is_none_or(|p| p.module != module) {
+            return Ok(None);
+        }
+        let p = slot.take().expect("checked above");
+        match p.handle.join() {
+            Ok(weights) => weights.map(Some),
+            Err(_) => Err(Error::InvalidValue {
+                name: "prefetch".into(),
+                detail: format!("reading {module}'s offloaded weights panicked"),
+            }),
+        }
+    }
+
+    /// Starts reading the weights of the first disk-offloaded module after `module` in map order.
+    fn start_prefetch_after(&self, module: &str) {
+        let Some((folder, index_path, index)) = &self.folder else {
+            return;
+        };
+        let position = self
+            .map
+            .iter()
+            .position(|(m, _)| under(module, m) || m == module);
+        let next = self
+            .map
+            .iter()
+            .skip(position.map_or(self.map.len(), |p| p + 1))
+            .find(|(_, d)| *d == DeviceKey::Disk);
+        let Some((next, _)) = next else { return };
+        let mut slot = self.prefetch.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.as_ref().is_some_and(|p| &p.module == next) {
+            return; // already on its way
+        }
+        let (next, folder, index_path) = (next.clone(), folder.clone(), index_path.clone());
+        let entries: Map<String, Value> = index
+            .iter()
+            .filter(|(n, _)| under(n, &next))
+            .map(|(n, v)| (n.clone(), v.clone()))
+            .collect();
+        let pinned = self.main.is_cuda();
+        let module = next.clone();
+        let handle = std::thread::spawn(move || {
+            read_module_from(&folder, &index_path, &entries, &module, pinned)
+        });
+        // A read for a module the forward no longer goes to is dropped (its thread finishes alone).
+        *slot = Some(Prefetch {
+            module: next,
+            handle,
+        });
+    }
+}
+
+/// Reads every offloaded tensor of `module` into host memory, the files split across threads.
+fn read_module_from(
+    folder: &Path,
+    index_path: &Path,
+    index: &Map<String, Value>,
+    module: &str,
+    pinned: bool,
+) -> Result<Weights> {
+    let mut paths = Vec::new();
+    let mut jobs = Vec::new();
+    for (name, entry) in index.iter().filter(|(name, _)| under(name, module)) {
+        let (path, shape, kind) = offloaded_file(folder, name, entry, index_path)?;
+        let tensor = host_tensor(&shape, kind, pinned);
+        jobs.push(ReadJob {
+            shard: paths.len(),
+            name: name.clone(),
+            start: 0,
+            len: (tensor.numel() * kind.elt_size_in_bytes()) as u64,
+            target: Target::Tensor(tensor),
+        });
+        paths.push(path);
+    }
+    read_all(&paths, &jobs, reader_threads(), false)?;
+    Ok(jobs
+        .into_iter()
+        .filter_map(|j| match j.target {
+            Target::Tensor(t) => Some((j.name, t)),
+            Target::File(_) => None,
+        })
+        .collect())
+}
+
+/// A sequence of named blocks run through a [`Dispatcher`]: its forward moves activations between
+/// devices, brings offloaded weights in for each block, and returns the output on the main device.
+#[derive(Debug)]
+pub struct DispatchedSequential {
+    blocks: Vec<(String, Box<dyn Module>)>,
+    dispatcher: Dispatcher,
+}
+
+impl DispatchedSequential {
+    /// `blocks` in execution order, each with the dotted name its weights live under.
+    pub fn new(dispatcher: Dispatcher, blocks: Vec<(String, Box<dyn Module>)>) -> Self {
+        Self { blocks, dispatcher }
+    }
+
+    /// The forward pass; an unreadable offloaded weight is an error naming its file.
+    pub fn try_forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let mut x = xs.shallow_clone();
+        for (name, block) in &self.blocks {
+            x = self.dispatcher.run(name, &x, |x| block.forward(x))?;
+        }
+        Ok(self.dispatcher.to_main(&x))
+    }
+
+    /// The dispatcher.
+    pub fn dispatcher(&self) -> &Dispatcher {
+        &self.dispatcher
+    }
+}
+
+impl Module for DispatchedSequential {
+    /// Panics where [`DispatchedSequential::try_forward`] returns an error.
+    fn forward(&self, xs: &Tensor) -> Tensor {
+        match self.try_forward(xs) {
+            Ok(y) => y,
+            Err(e) => panic!("dispatched forward failed: {e}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layers;
+    use crate::{LoadOptions, load_checkpoint_in_model};
+    use tch::Kind;
+
+    fn blocks(vs: &VarStore) -> Vec<(String, Box<dyn Module>)> {
+        (0..4)
+            .map(|i| {
+                let layer = layers::linear(&(vs.root() / i), 8, 8, true);
+                let block: Box<dyn Module> =
+                    Box::new(tch::nn::func(move |x| layer.forward(x).tanh()));
+                (i.to_string(), block)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn dispatched_blocks_match_the_plain_model_and_weights_leave_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let reference = VarStore::new(Device::Cpu);
+        let plain = blocks(&reference);
+        reference
+            .save(dir.path().join("model.safetensors"))
+            .unwrap();
+        let x = Tensor::randn([3, 8], (Kind::Float, Device::Cpu));
+        let expected = plain
+            .iter()
+            .fold(x.shallow_clone(), |x, (_, b)| b.forward(&x));
+
+        let vs = VarStore::new(Device::Cpu);
+        let model = layers::init_empty_weights(|| blocks(&vs));
+        let map: DeviceMap = vec![
+            ("0".into(), DeviceKey::Cpu),
+            ("1".into(), DeviceKey::Disk),
+            ("2".into(), DeviceKey::Cpu),
+            ("3".into(), DeviceKey::Disk),
+        ];
+        let offload = dir.path().join("offload");
+        load_checkpoint_in_model(
+            &vs,
+            dir.path(),
+            &LoadOptions {
+                device_map: Some(map.clone()),
+                offload_folder: Some(offload.clone()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let dispatcher = dispatch_model(&vs, map, Some(&offload), None).unwrap();
+        assert_eq!(dispatcher.execution_device("3"), Device::Cpu);
+        let seq = DispatchedSequential::new(dispatcher, model);
+        for _ in 0..2 {
+            let y = seq.try_forward(&x).unwrap();
+            assert!(y.allclose(&expected, 1e-6, 1e-6, false), "run twice, same");
+        }
+        let w3 = &vs.variables()["3.weight"];
+        assert!(layers::is_empty_placeholder(w3), "disk weights leave again");
+        assert!(!layers::is_empty_placeholder(&vs.variables()["2.weight"]));
+
+        // A damaged .dat is an error naming the file; the model keeps its placeholders.
+        std::fs::write(offload.join("1.weight.dat"), b"short").unwrap();
+        let err = seq.try_forward(&x).unwrap_err().to_string();
+        assert!(err.contains("1.weight.dat"), "{err}");
+        assert!(layers::is_empty_placeholder(&vs.variables()["1.weight"]));
+    }
+
+    #[test]
+    fn cpu_and_disk_offload_run_every_block_from_elsewhere() {
+        let dir = tempfile::tempdir().unwrap();
+        let x = Tensor::randn([2, 8], (Kind::Float, Device::Cpu));
+        for disk in [false, true] {
+            let vs = VarStore::new(Device::Cpu);
+            let model = blocks(&vs);
+            let expected = model
+                .iter()
+                .fold(x.shallow_clone(), |x, (_, b)| b.forward(&x));
+            let dispatcher = if disk {
+                let d = disk_offload(&vs, &dir.path().join("off"), Device::Cpu).unwrap();
+                assert!(layers::is_empty_placeholder(&vs.variables()["0.weight"]));
+                d
+            } else {
+                cpu_offload(&vs, Device::Cpu).unwrap()
+            };
+            let seq = DispatchedSequential::new(dispatcher, model);
+            let y = seq.try_forward(&x).unwrap();
+            assert!(y.allclose(&expected, 1e-6, 1e-6, false), "disk {disk}");
+        }
+        let vs = VarStore::new(Device::Cpu);
+        let err = dispatch_model(&vs, vec![("".into(), DeviceKey::Disk)], None, None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("offload_folder"), "{err}");
+    }
+}

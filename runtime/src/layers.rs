@@ -1,0 +1,237 @@
+//! Layers built the way `torch.nn` builds them, and Accelerate's `init_empty_weights` /
+//! `init_on_device` for them.
+//!
+//! Two differences from tch's own layers matter to someone comparing with PyTorch: tch's `nn::linear`
+//! draws its weights from a Kaiming-uniform with ReLU gain (√6/√fan_in, about 2.4× PyTorch's
+//! 1/√fan_in), and computes `x·Wᵀ + b` as a matmul plus a separate add, where PyTorch calls one
+//! `aten::linear` (a single GEMM with the bias fused in). [`linear`] matches PyTorch on both.
+//!
+//! tch has no meta device, so "empty" parameters are shape-only placeholders: one element expanded
+//! with stride 0 to the full shape. A 70-billion-parameter model built this way costs a few bytes per
+//! tensor; `load_checkpoint_in_model` replaces each placeholder with the loaded values.
+
+use std::cell::Cell;
+use tch::nn::{self, Init, Module};
+use tch::{Device, Kind, Tensor};
+
+/// Where the variables created by hasten's layers go: the var store (the default), nowhere (shape-only
+/// placeholders), or a chosen device.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum InitMode {
+    VarStore,
+    Empty,
+    OnDevice(Device),
+}
+
+thread_local! {
+    // Scoped by the closures below, like Accelerate's context managers; each thread has its own.
+    static INIT_MODE: Cell<InitMode> = const { Cell::new(InitMode::VarStore) };
+}
+
+/// Puts the previous mode back when the closure returns or panics.
+struct ModeGuard(InitMode);
+
+impl Drop for ModeGuard {
+    fn drop(&mut self) {
+        INIT_MODE.with(|m| m.set(self.0));
+    }
+}
+
+fn with_mode<R>(mode: InitMode, build: impl FnOnce() -> R) -> R {
+    let _restore = ModeGuard(INIT_MODE.with(|m| m.replace(mode)));
+    build()
+}
+
+/// Runs `build` with every parameter that hasten's layers (or [`parameter`]) create being an empty,
+/// shape-only placeholder (Accelerate's `init_empty_weights`): no memory, no initialisation time. Load
+/// real values with `load_checkpoint_in_model` or `load_checkpoint_and_dispatch`.
+pub fn init_empty_weights<R>(build: impl FnOnce() -> R) -> R {
+    with_mode(InitMode::Empty, build)
+}
+
+/// Runs `build` with every parameter that hasten's layers create being allocated and initialised on
+/// `device`, whatever the var store's device (Accelerate's `init_on_device`).
+pub fn init_on_device<R>(device: Device, build: impl FnOnce() -> R) -> R {
+    with_mode(InitMode::OnDevice(device), build)
+}
+
+/// The shape-only placeholder standing for a tensor of `shape`: one element of `kind`, expanded.
+pub fn empty_placeholder(shape: &[i64], kind: Kind) -> Tensor {
+    Tensor::zeros([1], (kind, Device::Cpu)).expand(shape, false)
+}
+
+/// True when `t` is a shape-only placeholder (every stride 0, more than one element).
+pub fn is_empty_placeholder(t: &Tensor) -> bool {
+    t.numel() > 1 && t.stride().iter().all(|s| *s == 0)
+}
+
+/// A trainable variable `name` under `path`, created as the current mode says (see
+/// [`init_empty_weights`] and [`init_on_device`]); in the var store's kind.
+pub fn parameter(path: &nn::Path, name: &str, shape: &[i64], init: Init) -> Tensor {
+    match INIT_MODE.with(Cell::get) {
+        InitMode::VarStore => path.var(name, shape, init),
+        InitMode::Empty => path.add(name, empty_placeholder(shape, path.kind()), true),
+        InitMode::OnDevice(device) => path.add(
+            name,
+            nn::init::init(init, shape, device).to_kind(path.kind()),
+            true,
+        ),
+    }
+}
+
+/// `torch.nn.Linear`: weight `[out, in]` and bias `[out]`, both uniform in ±1/√in, and a forward that is
+/// one `aten::linear`.
+#[derive(Debug)]
+pub struct Linear {
+    /// The weight, `[out_features, in_features]`.
+    pub ws: Tensor,
+    /// The bias, `[out_features]`, when the layer has one.
+    pub bs: Option<Tensor>,
+}
+
+/// A [`Linear`] layer named `weight` and `bias` under `path`, with PyTorch's initialisation.
+pub fn linear(path: &nn::Path, in_features: i64, out_features: i64, bias: bool) -> Linear {
+    // kaiming_uniform_(a=√5) on a [out, in] weight is uniform in ±1/√in; the bias uses the same bound.
+    let bound = 1.0 / (in_features.max(1) as f64).sqrt();
+    let init = Init::Uniform {
+        lo: -bound,
+        up: bound,
+    };
+    Linear {
+        ws: parameter(path, "weight", &[out_features, in_features], init),
+        bs: bias.then(|| parameter(path, "bias", &[out_features], init)),
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, xs: &Tensor) -> Tensor {
+        xs.linear(&self.ws, self.bs.as_ref())
+    }
+}
+
+/// `torch.nn.LayerNorm` over the last dimensions, with a weight (ones) and a bias (zeros).
+#[derive(Debug)]
+pub struct LayerNorm {
+    /// The scale.
+    pub ws: Tensor,
+    /// The shift.
+    pub bs: Tensor,
+    shape: Vec<i64>,
+    eps: f64,
+}
+
+/// A [`LayerNorm`] over `shape` (eps 1e-5, PyTorch's default), named `weight` and `bias` under `path`.
+pub fn layer_norm(path: &nn::Path, shape: &[i64]) -> LayerNorm {
+    LayerNorm {
+        ws: parameter(path, "weight", shape, Init::Const(1.0)),
+        bs: parameter(path, "bias", shape, Init::Const(0.0)),
+        shape: shape.to_vec(),
+        eps: 1e-5,
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, xs: &Tensor) -> Tensor {
+        xs.layer_norm(&self.shape, Some(&self.ws), Some(&self.bs), self.eps, true)
+    }
+}
+
+/// `torch.nn.Embedding`: a `[num, dim]` table drawn from N(0, 1).
+#[derive(Debug)]
+pub struct Embedding {
+    /// The table.
+    pub ws: Tensor,
+}
+
+/// An [`Embedding`] of `num` rows of `dim`, named `weight` under `path`.
+pub fn embedding(path: &nn::Path, num: i64, dim: i64) -> Embedding {
+    let init = Init::Randn {
+        mean: 0.0,
+        stdev: 1.0,
+    };
+    Embedding {
+        ws: parameter(path, "weight", &[num, dim], init),
+    }
+}
+
+impl Module for Embedding {
+    fn forward(&self, xs: &Tensor) -> Tensor {
+        Tensor::embedding(&self.ws, xs, -1, false, false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::nn::VarStore;
+
+    #[test]
+    fn linear_matches_torch_init_and_math() {
+        tch::manual_seed(1);
+        let vs = VarStore::new(Device::Cpu);
+        let layer = linear(&(vs.root() / "fc"), 400, 30, true);
+        let bound = 1.0 / 20.0;
+        let max = layer.ws.abs().max().double_value(&[]);
+        assert!(
+            max <= bound && max > 0.9 * bound,
+            "weights within ±1/√in: {max}"
+        );
+        let bias = layer.bs.as_ref().unwrap();
+        assert!(bias.abs().max().double_value(&[]) <= bound);
+        let x = Tensor::randn([5, 400], (Kind::Float, Device::Cpu));
+        let expected = x.matmul(&layer.ws.tr()) + bias;
+        let diff = (layer.forward(&x) - expected).abs().max().double_value(&[]);
+        assert!(diff < 1e-5, "{diff}");
+        assert_eq!(vs.variables().len(), 2);
+        assert!(vs.variables().contains_key("fc.weight"));
+    }
+
+    #[test]
+    fn empty_weights_cost_nothing_and_the_mode_ends_with_the_closure() {
+        let vs = VarStore::new(Device::Cpu);
+        let root = vs.root();
+        // 20 × (8192 × 28672 × 2 + …) ≈ 9.4 billion parameters: would be 37 GB if allocated.
+        let blocks: Vec<(LayerNorm, Linear, Linear)> = init_empty_weights(|| {
+            (0..20)
+                .map(|i| {
+                    let p = &root / i;
+                    (
+                        layer_norm(&(&p / "ln"), &[8192]),
+                        linear(&(&p / "up"), 8192, 28672, true),
+                        linear(&(&p / "down"), 28672, 8192, true),
+                    )
+                })
+                .collect()
+        });
+        assert!(blocks.iter().all(|(_, up, _)| is_empty_placeholder(&up.ws)));
+        assert_eq!(blocks[3].1.ws.size(), [28672, 8192]);
+        let params: i64 = vs
+            .trainable_variables()
+            .iter()
+            .map(Tensor::numel)
+            .sum::<usize>() as i64;
+        assert!(params > 9_000_000_000, "{params}");
+        // Outside the closure, layers are real again; a panic inside also ends the mode.
+        let real = linear(&(&root / "after"), 4, 4, false);
+        assert!(!is_empty_placeholder(&real.ws));
+        let _ = std::panic::catch_unwind(|| init_empty_weights(|| panic!("building failed")));
+        assert!(!is_empty_placeholder(
+            &linear(&(&root / "again"), 4, 4, false).ws
+        ));
+        let on = init_on_device(Device::Cpu, || layer_norm(&(&root / "ln"), &[3]));
+        assert_eq!(Vec::<f32>::try_from(&on.ws).unwrap(), [1.0, 1.0, 1.0]);
+    }
+
+    #[test]
+    fn layer_norm_and_embedding_forward() {
+        let vs = VarStore::new(Device::Cpu);
+        let ln = layer_norm(&(vs.root() / "ln"), &[4]);
+        let x = Tensor::arange(8, (Kind::Float, Device::Cpu)).view([2, 4]);
+        let y = ln.forward(&x);
+        assert!(y.mean(Kind::Float).abs().double_value(&[]) < 1e-6);
+        let emb = embedding(&(vs.root() / "emb"), 10, 3);
+        let idx = Tensor::from_slice(&[1i64, 7]);
+        assert_eq!(emb.forward(&idx).size(), [2, 3]);
+        assert!(emb.forward(&idx).get(1).equal(&emb.ws.get(7)));
+    }
+}
