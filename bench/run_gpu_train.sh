@@ -14,6 +14,8 @@ for kind in S M; do
     echo "== $kind on $n GPU(s)"
     launch --num_processes $n "$B/bench-train" $kind
     "$PY" "$P/py_bench.py" $kind $n 2>&1 | grep ANCHOR
+    # the same model from tch's layers and optimizer, for what hasten::layers and the fused SGD bring
+    launch --num_processes $n "$B/bench-train" $kind --tch
   done
 done
 echo "== loss curve of M from the same weights"

@@ -4,40 +4,67 @@
 //! With `--init FILE` the model's weights and the batch come from a safetensors file (written by
 //! `bench-train M --write-init FILE` and read by `py_train.py` too), so both sides start equal and their
 //! loss curves can be compared step by step (`--losses` prints every step's loss).
+//!
+//! The models use `hasten::layers` (torch.nn's layers: one `aten::linear` per Linear) and hasten's fused
+//! optimizers; `--tch` builds them from tch's `nn::linear` (matmul + add) and tch's SGD instead
+//! (`--tch-layers`, `--tch-opt`: one of the two), to measure what those choices cost.
 
 #[path = "report.rs"]
 mod report;
 
 use hasten::tch::nn::{self, Module, OptimizerConfig};
 use hasten::tch::{Cuda, Device, Kind, Tensor};
-use hasten::{Accelerator, PrecisionType};
+use hasten::{Accelerator, PrecisionType, layers};
 use serde_json::json;
 use std::time::Instant;
 
-fn model_s(root: &nn::Path) -> nn::Sequential {
+/// A Linear layer: torch.nn's (hasten::layers) or tch's. With `--mm`, hasten's layer computed as
+/// tch's is (matmul, then add the bias), to tell the forward apart from the initialisation.
+fn dense(p: nn::Path, i: i64, o: i64, tch_layers: bool) -> Box<dyn Module> {
+    if tch_layers {
+        Box::new(nn::linear(p, i, o, Default::default()))
+    } else if std::env::args().any(|a| a == "--mm") {
+        let l = layers::linear(&p, i, o, true);
+        Box::new(nn::func(move |x| {
+            x.matmul(&l.ws.tr()) + l.bs.as_ref().expect("with bias")
+        }))
+    } else {
+        Box::new(layers::linear(&p, i, o, true))
+    }
+}
+
+fn model_s(root: &nn::Path, tch_layers: bool) -> nn::Sequential {
+    let (a, b, c) = (
+        dense(root / "0", 784, 512, tch_layers),
+        dense(root / "2", 512, 512, tch_layers),
+        dense(root / "4", 512, 10, tch_layers),
+    );
     nn::seq()
-        .add(nn::linear(root / "0", 784, 512, Default::default()))
-        .add_fn(|x| x.relu())
-        .add(nn::linear(root / "2", 512, 512, Default::default()))
-        .add_fn(|x| x.relu())
-        .add(nn::linear(root / "4", 512, 10, Default::default()))
+        .add_fn(move |x| a.forward(x).relu())
+        .add_fn(move |x| b.forward(x).relu())
+        .add_fn(move |x| c.forward(x))
 }
 
 /// `x + down(gelu(up(layernorm(x))))`, named like the Python Block (`ln`, `up`, `down`).
-fn block(p: &nn::Path, d: i64, h: i64) -> nn::Func<'static> {
-    let ln = nn::layer_norm(p / "ln", vec![d], Default::default());
-    let up = nn::linear(p / "up", d, h, Default::default());
-    let down = nn::linear(p / "down", h, d, Default::default());
+fn block(p: &nn::Path, d: i64, h: i64, tch_layers: bool) -> nn::Func<'static> {
+    let ln: Box<dyn Module> = if tch_layers {
+        Box::new(nn::layer_norm(p / "ln", vec![d], Default::default()))
+    } else {
+        Box::new(layers::layer_norm(&(p / "ln"), &[d]))
+    };
+    let up = dense(p / "up", d, h, tch_layers);
+    let down = dense(p / "down", h, d, tch_layers);
     nn::func(move |x| x + down.forward(&up.forward(&ln.forward(x)).gelu("none")))
 }
 
-fn model_m(root: &nn::Path) -> nn::Sequential {
+fn model_m(root: &nn::Path, tch_layers: bool) -> nn::Sequential {
     let (d, h) = (2048, 8192);
     let mut seq = nn::seq();
     for i in 0..8 {
-        seq = seq.add(block(&(root / i.to_string()), d, h));
+        seq = seq.add(block(&(root / i.to_string()), d, h, tch_layers));
     }
-    seq.add(nn::linear(root / "8", d, d, Default::default()))
+    let last = dense(root / "8", d, d, tch_layers);
+    seq.add_fn(move |x| last.forward(x))
 }
 
 fn sync(device: Device) {
@@ -56,6 +83,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let kind = args.get(1).cloned().unwrap_or_else(|| "S".into());
     let is_m = kind == "M";
+    let flag = |name: &str| args.iter().any(|a| a == name);
+    let tch_layers = flag("--tch") || flag("--tch-layers");
+    let tch_opt = flag("--tch") || flag("--tch-opt");
     let mut acc = Accelerator::builder()
         .mixed_precision(if is_m {
             PrecisionType::Bf16
@@ -67,9 +97,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     hasten::tch::manual_seed(0);
     let mut vs = nn::VarStore::new(device);
     let model = if is_m {
-        model_m(&vs.root())
+        model_m(&vs.root(), tch_layers)
     } else {
-        model_s(&vs.root())
+        model_s(&vs.root(), tch_layers)
     };
     let (x, y) = if is_m {
         (
@@ -116,8 +146,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let lr = if is_m { 1e-4 } else { 1e-2 };
     let mut opt = if is_m {
         acc.prepare_optimizer(hasten::AdamW::new(&vs, lr), lr)
-    } else {
+    } else if tch_opt {
         acc.prepare_optimizer(nn::Sgd::default().build(&vs, lr)?, lr)
+    } else {
+        acc.prepare_optimizer(hasten::Sgd::new(&vs, lr), lr)
     };
     let warmup: usize = arg(&args, "--warmup")
         .and_then(|s| s.parse().ok())
@@ -156,7 +188,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let per = if is_m { 16 * 256 } else { 128 };
         let n = acc.num_processes();
         report::emit(json!({
-            "part": format!("ddp_{kind}_np{n}"),
+            "part": format!(
+                "ddp_{kind}_np{n}{}{}{}",
+                if tch_layers { "_tchlayers" } else { "" },
+                if flag("--mm") { "_mm" } else { "" },
+                if tch_opt { "_tchsgd" } else { "" }
+            ),
             "steps_per_s": steps as f64 / elapsed,
             "items_per_s_global": (steps * per * n) as f64 / elapsed,
             "loss": last_loss,

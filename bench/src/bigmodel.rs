@@ -1,0 +1,206 @@
+//! B1, B2 and B3 of shared/bench/WORKLOADS.md, hasten's side of `py_bigmodel.py`:
+//! `bench-bigmodel CHECKPOINT load|offload`. An empty 24-block skeleton (d=4096, h=16384), the sharded
+//! bf16 checkpoint loaded and dispatched with device_map auto and blocks unsplit (offload: at most 3 GiB
+//! on GPU 0 and 3 GiB on the CPU, the rest on disk), then two timed forwards of a 4×128×4096 input.
+
+#[path = "report.rs"]
+mod report;
+
+use hasten::tch::nn::{self, Module};
+use hasten::tch::{Cuda, Device, Kind, Tensor};
+use hasten::{
+    DeviceKey, DeviceMapSpec, DispatchOptions, DispatchedSequential, ModelSkeleton, layers,
+};
+use serde_json::json;
+use std::path::PathBuf;
+use std::time::Instant;
+
+const BLOCKS: i64 = 24;
+
+/// Model width and hidden size: 4096 and 16384, or smaller through BENCH_D / BENCH_H (smoke tests on
+/// machines without a big GPU).
+fn dims() -> (i64, i64) {
+    let get = |k: &str, d: i64| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    (get("BENCH_D", 4096), get("BENCH_H", 16384))
+}
+
+/// Writes a random checkpoint of the model as py_bigmodel.py's `make` does (shards of at most 2 GB and
+/// an index), for smoke tests; the benchmark itself reads the one Python writes.
+fn make(dir: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
+    let (d, h) = dims();
+    std::fs::create_dir_all(dir)?;
+    let mut shards: Vec<Vec<(String, Tensor)>> = vec![vec![]];
+    let mut size = 0;
+    for i in 0..BLOCKS {
+        for (name, shape) in [
+            ("ln.weight", vec![d]),
+            ("ln.bias", vec![d]),
+            ("up.weight", vec![h, d]),
+            ("up.bias", vec![h]),
+            ("down.weight", vec![d, h]),
+            ("down.bias", vec![d]),
+        ] {
+            let t = (Tensor::randn(shape.as_slice(), (Kind::Float, Device::Cpu)) * 0.02)
+                .to_kind(Kind::BFloat16);
+            let bytes = t.numel() * 2;
+            if size + bytes > 2_000_000_000 && !shards.last().unwrap().is_empty() {
+                shards.push(vec![]);
+                size = 0;
+            }
+            size += bytes;
+            shards.last_mut().unwrap().push((format!("{i}.{name}"), t));
+        }
+    }
+    let n = shards.len();
+    let mut weight_map = serde_json::Map::new();
+    for (k, shard) in shards.iter().enumerate() {
+        let file = format!("model-{:05}-of-{n:05}.safetensors", k + 1);
+        Tensor::write_safetensors(shard, dir.join(&file))?;
+        for (name, _) in shard {
+            weight_map.insert(name.clone(), json!(file));
+        }
+    }
+    let index = json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string())?;
+    Ok(())
+}
+
+/// `x + down(gelu(up(ln(x))))`, named like py_bigmodel.py's Block.
+fn block(p: &nn::Path) -> Box<dyn Module> {
+    let (d, h) = dims();
+    let ln = layers::layer_norm(&(p / "ln"), &[d]);
+    let up = layers::linear(&(p / "up"), d, h, true);
+    let down = layers::linear(&(p / "down"), h, d, true);
+    Box::new(nn::func(move |x| {
+        x + down.forward(&up.forward(&ln.forward(x)).gelu("none"))
+    }))
+}
+
+fn sync_all() {
+    if !hasten::is_cuda_available() {
+        return;
+    }
+    for i in 0..hasten::cuda_device_count() {
+        Cuda::synchronize(i as i64);
+    }
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().collect();
+    let checkpoint = PathBuf::from(
+        args.get(1)
+            .ok_or("usage: bench-bigmodel CHECKPOINT load|offload")?,
+    );
+    let mode = args.get(2).map_or("load", String::as_str);
+    if mode == "make" {
+        return make(&checkpoint);
+    }
+    if mode == "h2d" {
+        // The bus's ceiling: 1 GiB host → GPU 0 from pageable and from page-locked memory. (hasten first:
+        // it loads libtorch's CUDA half, which tch's pin_memory needs.)
+        assert!(hasten::is_cuda_available(), "h2d needs a GPU");
+        let host = Tensor::ones([1 << 30], (Kind::Uint8, Device::Cpu));
+        let pinned = host.pin_memory(Device::Cuda(0));
+        for (what, src) in [("pageable", &host), ("pinned", &pinned)] {
+            let _ = src.to_device(Device::Cuda(0));
+            sync_all();
+            let t = Instant::now();
+            let _gpu = src.to_device_(Device::Cuda(0), Kind::Uint8, true, false);
+            sync_all();
+            let gbps = (1u64 << 30) as f64 / t.elapsed().as_secs_f64() / 1e9;
+            report::emit(json!({"part": format!("h2d_{what}"), "GB_per_s": gbps}));
+        }
+        return Ok(());
+    }
+    let (d, _) = dims();
+    let gpu = hasten::is_cuda_available();
+    let main_device = if gpu { Device::Cuda(0) } else { Device::Cpu };
+    let t = Instant::now();
+    let vs = nn::VarStore::new(Device::Cpu);
+    let blocks: Vec<(String, Box<dyn Module>)> = layers::init_empty_weights(|| {
+        (0..BLOCKS)
+            .map(|i| (i.to_string(), block(&(vs.root() / i))))
+            .collect()
+    });
+    let names: Vec<String> = (0..BLOCKS).map(|i| i.to_string()).collect();
+    let classes: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "Block")).collect();
+    let skeleton = ModelSkeleton::from_var_store(&vs, &classes);
+    let empty_s = t.elapsed().as_secs_f64();
+    let offload = std::env::temp_dir().join("hasten_offload");
+    let _ = std::fs::remove_dir_all(&offload);
+    let mut opts = DispatchOptions {
+        device_map: DeviceMapSpec::Auto,
+        no_split_module_classes: vec!["Block".into()],
+        dtype: Some(Kind::BFloat16),
+        ..Default::default()
+    };
+    // Offload mode: 3 GiB on GPU 0 and 3 GiB on the CPU, the rest on disk. BENCH_OFFLOAD_BYTES scales
+    // that for smoke tests (on a machine without a GPU, the CPU alone).
+    let budget: u64 = std::env::var("BENCH_OFFLOAD_BYTES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3 << 30);
+    if mode == "offload" {
+        let mut max_memory = vec![(DeviceKey::Cpu, budget)];
+        if gpu {
+            max_memory.insert(0, (DeviceKey::Gpu(0), budget));
+        }
+        opts.max_memory = Some(max_memory);
+        opts.offload_folder = Some(offload.clone());
+    }
+    let (map, report) = hasten::load_checkpoint_and_dispatch(&vs, &skeleton, &checkpoint, &opts)?;
+    sync_all();
+    let load_s = t.elapsed().as_secs_f64();
+    let mut devices: Vec<String> = map.iter().map(|(_, d)| format!("{d:?}")).collect();
+    let per_device: Vec<(String, usize)> = {
+        devices.sort();
+        let mut counts: Vec<(String, usize)> = Vec::new();
+        for d in devices {
+            match counts.last_mut() {
+                Some((last, n)) if *last == d => *n += 1,
+                _ => counts.push((d, 1)),
+            }
+        }
+        counts
+    };
+    let folder = (mode == "offload").then_some(offload.as_path());
+    let dispatcher = hasten::dispatch_model(&vs, map, folder, Some(main_device))?;
+    let model = DispatchedSequential::new(dispatcher, blocks);
+    // Seeded, so the load and offload runs give the same output (a check that offloading is exact).
+    hasten::tch::manual_seed(0);
+    let x = Tensor::randn([4, 128, d], (Kind::BFloat16, main_device));
+    let mut forwards = Vec::new();
+    let mut checksum = 0.0;
+    hasten::tch::no_grad(|| -> Result<(), hasten::Error> {
+        for _ in 0..2 {
+            let t = Instant::now();
+            let y = model.try_forward(&x)?;
+            sync_all();
+            forwards.push(t.elapsed().as_secs_f64());
+            checksum = y
+                .to_kind(Kind::Float)
+                .abs()
+                .mean(Kind::Float)
+                .double_value(&[]);
+        }
+        Ok(())
+    })?;
+    report::emit(json!({
+        "part": format!("bigmodel_load_{mode}_hasten"),
+        "empty_s": empty_s,
+        "load_s": load_s,
+        "fwd1_s": forwards[0],
+        "fwd2_s": forwards[1],
+        "blocks_per_device": per_device,
+        "loaded": report.loaded.len(),
+        "offloaded": report.offloaded.len(),
+        "mean_abs_out": checksum,
+    }));
+    let _ = std::fs::remove_dir_all(&offload);
+    Ok(())
+}
