@@ -49,7 +49,8 @@ pub struct DeviceMapOptions {
     pub special_dtypes: BTreeMap<String, Kind>,
     /// Keep the raw per-module map instead of collapsing children into parents (default false: collapse).
     pub keep_unclean: bool,
-    /// Count buffers of offloaded modules as offloaded too (default false).
+    /// Buffers of offloaded modules are offloaded with them (default false: they stay on the execution
+    /// device, and a warning says so when they fit no GPU's remaining memory, as in Accelerate).
     pub offload_buffers: bool,
 }
 
@@ -271,10 +272,52 @@ pub fn infer_auto_device_map(model: &ModelSkeleton, opts: &DeviceMapOptions) -> 
         current += 1;
         queue.insert(0, name);
     }
+    if let Some(warning) = buffer_warning(model, &map, &max_memory, &used, opts) {
+        eprintln!("hasten: warning: {warning}");
+    }
     if !opts.keep_unclean {
         clean_device_map(&mut map, "");
     }
     map
+}
+
+/// Accelerate's warning when the buffers of the modules placed on the CPU or the disk (which stay on
+/// the execution device unless `offload_buffers`) fit in no GPU's remaining memory.
+pub(super) fn buffer_warning(
+    model: &ModelSkeleton,
+    map: &DeviceMap,
+    max_memory: &[(DeviceKey, u64)],
+    used: &BTreeMap<DeviceKey, u64>,
+    opts: &DeviceMapOptions,
+) -> Option<String> {
+    if opts.offload_buffers {
+        return None;
+    }
+    let buffers = super::sizes::compute_module_sizes(
+        model.tensors().iter().map(|(n, m)| (n.as_str(), m)),
+        opts.dtype,
+        &opts.special_dtypes,
+        true,
+    );
+    let offloaded: u64 = map
+        .iter()
+        .filter(|(_, d)| matches!(d, DeviceKey::Cpu | DeviceKey::Disk))
+        .map(|(m, _)| buffers.get(m).copied().unwrap_or(0))
+        .sum();
+    let gpus: Vec<&(DeviceKey, u64)> = max_memory
+        .iter()
+        .filter(|(d, _)| matches!(d, DeviceKey::Gpu(_)))
+        .collect();
+    let fits = gpus
+        .iter()
+        .any(|(d, m)| *m >= offloaded + used.get(d).copied().unwrap_or(0));
+    (offloaded > 0 && !gpus.is_empty() && !fits).then(|| {
+        format!(
+            "Current model requires {offloaded} bytes of buffer for offloaded layers, which seems does \
+             not fit any GPU's remaining memory. If you are experiencing a OOM later, please consider \
+             using offload_buffers=True."
+        )
+    })
 }
 
 #[cfg(test)]

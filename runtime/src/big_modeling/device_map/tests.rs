@@ -267,3 +267,32 @@ fn the_cpu_and_the_disk_take_what_the_gpus_cannot() {
         ("0", "disk", "disk")
     );
 }
+
+#[test]
+fn offloaded_buffers_that_fit_no_gpu_are_warned_about() {
+    // The batch norm's 40 bytes of buffers go to the CPU with it; GPU 0 (100 bytes, 90 used) has no room.
+    let model = model_for_test(ModelSkeleton::new(), "");
+    let map: DeviceMap = vec![
+        ("linear1".into(), DeviceKey::Gpu(0)),
+        ("batchnorm".into(), DeviceKey::Cpu),
+        ("linear2".into(), DeviceKey::Cpu),
+    ];
+    let memory = vec![(DeviceKey::Gpu(0), 100), (DeviceKey::Cpu, 1000)];
+    let used: BTreeMap<DeviceKey, u64> = [(DeviceKey::Gpu(0), 90)].into_iter().collect();
+    let opts = DeviceMapOptions::default();
+    let warning = buffer_warning(&model, &map, &memory, &used, &opts).expect("a warning");
+    assert!(
+        warning.contains("requires 40 bytes of buffer") && warning.contains("offload_buffers=True"),
+        "{warning}"
+    );
+    // Room on the GPU, offload_buffers, or no GPU at all: no warning.
+    let roomy: BTreeMap<DeviceKey, u64> = [(DeviceKey::Gpu(0), 10)].into_iter().collect();
+    assert_eq!(buffer_warning(&model, &map, &memory, &roomy, &opts), None);
+    let offload = DeviceMapOptions {
+        offload_buffers: true,
+        ..Default::default()
+    };
+    assert_eq!(buffer_warning(&model, &map, &memory, &used, &offload), None);
+    let cpu_only = vec![(DeviceKey::Cpu, 1000)];
+    assert_eq!(buffer_warning(&model, &map, &cpu_only, &used, &opts), None);
+}
