@@ -361,17 +361,20 @@ mod tests {
     use tch::nn::{Module, OptimizerConfig};
     use tch::{Device, nn};
 
+    /// A small two-layer model with seeded weights: two calls give two identical models.
+    fn tiny_model(seed: i64) -> (nn::VarStore, nn::Sequential) {
+        tch::manual_seed(seed);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let model = nn::seq()
+            .add(nn::linear(vs.root() / "a", 5, 7, Default::default()))
+            .add_fn(|x| x.tanh())
+            .add(nn::linear(vs.root() / "b", 7, 2, Default::default()));
+        (vs, model)
+    }
+
     #[test]
     fn fused_adamw_matches_tch_adamw() {
-        let make = || {
-            tch::manual_seed(3);
-            let vs = nn::VarStore::new(Device::Cpu);
-            let model = nn::seq()
-                .add(nn::linear(vs.root() / "a", 5, 7, Default::default()))
-                .add_fn(|x| x.tanh())
-                .add(nn::linear(vs.root() / "b", 7, 2, Default::default()));
-            (vs, model)
-        };
+        let make = || tiny_model(3);
         let x = Tensor::arange(20, (Kind::Float, Device::Cpu))
             .view([4, 5])
             .sin();
@@ -396,15 +399,7 @@ mod tests {
 
     #[test]
     fn fused_sgd_matches_tch_sgd() {
-        let make = || {
-            tch::manual_seed(5);
-            let vs = nn::VarStore::new(Device::Cpu);
-            let model = nn::seq()
-                .add(nn::linear(vs.root() / "a", 5, 7, Default::default()))
-                .add_fn(|x| x.tanh())
-                .add(nn::linear(vs.root() / "b", 7, 2, Default::default()));
-            (vs, model)
-        };
+        let make = || tiny_model(5);
         let x = Tensor::arange(20, (Kind::Float, Device::Cpu))
             .view([4, 5])
             .cos();

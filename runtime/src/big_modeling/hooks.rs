@@ -285,6 +285,9 @@ fn read_module_from(
         });
         paths.push(path);
     }
+    if jobs.is_empty() {
+        return Ok(Vec::new()); // a CPU-offloaded block: nothing on disk
+    }
     read_all(&paths, &jobs, reader_threads(), false)?;
     Ok(jobs
         .into_iter()
