@@ -49,6 +49,16 @@ fn pointers(tensors: &[Tensor]) -> Vec<*mut C_tensor> {
         .collect()
 }
 
+/// The shim's status of a fused optimizer kernel as a Result (libtorch has printed the cause already).
+fn fused_status(r: c_int, kernel: &str) -> Result<()> {
+    if r == 0 {
+        return Ok(());
+    }
+    Err(Error::DeviceUnavailable {
+        detail: format!("the fused {kernel} kernel failed (libtorch printed why above)"),
+    })
+}
+
 /// Drops the gradients of `params` (set_to_none).
 pub fn clear_grads(params: &[Tensor]) {
     let mut ptrs = pointers(params);
@@ -186,12 +196,7 @@ impl Optimizer for AdamW {
                 self.eps,
             )
         };
-        if r != 0 {
-            return Err(Error::DeviceUnavailable {
-                detail: "the fused AdamW kernel failed (libtorch printed why above)".into(),
-            });
-        }
-        Ok(())
+        fused_status(r, "AdamW")
     }
 
     fn zero_grad(&mut self) {
@@ -296,12 +301,7 @@ impl Sgd {
                 c_int::from(first),
             )
         };
-        if r != 0 {
-            return Err(Error::DeviceUnavailable {
-                detail: "the fused SGD kernel failed (libtorch printed why above)".into(),
-            });
-        }
-        Ok(())
+        fused_status(r, "SGD")
     }
 }
 

@@ -140,12 +140,14 @@ struct Progress {
 }
 
 impl Progress {
-    fn new(total: u64) -> Self {
-        let enabled = match std::env::var("HASTEN_PROGRESS").as_deref() {
-            Ok("0") => false,
-            Ok("1") => true,
-            _ => std::io::stderr().is_terminal(),
-        };
+    /// A bar only when `wanted` and the environment allows it (a terminal, or HASTEN_PROGRESS=1).
+    fn new(total: u64, wanted: bool) -> Self {
+        let enabled = wanted
+            && match std::env::var("HASTEN_PROGRESS").as_deref() {
+                Ok("0") => false,
+                Ok("1") => true,
+                _ => std::io::stderr().is_terminal(),
+            };
         let start = Instant::now();
         Progress {
             total,
@@ -204,8 +206,7 @@ pub(super) fn read_all(
         .map(|p| std::fs::File::open(p).map_err(|e| Error::io("opening", p, e)))
         .collect::<Result<_>>()?;
     let items = split(jobs);
-    let mut progress = Progress::new(items.iter().map(|i| i.len).sum());
-    progress.enabled &= progress_wanted;
+    let progress = Progress::new(items.iter().map(|i| i.len).sum(), progress_wanted);
     let workers = threads.clamp(1, items.len().max(1));
     let queue = Mutex::new(items);
     let failed = AtomicBool::new(false);
