@@ -52,6 +52,12 @@ pub struct DeviceMapOptions {
     /// Buffers of offloaded modules are offloaded with them (default false: they stay on the execution
     /// device, and a warning says so when they fit no GPU's remaining memory, as in Accelerate).
     pub offload_buffers: bool,
+    /// When the module next in line fits on no device that is still empty, look (breadth first) for a
+    /// smaller module further down the queue that does fit there, as Accelerate's `fallback_allocation`.
+    pub fallback_allocation: bool,
+    /// Print each placement decision, and the devices that received nothing with the memory they would
+    /// have needed (Accelerate's `verbose`, and its "insufficient memory" log message).
+    pub verbose: bool,
 }
 
 /// The largest unsplittable layer among `items` and the names of every layer of that size.
@@ -131,6 +137,140 @@ fn is_in(name: &str, param: &str) -> bool {
 
 /// Accelerate's `infer_auto_device_map` over a skeleton.
 pub fn infer_auto_device_map(model: &ModelSkeleton, opts: &DeviceMapOptions) -> DeviceMap {
+    let mut placement = place(model, opts);
+    if let Some(warning) = buffer_warning(
+        model,
+        &placement.map,
+        &placement.max_memory,
+        &placement.used,
+        opts,
+    ) {
+        eprintln!("hasten: warning: {warning}");
+    }
+    if opts.verbose {
+        if let Some(info) = insufficient_memory_info(&placement.minimum) {
+            eprintln!("hasten: info: {info}");
+        }
+    }
+    if !opts.keep_unclean {
+        clean_device_map(&mut placement.map, "");
+    }
+    placement.map
+}
+
+/// The outcome of the placement loop, before cleaning.
+pub(super) struct Placement {
+    pub map: DeviceMap,
+    pub max_memory: Vec<(DeviceKey, u64)>,
+    /// Bytes counted on each device (with the room kept for the largest layer on the ones left behind).
+    pub used: BTreeMap<DeviceKey, u64>,
+    /// Devices that received nothing, with what the module that did not fit would have needed.
+    pub minimum: BTreeMap<DeviceKey, u64>,
+}
+
+/// The modules and tensors `name` splits into: its direct parameters, then its children.
+fn split(model: &ModelSkeleton, name: &str) -> Vec<String> {
+    let mut parts: Vec<String> = model
+        .direct_tensors(name)
+        .into_iter()
+        .filter(|(_, b)| !b)
+        .map(|(n, _)| n)
+        .collect();
+    parts.extend(model.children(name));
+    parts
+}
+
+fn unsplittable(model: &ModelSkeleton, name: &str, no_split: &[String]) -> bool {
+    !model.has_children(name)
+        || model
+            .class_of(name)
+            .is_some_and(|c| no_split.iter().any(|n| n == c))
+}
+
+/// Parameters outside `name` tied to parameters inside it.
+fn tied_outside(tied: &[Vec<String>], name: &str) -> Vec<String> {
+    tied.iter()
+        .filter(|g| g.iter().any(|p| is_in(name, p)) && !g.iter().all(|p| is_in(name, p)))
+        .flat_map(|g| g.iter().filter(|p| !is_in(name, p)).cloned())
+        .collect()
+}
+
+/// The size of `name` together with the queued modules holding parameters tied to it, and those modules.
+fn size_with_ties(
+    sizes: &BTreeMap<String, u64>,
+    tied: &[Vec<String>],
+    name: &str,
+    queue: &[String],
+) -> (u64, Vec<String>) {
+    let size_of = |n: &str| sizes.get(n).copied().unwrap_or(0);
+    let mut total = size_of(name);
+    let mut modules = Vec::new();
+    for p in tied_outside(tied, name) {
+        if let Some(owner) = queue.iter().find(|n| p.starts_with(&format!("{n}."))) {
+            total += size_of(owner).saturating_sub(size_of(&p));
+            modules.push(owner.clone());
+        }
+    }
+    (total, modules)
+}
+
+/// Accelerate's `fallback_allocate`: the first module (searching breadth first, splitting what may be
+/// split) that fits in `limit` bytes, and the queue without it (its ancestors replaced by their parts).
+fn fallback_allocate(
+    model: &ModelSkeleton,
+    sizes: &BTreeMap<String, u64>,
+    tied: &[Vec<String>],
+    no_split: &[String],
+    queue: &[String],
+    limit: i128,
+) -> Option<(String, Vec<String>)> {
+    let mut search: Vec<String> = queue.to_vec();
+    let mut found = None;
+    while !search.is_empty() {
+        let name = search.remove(0);
+        let (size, _) = size_with_ties(sizes, tied, &name, &search);
+        if i128::from(size) <= limit {
+            found = Some(name);
+            break;
+        }
+        if !unsplittable(model, &name, no_split) {
+            let mut next = split(model, &name);
+            next.extend(search);
+            search = next;
+        }
+    }
+    let name = found?;
+    let mut rest = queue.to_vec();
+    for (i, _) in name.match_indices('.') {
+        let parent = &name[..i];
+        if let Some(at) = rest.iter().position(|n| n == parent) {
+            rest.splice(at..=at, split(model, parent));
+        }
+    }
+    let at = rest.iter().position(|n| *n == name)?;
+    rest.remove(at);
+    Some((name, rest))
+}
+
+/// Accelerate's message for devices that received no module.
+pub(super) fn insufficient_memory_info(minimum: &BTreeMap<DeviceKey, u64>) -> Option<String> {
+    (!minimum.is_empty()).then(|| {
+        let devices: Vec<String> = minimum
+            .iter()
+            .map(|(d, m)| format!("  - {d}: {m} bytes required"))
+            .collect();
+        format!(
+            "Based on the current allocation process, no modules could be assigned to the following \
+             devices due to insufficient memory:\n{}\nThese minimum requirements are specific to this \
+             allocation attempt and may vary. Consider increasing the available memory for these devices \
+             to at least the specified minimum, or adjusting the model config.",
+            devices.join("\n")
+        )
+    })
+}
+
+/// The placement loop of Accelerate's `infer_auto_device_map`.
+pub(super) fn place(model: &ModelSkeleton, opts: &DeviceMapOptions) -> Placement {
     let mut max_memory: Vec<(DeviceKey, u64)> = opts.max_memory.clone();
     max_memory.sort_by_key(|(d, _)| *d);
     let mut devices: Vec<DeviceKey> = max_memory.iter().map(|(d, _)| *d).collect();
@@ -138,12 +278,8 @@ pub fn infer_auto_device_map(model: &ModelSkeleton, opts: &DeviceMapOptions) -> 
         devices.push(DeviceKey::Disk);
     }
     let capacity = |d: DeviceKey| max_memory.iter().find(|(k, _)| *k == d).map(|(_, m)| *m);
-    let gpus: Vec<DeviceKey> = devices
-        .iter()
-        .copied()
-        .filter(|d| matches!(d, DeviceKey::Gpu(_)))
-        .collect();
-    let main_devices: Vec<DeviceKey> = match gpus.first() {
+    let main_devices: Vec<DeviceKey> = match devices.iter().find(|d| matches!(d, DeviceKey::Gpu(_)))
+    {
         Some(g) => vec![*g, DeviceKey::Cpu],
         None => vec![DeviceKey::Cpu],
     };
@@ -151,6 +287,11 @@ pub fn infer_auto_device_map(model: &ModelSkeleton, opts: &DeviceMapOptions) -> 
     let sizes = model.module_sizes(opts.dtype, &opts.special_dtypes);
     let size_of = |n: &str| sizes.get(n).copied().unwrap_or(0);
     let tied = model.tied_parameters();
+    let say = |line: String| {
+        if opts.verbose {
+            eprintln!("{line}");
+        }
+    };
 
     // Direct parameters of the root, its children, then its direct buffers.
     let root_tensors = model.direct_tensors("");
@@ -175,22 +316,19 @@ pub fn infer_auto_device_map(model: &ModelSkeleton, opts: &DeviceMapOptions) -> 
     let mut map: DeviceMap = Vec::new();
     let mut current = 0usize;
     let mut used: BTreeMap<DeviceKey, u64> = devices.iter().map(|d| (*d, 0)).collect();
+    let mut minimum: BTreeMap<DeviceKey, u64> = BTreeMap::new();
     let (mut max_layer, mut max_names) = get_max_layer_size(model, &queue, &sizes, no_split);
 
     while !queue.is_empty() {
         let name = queue.remove(0);
+        say(format!("Treating module {name}."));
         max_names.retain(|n| n != &name && !n.starts_with(&format!("{name}.")));
         if max_names.is_empty() {
             (max_layer, max_names) =
                 get_max_layer_size(model, &modules_only(&queue), &sizes, no_split);
         }
         let module_size = size_of(&name);
-        // Parameters outside this module tied to parameters inside it.
-        let tied_params: Vec<String> = tied
-            .iter()
-            .filter(|g| g.iter().any(|p| is_in(&name, p)) && !g.iter().all(|p| is_in(&name, p)))
-            .flat_map(|g| g.iter().filter(|p| !is_in(&name, p)).cloned())
-            .collect();
+        let has_ties = !tied_outside(tied, &name).is_empty();
         let device = devices[current.min(devices.len() - 1)];
         let mut current_max = capacity(device).filter(|_| device != DeviceKey::Disk);
         let mut reserved = 0;
@@ -198,18 +336,16 @@ pub fn infer_auto_device_map(model: &ModelSkeleton, opts: &DeviceMapOptions) -> 
             current_max = current_max.map(|m| m.saturating_sub(max_layer));
             reserved = max_layer;
         }
-        // The modules (still to place) holding those tied parameters, and the size with them.
-        let mut tied_modules: Vec<String> = Vec::new();
-        let mut size_with_ties = module_size;
-        for p in &tied_params {
-            if let Some(owner) = queue.iter().find(|n| p.starts_with(&format!("{n}."))) {
-                size_with_ties += size_of(owner).saturating_sub(size_of(p));
-                tied_modules.push(owner.clone());
-            }
-        }
+        let (size_with_ties, tied_modules) = size_with_ties(&sizes, tied, &name, &queue);
         let used_here = used[&device];
         if current_max.is_none_or(|m| used_here + size_with_ties <= m) {
-            *used.get_mut(&device).unwrap_or(&mut 0) += size_with_ties;
+            let available = current_max
+                .map(|m| format!(" (available={})", m.saturating_sub(used_here)))
+                .unwrap_or_default();
+            say(format!(
+                "Putting {name} (size={size_with_ties}){available} on {device}."
+            ));
+            *used.entry(device).or_insert(0) += size_with_ties;
             map.push((name.clone(), device));
             for t in &tied_modules {
                 queue.retain(|n| n != t);
@@ -220,26 +356,17 @@ pub fn infer_auto_device_map(model: &ModelSkeleton, opts: &DeviceMapOptions) -> 
             continue;
         }
         let max_here = current_max.unwrap_or(u64::MAX);
-        if !tied_params.is_empty() && used_here + module_size <= max_here {
+        if has_ties && used_here + module_size <= max_here {
             // Try splitting a tied module so that only the tied part comes along.
-            let splittable = tied_modules.iter().find(|t| {
-                model.has_children(t)
-                    && !model
-                        .class_of(t)
-                        .is_some_and(|c| no_split.iter().any(|n| n == c))
-            });
+            let splittable = tied_modules
+                .iter()
+                .find(|t| !unsplittable(model, t, no_split));
             if let Some(t) = splittable.cloned() {
-                let mut parts: Vec<String> = model
-                    .direct_tensors(&t)
-                    .into_iter()
-                    .filter(|(_, b)| !b)
-                    .map(|(n, _)| n)
-                    .collect();
-                parts.extend(model.children(&t));
+                say(format!("Splitting {t}."));
                 let index = queue.iter().position(|n| *n == t).unwrap_or(0);
                 let mut next = vec![name.clone()];
                 next.extend(queue[..index].iter().cloned());
-                next.extend(parts);
+                next.extend(split(model, &t));
                 next.extend(queue[index + 1..].iter().cloned());
                 queue = next;
                 (max_layer, max_names) =
@@ -248,37 +375,48 @@ pub fn infer_auto_device_map(model: &ModelSkeleton, opts: &DeviceMapOptions) -> 
             }
         }
         if used_here + module_size >= max_here {
-            let unsplittable = !model.has_children(&name)
-                || model
-                    .class_of(&name)
-                    .is_some_and(|c| no_split.iter().any(|n| n == c));
-            if !unsplittable {
-                let mut parts: Vec<String> = model
-                    .direct_tensors(&name)
-                    .into_iter()
-                    .filter(|(_, b)| !b)
-                    .map(|(n, _)| n)
-                    .collect();
-                parts.extend(model.children(&name));
+            say(format!(
+                "Not enough space on {device} to put {name} (space available {}, module size {module_size}).",
+                max_here.saturating_sub(used_here)
+            ));
+            if !unsplittable(model, &name, no_split) {
+                say(format!("Splitting {name}."));
+                let mut parts = split(model, &name);
                 parts.extend(queue);
                 queue = parts;
                 (max_layer, max_names) =
                     get_max_layer_size(model, &modules_only(&queue), &sizes, no_split);
                 continue;
             }
+            say("This module cannot be split, going to the next device.".into());
+        }
+        if used_here == 0 && opts.fallback_allocation && device != DeviceKey::Disk {
+            // Room for this device's own largest need, whichever is larger (Accelerate's rule).
+            let limit = i128::from(capacity(device).unwrap_or(0))
+                - i128::from(max_layer.max(size_with_ties));
+            if let Some((found, rest)) =
+                fallback_allocate(model, &sizes, tied, no_split, &queue, limit)
+            {
+                say(format!("Fallback allocation: trying {found} on {device}."));
+                queue = vec![found, name];
+                queue.extend(rest);
+                continue;
+            }
+        }
+        if used_here == 0 {
+            minimum.insert(device, size_with_ties + reserved);
         }
         // Next device; keep the reserved room counted on this one.
-        *used.get_mut(&device).unwrap_or(&mut 0) += reserved;
+        *used.entry(device).or_insert(0) += reserved;
         current += 1;
         queue.insert(0, name);
     }
-    if let Some(warning) = buffer_warning(model, &map, &max_memory, &used, opts) {
-        eprintln!("hasten: warning: {warning}");
+    Placement {
+        map,
+        max_memory,
+        used,
+        minimum,
     }
-    if !opts.keep_unclean {
-        clean_device_map(&mut map, "");
-    }
-    map
 }
 
 /// Accelerate's warning when the buffers of the modules placed on the CPU or the disk (which stay on

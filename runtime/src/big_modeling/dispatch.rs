@@ -193,8 +193,12 @@ pub fn device_of(map: &DeviceMap, module: &str) -> Option<Device> {
 }
 
 /// Checks that `map` gives a device to every tensor of `model` (Accelerate's `check_device_map`); the
-/// error lists the tensors left out.
+/// error lists the tensors left out. Keys naming nothing in the model (a typo) get Accelerate's warning.
 pub fn check_device_map(model: &ModelSkeleton, map: &DeviceMap) -> Result<()> {
+    let names: Vec<&str> = model.tensors().iter().map(|(n, _)| n.as_str()).collect();
+    if let Some(warning) = unknown_keys_warning(&names, map) {
+        eprintln!("hasten: warning: {warning}");
+    }
     let uncovered: Vec<&str> = model
         .tensors()
         .iter()
@@ -207,6 +211,27 @@ pub fn check_device_map(model: &ModelSkeleton, map: &DeviceMap) -> Result<()> {
     Err(Error::InvalidValue {
         name: "device_map".into(),
         detail: format!("gives no device to these tensors: {}", uncovered.join(", ")),
+    })
+}
+
+/// Accelerate's warning for device-map keys that are neither a module nor one of the model's `tensors`.
+pub(crate) fn unknown_keys_warning(tensors: &[&str], map: &DeviceMap) -> Option<String> {
+    let unknown: Vec<String> = map
+        .iter()
+        .map(|(k, _)| k)
+        .filter(|k| {
+            !k.is_empty()
+                && !tensors
+                    .iter()
+                    .any(|t| t == k || t.starts_with(&format!("{k}.")))
+        })
+        .map(|k| format!("{k:?}"))
+        .collect();
+    (!unknown.is_empty()).then(|| {
+        format!(
+            "The following device_map keys do not match any submodules in the model: [{}]",
+            unknown.join(", ")
+        )
     })
 }
 
@@ -341,6 +366,15 @@ mod tests {
         assert!(offload.join("layers.3.weight.dat").is_file());
 
         check_device_map(&skeleton, &map).unwrap();
+        let names: Vec<&str> = skeleton.tensors().iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(unknown_keys_warning(&names, &map), None);
+        let typo = vec![("layer.0".to_owned(), DeviceKey::Cpu), map[0].clone()];
+        assert_eq!(
+            unknown_keys_warning(&names, &typo).as_deref(),
+            Some(
+                "The following device_map keys do not match any submodules in the model: [\"layer.0\"]"
+            )
+        );
         let err = check_device_map(&skeleton, &map[..3].to_vec())
             .unwrap_err()
             .to_string();

@@ -87,6 +87,10 @@ pub fn load_checkpoint_in_model(
     // own would move the shared tensor too.
     let mut follows: HashMap<String, String> = HashMap::new();
     if let Some(map) = &opts.device_map {
+        let names: Vec<&str> = variables.keys().map(String::as_str).collect();
+        if let Some(warning) = super::dispatch::unknown_keys_warning(&names, map) {
+            eprintln!("hasten: warning: {warning}");
+        }
         for group in super::dispatch::find_tied_parameters(vs) {
             if let Some(placed) = group.iter().find(|n| device_key_of(map, n).is_some()) {
                 for name in group.iter().filter(|n| device_key_of(map, n).is_none()) {

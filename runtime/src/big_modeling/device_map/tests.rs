@@ -296,3 +296,86 @@ fn offloaded_buffers_that_fit_no_gpu_are_warned_about() {
     let cpu_only = vec![(DeviceKey::Cpu, 1000)];
     assert_eq!(buffer_warning(&model, &map, &cpu_only, &used, &opts), None);
 }
+
+fn linear(s: ModelSkeleton, name: &str, inp: i64, out: i64) -> ModelSkeleton {
+    s.param(&format!("{name}.weight"), &[out, inp], Kind::Float)
+        .param(&format!("{name}.bias"), &[out], Kind::Float)
+}
+
+fn only_gpu0(bytes: u64, fallback: bool) -> DeviceMapOptions {
+    DeviceMapOptions {
+        fallback_allocation: fallback,
+        ..gpus(&[bytes])
+    }
+}
+
+#[test]
+fn fallback_allocation_finds_a_smaller_module_for_an_empty_device() {
+    // Accelerate's test: module = Sequential(Linear(10,4), Linear(4,4), Linear(4,8)), 256 bytes on GPU 0.
+    let mut model = ModelSkeleton::new();
+    model = linear(model, "module.linear1", 10, 4);
+    model = linear(model, "module.linear2", 4, 4);
+    model = linear(model, "module.linear3", 4, 8);
+    let without = place(&model, &only_gpu0(256, false));
+    assert!(without.map.iter().all(|(_, d)| *d != DeviceKey::Gpu(0)));
+    let info = insufficient_memory_info(&without.minimum).expect("an info message");
+    assert!(
+        info.contains("insufficient memory") && info.contains("  - 0: 336 bytes required"),
+        "{info}"
+    );
+    let with = place(&model, &only_gpu0(256, true));
+    assert_eq!(insufficient_memory_info(&with.minimum), None);
+    expect(
+        infer_auto_device_map(&model, &only_gpu0(256, true)),
+        &[
+            ("module.linear1", "disk"),
+            ("module.linear2", "0"),
+            ("module.linear3", "disk"),
+        ],
+    );
+    // Nothing small enough: still nothing on GPU 0, and the message says what was needed.
+    let mut tiny = ModelSkeleton::new();
+    for l in ["linear1", "linear2", "linear3"] {
+        tiny = linear(tiny, &format!("module.{l}"), 10, 10);
+    }
+    let none = place(&tiny, &only_gpu0(30, true));
+    assert!(none.map.iter().all(|(_, d)| *d != DeviceKey::Gpu(0)));
+    assert!(insufficient_memory_info(&none.minimum).is_some());
+}
+
+#[test]
+fn fallback_allocation_keeps_ties_and_counts_buffers() {
+    // Tied linear1.weight = linear2.weight: fits whole on GPU 0, as without the fallback.
+    let tied = linear(ModelSkeleton::new(), "linear1", 10, 10)
+        .param("linear2.bias", &[10], Kind::Float)
+        .tie("linear2.weight", "linear1.weight");
+    expect(
+        infer_auto_device_map(&tied, &only_gpu0(600, true)),
+        &[("", "0")],
+    );
+    // Linear(10,10)+5-float buffer, BatchNorm1d(10)+5-float buffer, Linear(10,10)+5-float buffer, 678
+    // bytes: only the batch norm finds room, and its offloaded neighbours' buffers fit no GPU.
+    let model = linear(ModelSkeleton::new(), "linear1", 10, 10)
+        .buffer("linear1.buffer1", &[5], Kind::Float)
+        .param("batchnorm.weight", &[10], Kind::Float)
+        .param("batchnorm.bias", &[10], Kind::Float)
+        .buffer("batchnorm.running_mean", &[10], Kind::Float)
+        .buffer("batchnorm.running_var", &[10], Kind::Float)
+        .buffer("batchnorm.num_batches_tracked", &[], Kind::Int64)
+        .buffer("batchnorm.buffer2", &[5], Kind::Float);
+    let model = linear(model, "linear2", 10, 10).buffer("linear2.buffer3", &[5], Kind::Float);
+    let opts = only_gpu0(678, true);
+    let placement = place(&model, &opts);
+    let warning = buffer_warning(
+        &model,
+        &placement.map,
+        &placement.max_memory,
+        &placement.used,
+        &opts,
+    );
+    assert!(warning.is_some_and(|w| w.contains("offload_buffers")));
+    expect(
+        infer_auto_device_map(&model, &opts),
+        &[("batchnorm", "0"), ("linear1", "disk"), ("linear2", "disk")],
+    );
+}
