@@ -8,6 +8,11 @@ use common::*;
 use std::process::Command;
 
 fn check(mode: &str) {
+    check_with(mode, &[]);
+}
+
+fn check_with(mode: &str, env: &[(&str, &str)]) -> Vec<Ran> {
+    let mut runs = Vec::new();
     for n in ["2", "3"] {
         let mut cmd = Command::new(hasten());
         cmd.args([
@@ -20,18 +25,56 @@ fn check(mode: &str) {
         ])
         .arg(workspace_bin("hasten-test-training"))
         .arg(mode);
-        let ran = run(cmd, &[]);
+        let ran = run(cmd, env);
         assert_eq!(ran.code, 0, "{}", ran.all());
         for rank in 0..n.parse::<usize>().unwrap() {
             let line = format!("[rank{rank}]: training check {mode}: ok");
             ran.expect_stdout(&line);
         }
+        runs.push(ran);
     }
+    runs
 }
 
 #[test]
 fn ddp_matches_one_process_on_the_whole_batch() {
     check("ddp");
+}
+
+#[test]
+fn gradient_buckets_are_averaged_during_the_backward() {
+    // One bucket per parameter (4): each is all-reduced from its gradient hook while the backward goes
+    // on; with HASTEN_DDP_OVERLAP=0 all four wait for the end. Both give the single-process weights.
+    for ran in check_with("ddp_buckets", &[("HASTEN_TRACE_DDP", "1")]) {
+        assert!(
+            ran.stderr
+                .contains("backward: 4 of 4 buckets all-reduced during the backward"),
+            "{}",
+            ran.all()
+        );
+    }
+    let env = [("HASTEN_TRACE_DDP", "1"), ("HASTEN_DDP_OVERLAP", "0")];
+    for ran in check_with("ddp_buckets", &env) {
+        assert!(
+            ran.stderr
+                .contains("backward: 0 of 4 buckets all-reduced during the backward"),
+            "{}",
+            ran.all()
+        );
+    }
+}
+
+#[test]
+fn unused_parameters_count_as_zero_gradients() {
+    // The unused parameter's bucket never completes during the backward; it is launched (as zeros) after.
+    for ran in check_with("ddp_unused", &[("HASTEN_TRACE_DDP", "1")]) {
+        assert!(
+            ran.stderr
+                .contains("of 5 buckets all-reduced during the backward"),
+            "{}",
+            ran.all()
+        );
+    }
 }
 
 #[test]

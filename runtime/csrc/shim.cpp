@@ -179,3 +179,54 @@ at::Tensor* hasten_empty_pinned_bytes(int64_t nbytes) {
 }
 
 }  // extern "C"
+
+// Gradient-ready hooks, for averaging gradients across ranks while the backward still runs (what
+// PyTorch's DDP does with its reducer). tch exposes no autograd hooks; libtorch keeps one
+// "post-accumulate-grad" hook per leaf tensor, called right after its .grad has been written. The hook
+// calls back into Rust with the parameter's index; `drop` releases the Rust context when the hook is
+// replaced, cleared, or the tensor dies.
+#include <torch/csrc/autograd/function_hook.h>
+#include <torch/csrc/autograd/variable.h>
+#include <memory>
+
+namespace {
+struct GradReadyHook : torch::autograd::PostAccumulateGradHook {
+  void (*call)(void*, int64_t);
+  void (*drop)(void*);
+  void* ctx;
+  int64_t index;
+  GradReadyHook(void (*c)(void*, int64_t), void (*d)(void*), void* x, int64_t i)
+      : call(c), drop(d), ctx(x), index(i) {}
+  ~GradReadyHook() override { drop(ctx); }
+  void operator()(const torch::autograd::Variable& /*tensor*/) override { call(ctx, index); }
+};
+}  // namespace
+
+extern "C" {
+
+// Replaces `tensor`'s post-accumulate-grad hook. On success the hook owns `ctx` (freed through `drop`).
+int hasten_set_grad_ready_hook(at::Tensor* tensor, void (*call)(void*, int64_t), void (*drop)(void*), void* ctx,
+                               int64_t index) {
+  try {
+    auto hook = std::make_unique<GradReadyHook>(call, drop, ctx, index);
+    torch::autograd::impl::set_post_acc_grad_hooks(*tensor, std::move(hook));
+    return 0;
+  } catch (const std::exception& e) {
+    fprintf(stderr, "hasten_set_grad_ready_hook: %s\n", e.what());
+    return -1;
+  } catch (...) {
+    return -1;
+  }
+}
+
+// Removes `tensor`'s post-accumulate-grad hook (its context is dropped).
+int hasten_clear_grad_ready_hook(at::Tensor* tensor) {
+  try {
+    torch::autograd::impl::set_post_acc_grad_hooks(*tensor, nullptr);
+    return 0;
+  } catch (...) {
+    return -1;
+  }
+}
+
+}  // extern "C"

@@ -1,11 +1,13 @@
 //! Correctness checks of the training library, run on every rank under `hasten launch`:
-//! `hasten-test-training MODE` with MODE one of `ddp`, `accumulate`, `dataloader_end`, `scheduler`,
-//! `metrics`, `metrics_iterable`. Prints `training check MODE: ok` or `... FAILED: why` and exits non-zero on failure.
+//! `hasten-test-training MODE` with MODE one of `ddp`, `ddp_buckets` (one bucket per parameter),
+//! `ddp_unused` (plus a parameter no loss uses, with find_unused_parameters), `accumulate`,
+//! `dataloader_end`, `scheduler`, `metrics`, `metrics_iterable`. Prints `training check MODE: ok` or `... FAILED: why` and exits non-zero on failure.
 
 use hasten::tch::nn::{self, Module, OptimizerConfig};
 use hasten::tch::{Device, Kind, Tensor};
 use hasten::{
-    Accelerator, DataLoader, GradientAccumulationPlugin, ReduceOp, Schedule, TensorDataset,
+    Accelerator, DataLoader, DistributedDataParallelKwargs, GradientAccumulationPlugin, ReduceOp,
+    Schedule, TensorDataset,
 };
 
 type Check = Result<(), String>;
@@ -40,11 +42,11 @@ fn reference(weights: &[(String, Tensor)]) -> Result<(nn::VarStore, nn::Sequenti
     hasten::tch::no_grad(|| -> Check {
         let vars = vs.variables();
         for (name, w) in weights {
-            let mut v = vars
-                .get(name)
-                .ok_or(format!("no variable {name}"))?
-                .shallow_clone();
-            v.copy_(w);
+            match vars.get(name) {
+                Some(v) => v.shallow_clone().copy_(w),
+                None if name == "spare" => {} // the unused parameter of `ddp_unused`
+                None => return Err(format!("no variable {name}")),
+            }
         }
         Ok(())
     })?;
@@ -54,8 +56,8 @@ fn reference(weights: &[(String, Tensor)]) -> Result<(nn::VarStore, nn::Sequenti
 fn max_rel_diff(a: &[(String, Tensor)], b: &nn::VarStore) -> f64 {
     let vars = b.variables();
     a.iter()
-        .map(|(n, t)| {
-            let r = &vars[n];
+        .filter_map(|(n, t)| Some((t, vars.get(n)?)))
+        .map(|(t, r)| {
             ((t - r).abs().max().double_value(&[]) / r.abs().max().double_value(&[]).max(1e-12))
                 .abs()
         })
@@ -76,8 +78,9 @@ fn same_weights(
     Ok(())
 }
 
-/// After K steps, DDP parameters equal a single-process run on the concatenated batch.
-fn ddp(acc: &mut Accelerator) -> Check {
+/// After K steps, DDP parameters equal a single-process run on the concatenated batch. With `unused`,
+/// the model also holds a parameter no loss uses: its gradient counts as zero and it stays as it was.
+fn ddp(acc: &mut Accelerator, unused: bool) -> Check {
     let (p, r) = (acc.num_processes() as i64, acc.process_index() as i64);
     let global = 12;
     let (x, y) = data(global * 5);
@@ -85,6 +88,7 @@ fn ddp(acc: &mut Accelerator) -> Check {
     // Different initial weights per rank: prepare must make them equal.
     hasten::tch::manual_seed(100 + r);
     let model = mlp(&vs.root());
+    let spare = unused.then(|| vs.root().var("spare", &[3], nn::Init::Const(1.0)));
     let handle = acc.prepare_model(&mut vs).map_err(err)?;
     let initial = acc
         .unwrap_model(handle)
@@ -114,6 +118,15 @@ fn ddp(acc: &mut Accelerator) -> Check {
             .mse_loss(&targets, hasten::tch::Reduction::Mean)
             .backward();
         ref_opt.step();
+    }
+    if let Some(spare) = spare {
+        if spare.grad().sum(Kind::Float).double_value(&[]) != 0.0
+            || spare.sum(Kind::Float).double_value(&[]) != 3.0
+        {
+            return Err(format!(
+                "the unused parameter changed or got a gradient: {spare}"
+            ));
+        }
     }
     same_weights(
         acc,
@@ -335,13 +348,20 @@ fn main() {
                 ..GradientAccumulationPlugin::default()
             })
         }
+        "ddp_buckets" | "ddp_unused" => builder.ddp_kwargs(DistributedDataParallelKwargs {
+            // 100 bytes: one bucket per parameter, so buckets complete one by one during the backward.
+            bucket_cap_mb: 100.0 / (1024.0 * 1024.0),
+            find_unused_parameters: mode == "ddp_unused",
+            ..DistributedDataParallelKwargs::default()
+        }),
         _ => builder,
     };
     let outcome = builder
         .build()
         .map_err(err)
         .and_then(|mut acc| match mode.as_str() {
-            "ddp" => ddp(&mut acc),
+            "ddp" | "ddp_buckets" => ddp(&mut acc, false),
+            "ddp_unused" => ddp(&mut acc, true),
             "accumulate" => accumulate(&mut acc),
             "dataloader_end" => dataloader_end(&mut acc),
             "scheduler" => scheduler(&mut acc),

@@ -1,9 +1,12 @@
-//! Data-parallel models: parameters start equal on every rank (broadcast from rank 0), and after each
+//! Data-parallel models: parameters start equal on every rank (broadcast from rank 0), and in each
 //! synchronising backward the gradients are averaged across ranks in buckets of `bucket_cap_mb`, as
-//! PyTorch's DistributedDataParallel does. tch has no autograd hooks, so the buckets are reduced after
-//! the backward rather than during it.
+//! PyTorch's DistributedDataParallel does — during the backward, through gradient hooks (see
+//! `reducer`).
 
-use crate::{Error, ProcessGroup, ReduceOp, Result};
+use super::reducer::{self, Round, Slot};
+use crate::distributed::CommStream;
+use crate::{Error, ProcessGroup, Result};
+use std::sync::Arc;
 use tch::Tensor;
 
 /// A model prepared by an [`Accelerator`](crate::Accelerator): pass it to `no_sync`,
@@ -22,6 +25,13 @@ pub(crate) struct ModelEntry {
     /// One flat buffer per bucket, made on the first synchronisation; gradients become views into it so
     /// the all-reduce runs in place and the optimizer reads the averaged values without a copy back.
     pub flats: Vec<Tensor>,
+    /// Each parameter's view of its bucket's flat buffer, shaped as the parameter.
+    pub views: Vec<Tensor>,
+    /// What the parameters' gradient hooks report to; `None` when the model runs alone or libtorch
+    /// refused a hook (then the averaging happens after the backward).
+    pub hooks: Option<Arc<Slot>>,
+    /// The stream the buckets' NCCL all-reduces run on, for CUDA models.
+    pub comm: Option<CommStream>,
     pub no_sync: bool,
 }
 
@@ -51,8 +61,60 @@ impl ModelEntry {
             names,
             buckets,
             flats: Vec::new(),
+            views: Vec::new(),
+            hooks: None,
+            comm: None,
             no_sync: false,
         }
+    }
+
+    /// Registers the gradient hooks (in a group of more than one process).
+    pub(crate) fn hook(&mut self, group: &ProcessGroup) {
+        if group.world_size() > 1 && !self.params.is_empty() {
+            let slot = Arc::new(Slot::default());
+            if reducer::register_hooks(&self.params, &slot) {
+                self.hooks = Some(slot);
+            }
+        }
+    }
+
+    /// Makes the flat bucket buffers, the parameters' views of them and (on a GPU) the communication
+    /// stream, once.
+    fn ensure_buffers(&mut self) -> Result<()> {
+        if self.flats.len() == self.buckets.len() {
+            return Ok(());
+        }
+        let torch = |e| Error::torch("gradient all-reduce", e);
+        let mut views: Vec<Option<Tensor>> = (0..self.params.len()).map(|_| None).collect();
+        let mut flats = Vec::with_capacity(self.buckets.len());
+        for bucket in &self.buckets {
+            let first = &self.params[bucket[0]];
+            let numel: usize = bucket.iter().map(|&i| self.params[i].numel()).sum();
+            let flat =
+                Tensor::f_zeros([numel as i64], (first.kind(), first.device())).map_err(torch)?;
+            let mut offset = 0i64;
+            for &i in bucket {
+                let p = &self.params[i];
+                let n = p.numel() as i64;
+                views[i] = Some(
+                    flat.f_narrow(0, offset, n)
+                        .and_then(|v| v.f_view(p.size().as_slice()))
+                        .map_err(torch)?,
+                );
+                offset += n;
+            }
+            flats.push(flat);
+        }
+        let cuda = self.params.first().is_some_and(|p| p.device().is_cuda());
+        if cuda && self.hooks.is_some() {
+            self.comm = Some(CommStream::new(self.buckets.len())?);
+        }
+        self.views = views
+            .into_iter()
+            .map(|v| v.unwrap_or_else(|| Tensor::zeros([0], tch::kind::FLOAT_CPU)))
+            .collect();
+        self.flats = flats;
+        Ok(())
     }
 }
 
@@ -107,64 +169,58 @@ pub(crate) fn broadcast_variables(
     })
 }
 
-/// Averages the gradients of `entry` across ranks, bucket by bucket, in place: each parameter's
-/// gradient is (or is copied into, and then becomes) a view of its bucket's flat buffer.
-pub(crate) fn average_gradients(
+/// Runs `backward` with `entries`' gradients averaged across ranks: during it (hooks armed) when
+/// `overlap`, and otherwise, or for whatever the hooks did not cover, right after it.
+pub(crate) fn backward_with_averaging(
     group: &mut ProcessGroup,
-    entry: &mut ModelEntry,
+    entries: &mut [&mut ModelEntry],
     find_unused: bool,
+    overlap: bool,
+    backward: impl FnOnce() -> Result<()>,
 ) -> Result<()> {
     if group.world_size() == 1 {
-        return Ok(());
+        return backward();
     }
-    let torch = |e| Error::torch("gradient all-reduce", e);
-    tch::no_grad(|| {
-        if entry.flats.len() != entry.buckets.len() {
-            entry.flats = entry
-                .buckets
-                .iter()
-                .map(|b| {
-                    let first = &entry.params[b[0]];
-                    let numel: usize = b.iter().map(|&i| entry.params[i].numel()).sum();
-                    Tensor::f_zeros([numel as i64], (first.kind(), first.device())).map_err(torch)
-                })
-                .collect::<Result<_>>()?;
-        }
-        for (bucket, flat) in entry.buckets.iter().zip(entry.flats.iter_mut()) {
-            let mut offset = 0i64;
-            for &i in bucket {
-                let p = &entry.params[i];
-                let n = p.numel() as i64;
-                let mut view = flat
-                    .f_narrow(0, offset, n)
-                    .and_then(|v| v.f_view(p.size().as_slice()))
-                    .map_err(torch)?;
-                offset += n;
-                let g = p.grad();
-                if g.defined() && g.data_ptr() == view.data_ptr() {
-                    continue; // already the bucket's view (accumulated in place)
-                }
-                if g.defined() {
-                    view.f_copy_(&g).map_err(torch)?;
-                } else if find_unused {
-                    view.f_zero_().map(drop).map_err(torch)?;
-                } else {
-                    return Err(Error::Collective {
-                        op: "gradient all-reduce",
-                        detail: format!(
-                            "parameter {} received no gradient on rank {} in this backward; if some parameters \
-                             are unused, set DistributedDataParallelKwargs::find_unused_parameters",
-                            entry.names[i],
-                            group.rank()
-                        ),
-                    });
-                }
-                crate::optim::set_grad(p, &view)?;
+    for entry in entries.iter_mut() {
+        entry.ensure_buffers()?;
+    }
+    // Each round is either installed in its model's hook slot (overlapped) or kept here (after).
+    let mut rounds: Vec<(Option<Round>, Option<Arc<Slot>>)> = Vec::with_capacity(entries.len());
+    for entry in entries.iter() {
+        let round = Round::arm(group, entry);
+        match entry.hooks.as_ref().filter(|_| overlap) {
+            Some(slot) => {
+                round.install(slot);
+                rounds.push((None, Some(slot.clone())));
             }
-            group.all_reduce(flat, ReduceOp::Mean)?;
+            None => rounds.push((Some(round), None)),
         }
-        Ok(())
-    })
+    }
+    let outcome = backward();
+    // Every hook has run once the backward returns: take the rounds back (disarming the hooks).
+    for (round, slot) in rounds.iter_mut() {
+        if let Some(slot) = slot {
+            *round = Round::take(slot);
+        }
+    }
+    outcome?;
+    let trace = crate::parse_flag_from_env("HASTEN_TRACE_DDP", false).unwrap_or(false);
+    let mut result = Ok(());
+    for ((round, _), entry) in rounds.into_iter().zip(entries.iter()) {
+        if let Some(round) = round {
+            match tch::no_grad(|| round.finish(find_unused, &entry.names)) {
+                Ok(during) if trace => eprintln!(
+                    "hasten trace: rank {} backward: {during} of {} buckets all-reduced during the backward",
+                    group.rank(),
+                    entry.buckets.len()
+                ),
+                Ok(_) => {}
+                Err(e) if result.is_ok() => result = Err(e),
+                Err(_) => {}
+            }
+        }
+    }
+    result
 }
 
 #[cfg(test)]

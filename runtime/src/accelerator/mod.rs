@@ -9,6 +9,7 @@ mod config;
 mod ddp;
 mod optimizer;
 mod precision;
+mod reducer;
 mod utilities;
 
 pub use config::{
@@ -195,6 +196,7 @@ impl AcceleratorBuilder {
             scaler,
             skipped: Arc::new(AtomicBool::new(false)),
             models: Vec::new(),
+            overlap: reducer::overlap_from_env(),
             step: 0,
             step_scheduler_with_optimizer: self.step_scheduler_with_optimizer.unwrap_or(true),
             rng_types: self.rng_types.unwrap_or_else(|| vec![RNGType::Generator]),
@@ -218,6 +220,8 @@ pub struct Accelerator {
     scaler: Option<Arc<Mutex<GradScaler>>>,
     skipped: Arc<AtomicBool>,
     models: Vec<ModelEntry>,
+    /// Average gradients during the backward (hooks), not after it; `HASTEN_DDP_OVERLAP=0` turns it off.
+    overlap: bool,
     step: usize,
     step_scheduler_with_optimizer: bool,
     rng_types: Vec<RNGType>,
@@ -344,7 +348,9 @@ impl Accelerator {
         }
         ddp::broadcast_variables(&mut self.group, vs, self.ddp.broadcast_buffers)?;
         let cap = (self.ddp.bucket_cap_mb * 1024.0 * 1024.0) as usize;
-        self.models.push(ModelEntry::new(vs, cap.max(1)));
+        let mut entry = ModelEntry::new(vs, cap.max(1));
+        entry.hook(&self.group);
+        self.models.push(entry);
         Ok(ModelHandle(self.models.len() - 1))
     }
 
@@ -449,14 +455,19 @@ impl Accelerator {
                 .unwrap_or_else(|e| e.into_inner())
                 .scale_loss(&loss)?;
         }
-        loss.f_backward().map_err(torch)?;
         let sync = state.sync_gradients || (state.sync_each_batch && self.state.use_distributed());
-        if sync {
-            for entry in self.models.iter_mut().filter(|m| !m.no_sync) {
-                ddp::average_gradients(&mut self.group, entry, self.ddp.find_unused_parameters)?;
-            }
+        if !sync {
+            return loss.f_backward().map_err(torch);
         }
-        Ok(())
+        let mut entries: Vec<&mut ModelEntry> =
+            self.models.iter_mut().filter(|m| !m.no_sync).collect();
+        ddp::backward_with_averaging(
+            &mut self.group,
+            &mut entries,
+            self.ddp.find_unused_parameters,
+            self.overlap,
+            || loss.f_backward().map_err(torch),
+        )
     }
 
     /// Accelerate's `accumulate`: counts this micro-batch, decides whether it synchronises (every

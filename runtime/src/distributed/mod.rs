@@ -10,7 +10,10 @@ mod lazy;
 mod nccl;
 mod rendezvous;
 mod shm;
+mod stream;
 mod wire;
+
+pub(crate) use stream::CommStream;
 
 pub use nccl::nccl_version;
 
@@ -275,6 +278,31 @@ impl ProcessGroup {
         let t = t.contiguous();
         let bytes = t.numel() * t.kind().elt_size_in_bytes();
         self.on_backend(t.device(), bytes, |b| b.reduce_scatter(&t, op))
+    }
+
+    /// Starts an in-place all-reduce of a CUDA tensor on `stream`, after the work queued so far on the
+    /// compute stream (bucket `bucket`'s event), without waiting for it: true when it went to NCCL. False
+    /// when this tensor would not use NCCL now (a CPU tensor, or a small one before every rank's
+    /// communicator is up); the caller then uses [`ProcessGroup::all_reduce`].
+    pub(crate) fn all_reduce_on_stream(
+        &mut self,
+        t: &mut Tensor,
+        op: ReduceOp,
+        stream: &CommStream,
+        bucket: usize,
+    ) -> Result<bool> {
+        let bytes = t.numel() * t.kind().elt_size_in_bytes();
+        let Some(lazy) = self.nccl.as_mut().filter(|_| t.device().is_cuda()) else {
+            return Ok(false);
+        };
+        if !(lazy.agreed() || bytes >= lazy::TCP_LIMIT_BYTES) || self.state.contract.world_size == 1
+        {
+            return Ok(false);
+        }
+        let nccl = lazy.wait()?;
+        stream.wait_for_compute(bucket)?;
+        nccl.all_reduce_on(t, op, stream.raw())?;
+        Ok(true)
     }
 
     /// Every rank's bytes, in rank order, on every rank.

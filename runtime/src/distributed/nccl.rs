@@ -291,8 +291,14 @@ impl Nccl {
     }
 }
 
-impl Backend for Nccl {
-    fn all_reduce(&mut self, t: &mut Tensor, op: ReduceOp) -> Result<()> {
+impl Nccl {
+    /// In-place all-reduce queued on `stream` (null: the legacy default stream).
+    pub(crate) fn all_reduce_on(
+        &mut self,
+        t: &mut Tensor,
+        op: ReduceOp,
+        stream: Stream,
+    ) -> Result<()> {
         const OP: &str = "all_reduce";
         let (api, dtype) = self.prepare(t, OP)?;
         let red = nccl_op(op, t.kind(), OP)?;
@@ -300,19 +306,15 @@ impl Backend for Nccl {
         // SAFETY: in-place all-reduce of numel elements on the tensor's own device memory.
         check(
             api,
-            unsafe {
-                (api.all_reduce)(
-                    ptr,
-                    ptr,
-                    t.numel(),
-                    dtype,
-                    red,
-                    self.comm,
-                    std::ptr::null_mut(),
-                )
-            },
+            unsafe { (api.all_reduce)(ptr, ptr, t.numel(), dtype, red, self.comm, stream) },
             "ncclAllReduce",
         )
+    }
+}
+
+impl Backend for Nccl {
+    fn all_reduce(&mut self, t: &mut Tensor, op: ReduceOp) -> Result<()> {
+        self.all_reduce_on(t, op, std::ptr::null_mut())
     }
 
     fn broadcast(&mut self, t: &mut Tensor, src: usize) -> Result<()> {

@@ -1,0 +1,166 @@
+//! A second CUDA stream for collectives that run while the GPU keeps computing (gradient buckets
+//! averaged during the backward). libtorch computes on the legacy default stream; this stream is
+//! created non-blocking so it does not serialise with it, and events order the two explicitly: a
+//! bucket's all-reduce waits for the event recorded after its gradients were written, and the compute
+//! stream waits for the last all-reduce before anything reads the averaged gradients.
+
+use crate::{Error, Result};
+use std::ffi::{CString, c_int, c_uint, c_void};
+use std::sync::OnceLock;
+
+type Stream = *mut c_void;
+type Event = *mut c_void;
+
+struct Api {
+    stream_create: unsafe extern "C" fn(*mut Stream, c_uint) -> c_int,
+    stream_destroy: unsafe extern "C" fn(Stream) -> c_int,
+    event_create: unsafe extern "C" fn(*mut Event, c_uint) -> c_int,
+    event_destroy: unsafe extern "C" fn(Event) -> c_int,
+    event_record: unsafe extern "C" fn(Event, Stream) -> c_int,
+    stream_wait_event: unsafe extern "C" fn(Stream, Event, c_uint) -> c_int,
+}
+
+const STREAM_NON_BLOCKING: c_uint = 0x1;
+const EVENT_DISABLE_TIMING: c_uint = 0x2;
+/// The legacy default stream, where libtorch's kernels run.
+const COMPUTE: Stream = std::ptr::null_mut();
+
+static API: OnceLock<std::result::Result<Api, String>> = OnceLock::new();
+
+fn load() -> std::result::Result<Api, String> {
+    if !matches!(crate::libtorch().cuda, crate::CudaLoad::Loaded) {
+        return Err("libtorch's CUDA backend is not loaded".into());
+    }
+    fn symbol<T: Copy>(name: &str) -> std::result::Result<T, String> {
+        let c = CString::new(name).map_err(|e| e.to_string())?;
+        // SAFETY: libcudart is loaded (libtorch_cuda links it); RTLD_DEFAULT searches it.
+        let ptr = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c.as_ptr()) };
+        if ptr.is_null() {
+            return Err(format!("CUDA runtime symbol {name} not found"));
+        }
+        // SAFETY: a non-null function pointer of the declared signature (cuda_runtime_api.h).
+        Ok(unsafe { std::mem::transmute_copy::<*mut c_void, T>(&ptr) })
+    }
+    Ok(Api {
+        stream_create: symbol("cudaStreamCreateWithFlags")?,
+        stream_destroy: symbol("cudaStreamDestroy")?,
+        event_create: symbol("cudaEventCreateWithFlags")?,
+        event_destroy: symbol("cudaEventDestroy")?,
+        event_record: symbol("cudaEventRecord")?,
+        stream_wait_event: symbol("cudaStreamWaitEvent")?,
+    })
+}
+
+fn api() -> Result<&'static Api> {
+    API.get_or_init(load)
+        .as_ref()
+        .map_err(|e| Error::DeviceUnavailable {
+            detail: format!("CUDA streams: {e}"),
+        })
+}
+
+fn check(r: c_int, call: &str) -> Result<()> {
+    if r == 0 {
+        return Ok(());
+    }
+    Err(Error::Collective {
+        op: "gradient all-reduce",
+        detail: format!("{call} failed with CUDA error {r}"),
+    })
+}
+
+/// A non-blocking stream on the current GPU with one "ready" event per bucket and one "done" event.
+pub(crate) struct CommStream {
+    stream: Stream,
+    ready: Vec<Event>,
+    done: Event,
+}
+
+// SAFETY: CUDA streams and events are plain handles, usable from any thread of the process.
+unsafe impl Send for CommStream {}
+
+impl CommStream {
+    /// Creates the stream on the calling thread's current device, with `buckets` ready events.
+    pub(crate) fn new(buckets: usize) -> Result<Self> {
+        let api = api()?;
+        let mut me = CommStream {
+            stream: std::ptr::null_mut(),
+            ready: Vec::with_capacity(buckets),
+            done: std::ptr::null_mut(),
+        };
+        // SAFETY: each call writes one handle; failures leave nulls that Drop skips.
+        unsafe {
+            check(
+                (api.stream_create)(&mut me.stream, STREAM_NON_BLOCKING),
+                "cudaStreamCreateWithFlags",
+            )?;
+            check(
+                (api.event_create)(&mut me.done, EVENT_DISABLE_TIMING),
+                "cudaEventCreateWithFlags",
+            )?;
+            for _ in 0..buckets {
+                let mut e = std::ptr::null_mut();
+                check(
+                    (api.event_create)(&mut e, EVENT_DISABLE_TIMING),
+                    "cudaEventCreateWithFlags",
+                )?;
+                me.ready.push(e);
+            }
+        }
+        Ok(me)
+    }
+
+    /// The raw stream, for NCCL.
+    pub(crate) fn raw(&self) -> *mut c_void {
+        self.stream
+    }
+
+    /// Makes this stream wait for everything queued so far on the compute stream (bucket `b`'s gradients
+    /// included) without blocking the host.
+    pub(crate) fn wait_for_compute(&self, b: usize) -> Result<()> {
+        let api = api()?;
+        let event = self.ready[b];
+        // SAFETY: valid event and stream handles owned by self.
+        unsafe {
+            check((api.event_record)(event, COMPUTE), "cudaEventRecord")?;
+            check(
+                (api.stream_wait_event)(self.stream, event, 0),
+                "cudaStreamWaitEvent",
+            )
+        }
+    }
+
+    /// Makes the compute stream wait for everything queued on this stream.
+    pub(crate) fn join_compute(&self) -> Result<()> {
+        let api = api()?;
+        // SAFETY: valid event and stream handles owned by self.
+        unsafe {
+            check(
+                (api.event_record)(self.done, self.stream),
+                "cudaEventRecord",
+            )?;
+            check(
+                (api.stream_wait_event)(COMPUTE, self.done, 0),
+                "cudaStreamWaitEvent",
+            )
+        }
+    }
+}
+
+impl Drop for CommStream {
+    fn drop(&mut self) {
+        let Ok(api) = api() else { return };
+        // SAFETY: destroying handles this struct created, once. CUDA defers the release of a stream or
+        // event with pending work until that work completes.
+        unsafe {
+            for e in self.ready.drain(..).chain([self.done]) {
+                if !e.is_null() {
+                    (api.event_destroy)(e);
+                }
+            }
+            if !self.stream.is_null() {
+                (api.stream_destroy)(self.stream);
+            }
+        }
+    }
+}
