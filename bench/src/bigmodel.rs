@@ -1,5 +1,6 @@
 //! B1, B2 and B3 of shared/bench/WORKLOADS.md, hasten's side of `py_bigmodel.py`:
-//! `bench-bigmodel CHECKPOINT load|offload`. An empty 24-block skeleton (d=4096, h=16384), the sharded
+//! `bench-bigmodel CHECKPOINT load|offload` (also `make`, `h2d`, and `maxmem`: how long
+//! `get_max_memory` takes, i.e. CUDA coming up on every GPU). An empty 24-block skeleton (d=4096, h=16384), the sharded
 //! bf16 checkpoint loaded and dispatched with device_map auto and blocks unsplit (offload: at most 3 GiB
 //! on GPU 0 and 3 GiB on the CPU, the rest on disk), then two timed forwards of a 4×128×4096 input.
 
@@ -94,7 +95,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let checkpoint = PathBuf::from(
         args.get(1)
-            .ok_or("usage: bench-bigmodel CHECKPOINT load|offload")?,
+            .ok_or("usage: bench-bigmodel CHECKPOINT load|offload|make|h2d|maxmem")?,
     );
     let mode = args.get(2).map_or("load", String::as_str);
     if mode == "make" {
@@ -115,6 +116,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let gbps = (1u64 << 30) as f64 / t.elapsed().as_secs_f64() / 1e9;
             report::emit(json!({"part": format!("h2d_{what}"), "GB_per_s": gbps}));
         }
+        return Ok(());
+    }
+    if mode == "maxmem" {
+        // What planning costs before the first read: CUDA brought up on every GPU to ask for free memory.
+        let t = Instant::now();
+        let memory = hasten::get_max_memory()?;
+        report::emit(
+            json!({"part": "get_max_memory", "s": t.elapsed().as_secs_f64(), "devices": memory.len()}),
+        );
         return Ok(());
     }
     let (d, _) = dims();

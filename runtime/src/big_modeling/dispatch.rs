@@ -243,6 +243,10 @@ pub fn load_checkpoint_and_dispatch(
     checkpoint: &Path,
     opts: &DispatchOptions,
 ) -> Result<(DeviceMap, LoadReport)> {
+    // Planning may bring up CUDA on every GPU first (get_max_memory): let a cold disk start meanwhile.
+    if let Ok(files) = super::describe::checkpoint_files(checkpoint) {
+        super::read::start_readahead(files);
+    }
     let special = BTreeMap::new();
     let plan = |max_memory: MaxMemory| {
         infer_auto_device_map(

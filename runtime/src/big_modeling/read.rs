@@ -313,3 +313,23 @@ pub(super) fn reader_threads() -> usize {
         .unwrap_or(4)
         .min(8)
 }
+
+/// Asks the kernel to start reading `files` into the page cache now, on a background thread, so a cold
+/// disk is already busy while the caller plans the device map and brings up CUDA on each GPU (which
+/// `get_max_memory` does). Costs nothing when the files are cached; a failure only loses the head start.
+pub(super) fn start_readahead(files: Vec<std::path::PathBuf>) {
+    let _ = std::thread::Builder::new()
+        .name("hasten-readahead".into())
+        .spawn(move || {
+            for path in files {
+                if let Ok(file) = std::fs::File::open(&path) {
+                    use std::os::fd::AsRawFd;
+                    // SAFETY: an advisory call on an open descriptor; offset 0 and length 0 mean the
+                    // whole file.
+                    unsafe {
+                        libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_WILLNEED)
+                    };
+                }
+            }
+        });
+}
