@@ -1,5 +1,5 @@
 //! S1/S2 and M1/M2 of shared/bench/WORKLOADS.md, run under `hasten launch --num_processes 1|2`:
-//! `bench-train S|M [--init FILE] [--steps N] [--warmup N] [--losses]`.
+//! `bench-train S|M [--init FILE] [--steps N] [--warmup N] [--losses] [--rank-data]`.
 //!
 //! With `--init FILE` the model's weights and the batch come from a safetensors file (written by
 //! `bench-train M --write-init FILE` and read by `py_train.py` too), so both sides start equal and their
@@ -140,6 +140,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             )
         }
         None => (x, y),
+    };
+    // --rank-data: each rank its own inputs (scaled by 1 + rank/2), so the averaged gradients differ
+    // from every rank's own and a synchronisation race would show in the loss curve.
+    let x = if flag("--rank-data") {
+        &x * (1.0 + 0.5 * acc.process_index() as f64)
+    } else {
+        x
     };
     let handle = acc.prepare_model(&mut vs)?;
     let _ = handle;
