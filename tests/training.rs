@@ -78,6 +78,44 @@ fn unused_parameters_count_as_zero_gradients() {
 }
 
 #[test]
+fn save_state_and_load_state_resume_exactly() {
+    for n in ["2", "3"] {
+        let project = tempfile::tempdir().unwrap();
+        let mut cmd = Command::new(hasten());
+        cmd.args([
+            "launch",
+            "--num_processes",
+            n,
+            "--cpu",
+            "--main_process_port",
+            "0",
+        ])
+        .arg(workspace_bin("hasten-test-training"))
+        .arg("checkpoint")
+        .arg(project.path());
+        let ran = run(cmd, &[]);
+        assert_eq!(ran.code, 0, "{}", ran.all());
+        for rank in 0..n.parse::<usize>().unwrap() {
+            ran.expect_stdout(&format!("[rank{rank}]: training check checkpoint: ok"));
+        }
+        let c = project.path().join("checkpoints/checkpoint_2");
+        for file in [
+            "model.safetensors",
+            "optimizer.safetensors",
+            "accelerator_state.json",
+        ] {
+            assert!(c.join(file).is_file(), "{file} missing");
+        }
+        for rank in 0..n.parse::<usize>().unwrap() {
+            assert!(
+                c.join(format!("random_states_{rank}.safetensors"))
+                    .is_file()
+            );
+        }
+    }
+}
+
+#[test]
 fn accumulation_matches_one_larger_batch() {
     check("accumulate");
 }

@@ -230,3 +230,50 @@ int hasten_clear_grad_ready_hook(at::Tensor* tensor) {
 }
 
 }  // extern "C"
+
+// Generator states, for save_state/load_state: libtorch's default CPU generator and each CUDA device's
+// (device_type 1, through the CUDA hooks, so no CUDA headers are needed here). The state is a uint8
+// tensor; nullptr / -1 on failure.
+#include <ATen/Context.h>
+#include <ATen/core/Generator.h>
+#include <mutex>
+
+namespace {
+at::Generator default_generator(int device_type, int index) {
+  if (device_type == 1) {
+    return at::globalContext().defaultGenerator(c10::Device(c10::DeviceType::CUDA, index));
+  }
+  return at::globalContext().defaultGenerator(c10::Device(c10::DeviceType::CPU));
+}
+}  // namespace
+
+extern "C" {
+
+at::Tensor* hasten_rng_get_state(int device_type, int index) {
+  try {
+    auto gen = default_generator(device_type, index);
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    return new at::Tensor(gen.get_state());
+  } catch (const std::exception& e) {
+    fprintf(stderr, "hasten_rng_get_state: %s\n", e.what());
+    return nullptr;
+  } catch (...) {
+    return nullptr;
+  }
+}
+
+int hasten_rng_set_state(int device_type, int index, at::Tensor* state) {
+  try {
+    auto gen = default_generator(device_type, index);
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    gen.set_state(*state);
+    return 0;
+  } catch (const std::exception& e) {
+    fprintf(stderr, "hasten_rng_set_state: %s\n", e.what());
+    return -1;
+  } catch (...) {
+    return -1;
+  }
+}
+
+}  // extern "C"

@@ -35,10 +35,11 @@ mod report;
 mod state;
 
 pub use accelerator::{
-    AcceleratedOptimizer, AcceleratedScheduler, Accelerator, AcceleratorBuilder, AutocastKwargs,
-    DataLoaderConfiguration, DistributedDataParallelKwargs, GradScaler, GradScalerKwargs,
-    GradientAccumulationPlugin, InitProcessGroupKwargs, ModelHandle, ProjectConfiguration,
-    Schedule, Splittable, autocast, find_executable_batch_size, should_reduce_batch_size,
+    ACCELERATOR_STATE_NAME, AcceleratedOptimizer, AcceleratedScheduler, Accelerator,
+    AcceleratorBuilder, AutocastKwargs, DataLoaderConfiguration, DistributedDataParallelKwargs,
+    GradScaler, GradScalerKwargs, GradientAccumulationPlugin, InitProcessGroupKwargs, ModelHandle,
+    ProjectConfiguration, Schedule, Splittable, autocast, find_executable_batch_size,
+    should_reduce_batch_size,
 };
 pub use big_modeling::{
     DeviceKey, DeviceMap, DeviceMapOptions, DeviceMapSpec, DispatchOptions, DispatchedSequential,
@@ -88,7 +89,7 @@ pub use ops::{
     send_to_device, slice_tensors, tensors_of,
 };
 pub use optim::{AdamW, Optimizer, Sgd, clear_grads};
-pub use random::{HostRng, host_rng, set_seed};
+pub use random::{HostRng, host_rng, rng_states, set_rng_states, set_seed};
 pub use report::env_report;
 pub use state::{GradientState, GradientStateHandle, ProcessState};
 

@@ -95,6 +95,61 @@ pub trait Optimizer: Send {
     fn set_lr(&mut self, lr: f64);
     /// The parameters it updates.
     fn params(&self) -> Vec<Tensor>;
+    /// Its state as named tensors, PyTorch's `state_dict()["state"]` flattened to `{index}.{field}`
+    /// (`0.exp_avg`, `3.momentum_buffer`…), for `save_state`. `None` when the state cannot be read
+    /// (tch's optimizers keep theirs inside libtorch).
+    fn state_dict(&self) -> Option<Vec<(String, Tensor)>> {
+        None
+    }
+    /// Restores what [`Optimizer::state_dict`] returned: every tensor is checked (presence, shape)
+    /// before any is copied, so an error leaves the optimizer as it was.
+    fn load_state_dict(&mut self, state: &[(String, Tensor)]) -> Result<()> {
+        let _ = state;
+        Err(Error::InvalidValue {
+            name: "optimizer".into(),
+            detail: "this optimizer's state cannot be restored (tch's optimizers keep it inside libtorch; \
+                     hasten::AdamW and hasten::Sgd can)"
+                .into(),
+        })
+    }
+}
+
+/// `state`'s tensor `name`, with `like`'s shape, or an error naming it.
+fn state_tensor<'a>(
+    state: &'a [(String, Tensor)],
+    name: &str,
+    like: &Tensor,
+) -> Result<&'a Tensor> {
+    let t = state
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, t)| t)
+        .ok_or_else(|| Error::InvalidValue {
+            name: name.to_owned(),
+            detail: "missing from the optimizer state".into(),
+        })?;
+    if t.size() != like.size() {
+        return Err(Error::InvalidValue {
+            name: name.to_owned(),
+            detail: format!(
+                "the saved state has shape {:?}, the optimizer's {:?}",
+                t.size(),
+                like.size()
+            ),
+        });
+    }
+    Ok(t)
+}
+
+/// Copies checked state tensors into place.
+fn copy_state(pairs: Vec<(Tensor, &Tensor)>) -> Result<()> {
+    tch::no_grad(|| {
+        for (mut dst, src) in pairs {
+            dst.f_copy_(src)
+                .map_err(|e| Error::torch("load optimizer state", e))?;
+        }
+        Ok(())
+    })
 }
 
 impl Optimizer for tch::nn::Optimizer {
@@ -209,6 +264,34 @@ impl Optimizer for AdamW {
 
     fn params(&self) -> Vec<Tensor> {
         self.params.iter().map(Tensor::shallow_clone).collect()
+    }
+
+    fn state_dict(&self) -> Option<Vec<(String, Tensor)>> {
+        let mut out = Vec::with_capacity(3 * self.params.len());
+        for i in 0..self.params.len() {
+            out.push((format!("{i}.step"), self.steps[i].shallow_clone()));
+            out.push((format!("{i}.exp_avg"), self.exp_avg[i].shallow_clone()));
+            out.push((
+                format!("{i}.exp_avg_sq"),
+                self.exp_avg_sq[i].shallow_clone(),
+            ));
+        }
+        Some(out)
+    }
+
+    fn load_state_dict(&mut self, state: &[(String, Tensor)]) -> Result<()> {
+        let mut pairs = Vec::new();
+        for i in 0..self.params.len() {
+            for (field, dst) in [
+                ("step", &self.steps[i]),
+                ("exp_avg", &self.exp_avg[i]),
+                ("exp_avg_sq", &self.exp_avg_sq[i]),
+            ] {
+                let src = state_tensor(state, &format!("{i}.{field}"), dst)?;
+                pairs.push((dst.shallow_clone(), src));
+            }
+        }
+        copy_state(pairs)
     }
 }
 
@@ -353,6 +436,37 @@ impl Optimizer for Sgd {
     fn params(&self) -> Vec<Tensor> {
         self.params.iter().map(Tensor::shallow_clone).collect()
     }
+
+    fn state_dict(&self) -> Option<Vec<(String, Tensor)>> {
+        Some(
+            self.momenta
+                .iter()
+                .enumerate()
+                .filter_map(|(i, m)| {
+                    Some((format!("{i}.momentum_buffer"), m.as_ref()?.shallow_clone()))
+                })
+                .collect(),
+        )
+    }
+
+    fn load_state_dict(&mut self, state: &[(String, Tensor)]) -> Result<()> {
+        // A parameter without a saved buffer had no gradient yet: its buffer starts fresh again.
+        let mut momenta = Vec::with_capacity(self.params.len());
+        for (i, p) in self.params.iter().enumerate() {
+            let name = format!("{i}.momentum_buffer");
+            momenta.push(match state.iter().any(|(n, _)| *n == name) {
+                true => Some(
+                    state_tensor(state, &name, p)?
+                        .to_device(p.device())
+                        .to_kind(p.kind())
+                        .copy(),
+                ),
+                false => None,
+            });
+        }
+        self.momenta = momenta;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -370,6 +484,75 @@ mod tests {
             .add_fn(|x| x.tanh())
             .add(nn::linear(vs.root() / "b", 7, 2, Default::default()));
         (vs, model)
+    }
+
+    /// Trains 3 steps, snapshots weights and optimizer state, trains 3 more; then restores the snapshot
+    /// into a fresh optimizer and trains the same 3 steps: the weights must come out identical.
+    fn resumes_exactly(make_opt: impl Fn(&nn::VarStore) -> Box<dyn Optimizer>) {
+        let (vs, model) = tiny_model(5);
+        let x = Tensor::arange(20, (Kind::Float, Device::Cpu))
+            .view([4, 5])
+            .cos();
+        let mut opt = make_opt(&vs);
+        let train = |opt: &mut dyn Optimizer| {
+            for _ in 0..3 {
+                opt.zero_grad();
+                model.forward(&x).square().sum(Kind::Float).backward();
+                opt.step().unwrap();
+            }
+        };
+        train(opt.as_mut());
+        let weights: Vec<(String, Tensor)> = vs
+            .variables()
+            .into_iter()
+            .map(|(n, t)| (n, t.copy()))
+            .collect();
+        let state: Vec<(String, Tensor)> = opt
+            .state_dict()
+            .unwrap()
+            .into_iter()
+            .map(|(n, t)| (n, t.copy()))
+            .collect();
+        assert!(!state.is_empty());
+        train(opt.as_mut());
+        let continued: Vec<(String, Tensor)> = vs
+            .variables()
+            .into_iter()
+            .map(|(n, t)| (n, t.copy()))
+            .collect();
+        tch::no_grad(|| {
+            for (n, t) in &weights {
+                vs.variables()[n].shallow_clone().copy_(t);
+            }
+        });
+        let mut fresh = make_opt(&vs);
+        // A wrong shape is an error naming the tensor.
+        let mut wrong: Vec<(String, Tensor)> = state
+            .iter()
+            .map(|(n, t)| (n.clone(), t.shallow_clone()))
+            .collect();
+        let last = wrong.len() - 1;
+        wrong[last].1 = Tensor::zeros([9, 9], (Kind::Float, Device::Cpu));
+        let err = fresh.load_state_dict(&wrong).unwrap_err().to_string();
+        assert!(
+            err.contains(&wrong[last].0) && err.contains("[9, 9]"),
+            "{err}"
+        );
+        fresh.load_state_dict(&state).unwrap();
+        train(fresh.as_mut());
+        for (n, t) in &continued {
+            assert!(vs.variables()[n].equal(t), "{n} differs after resuming");
+        }
+    }
+
+    #[test]
+    fn adamw_and_sgd_resume_from_their_state_exactly() {
+        resumes_exactly(|vs| Box::new(AdamW::new(vs, 0.01)));
+        resumes_exactly(|vs| Box::new(Sgd::new(vs, 0.05).momentum(0.9).nesterov(true)));
+        let (vs, _) = tiny_model(1);
+        let mut tch_sgd = nn::Sgd::default().build(&vs, 0.1).unwrap();
+        assert!(Optimizer::state_dict(&tch_sgd).is_none());
+        assert!(tch_sgd.load_state_dict(&[]).is_err());
     }
 
     #[test]

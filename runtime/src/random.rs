@@ -63,6 +63,104 @@ pub fn set_seed(seed: u64, device_specific: bool) -> Result<()> {
     Ok(())
 }
 
+unsafe extern "C" {
+    fn hasten_rng_get_state(device_type: i32, index: i32) -> *mut torch_sys::C_tensor;
+    fn hasten_rng_set_state(device_type: i32, index: i32, state: *mut torch_sys::C_tensor) -> i32;
+}
+
+/// The state of every generator this process draws from, as named uint8 tensors (what `save_state`
+/// writes per process): `hasten` (the host generator: seed, stream, word position), `torch_cpu`, and
+/// `torch_cuda_{i}` per visible GPU.
+pub fn rng_states() -> Result<Vec<(String, tch::Tensor)>> {
+    crate::libtorch();
+    let mut out = Vec::new();
+    {
+        let mut host = host_rng();
+        let rng = host.rng();
+        let mut bytes = rng.get_seed().to_vec();
+        bytes.extend_from_slice(&rng.get_stream().to_le_bytes());
+        bytes.extend_from_slice(&rng.get_word_pos().to_le_bytes());
+        out.push(("hasten".to_owned(), tch::Tensor::from_slice(&bytes)));
+    }
+    let mut devices = vec![("torch_cpu".to_owned(), 0, 0)];
+    if crate::is_cuda_available() {
+        for i in 0..tch::Cuda::device_count() {
+            devices.push((format!("torch_cuda_{i}"), 1, i as i32));
+        }
+    }
+    for (name, device_type, index) in devices {
+        // SAFETY: returns a new tensor (owned by the Tensor wrapper) or null.
+        let ptr = unsafe { hasten_rng_get_state(device_type, index) };
+        if ptr.is_null() {
+            return Err(crate::Error::DeviceUnavailable {
+                detail: format!("libtorch could not read the {name} generator's state"),
+            });
+        }
+        // SAFETY: a fresh at::Tensor* from the shim; the wrapper frees it.
+        out.push((name, unsafe { tch::Tensor::from_ptr(ptr) }));
+    }
+    Ok(out)
+}
+
+/// Restores generator states from [`rng_states`]' output. Every state is checked before any is set; a
+/// missing or malformed one is an error naming it (`torch_cuda_{i}` of GPUs this process does not see
+/// are ignored).
+pub fn set_rng_states(states: &[(String, tch::Tensor)]) -> Result<()> {
+    crate::libtorch();
+    let bad = |name: &str, detail: &str| crate::Error::InvalidValue {
+        name: name.to_owned(),
+        detail: detail.to_owned(),
+    };
+    let find = |name: &str| states.iter().find(|(n, _)| n == name).map(|(_, t)| t);
+    let host =
+        find("hasten").ok_or_else(|| bad("hasten", "the host generator's state is missing"))?;
+    let bytes = Vec::<u8>::try_from(host).map_err(|e| crate::Error::torch("rng state", e))?;
+    if bytes.len() != 56 {
+        return Err(bad(
+            "hasten",
+            &format!("expected 56 bytes of state, found {}", bytes.len()),
+        ));
+    }
+    let mut torch_states = vec![(0, 0, "torch_cpu".to_owned())];
+    if crate::is_cuda_available() {
+        for i in 0..tch::Cuda::device_count() {
+            torch_states.push((1, i as i32, format!("torch_cuda_{i}")));
+        }
+    }
+    let mut checked = Vec::new();
+    for (device_type, index, name) in torch_states {
+        let state = find(&name).ok_or_else(|| bad(&name, "this generator's state is missing"))?;
+        if state.kind() != tch::Kind::Uint8 || state.dim() != 1 {
+            return Err(bad(&name, "a generator state is a 1-D uint8 tensor"));
+        }
+        checked.push((device_type, index, name, state.shallow_clone()));
+    }
+    for (device_type, index, name, state) in checked {
+        // SAFETY: a valid tensor handle for the duration of the call.
+        let r = unsafe {
+            hasten_rng_set_state(
+                device_type,
+                index,
+                state.as_ptr() as *mut torch_sys::C_tensor,
+            )
+        };
+        if r != 0 {
+            return Err(bad(&name, "libtorch refused this state (printed above)"));
+        }
+    }
+    let mut seed = [0u8; 32];
+    seed.copy_from_slice(&bytes[..32]);
+    let mut rng = ChaCha8Rng::from_seed(seed);
+    rng.set_stream(u64::from_le_bytes(
+        bytes[32..40].try_into().unwrap_or_default(),
+    ));
+    rng.set_word_pos(u128::from_le_bytes(
+        bytes[40..56].try_into().unwrap_or_default(),
+    ));
+    *HOST_RNG.lock().unwrap_or_else(|e| e.into_inner()) = Some(rng);
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -85,6 +183,28 @@ mod tests {
         let c = draw();
         assert_ne!(a.0, c.0);
         assert_ne!(a.1, c.1);
+    }
+
+    #[test]
+    fn generator_states_round_trip() {
+        set_seed(7, false).unwrap();
+        let _ = draw();
+        let saved = rng_states().unwrap();
+        let a = draw();
+        set_seed(99, false).unwrap();
+        set_rng_states(&saved).unwrap();
+        assert_eq!(
+            draw(),
+            a,
+            "host and libtorch draws continue where they were saved"
+        );
+        let broken: Vec<(String, tch::Tensor)> = saved
+            .iter()
+            .filter(|(n, _)| n != "torch_cpu")
+            .map(|(n, t)| (n.clone(), t.shallow_clone()))
+            .collect();
+        let err = set_rng_states(&broken).unwrap_err().to_string();
+        assert!(err.contains("torch_cpu"), "{err}");
     }
 
     #[test]

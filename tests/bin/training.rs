@@ -1,7 +1,7 @@
 //! Correctness checks of the training library, run on every rank under `hasten launch`:
 //! `hasten-test-training MODE` with MODE one of `ddp`, `ddp_buckets` (one bucket per parameter),
 //! `ddp_unused` (plus a parameter no loss uses, with find_unused_parameters), `accumulate`,
-//! `dataloader_end`, `scheduler`, `metrics`, `metrics_iterable`. Prints `training check MODE: ok` or `... FAILED: why` and exits non-zero on failure.
+//! `dataloader_end`, `scheduler`, `metrics`, `metrics_iterable`, `checkpoint PROJECT_DIR`. Prints `training check MODE: ok` or `... FAILED: why` and exits non-zero on failure.
 
 use hasten::tch::nn::{self, Module, OptimizerConfig};
 use hasten::tch::{Device, Kind, Tensor};
@@ -284,6 +284,129 @@ fn scheduler(acc: &mut Accelerator) -> Check {
     Ok(())
 }
 
+fn weights_of(
+    acc: &Accelerator,
+    handle: hasten::ModelHandle,
+) -> Result<Vec<(String, Tensor)>, String> {
+    Ok(acc
+        .unwrap_model(handle)
+        .map_err(err)?
+        .into_iter()
+        .map(|(n, t)| (n, t.copy()))
+        .collect())
+}
+
+fn identical(a: &[(String, Tensor)], b: &[(String, Tensor)], what: &str) -> Check {
+    for ((n, x), (_, y)) in a.iter().zip(b) {
+        if !x.equal(y) {
+            return Err(format!("{what}: {n} differs"));
+        }
+    }
+    Ok(())
+}
+
+/// save_state / load_state with automatic checkpoint naming (total_limit 2) under `project`: resuming
+/// from the latest checkpoint repeats the same steps exactly (weights, AdamW state, scheduler, dropout's
+/// generator); a truncated weights file or a wrong model count is an error naming it and changes nothing.
+fn checkpoint(acc: &mut Accelerator, project: &std::path::Path) -> Check {
+    let (p, r) = (acc.num_processes() as i64, acc.process_index() as i64);
+    let (x, y) = data(6 * p);
+    let (mine, targets) = (x.narrow(0, r * 6, 6), y.narrow(0, r * 6, 6));
+    let mut vs = nn::VarStore::new(acc.device());
+    let model = mlp(&vs.root());
+    let handle = acc.prepare_model(&mut vs).map_err(err)?;
+    let mut opt = acc.prepare_optimizer(hasten::AdamW::new(&vs, 0.01), 0.01);
+    let mut sched = acc.prepare_scheduler(
+        Schedule::Linear {
+            warmup: 2,
+            total: 40,
+        },
+        &opt,
+    );
+    let mut train =
+        |acc: &mut Accelerator, sched: &mut hasten::AcceleratedScheduler, steps: usize| -> Check {
+            for _ in 0..steps {
+                opt.zero_grad();
+                let out = model.forward(&mine).dropout(0.3, true);
+                let loss = out.mse_loss(&targets, hasten::tch::Reduction::Mean);
+                acc.backward(&loss).map_err(err)?;
+                opt.step().map_err(err)?;
+                sched.step();
+            }
+            Ok(())
+        };
+    for _ in 0..3 {
+        train(acc, &mut sched, 2)?;
+        acc.save_state(None).map_err(err)?;
+    }
+    let saved = weights_of(acc, handle)?;
+    train(acc, &mut sched, 3)?;
+    let continued = weights_of(acc, handle)?;
+    let (lr, steps) = (sched.lr(), sched.last_step());
+    let dir = acc.load_state(None).map_err(err)?;
+    let checkpoints = project.join("checkpoints");
+    if dir != checkpoints.join("checkpoint_2")
+        || checkpoints.join("checkpoint_0").exists()
+        || !checkpoints.join("checkpoint_1").is_dir()
+        || acc.project_config().iteration != 3
+    {
+        return Err(format!(
+            "loaded {}, iteration {}; want checkpoint_2 of 1 and 2 (total_limit) and iteration 3",
+            dir.display(),
+            acc.project_config().iteration
+        ));
+    }
+    identical(
+        &weights_of(acc, handle)?,
+        &saved,
+        "weights after load_state",
+    )?;
+    train(acc, &mut sched, 3)?;
+    identical(
+        &weights_of(acc, handle)?,
+        &continued,
+        "weights after resuming",
+    )?;
+    if sched.lr() != lr || sched.last_step() != steps {
+        return Err(format!(
+            "scheduler at {} / lr {} after resuming, want {steps} / {lr}",
+            sched.last_step(),
+            sched.lr()
+        ));
+    }
+    // Damaged copies (one per rank): errors naming the file or key, and the model untouched.
+    let bad = project.join(format!("bad_{r}"));
+    std::fs::create_dir_all(&bad).map_err(err)?;
+    for entry in std::fs::read_dir(&dir).map_err(err)? {
+        let path = entry.map_err(err)?.path();
+        std::fs::copy(&path, bad.join(path.file_name().unwrap_or_default())).map_err(err)?;
+    }
+    let weights = bad.join("model.safetensors");
+    let len = std::fs::metadata(&weights).map_err(err)?.len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&weights)
+        .and_then(|f| f.set_len(len / 2))
+        .map_err(err)?;
+    let before = weights_of(acc, handle)?;
+    match acc.load_state(Some(&bad)) {
+        Err(e) if e.to_string().contains("model.safetensors") => {}
+        other => return Err(format!("a truncated model.safetensors loaded as {other:?}")),
+    }
+    let state = bad.join(hasten::ACCELERATOR_STATE_NAME);
+    let text = std::fs::read_to_string(&state).map_err(err)?;
+    std::fs::write(&state, text.replace("\"models\": 1", "\"models\": 2")).map_err(err)?;
+    match acc.load_state(Some(&bad)) {
+        Err(e) if e.to_string().contains("\"models\"") => {}
+        other => return Err(format!("a checkpoint of 2 models loaded as {other:?}")),
+    }
+    identical(
+        &weights_of(acc, handle)?,
+        &before,
+        "weights after failed loads",
+    )
+}
+
 /// gather_for_metrics covers the dataset exactly, although the last batches repeat samples.
 fn metrics(acc: &mut Accelerator) -> Check {
     let dl = loader(acc, 21, 4)?;
@@ -354,6 +477,12 @@ fn main() {
             find_unused_parameters: mode == "ddp_unused",
             ..DistributedDataParallelKwargs::default()
         }),
+        "checkpoint" => builder.project_config(hasten::ProjectConfiguration {
+            project_dir: std::env::args().nth(2).map(Into::into),
+            automatic_checkpoint_naming: true,
+            total_limit: Some(2),
+            ..Default::default()
+        }),
         _ => builder,
     };
     let outcome = builder
@@ -362,6 +491,10 @@ fn main() {
         .and_then(|mut acc| match mode.as_str() {
             "ddp" | "ddp_buckets" => ddp(&mut acc, false),
             "ddp_unused" => ddp(&mut acc, true),
+            "checkpoint" => {
+                let project = std::env::args().nth(2).unwrap_or_default();
+                checkpoint(&mut acc, std::path::Path::new(&project))
+            }
             "accumulate" => accumulate(&mut acc),
             "dataloader_end" => dataloader_end(&mut acc),
             "scheduler" => scheduler(&mut acc),

@@ -5,6 +5,7 @@
 //! (gather_for_metrics, split_between_processes, triggers, saving…); this file holds the object, its
 //! builder, `prepare` and the step logic (backward, accumulate, no_sync, clipping).
 
+mod checkpoint;
 mod config;
 mod ddp;
 mod optimizer;
@@ -12,6 +13,7 @@ mod precision;
 mod reducer;
 mod utilities;
 
+pub use checkpoint::ACCELERATOR_STATE_NAME;
 pub use config::{
     AutocastKwargs, DataLoaderConfiguration, DistributedDataParallelKwargs,
     GradientAccumulationPlugin, InitProcessGroupKwargs, ProjectConfiguration,
@@ -27,9 +29,15 @@ use crate::{
     ProcessGroup, ProcessState, RNGType, Result,
 };
 use ddp::ModelEntry;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use tch::{Device, Tensor};
+
+/// What the Accelerator keeps of a prepared optimizer, for `save_state`/`load_state`.
+struct OptimizerLink {
+    opt: Weak<Mutex<Box<dyn crate::Optimizer>>>,
+    lr: Arc<Mutex<f64>>,
+}
 
 /// Builds an [`Accelerator`]. Every setter names Accelerate's default; values not given come from the
 /// environment contract (`ACCELERATE_MIXED_PRECISION`, `ACCELERATE_USE_CPU`,
@@ -196,6 +204,8 @@ impl AcceleratorBuilder {
             scaler,
             skipped: Arc::new(AtomicBool::new(false)),
             models: Vec::new(),
+            optimizers: Vec::new(),
+            schedulers: Vec::new(),
             overlap: reducer::overlap_from_env(),
             step: 0,
             step_scheduler_with_optimizer: self.step_scheduler_with_optimizer.unwrap_or(true),
@@ -220,6 +230,9 @@ pub struct Accelerator {
     scaler: Option<Arc<Mutex<GradScaler>>>,
     skipped: Arc<AtomicBool>,
     models: Vec<ModelEntry>,
+    optimizers: Vec<OptimizerLink>,
+    /// Each prepared scheduler's step count and learning-rate cell.
+    schedulers: Vec<(Arc<AtomicUsize>, Arc<Mutex<f64>>)>,
     /// Average gradients during the backward (hooks), not after it; `HASTEN_DDP_OVERLAP=0` turns it off.
     overlap: bool,
     step: usize,
@@ -362,14 +375,19 @@ impl Accelerator {
         lr: f64,
     ) -> AcceleratedOptimizer {
         let params = opt.params();
-        AcceleratedOptimizer::new(
+        let prepared = AcceleratedOptimizer::new(
             Box::new(opt),
             params,
             lr,
             self.gradient.clone(),
             self.scaler.clone(),
             self.skipped.clone(),
-        )
+        );
+        self.optimizers.push(OptimizerLink {
+            opt: Arc::downgrade(&prepared.shared()),
+            lr: prepared.lr_cell(),
+        });
+        prepared
     }
 
     /// A scheduler following `optimizer` through `schedule`.
@@ -383,13 +401,15 @@ impl Accelerator {
         } else {
             self.num_processes()
         };
-        AcceleratedScheduler::new(
+        let scheduler = AcceleratedScheduler::new(
             schedule,
             optimizer,
             self.gradient.clone(),
             steps,
             self.step_scheduler_with_optimizer,
-        )
+        );
+        self.schedulers.push(scheduler.link());
+        scheduler
     }
 
     fn shard_options(&self) -> ShardOptions {

@@ -4,14 +4,17 @@
 use super::precision::GradScaler;
 use crate::optim::Optimizer;
 use crate::{GradientStateHandle, Result};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use tch::Tensor;
+
+/// The optimizer, shared with the Accelerator that prepared it (for `save_state`/`load_state`).
+pub(crate) type SharedOptimizer = Arc<Mutex<Box<dyn Optimizer>>>;
 
 /// An optimizer whose `step` and `zero_grad` act only on steps that synchronise gradients, and which
 /// unscales fp16 gradients and skips steps that overflowed.
 pub struct AcceleratedOptimizer {
-    opt: Box<dyn Optimizer>,
+    opt: SharedOptimizer,
     params: Vec<Tensor>,
     gradient: GradientStateHandle,
     scaler: Option<Arc<Mutex<GradScaler>>>,
@@ -31,7 +34,7 @@ impl AcceleratedOptimizer {
     ) -> Self {
         opt.set_lr(lr);
         AcceleratedOptimizer {
-            opt,
+            opt: Arc::new(Mutex::new(opt)),
             params,
             gradient,
             scaler,
@@ -48,13 +51,14 @@ impl AcceleratedOptimizer {
             return Ok(());
         }
         let lr = *self.lr.lock().unwrap_or_else(|e| e.into_inner());
+        let mut opt = self.opt.lock().unwrap_or_else(|e| e.into_inner());
         if lr != self.applied_lr {
-            self.opt.set_lr(lr);
+            opt.set_lr(lr);
             self.applied_lr = lr;
         }
         match &self.scaler {
             None => {
-                self.opt.step()?;
+                opt.step()?;
                 self.skipped.store(false, Ordering::SeqCst);
             }
             Some(scaler) => {
@@ -62,7 +66,7 @@ impl AcceleratedOptimizer {
                 s.unscale(&self.params)?;
                 let overflow = s.found_inf();
                 if !overflow {
-                    self.opt.step()?;
+                    opt.step()?;
                 }
                 s.update()?;
                 self.skipped.store(overflow, Ordering::SeqCst);
@@ -74,7 +78,10 @@ impl AcceleratedOptimizer {
     /// Drops the gradients (set_to_none, PyTorch's default), unless this is an accumulation step.
     pub fn zero_grad(&mut self) {
         if self.gradient.get().sync_gradients {
-            self.opt.zero_grad();
+            self.opt
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .zero_grad();
         }
     }
 
@@ -93,9 +100,13 @@ impl AcceleratedOptimizer {
         *self.lr.lock().unwrap_or_else(|e| e.into_inner()) = lr;
     }
 
-    /// The wrapped optimizer.
-    pub fn inner(&mut self) -> &mut dyn Optimizer {
-        self.opt.as_mut()
+    /// The wrapped optimizer (locked while the guard lives).
+    pub fn inner(&self) -> MutexGuard<'_, Box<dyn Optimizer>> {
+        self.opt.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn shared(&self) -> SharedOptimizer {
+        self.opt.clone()
     }
 
     pub(crate) fn lr_cell(&self) -> Arc<Mutex<f64>> {
@@ -166,7 +177,8 @@ impl Schedule {
 pub struct AcceleratedScheduler {
     schedule: Schedule,
     base_lr: f64,
-    last_step: usize,
+    /// Shared with the Accelerator, which saves and restores it.
+    last_step: Arc<AtomicUsize>,
     lr: Arc<Mutex<f64>>,
     skipped: Arc<AtomicBool>,
     gradient: GradientStateHandle,
@@ -189,7 +201,7 @@ impl AcceleratedScheduler {
         AcceleratedScheduler {
             schedule,
             base_lr,
-            last_step: 0,
+            last_step: Arc::new(AtomicUsize::new(0)),
             lr,
             skipped: optimizer.skipped_flag(),
             gradient,
@@ -213,14 +225,18 @@ impl AcceleratedScheduler {
     }
 
     fn advance(&mut self) {
-        self.last_step += 1;
+        let step = self.last_step.fetch_add(1, Ordering::SeqCst) + 1;
         *self.lr.lock().unwrap_or_else(|e| e.into_inner()) =
-            self.base_lr * self.schedule.factor(self.last_step);
+            self.base_lr * self.schedule.factor(step);
     }
 
     /// Scheduler steps taken.
     pub fn last_step(&self) -> usize {
-        self.last_step
+        self.last_step.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn link(&self) -> (Arc<AtomicUsize>, Arc<Mutex<f64>>) {
+        (self.last_step.clone(), self.lr.clone())
     }
 
     /// The current learning rate.

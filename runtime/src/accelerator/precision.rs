@@ -205,6 +205,16 @@ impl GradScaler {
     pub fn state(&self) -> (f64, i64) {
         (self.scale_value(), self.growth_tracker.int64_value(&[0]))
     }
+
+    /// Restores a checkpointed state (scale, growth tracker).
+    pub fn load_state(&mut self, scale: f64, growth_tracker: i64) -> Result<()> {
+        tch::no_grad(|| {
+            let _ = self.scale.f_fill_(scale)?;
+            self.growth_tracker.f_fill_(growth_tracker).map(drop)
+        })
+        .map(drop)
+        .map_err(|e| Error::torch("GradScaler.load_state", e))
+    }
 }
 
 #[cfg(test)]

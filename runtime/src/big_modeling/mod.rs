@@ -11,6 +11,8 @@ mod memory;
 mod offload;
 mod read;
 mod sizes;
+
+pub(crate) use describe::read_safetensors_entries;
 mod skeleton;
 
 pub use describe::{

@@ -1,0 +1,414 @@
+//! `save_state` / `load_state`: everything needed to resume training, in one folder.
+//!
+//! The folder holds, as in Accelerate, one weights file per prepared model (`model.safetensors`,
+//! `model_1.safetensors`…, interchangeable with Accelerate's), one state file per optimizer
+//! (`optimizer.safetensors`…: PyTorch's per-parameter state flattened to `{index}.{field}`), each
+//! process's generator states (`random_states_{rank}.safetensors`), and `accelerator_state.json` with the
+//! scalar rest (learning rates, scheduler steps, the fp16 scaler, the accumulation step). Accelerate
+//! pickles optimizers, schedulers and RNG states (`optimizer.bin`, `scheduler.bin`,
+//! `random_states_0.pkl`); hasten cannot read or write pickles, so those files differ by design.
+//!
+//! Loading checks every file (presence, tensor names, shapes) before changing anything, so a damaged or
+//! mismatched checkpoint is an error naming the file and tensor and the training state is untouched.
+
+use super::Accelerator;
+use super::ddp::ModelEntry;
+use crate::{Error, Result, SAFE_WEIGHTS_NAME};
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use tch::Tensor;
+
+/// The JSON file with the scalar state.
+pub const ACCELERATOR_STATE_NAME: &str = "accelerator_state.json";
+const FORMAT: &str = "hasten-checkpoint/1";
+
+fn numbered(stem: &str, i: usize, ext: &str) -> String {
+    if i == 0 {
+        format!("{stem}.{ext}")
+    } else {
+        format!("{stem}_{i}.{ext}")
+    }
+}
+
+fn bad(path: &Path, detail: impl Into<String>) -> Error {
+    Error::Checkpoint {
+        path: path.to_owned(),
+        detail: detail.into(),
+    }
+}
+
+fn write_tensors(tensors: &[(String, Tensor)], path: &Path) -> Result<()> {
+    let on_cpu: Vec<(String, Tensor)> = tensors
+        .iter()
+        .map(|(n, t)| (n.clone(), t.to_device(tch::Device::Cpu).contiguous()))
+        .collect();
+    Tensor::write_safetensors(&on_cpu, path).map_err(|e| bad(path, format!("writing: {e}")))
+}
+
+/// Reads a safetensors file after checking its header against its size.
+fn read_tensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
+    if !path.is_file() {
+        return Err(bad(path, "missing"));
+    }
+    crate::big_modeling::read_safetensors_entries(path)?;
+    Tensor::read_safetensors(path).map_err(|e| bad(path, format!("unreadable: {e}")))
+}
+
+/// The number in a `checkpoint_{n}` folder name.
+fn checkpoint_number(path: &Path) -> Option<usize> {
+    path.file_name()?
+        .to_str()?
+        .strip_prefix("checkpoint_")?
+        .parse()
+        .ok()
+}
+
+/// The `checkpoint_{n}` folders under `dir`, oldest first.
+fn numbered_checkpoints(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut found: Vec<(usize, PathBuf)> = match std::fs::read_dir(dir) {
+        Ok(entries) => entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter_map(|p| Some((checkpoint_number(&p)?, p)))
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(Error::io("listing", dir, e)),
+    };
+    found.sort();
+    Ok(found.into_iter().map(|(_, p)| p).collect())
+}
+
+/// Checks that the saved weights of a model match its variables, naming the first difference.
+fn check_weights(path: &Path, saved: &[(String, Tensor)], entry: &ModelEntry) -> Result<()> {
+    for (name, var) in &entry.named {
+        let t = saved
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, t)| t)
+            .ok_or_else(|| bad(path, format!("tensor {name} is missing")))?;
+        if t.size() != var.size() {
+            return Err(bad(
+                path,
+                format!(
+                    "tensor {name} has shape {:?}, the model's is {:?}",
+                    t.size(),
+                    var.size()
+                ),
+            ));
+        }
+    }
+    if let Some((extra, _)) = saved
+        .iter()
+        .find(|(n, _)| !entry.named.iter().any(|(m, _)| m == n))
+    {
+        return Err(bad(path, format!("tensor {extra} is not in the model")));
+    }
+    Ok(())
+}
+
+impl Accelerator {
+    fn writes_shared_files(&self) -> bool {
+        if self.project.save_on_each_node {
+            self.is_local_main_process()
+        } else {
+            self.is_main_process()
+        }
+    }
+
+    /// Accelerate's `save_state`: saves every prepared model, optimizer and scheduler, the fp16 scaler and
+    /// each process's generator states into `output_dir` (every process must call it). With
+    /// `ProjectConfiguration::automatic_checkpoint_naming` the folder is
+    /// `{project_dir}/checkpoints/checkpoint_{iteration}` instead, the oldest ones beyond `total_limit`
+    /// are deleted first, and the iteration advances. Returns the folder.
+    pub fn save_state(&mut self, output_dir: Option<&Path>) -> Result<PathBuf> {
+        let dir = if self.project.automatic_checkpoint_naming {
+            let project = self
+                .project
+                .project_dir
+                .clone()
+                .ok_or(Error::InvalidValue {
+                    name: "project_config.project_dir".into(),
+                    detail: "automatic_checkpoint_naming needs a project folder".into(),
+                })?;
+            let base = project.join("checkpoints");
+            if self.is_main_process() {
+                std::fs::create_dir_all(&base).map_err(|e| Error::io("creating", &base, e))?;
+                let existing = numbered_checkpoints(&base)?;
+                if let Some(limit) = self.project.total_limit {
+                    if existing.len() + 1 > limit {
+                        let excess = existing.len() + 1 - limit;
+                        eprintln!(
+                            "hasten: deleting {excess} checkpoints to make room for new checkpoint."
+                        );
+                        for old in &existing[..excess] {
+                            std::fs::remove_dir_all(old)
+                                .map_err(|e| Error::io("deleting", old, e))?;
+                        }
+                    }
+                }
+            }
+            let dir = base.join(format!("checkpoint_{}", self.project.iteration));
+            if dir.exists() {
+                return Err(Error::InvalidValue {
+                    name: "project_config.iteration".into(),
+                    detail: format!(
+                        "checkpoint folder {} ({}) already exists; set the iteration to start from",
+                        dir.display(),
+                        self.project.iteration
+                    ),
+                });
+            }
+            self.wait_for_everyone()?;
+            dir
+        } else {
+            output_dir.map(Path::to_owned).ok_or(Error::InvalidValue {
+                name: "output_dir".into(),
+                detail: "save_state needs a folder unless automatic_checkpoint_naming is on".into(),
+            })?
+        };
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io("creating", &dir, e))?;
+        if self.writes_shared_files() {
+            self.write_shared_files(&dir)?;
+        }
+        let rng = dir.join(format!(
+            "random_states_{}.safetensors",
+            self.process_index()
+        ));
+        write_tensors(&crate::rng_states()?, &rng)?;
+        self.wait_for_everyone()?;
+        self.project.iteration += 1;
+        Ok(dir)
+    }
+
+    fn write_shared_files(&mut self, dir: &Path) -> Result<()> {
+        for (i, entry) in self.models.iter().enumerate() {
+            let name = if i == 0 {
+                SAFE_WEIGHTS_NAME.to_owned()
+            } else {
+                numbered("model", i, "safetensors")
+            };
+            write_tensors(&entry.named, &dir.join(name))?;
+        }
+        let mut optimizers = Vec::new();
+        for (i, link) in self.optimizers.iter().enumerate() {
+            let lr = *link.lr.lock().unwrap_or_else(|e| e.into_inner());
+            let state = match link.opt.upgrade() {
+                Some(opt) => opt.lock().unwrap_or_else(|e| e.into_inner()).state_dict(),
+                None => None,
+            };
+            let saved = match state {
+                Some(state) => {
+                    write_tensors(&state, &dir.join(numbered("optimizer", i, "safetensors")))?;
+                    true
+                }
+                None => {
+                    eprintln!(
+                        "hasten: warning: optimizer {i}'s state cannot be read (tch's optimizers keep it \
+                         inside libtorch); only its learning rate is saved. hasten::AdamW and \
+                         hasten::Sgd save theirs."
+                    );
+                    false
+                }
+            };
+            optimizers.push(json!({"lr": lr, "state_saved": saved}));
+        }
+        let schedulers: Vec<Value> = self
+            .schedulers
+            .iter()
+            .map(|(step, lr)| {
+                json!({
+                    "last_step": step.load(Ordering::SeqCst),
+                    "lr": *lr.lock().unwrap_or_else(|e| e.into_inner()),
+                })
+            })
+            .collect();
+        let scaler = self.scaler.as_ref().map(|s| {
+            let (scale, tracker) = s.lock().unwrap_or_else(|e| e.into_inner()).state();
+            json!({"scale": scale, "growth_tracker": tracker})
+        });
+        let state = json!({
+            "format": FORMAT,
+            "models": self.models.len(),
+            "optimizers": optimizers,
+            "schedulers": schedulers,
+            "scaler": scaler,
+            "step": self.step,
+            "num_processes": self.num_processes(),
+        });
+        let path = dir.join(ACCELERATOR_STATE_NAME);
+        let text = serde_json::to_string_pretty(&state).unwrap_or_default() + "\n";
+        std::fs::write(&path, text).map_err(|e| Error::io("writing", &path, e))
+    }
+
+    /// Accelerate's `load_state`: restores what [`save_state`](Self::save_state) wrote into the prepared
+    /// models, optimizers and schedulers, the scaler and this process's generators. Without a folder, the
+    /// latest `checkpoint_{n}` of automatic checkpoint naming is used (and the iteration continues after
+    /// it). Everything is checked before anything changes. Returns the folder.
+    pub fn load_state(&mut self, input_dir: Option<&Path>) -> Result<PathBuf> {
+        let dir = match input_dir {
+            Some(d) if d.is_dir() => d.to_owned(),
+            Some(d) => return Err(bad(d, "the checkpoint folder does not exist")),
+            None if self.project.automatic_checkpoint_naming => {
+                let base = self
+                    .project
+                    .project_dir
+                    .clone()
+                    .unwrap_or_default()
+                    .join("checkpoints");
+                numbered_checkpoints(&base)?
+                    .pop()
+                    .ok_or_else(|| bad(&base, "no checkpoint_{n} folder to load"))?
+            }
+            None => {
+                return Err(Error::InvalidValue {
+                    name: "input_dir".into(),
+                    detail: "no folder given and automatic checkpoint naming is off".into(),
+                });
+            }
+        };
+        // 1. Read and check everything.
+        let state_path = dir.join(ACCELERATOR_STATE_NAME);
+        let text = std::fs::read_to_string(&state_path)
+            .map_err(|e| Error::io("reading", &state_path, e))?;
+        let state: Value =
+            serde_json::from_str(&text).map_err(|e| bad(&state_path, format!("not JSON: {e}")))?;
+        if state["format"] != FORMAT {
+            return Err(bad(
+                &state_path,
+                format!("key \"format\" is not {FORMAT:?}"),
+            ));
+        }
+        let count = |key: &str, len: Option<usize>| -> Result<usize> {
+            let found = len.ok_or_else(|| bad(&state_path, format!("key {key:?} is missing")))?;
+            Ok(found)
+        };
+        let saved_models = count("models", state["models"].as_u64().map(|n| n as usize))?;
+        let saved_opts = state["optimizers"].as_array().cloned().unwrap_or_default();
+        let saved_scheds = state["schedulers"].as_array().cloned().unwrap_or_default();
+        for (key, saved, prepared) in [
+            ("models", saved_models, self.models.len()),
+            ("optimizers", saved_opts.len(), self.optimizers.len()),
+            ("schedulers", saved_scheds.len(), self.schedulers.len()),
+        ] {
+            if saved != prepared {
+                return Err(bad(
+                    &state_path,
+                    format!(
+                        "key {key:?}: the checkpoint has {saved}, this Accelerator prepared {prepared}"
+                    ),
+                ));
+            }
+        }
+        let mut weights = Vec::new();
+        for (i, entry) in self.models.iter().enumerate() {
+            let path = dir.join(if i == 0 {
+                SAFE_WEIGHTS_NAME.to_owned()
+            } else {
+                numbered("model", i, "safetensors")
+            });
+            let saved = read_tensors(&path)?;
+            check_weights(&path, &saved, entry)?;
+            weights.push(saved);
+        }
+        let mut opt_states = Vec::new();
+        for (i, saved) in saved_opts.iter().enumerate() {
+            let lr = saved["lr"]
+                .as_f64()
+                .ok_or_else(|| bad(&state_path, format!("key optimizers[{i}].lr is missing")))?;
+            let tensors = if saved["state_saved"].as_bool() == Some(true) {
+                Some(read_tensors(&dir.join(numbered(
+                    "optimizer",
+                    i,
+                    "safetensors",
+                )))?)
+            } else {
+                None
+            };
+            opt_states.push((lr, tensors));
+        }
+        let mut sched_states = Vec::new();
+        for (i, saved) in saved_scheds.iter().enumerate() {
+            match (saved["last_step"].as_u64(), saved["lr"].as_f64()) {
+                (Some(step), Some(lr)) => sched_states.push((step as usize, lr)),
+                _ => {
+                    return Err(bad(
+                        &state_path,
+                        format!("key schedulers[{i}] needs last_step and lr"),
+                    ));
+                }
+            }
+        }
+        let scaler_state = match (&self.scaler, &state["scaler"]) {
+            (Some(_), Value::Object(s)) => {
+                match (
+                    s.get("scale").and_then(Value::as_f64),
+                    s.get("growth_tracker").and_then(Value::as_i64),
+                ) {
+                    (Some(scale), Some(tracker)) => Some((scale, tracker)),
+                    _ => {
+                        return Err(bad(
+                            &state_path,
+                            "key scaler needs scale and growth_tracker",
+                        ));
+                    }
+                }
+            }
+            _ => None,
+        };
+        let rng_path = dir.join(format!(
+            "random_states_{}.safetensors",
+            self.process_index()
+        ));
+        let rng = match read_tensors(&rng_path) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                eprintln!("hasten: warning: could not load random states: {e}");
+                None
+            }
+        };
+        // 2. Apply: optimizers first (each checks its own tensors before copying), then the rest.
+        for ((lr, tensors), link) in opt_states.iter().zip(&self.optimizers) {
+            if let (Some(tensors), Some(opt)) = (tensors, link.opt.upgrade()) {
+                opt.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .load_state_dict(tensors)
+                    .map_err(|e| bad(&dir, format!("optimizer state: {e}")))?;
+            }
+            *link.lr.lock().unwrap_or_else(|e| e.into_inner()) = *lr;
+        }
+        tch::no_grad(|| -> Result<()> {
+            for (saved, entry) in weights.iter().zip(&self.models) {
+                for (name, var) in &entry.named {
+                    if let Some((_, t)) = saved.iter().find(|(n, _)| n == name) {
+                        var.shallow_clone()
+                            .f_copy_(t)
+                            .map_err(|e| Error::torch("load_state", e))?;
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        for ((step, lr), (cell, lr_cell)) in sched_states.iter().zip(&self.schedulers) {
+            cell.store(*step, Ordering::SeqCst);
+            *lr_cell.lock().unwrap_or_else(|e| e.into_inner()) = *lr;
+        }
+        if let (Some((scale, tracker)), Some(scaler)) = (scaler_state, &self.scaler) {
+            scaler
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .load_state(scale, tracker)?;
+        }
+        if let Some(step) = state["step"].as_u64() {
+            self.step = step as usize;
+        }
+        if let Some(rng) = rng {
+            crate::set_rng_states(&rng).map_err(|e| bad(&rng_path, e.to_string()))?;
+        }
+        if input_dir.is_none() {
+            if let Some(n) = checkpoint_number(&dir) {
+                self.project.iteration = n + 1;
+            }
+        }
+        Ok(dir)
+    }
+}
