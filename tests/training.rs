@@ -116,6 +116,11 @@ fn save_state_and_load_state_resume_exactly() {
 }
 
 #[test]
+fn synchronize_rng_states_copies_rank_0s_generators() {
+    check("rng");
+}
+
+#[test]
 fn accumulation_matches_one_larger_batch() {
     check("accumulate");
 }

@@ -101,6 +101,8 @@ pub fn libtorch() -> &'static LibtorchInfo {
     hasten_core::libtorch()
 }
 
+/// rand, re-exported for [`HostRng`] (an `rand::RngCore`).
+pub use rand;
 /// tch, re-exported so user code uses the exact libtorch binding hasten was built with.
 pub use tch;
 

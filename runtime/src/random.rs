@@ -68,85 +68,25 @@ unsafe extern "C" {
     fn hasten_rng_set_state(device_type: i32, index: i32, state: *mut torch_sys::C_tensor) -> i32;
 }
 
-/// The state of every generator this process draws from, as named uint8 tensors (what `save_state`
-/// writes per process): `hasten` (the host generator: seed, stream, word position), `torch_cpu`, and
-/// `torch_cuda_{i}` per visible GPU.
-pub fn rng_states() -> Result<Vec<(String, tch::Tensor)>> {
-    crate::libtorch();
-    let mut out = Vec::new();
-    {
-        let mut host = host_rng();
-        let rng = host.rng();
-        let mut bytes = rng.get_seed().to_vec();
-        bytes.extend_from_slice(&rng.get_stream().to_le_bytes());
-        bytes.extend_from_slice(&rng.get_word_pos().to_le_bytes());
-        out.push(("hasten".to_owned(), tch::Tensor::from_slice(&bytes)));
-    }
-    let mut devices = vec![("torch_cpu".to_owned(), 0, 0)];
-    if crate::is_cuda_available() {
-        for i in 0..tch::Cuda::device_count() {
-            devices.push((format!("torch_cuda_{i}"), 1, i as i32));
-        }
-    }
-    for (name, device_type, index) in devices {
-        // SAFETY: returns a new tensor (owned by the Tensor wrapper) or null.
-        let ptr = unsafe { hasten_rng_get_state(device_type, index) };
-        if ptr.is_null() {
-            return Err(crate::Error::DeviceUnavailable {
-                detail: format!("libtorch could not read the {name} generator's state"),
-            });
-        }
-        // SAFETY: a fresh at::Tensor* from the shim; the wrapper frees it.
-        out.push((name, unsafe { tch::Tensor::from_ptr(ptr) }));
-    }
-    Ok(out)
+/// hasten's host generator state: seed (32 bytes), stream (8), word position (16).
+fn host_state() -> Vec<u8> {
+    let mut host = host_rng();
+    let rng = host.rng();
+    let mut bytes = rng.get_seed().to_vec();
+    bytes.extend_from_slice(&rng.get_stream().to_le_bytes());
+    bytes.extend_from_slice(&rng.get_word_pos().to_le_bytes());
+    bytes
 }
 
-/// Restores generator states from [`rng_states`]' output. Every state is checked before any is set; a
-/// missing or malformed one is an error naming it (`torch_cuda_{i}` of GPUs this process does not see
-/// are ignored).
-pub fn set_rng_states(states: &[(String, tch::Tensor)]) -> Result<()> {
-    crate::libtorch();
-    let bad = |name: &str, detail: &str| crate::Error::InvalidValue {
-        name: name.to_owned(),
-        detail: detail.to_owned(),
-    };
-    let find = |name: &str| states.iter().find(|(n, _)| n == name).map(|(_, t)| t);
-    let host =
-        find("hasten").ok_or_else(|| bad("hasten", "the host generator's state is missing"))?;
-    let bytes = Vec::<u8>::try_from(host).map_err(|e| crate::Error::torch("rng state", e))?;
+fn set_host_state(bytes: &[u8]) -> Result<()> {
     if bytes.len() != 56 {
-        return Err(bad(
-            "hasten",
-            &format!("expected 56 bytes of state, found {}", bytes.len()),
-        ));
-    }
-    let mut torch_states = vec![(0, 0, "torch_cpu".to_owned())];
-    if crate::is_cuda_available() {
-        for i in 0..tch::Cuda::device_count() {
-            torch_states.push((1, i as i32, format!("torch_cuda_{i}")));
-        }
-    }
-    let mut checked = Vec::new();
-    for (device_type, index, name) in torch_states {
-        let state = find(&name).ok_or_else(|| bad(&name, "this generator's state is missing"))?;
-        if state.kind() != tch::Kind::Uint8 || state.dim() != 1 {
-            return Err(bad(&name, "a generator state is a 1-D uint8 tensor"));
-        }
-        checked.push((device_type, index, name, state.shallow_clone()));
-    }
-    for (device_type, index, name, state) in checked {
-        // SAFETY: a valid tensor handle for the duration of the call.
-        let r = unsafe {
-            hasten_rng_set_state(
-                device_type,
-                index,
-                state.as_ptr() as *mut torch_sys::C_tensor,
-            )
-        };
-        if r != 0 {
-            return Err(bad(&name, "libtorch refused this state (printed above)"));
-        }
+        return Err(crate::Error::InvalidValue {
+            name: "hasten".into(),
+            detail: format!(
+                "expected 56 bytes of generator state, found {}",
+                bytes.len()
+            ),
+        });
     }
     let mut seed = [0u8; 32];
     seed.copy_from_slice(&bytes[..32]);
@@ -159,6 +99,147 @@ pub fn set_rng_states(states: &[(String, tch::Tensor)]) -> Result<()> {
     ));
     *HOST_RNG.lock().unwrap_or_else(|e| e.into_inner()) = Some(rng);
     Ok(())
+}
+
+/// The state of libtorch's default generator of `device` (the CPU, or a CUDA device).
+pub(crate) fn torch_state(device: tch::Device) -> Result<tch::Tensor> {
+    crate::libtorch();
+    let (device_type, index) = match device {
+        tch::Device::Cuda(i) => (1, i as i32),
+        _ => (0, 0),
+    };
+    // SAFETY: returns a new tensor (owned by the Tensor wrapper) or null.
+    let ptr = unsafe { hasten_rng_get_state(device_type, index) };
+    if ptr.is_null() {
+        return Err(crate::Error::DeviceUnavailable {
+            detail: format!("libtorch could not read the {device:?} generator's state"),
+        });
+    }
+    // SAFETY: a fresh at::Tensor* from the shim; the wrapper frees it.
+    Ok(unsafe { tch::Tensor::from_ptr(ptr) })
+}
+
+/// Sets libtorch's default generator of `device` to `state` (checked: a 1-D uint8 tensor).
+pub(crate) fn set_torch_state(device: tch::Device, name: &str, state: &tch::Tensor) -> Result<()> {
+    let bad = |detail: &str| crate::Error::InvalidValue {
+        name: name.to_owned(),
+        detail: detail.to_owned(),
+    };
+    if state.kind() != tch::Kind::Uint8 || state.dim() != 1 {
+        return Err(bad("a generator state is a 1-D uint8 tensor"));
+    }
+    let (device_type, index) = match device {
+        tch::Device::Cuda(i) => (1, i as i32),
+        _ => (0, 0),
+    };
+    // SAFETY: a valid tensor handle for the duration of the call.
+    let r = unsafe {
+        hasten_rng_set_state(
+            device_type,
+            index,
+            state.as_ptr() as *mut torch_sys::C_tensor,
+        )
+    };
+    if r != 0 {
+        return Err(bad("libtorch refused this state (printed above)"));
+    }
+    Ok(())
+}
+
+fn visible_gpus() -> Vec<tch::Device> {
+    if crate::is_cuda_available() {
+        (0..tch::Cuda::device_count())
+            .map(|i| tch::Device::Cuda(i as usize))
+            .collect()
+    } else {
+        Vec::new()
+    }
+}
+
+/// The state of every generator this process draws from, as named uint8 tensors (what `save_state`
+/// writes per process): `hasten` (the host generator: seed, stream, word position), `torch_cpu`, and
+/// `torch_cuda_{i}` per visible GPU.
+pub fn rng_states() -> Result<Vec<(String, tch::Tensor)>> {
+    crate::libtorch();
+    let mut out = vec![
+        ("hasten".to_owned(), tch::Tensor::from_slice(&host_state())),
+        ("torch_cpu".to_owned(), torch_state(tch::Device::Cpu)?),
+    ];
+    for gpu in visible_gpus() {
+        if let tch::Device::Cuda(i) = gpu {
+            out.push((format!("torch_cuda_{i}"), torch_state(gpu)?));
+        }
+    }
+    Ok(out)
+}
+
+/// Restores generator states from [`rng_states`]' output. Every state is checked before any is set; a
+/// missing or malformed one is an error naming it.
+pub fn set_rng_states(states: &[(String, tch::Tensor)]) -> Result<()> {
+    crate::libtorch();
+    let find = |name: &str| {
+        states
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, t)| t)
+            .ok_or_else(|| crate::Error::InvalidValue {
+                name: name.to_owned(),
+                detail: "this generator's state is missing".into(),
+            })
+    };
+    let host =
+        Vec::<u8>::try_from(find("hasten")?).map_err(|e| crate::Error::torch("rng state", e))?;
+    let mut torch = vec![(tch::Device::Cpu, "torch_cpu".to_owned())];
+    for gpu in visible_gpus() {
+        if let tch::Device::Cuda(i) = gpu {
+            torch.push((gpu, format!("torch_cuda_{i}")));
+        }
+    }
+    let mut checked = Vec::new();
+    for (device, name) in torch {
+        let state = find(&name)?;
+        if state.kind() != tch::Kind::Uint8 || state.dim() != 1 || host.len() != 56 {
+            return Err(crate::Error::InvalidValue {
+                name,
+                detail: "a generator state is a 1-D uint8 tensor (hasten's: 56 bytes)".into(),
+            });
+        }
+        checked.push((device, name, state));
+    }
+    for (device, name, state) in checked {
+        set_torch_state(device, &name, state)?;
+    }
+    set_host_state(&host)
+}
+
+/// Rank 0's generator states (hasten's, libtorch's CPU one, and its GPU's) copied to every rank — the
+/// GPU state onto each rank's own GPU — as Accelerate's `synchronize_rng_states`.
+pub(crate) fn synchronize_rng_states(group: &mut crate::ProcessGroup) -> Result<()> {
+    let device = group.state().device;
+    let mut mine: Vec<Vec<u8>> = Vec::new();
+    if group.rank() == 0 {
+        mine.push(host_state());
+        mine.push(
+            Vec::<u8>::try_from(torch_state(tch::Device::Cpu)?)
+                .map_err(|e| crate::Error::torch("rng state", e))?,
+        );
+        if device.is_cuda() {
+            mine.push(
+                Vec::<u8>::try_from(torch_state(device)?)
+                    .map_err(|e| crate::Error::torch("rng state", e))?,
+            );
+        }
+    }
+    group.broadcast_object_list(&mut mine, 0)?;
+    if group.rank() == 0 {
+        return Ok(());
+    }
+    let state = |i: usize| tch::Tensor::from_slice(mine.get(i).map(Vec::as_slice).unwrap_or(&[]));
+    set_torch_state(tch::Device::Cpu, "torch_cpu", &state(1))?;
+    if device.is_cuda() && mine.len() > 2 {
+        set_torch_state(device, "torch_cuda", &state(2))?;
+    }
+    set_host_state(mine.first().map(Vec::as_slice).unwrap_or(&[]))
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! Correctness checks of the training library, run on every rank under `hasten launch`:
 //! `hasten-test-training MODE` with MODE one of `ddp`, `ddp_buckets` (one bucket per parameter),
 //! `ddp_unused` (plus a parameter no loss uses, with find_unused_parameters), `accumulate`,
-//! `dataloader_end`, `scheduler`, `metrics`, `metrics_iterable`, `checkpoint PROJECT_DIR`. Prints `training check MODE: ok` or `... FAILED: why` and exits non-zero on failure.
+//! `dataloader_end`, `scheduler`, `metrics`, `metrics_iterable`, `checkpoint PROJECT_DIR`, `rng`. Prints `training check MODE: ok` or `... FAILED: why` and exits non-zero on failure.
 
 use hasten::tch::nn::{self, Module, OptimizerConfig};
 use hasten::tch::{Device, Kind, Tensor};
@@ -407,6 +407,45 @@ fn checkpoint(acc: &mut Accelerator, project: &std::path::Path) -> Check {
     )
 }
 
+/// After synchronize_rng_states every rank draws what rank 0 draws (hasten's and libtorch's generators),
+/// though each was seeded differently.
+fn rng(acc: &mut Accelerator) -> Check {
+    use hasten::rand::RngCore;
+    let draw = || {
+        let host = hasten::host_rng().next_u32() as f32;
+        Tensor::cat(
+            &[
+                Tensor::randn([3], (Kind::Float, Device::Cpu)),
+                Tensor::from_slice(&[host]),
+            ],
+            0,
+        )
+        .view([1, 4])
+    };
+    let rows = |acc: &mut Accelerator| -> Result<Vec<Tensor>, String> {
+        let mine = draw().to_device(acc.device());
+        Ok(acc
+            .gather(mine)
+            .map_err(err)?
+            .to_device(Device::Cpu)
+            .unbind(0))
+    };
+    hasten::set_seed(1000 + acc.process_index() as u64, false).map_err(err)?;
+    let before = rows(acc)?;
+    if before.iter().skip(1).all(|r| r.equal(&before[0])) {
+        return Err("differently seeded ranks drew the same numbers".into());
+    }
+    acc.synchronize_rng_states().map_err(err)?;
+    let after = rows(acc)?;
+    match after.iter().position(|r| !r.equal(&after[0])) {
+        Some(i) => Err(format!(
+            "rank {i} drew {} after synchronising, rank 0 {}",
+            after[i], after[0]
+        )),
+        None => Ok(()),
+    }
+}
+
 /// gather_for_metrics covers the dataset exactly, although the last batches repeat samples.
 fn metrics(acc: &mut Accelerator) -> Check {
     let dl = loader(acc, 21, 4)?;
@@ -491,6 +530,7 @@ fn main() {
         .and_then(|mut acc| match mode.as_str() {
             "ddp" | "ddp_buckets" => ddp(&mut acc, false),
             "ddp_unused" => ddp(&mut acc, true),
+            "rng" => rng(&mut acc),
             "checkpoint" => {
                 let project = std::env::args().nth(2).unwrap_or_default();
                 checkpoint(&mut acc, std::path::Path::new(&project))

@@ -166,15 +166,11 @@ impl Accelerator {
         Ok(true)
     }
 
-    /// Makes every rank's random generators (hasten's, libtorch's CPU and CUDA ones) continue from the
-    /// same point: rank 0 draws a seed and every rank reseeds with it. (Accelerate copies rank 0's
-    /// generator state; tch cannot read a generator's state, so the state is re-derived instead.)
+    /// Makes every rank's random generators continue from rank 0's state, as Accelerate does: hasten's
+    /// host generator, libtorch's CPU generator and (on GPUs) rank 0's GPU generator copied onto each
+    /// rank's own GPU.
     pub fn synchronize_rng_states(&mut self) -> Result<()> {
-        use rand::RngCore;
-        let seed = crate::host_rng().next_u64();
-        let mut seeds = vec![seed];
-        self.group.broadcast_object_list(&mut seeds, 0)?;
-        crate::set_seed(seeds[0], false)
+        crate::random::synchronize_rng_states(&mut self.group)
     }
 }
 
