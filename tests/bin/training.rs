@@ -311,8 +311,12 @@ fn identical(a: &[(String, Tensor)], b: &[(String, Tensor)], what: &str) -> Chec
 fn checkpoint(acc: &mut Accelerator, project: &std::path::Path) -> Check {
     let (p, r) = (acc.num_processes() as i64, acc.process_index() as i64);
     let (x, y) = data(6 * p);
-    let (mine, targets) = (x.narrow(0, r * 6, 6), y.narrow(0, r * 6, 6));
-    let mut vs = nn::VarStore::new(acc.device());
+    let device = acc.device();
+    let (mine, targets) = (
+        x.narrow(0, r * 6, 6).to_device(device),
+        y.narrow(0, r * 6, 6).to_device(device),
+    );
+    let mut vs = nn::VarStore::new(device);
     let model = mlp(&vs.root());
     let handle = acc.prepare_model(&mut vs).map_err(err)?;
     let mut opt = acc.prepare_optimizer(hasten::AdamW::new(&vs, 0.01), 0.01);
@@ -411,16 +415,19 @@ fn checkpoint(acc: &mut Accelerator, project: &std::path::Path) -> Check {
 /// though each was seeded differently.
 fn rng(acc: &mut Accelerator) -> Check {
     use hasten::rand::RngCore;
+    // On a GPU the GPU's generator draws too.
+    let gpu = acc.device();
     let draw = || {
         let host = hasten::host_rng().next_u32() as f32;
         Tensor::cat(
             &[
                 Tensor::randn([3], (Kind::Float, Device::Cpu)),
+                Tensor::randn([2], (Kind::Float, gpu)).to_device(Device::Cpu),
                 Tensor::from_slice(&[host]),
             ],
             0,
         )
-        .view([1, 4])
+        .view([1, 6])
     };
     let rows = |acc: &mut Accelerator| -> Result<Vec<Tensor>, String> {
         let mine = draw().to_device(acc.device());
@@ -501,7 +508,9 @@ fn metrics_iterable(acc: &mut Accelerator) -> Check {
 
 fn main() {
     let mode = std::env::args().nth(1).unwrap_or_default();
-    let builder = Accelerator::builder().cpu(true);
+    // HASTEN_TEST_GPU=1 runs `rng` and `checkpoint` on GPUs instead (on the GPU machine).
+    let gpu = std::env::var("HASTEN_TEST_GPU").is_ok_and(|v| v == "1");
+    let builder = Accelerator::builder().cpu(!gpu);
     let builder = match mode.as_str() {
         "accumulate" => builder.gradient_accumulation_steps(3),
         "dataloader_end" | "scheduler" => {
