@@ -278,11 +278,10 @@ impl Accelerator {
                 format!("key \"format\" is not {FORMAT:?}"),
             ));
         }
-        let count = |key: &str, len: Option<usize>| -> Result<usize> {
-            let found = len.ok_or_else(|| bad(&state_path, format!("key {key:?} is missing")))?;
-            Ok(found)
-        };
-        let saved_models = count("models", state["models"].as_u64().map(|n| n as usize))?;
+        let saved_models = state["models"]
+            .as_u64()
+            .ok_or_else(|| bad(&state_path, "key \"models\" is missing"))?
+            as usize;
         let saved_opts = state["optimizers"].as_array().cloned().unwrap_or_default();
         let saved_scheds = state["schedulers"].as_array().cloned().unwrap_or_default();
         for (key, saved, prepared) in [
@@ -315,16 +314,13 @@ impl Accelerator {
             let lr = saved["lr"]
                 .as_f64()
                 .ok_or_else(|| bad(&state_path, format!("key optimizers[{i}].lr is missing")))?;
+            let path = dir.join(numbered("optimizer", i, "safetensors"));
             let tensors = if saved["state_saved"].as_bool() == Some(true) {
-                Some(read_tensors(&dir.join(numbered(
-                    "optimizer",
-                    i,
-                    "safetensors",
-                )))?)
+                Some(read_tensors(&path)?)
             } else {
                 None
             };
-            opt_states.push((lr, tensors));
+            opt_states.push((lr, tensors, path));
         }
         let mut sched_states = Vec::new();
         for (i, saved) in saved_scheds.iter().enumerate() {
@@ -367,12 +363,12 @@ impl Accelerator {
             }
         };
         // 2. Apply: optimizers first (each checks its own tensors before copying), then the rest.
-        for ((lr, tensors), link) in opt_states.iter().zip(&self.optimizers) {
+        for ((lr, tensors, path), link) in opt_states.iter().zip(&self.optimizers) {
             if let (Some(tensors), Some(opt)) = (tensors, link.opt.upgrade()) {
                 opt.lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .load_state_dict(tensors)
-                    .map_err(|e| bad(&dir, format!("optimizer state: {e}")))?;
+                    .map_err(|e| bad(path, e.to_string()))?;
             }
             *link.lr.lock().unwrap_or_else(|e| e.into_inner()) = *lr;
         }
