@@ -41,40 +41,32 @@ fn ddp_matches_one_process_on_the_whole_batch() {
     check("ddp");
 }
 
+/// Runs `mode` on 2 and 3 ranks with `HASTEN_TRACE_DDP=1` (and `env`); every run's trace has `text`.
+fn check_traced(mode: &str, env: &[(&str, &str)], text: &str) {
+    let mut env = env.to_vec();
+    env.push(("HASTEN_TRACE_DDP", "1"));
+    for ran in check_with(mode, &env) {
+        assert!(ran.stderr.contains(text), "missing {text:?}\n{}", ran.all());
+    }
+}
+
 #[test]
 fn gradient_buckets_are_averaged_during_the_backward() {
     // One bucket per parameter (4): each is all-reduced from its gradient hook while the backward goes
     // on; with HASTEN_DDP_OVERLAP=0 all four wait for the end. Both give the single-process weights.
-    for ran in check_with("ddp_buckets", &[("HASTEN_TRACE_DDP", "1")]) {
-        assert!(
-            ran.stderr
-                .contains("backward: 4 of 4 buckets all-reduced during the backward"),
-            "{}",
-            ran.all()
-        );
-    }
-    let env = [("HASTEN_TRACE_DDP", "1"), ("HASTEN_DDP_OVERLAP", "0")];
-    for ran in check_with("ddp_buckets", &env) {
-        assert!(
-            ran.stderr
-                .contains("backward: 0 of 4 buckets all-reduced during the backward"),
-            "{}",
-            ran.all()
-        );
-    }
+    let text = |n| format!("backward: {n} of 4 buckets all-reduced during the backward");
+    check_traced("ddp_buckets", &[], &text(4));
+    check_traced("ddp_buckets", &[("HASTEN_DDP_OVERLAP", "0")], &text(0));
 }
 
 #[test]
 fn unused_parameters_count_as_zero_gradients() {
     // The unused parameter's bucket never completes during the backward; it is launched (as zeros) after.
-    for ran in check_with("ddp_unused", &[("HASTEN_TRACE_DDP", "1")]) {
-        assert!(
-            ran.stderr
-                .contains("of 5 buckets all-reduced during the backward"),
-            "{}",
-            ran.all()
-        );
-    }
+    check_traced(
+        "ddp_unused",
+        &[],
+        "of 5 buckets all-reduced during the backward",
+    );
 }
 
 #[test]

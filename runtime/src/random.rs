@@ -195,13 +195,19 @@ pub fn set_rng_states(states: &[(String, tch::Tensor)]) -> Result<()> {
             torch.push((gpu, format!("torch_cuda_{i}")));
         }
     }
+    if host.len() != 56 {
+        return Err(crate::Error::InvalidValue {
+            name: "hasten".into(),
+            detail: format!("expected 56 bytes of generator state, found {}", host.len()),
+        });
+    }
     let mut checked = Vec::new();
     for (device, name) in torch {
         let state = find(&name)?;
-        if state.kind() != tch::Kind::Uint8 || state.dim() != 1 || host.len() != 56 {
+        if state.kind() != tch::Kind::Uint8 || state.dim() != 1 {
             return Err(crate::Error::InvalidValue {
                 name,
-                detail: "a generator state is a 1-D uint8 tensor (hasten's: 56 bytes)".into(),
+                detail: "a generator state is a 1-D uint8 tensor".into(),
             });
         }
         checked.push((device, name, state));
