@@ -13,17 +13,13 @@ PY=/opt/torch/.venv/bin/python3
 launch() { "$B/hasten" launch --main_process_port 0 "$@"; }
 
 echo "== device"; nvidia-smi --query-gpu=index,name,memory.total --format=csv,noheader
-echo "== M on 2 GPUs: overlap on, off, Python"
-for i in 1 2 3; do
-  launch --num_processes 2 "$B/bench-train" M
-  HASTEN_DDP_OVERLAP=0 launch --num_processes 2 "$B/bench-train" M
-  "$PY" "$P/py_bench.py" M 2 2>&1 | grep ANCHOR
-done
-echo "== S on 2 GPUs: overlap on, off, Python"
-for i in 1 2 3; do
-  launch --num_processes 2 "$B/bench-train" S
-  HASTEN_DDP_OVERLAP=0 launch --num_processes 2 "$B/bench-train" S
-  "$PY" "$P/py_bench.py" S 2 2>&1 | grep ANCHOR
+for kind in M S; do
+  echo "== $kind on 2 GPUs: overlap on, off, Python"
+  for i in 1 2 3; do
+    launch --num_processes 2 "$B/bench-train" $kind
+    HASTEN_DDP_OVERLAP=0 launch --num_processes 2 "$B/bench-train" $kind
+    "$PY" "$P/py_bench.py" $kind 2 2>&1 | grep ANCHOR
+  done
 done
 echo "== M loss curve on 2 GPUs, different data per rank: overlap on, then off"
 INIT=/tmp/hasten_m_init.safetensors

@@ -11,29 +11,33 @@ fn check(mode: &str) {
     check_with(mode, &[]);
 }
 
-fn check_with(mode: &str, env: &[(&str, &str)]) -> Vec<Ran> {
-    let mut runs = Vec::new();
-    for n in ["2", "3"] {
-        let mut cmd = Command::new(hasten());
-        cmd.args([
-            "launch",
-            "--num_processes",
-            n,
-            "--cpu",
-            "--main_process_port",
-            "0",
-        ])
-        .arg(workspace_bin("hasten-test-training"))
-        .arg(mode);
-        let ran = run(cmd, env);
-        assert_eq!(ran.code, 0, "{}", ran.all());
-        for rank in 0..n.parse::<usize>().unwrap() {
-            let line = format!("[rank{rank}]: training check {mode}: ok");
-            ran.expect_stdout(&line);
-        }
-        runs.push(ran);
+/// Runs `hasten-test-training MODE ARGS…` on `n` CPU ranks and checks that every rank reported ok.
+fn run_mode(n: usize, mode: &str, args: &[&std::ffi::OsStr], env: &[(&str, &str)]) -> Ran {
+    let mut cmd = Command::new(hasten());
+    cmd.args([
+        "launch",
+        "--num_processes",
+        &n.to_string(),
+        "--cpu",
+        "--main_process_port",
+        "0",
+    ])
+    .arg(workspace_bin("hasten-test-training"))
+    .arg(mode)
+    .args(args);
+    let ran = run(cmd, env);
+    assert_eq!(ran.code, 0, "{}", ran.all());
+    for rank in 0..n {
+        ran.expect_stdout(&format!("[rank{rank}]: training check {mode}: ok"));
     }
-    runs
+    ran
+}
+
+fn check_with(mode: &str, env: &[(&str, &str)]) -> Vec<Ran> {
+    [2, 3]
+        .into_iter()
+        .map(|n| run_mode(n, mode, &[], env))
+        .collect()
 }
 
 #[test]
@@ -71,25 +75,9 @@ fn unused_parameters_count_as_zero_gradients() {
 
 #[test]
 fn save_state_and_load_state_resume_exactly() {
-    for n in ["2", "3"] {
+    for n in [2, 3] {
         let project = tempfile::tempdir().unwrap();
-        let mut cmd = Command::new(hasten());
-        cmd.args([
-            "launch",
-            "--num_processes",
-            n,
-            "--cpu",
-            "--main_process_port",
-            "0",
-        ])
-        .arg(workspace_bin("hasten-test-training"))
-        .arg("checkpoint")
-        .arg(project.path());
-        let ran = run(cmd, &[]);
-        assert_eq!(ran.code, 0, "{}", ran.all());
-        for rank in 0..n.parse::<usize>().unwrap() {
-            ran.expect_stdout(&format!("[rank{rank}]: training check checkpoint: ok"));
-        }
+        run_mode(n, "checkpoint", &[project.path().as_os_str()], &[]);
         let c = project.path().join("checkpoints/checkpoint_2");
         for file in [
             "model.safetensors",
@@ -98,7 +86,7 @@ fn save_state_and_load_state_resume_exactly() {
         ] {
             assert!(c.join(file).is_file(), "{file} missing");
         }
-        for rank in 0..n.parse::<usize>().unwrap() {
+        for rank in 0..n {
             assert!(
                 c.join(format!("random_states_{rank}.safetensors"))
                     .is_file()
