@@ -3,7 +3,7 @@
 #
 #   libtorch 2.11.0  an existing torch 2.11 (HASTEN_LIBTORCH, /opt/torch/.venv, $VIRTUAL_ENV), else a venv
 #                    in the cache with PyPI's wheel (install/requirements-torch-cpu.txt)
-#   test clients     jupyter_client, nbclient, nbformat, jupyter_kernel_test, pytest in a cached venv,
+#   test clients     jupyter_client, nbclient, nbformat, jupyter_kernel_test, pytest, tensorboard in a cached venv,
 #                    pinned by install/requirements-test.lock
 #   cargo-nextest    the test runner, if the toolchain lacks it
 #   rust-src         the standard library's source, for completions in the Jupyter kernel

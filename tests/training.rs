@@ -124,3 +124,85 @@ fn gather_for_metrics_returns_the_dataset_exactly() {
 fn gather_for_metrics_returns_an_iterable_dataset_exactly() {
     check("metrics_iterable");
 }
+
+/// The Python that has TensorBoard (install/bootstrap.sh puts it in the test clients' venv).
+fn python() -> String {
+    std::env::var("HASTEN_PYTHON").expect(
+        "HASTEN_PYTHON is not set: source the file install/bootstrap.sh prints (make test does)",
+    )
+}
+
+#[test]
+fn trackers_log_to_tensorboard_and_custom_trackers() {
+    let project = tempfile::tempdir().unwrap();
+    let ran = run_mode(2, "tracking", &[project.path().as_os_str()], &[]);
+    // Accelerate skips trackers it cannot use; hasten says so, once (main process).
+    assert_eq!(
+        ran.all().matches("log_with `wandb` skipped").count(),
+        1,
+        "{}",
+        ran.all()
+    );
+    // A custom tracker that is not main-process-only logs on every rank.
+    for rank in 0..2 {
+        let lines =
+            std::fs::read_to_string(project.path().join(format!("custom_rank{rank}.txt"))).unwrap();
+        assert!(lines.starts_with("config 5\n"), "{lines}");
+        assert_eq!(lines.matches("step Some(").count(), 6, "{lines}");
+    }
+    // TensorBoard's own reader, checksums verified.
+    let out = Command::new(python())
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/python/read_tensorboard.py"
+        ))
+        .arg(project.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let runs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let runs = runs.as_object().unwrap();
+    let main = &runs["run"];
+    let loss: Vec<(u64, f64)> = serde_json::from_value(main["scalars"]["loss"].clone()).unwrap();
+    let want = [1.0, 0.5, 1.0 / 3.0, 0.25, 0.2];
+    assert_eq!(loss.len(), 5, "{main}");
+    for (i, (step, value)) in loss.iter().enumerate() {
+        assert_eq!(*step, i as u64);
+        assert!((value - want[i]).abs() < 1e-7, "loss at {i}: {value}");
+    }
+    assert_eq!(main["scalars"]["direct"], serde_json::json!([[9, 42.0]]));
+    assert_eq!(
+        main["texts"]["status/text_summary"],
+        serde_json::json!([[5, "done"]])
+    );
+    // add_scalars: one folder per curve, the chart's name as the tag.
+    assert_eq!(
+        runs["run/split_train"]["scalars"]["split"],
+        serde_json::json!([[5, 0.5]])
+    );
+    assert_eq!(
+        runs["run/split_eval"]["scalars"]["split"],
+        serde_json::json!([[5, 0.75]])
+    );
+    // The hyperparameters: in a folder named by the time, with hparams.yml beside them.
+    let (name, hp) = runs
+        .iter()
+        .find(|(k, v)| k.starts_with("run/1") && v["status"] == "STATUS_SUCCESS")
+        .expect("an hparams run");
+    assert_eq!(
+        hp["hparams"],
+        serde_json::json!({"lr": 0.01, "epochs": 3.0, "fp16": false, "optimizer": "adamw"})
+    );
+    assert_eq!(hp["hparam_types"]["fp16"], "DATA_TYPE_BOOL");
+    let yml = std::fs::read_to_string(project.path().join(name).join("hparams.yml")).unwrap();
+    assert_eq!(
+        yml,
+        "epochs: 3\nfp16: false\nlr: 0.01\noptimizer: adamw\nwarmup: null\n"
+    );
+    // Only rank 0 wrote: the run, its hparams folder and the two curves.
+    assert_eq!(runs.len(), 4, "{:?}", runs.keys().collect::<Vec<_>>());
+}

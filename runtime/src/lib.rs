@@ -33,6 +33,7 @@ mod optim;
 mod random;
 mod report;
 mod state;
+mod tracking;
 
 pub use accelerator::{
     ACCELERATOR_STATE_NAME, AcceleratedOptimizer, AcceleratedScheduler, Accelerator,
@@ -92,6 +93,9 @@ pub use optim::{AdamW, Optimizer, Sgd, clear_grads};
 pub use random::{HostRng, host_rng, rng_states, set_rng_states, set_seed};
 pub use report::env_report;
 pub use state::{GradientState, GradientStateHandle, ProcessState};
+pub use tracking::{
+    GeneralTracker, LogValue, LogValues, SummaryWriter, TensorBoardTracker, log_values,
+};
 
 /// Facts about the libtorch this process runs on, loading its CUDA half on first use (see
 /// [`LibtorchInfo`]). Every hasten function that asks about CUDA goes through here.
@@ -115,8 +119,9 @@ pub mod prelude {
         AcceleratedOptimizer, AcceleratedScheduler, Accelerator, AdamW, AutocastKwargs, Collate,
         DataLoader, DataLoaderConfiguration, Dataset, DistributedDataParallelKwargs,
         DistributedType, GradScalerKwargs, GradientAccumulationPlugin, IterableDataLoader,
-        IterableDataset, PrecisionType, ProcessGroup, ProcessState, Reduction, Schedule, Sgd,
-        TensorDataset, layers, set_seed, tch,
+        IterableDataset, LogValue, LoggerType, PrecisionType, ProcessGroup, ProcessState,
+        ProjectConfiguration, Reduction, Schedule, Sgd, TensorDataset, layers, log_values,
+        set_seed, tch,
     };
     pub use tch::nn::{self, Module, ModuleT, OptimizerConfig};
     pub use tch::{Device, IndexOp, Kind, Tensor};

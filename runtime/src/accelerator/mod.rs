@@ -11,6 +11,7 @@ mod ddp;
 mod optimizer;
 mod precision;
 mod reducer;
+mod trackers;
 mod utilities;
 
 pub use checkpoint::ACCELERATOR_STATE_NAME;
@@ -42,7 +43,7 @@ struct OptimizerLink {
 /// Builds an [`Accelerator`]. Every setter names Accelerate's default; values not given come from the
 /// environment contract (`ACCELERATE_MIXED_PRECISION`, `ACCELERATE_USE_CPU`,
 /// `ACCELERATE_GRADIENT_ACCUMULATION_STEPS`), as in Accelerate.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct AcceleratorBuilder {
     mixed_precision: Option<PrecisionType>,
     accumulation: Option<GradientAccumulationPlugin>,
@@ -55,6 +56,7 @@ pub struct AcceleratorBuilder {
     project: ProjectConfiguration,
     rng_types: Option<Vec<RNGType>>,
     log_with: Vec<LoggerType>,
+    custom_trackers: Vec<crate::tracking::CustomTracker>,
     step_scheduler_with_optimizer: Option<bool>,
 }
 
@@ -128,7 +130,9 @@ impl AcceleratorBuilder {
         self
     }
 
-    /// Experiment trackers (default none).
+    /// Experiment trackers (default none): `Tensorboard` (needs `project_config`'s project_dir or
+    /// logging_dir), or `All`; the others are Python services hasten skips with a warning (see
+    /// [`AcceleratorBuilder::tracker`] for your own).
     pub fn log_with(mut self, trackers: Vec<LoggerType>) -> Self {
         self.log_with = trackers;
         self
@@ -182,6 +186,12 @@ impl AcceleratorBuilder {
             Some(t) => t,
             None => crate::rdzv_timeout_from_env()?,
         };
+        let tracker_plan = trackers::plan(
+            &self.log_with,
+            &self.project,
+            self.custom_trackers,
+            state.is_main_process(),
+        )?;
         let group = ProcessGroup::init_with_timeout(&state, timeout)?;
         let scaler = (mixed_precision == PrecisionType::Fp16)
             .then(|| Arc::new(Mutex::new(GradScaler::new(self.scaler, state.device))));
@@ -211,6 +221,8 @@ impl AcceleratorBuilder {
             step_scheduler_with_optimizer: self.step_scheduler_with_optimizer.unwrap_or(true),
             rng_types: self.rng_types.unwrap_or_else(|| vec![RNGType::Generator]),
             log_with: self.log_with,
+            tracker_plan,
+            trackers: Vec::new(),
             trigger: false,
         })
     }
@@ -239,6 +251,10 @@ pub struct Accelerator {
     step_scheduler_with_optimizer: bool,
     rng_types: Vec<RNGType>,
     log_with: Vec<LoggerType>,
+    /// Trackers to create in `init_trackers`.
+    tracker_plan: trackers::TrackerPlan,
+    /// Trackers started by `init_trackers`.
+    trackers: Vec<Box<dyn crate::GeneralTracker>>,
     trigger: bool,
 }
 

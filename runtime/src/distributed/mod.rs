@@ -13,6 +13,7 @@ mod shm;
 mod stream;
 mod wire;
 
+pub(crate) use shm::hostname;
 pub(crate) use stream::CommStream;
 
 pub use nccl::nccl_version;

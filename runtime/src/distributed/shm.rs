@@ -153,7 +153,7 @@ impl Arena {
 use super::ReduceOp;
 use super::cpu::CpuBackend;
 
-fn hostname() -> Vec<u8> {
+pub(crate) fn hostname() -> Vec<u8> {
     let mut buf = [0u8; 256];
     // SAFETY: gethostname writes at most buf.len() bytes.
     let r = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
