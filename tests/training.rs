@@ -125,6 +125,16 @@ fn gather_for_metrics_returns_an_iterable_dataset_exactly() {
     check("metrics_iterable");
 }
 
+#[test]
+fn an_iterable_dataset_read_by_every_rank_also_gathers_exactly() {
+    check("metrics_iterable_shard");
+}
+
+#[test]
+fn batches_dispatched_from_process_0_are_accelerates() {
+    check("dispatch");
+}
+
 /// The Python that has TensorBoard (install/bootstrap.sh puts it in the test clients' venv).
 fn python() -> String {
     std::env::var("HASTEN_PYTHON").expect(

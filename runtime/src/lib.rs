@@ -86,7 +86,7 @@ pub use hasten_core::{
 };
 pub use layers::{init_empty_weights, init_on_device};
 pub use ops::{
-    Nested, Reduction, concatenate, convert_to_fp32, listify, listify_tensor, map_tensors,
+    Layout, Nested, Reduction, concatenate, convert_to_fp32, listify, listify_tensor, map_tensors,
     send_to_device, slice_tensors, tensors_of,
 };
 pub use optim::{AdamW, Optimizer, Sgd, clear_grads};

@@ -1,7 +1,8 @@
 //! Correctness checks of the training library, run on every rank under `hasten launch`:
 //! `hasten-test-training MODE` with MODE one of `ddp`, `ddp_buckets` (one bucket per parameter),
 //! `ddp_unused` (plus a parameter no loss uses, with find_unused_parameters), `accumulate`,
-//! `dataloader_end`, `scheduler`, `metrics`, `metrics_iterable`, `checkpoint PROJECT_DIR`, `rng`,
+//! `dataloader_end`, `scheduler`, `metrics`, `metrics_iterable` (dispatched from process 0, the default),
+//! `metrics_iterable_shard` (each rank reads), `dispatch` (map-style, dispatched), `checkpoint PROJECT_DIR`, `rng`,
 //! `tracking PROJECT_DIR` (TensorBoard plus a custom tracker that logs on every rank). Prints `training check MODE: ok` or `... FAILED: why` and exits non-zero on failure.
 
 use hasten::tch::nn::{self, Module, OptimizerConfig};
@@ -478,8 +479,8 @@ fn metrics(acc: &mut Accelerator) -> Check {
     Ok(())
 }
 
-/// The same for an iterable dataset of known length.
-fn metrics_iterable(acc: &mut Accelerator) -> Check {
+/// The same for an iterable dataset of known length, its batches dispatched from process 0 or not.
+fn metrics_iterable(acc: &mut Accelerator, dispatched: bool) -> Check {
     struct Labels;
     impl hasten::IterableDataset for Labels {
         type Item = i64;
@@ -491,6 +492,12 @@ fn metrics_iterable(acc: &mut Accelerator) -> Check {
         }
     }
     let dl = acc.prepare_iterable_data_loader(hasten::IterableDataLoader::new(Labels, 4));
+    if dl.dispatches() != dispatched {
+        return Err(format!(
+            "dispatches: {}, want {dispatched}",
+            dl.dispatches()
+        ));
+    }
     let mut seen = Vec::new();
     for batch in dl.iter().map_err(err)? {
         let all = acc.gather_for_metrics(batch.map_err(err)?).map_err(err)?;
@@ -505,6 +512,92 @@ fn metrics_iterable(acc: &mut Accelerator) -> Check {
         ));
     }
     Ok(())
+}
+
+/// Batches dispatched from process 0 (map-style, `dispatch_batches: Some(true)`): each rank's slices are
+/// Accelerate's (worked out by hand from `DataLoaderDispatcher.__iter__` for 21 samples in batches of 4),
+/// `len` agrees, gather_for_metrics still returns the dataset exactly, and skip_first_batches skips.
+fn dispatch(acc: &mut Accelerator) -> Check {
+    let (p, rank) = (acc.num_processes(), acc.process_index());
+    let want: Vec<Vec<i64>> = match (p, rank) {
+        // Steps of 2 batches (8 samples); the last step has 5: 3 each, completed with samples 0, 1.
+        (2, 0) => vec![(0..4).collect(), (8..12).collect(), vec![16, 17, 18]],
+        (2, 1) => vec![(4..8).collect(), (12..16).collect(), vec![19, 20, 0]],
+        // Steps of 3 batches (12 samples); the last step has 9: 3 each.
+        (3, r) => {
+            let r = r as i64;
+            vec![
+                (4 * r..4 * r + 4).collect(),
+                (12 + 3 * r..15 + 3 * r).collect(),
+            ]
+        }
+        _ => return Err(format!("no expectation for {p} processes")),
+    };
+    let dl = loader(acc, 21, 4)?;
+    if !dl.dispatches() || dl.len() != want.len() {
+        return Err(format!(
+            "dispatches: {}, len {} (want {})",
+            dl.dispatches(),
+            dl.len(),
+            want.len()
+        ));
+    }
+    let mut got = Vec::new();
+    for batch in dl.iter().map_err(err)? {
+        let batch = batch.map_err(err)?;
+        // The features came along with the labels, row for row.
+        let features = Vec::<f32>::try_from(&batch[0].select(1, 7)).map_err(err)?;
+        let labels = Vec::<i64>::try_from(&batch[1]).map_err(err)?;
+        if features.iter().zip(&labels).any(|(f, l)| *f != *l as f32) {
+            return Err(format!(
+                "features {features:?} do not match labels {labels:?}"
+            ));
+        }
+        got.push(labels);
+    }
+    if got != want {
+        return Err(format!("rank {rank} got {got:?}, want {want:?}"));
+    }
+    metrics(acc)?;
+    let skipped = loader(acc, 21, 4)?.skip_first_batches(1);
+    let got: Vec<Vec<i64>> = skipped
+        .iter()
+        .map_err(err)?
+        .map(|b| {
+            b.map_err(err)
+                .and_then(|b| Vec::<i64>::try_from(&b[1]).map_err(err))
+        })
+        .collect::<Result<_, _>>()?;
+    if got != want[1..] {
+        return Err(format!("after skipping 1: {got:?}, want {:?}", &want[1..]));
+    }
+    // Process 0's loader failing stops every process with its message instead of leaving them waiting.
+    let labels = Tensor::arange(21, (Kind::Int64, Device::Cpu));
+    let ds = TensorDataset::new(vec![labels]).map_err(err)?;
+    let calls = std::sync::atomic::AtomicUsize::new(0);
+    let failing = DataLoader::new(ds, 4).collate_fn(move |items: Vec<Vec<Tensor>>| {
+        if calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 3 {
+            return Err(hasten::Error::InvalidValue {
+                name: "sample".into(),
+                detail: "unreadable record 13".into(),
+            });
+        }
+        <Vec<Tensor> as hasten::Collate>::collate(items)
+    });
+    let dl = acc.prepare_data_loader(failing);
+    let outcome: Result<Vec<_>, _> = dl.iter().map_err(err)?.collect();
+    match outcome {
+        Err(e)
+            if e.to_string().contains("process 0's data loader failed")
+                && e.to_string().contains("unreadable record 13") =>
+        {
+            Ok(())
+        }
+        other => Err(format!(
+            "a failing loader on process 0 gave {:?}",
+            other.map(|v| v.len())
+        )),
+    }
 }
 
 /// A custom tracker that acts on every process (`main_process_only` false): one line per call in
@@ -635,6 +728,12 @@ fn main() {
             total_limit: Some(2),
             ..Default::default()
         }),
+        "dispatch" | "metrics_iterable_shard" => {
+            builder.dataloader_config(hasten::DataLoaderConfiguration {
+                dispatch_batches: Some(mode == "dispatch"),
+                ..Default::default()
+            })
+        }
         "tracking" => {
             let dir = std::path::PathBuf::from(std::env::args().nth(2).unwrap_or_default());
             let rank = std::env::var("RANK").unwrap_or_default();
@@ -670,7 +769,9 @@ fn main() {
             "dataloader_end" => dataloader_end(&mut acc),
             "scheduler" => scheduler(&mut acc),
             "metrics" => metrics(&mut acc),
-            "metrics_iterable" => metrics_iterable(&mut acc),
+            "metrics_iterable" => metrics_iterable(&mut acc, true),
+            "metrics_iterable_shard" => metrics_iterable(&mut acc, false),
+            "dispatch" => dispatch(&mut acc),
             other => Err(format!("unknown mode {other:?}")),
         });
     match outcome {

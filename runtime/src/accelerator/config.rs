@@ -32,6 +32,9 @@ impl Default for GradientAccumulationPlugin {
 pub struct DataLoaderConfiguration {
     /// Cut each batch across processes instead of dealing whole batches (default false).
     pub split_batches: bool,
+    /// Process 0 reads the data and sends each process its part of every batch (Accelerate's
+    /// `DataLoaderDispatcher`). Default `None`: true for iterable datasets, false for map-style ones.
+    pub dispatch_batches: Option<bool>,
     /// Complete the tail so every process gets as many batches (default true).
     pub even_batches: bool,
     /// Shuffle with a seed shared by all ranks (default false; hasten's shuffling is always seeded).
@@ -46,6 +49,7 @@ impl Default for DataLoaderConfiguration {
     fn default() -> Self {
         DataLoaderConfiguration {
             split_batches: false,
+            dispatch_batches: None,
             even_batches: true,
             use_seedable_sampler: false,
             data_seed: None,

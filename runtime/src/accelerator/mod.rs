@@ -204,7 +204,7 @@ impl AcceleratorBuilder {
         });
         Ok(Accelerator {
             state,
-            group,
+            group: Arc::new(Mutex::new(group)),
             gradient,
             mixed_precision,
             dataloader: self.dataloader,
@@ -228,11 +228,16 @@ impl AcceleratorBuilder {
     }
 }
 
+/// The group, even if a thread panicked while holding it (a collective's state is per call).
+fn lock_group(group: &Mutex<ProcessGroup>) -> std::sync::MutexGuard<'_, ProcessGroup> {
+    group.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Accelerate's `Accelerator`: prepares models, optimizers, schedulers and data loaders for the job this
 /// process belongs to, and runs the step logic (backward, accumulation, mixed precision, clipping).
 pub struct Accelerator {
     state: ProcessState,
-    group: ProcessGroup,
+    group: Arc<Mutex<ProcessGroup>>,
     gradient: GradientStateHandle,
     mixed_precision: PrecisionType,
     dataloader: DataLoaderConfiguration,
@@ -344,9 +349,10 @@ impl Accelerator {
         &self.state
     }
 
-    /// The process group, for collectives not wrapped here.
-    pub fn group(&mut self) -> &mut ProcessGroup {
-        &mut self.group
+    /// The process group, for collectives not wrapped here (shared with dispatching data loaders, so
+    /// it is behind a lock; do not hold it across a call that uses the Accelerator).
+    pub fn group(&self) -> std::sync::MutexGuard<'_, ProcessGroup> {
+        lock_group(&self.group)
     }
 
     /// The shared gradient state.
@@ -375,10 +381,10 @@ impl Accelerator {
         if vs.device() != self.state.device {
             vs.set_device(self.state.device);
         }
-        ddp::broadcast_variables(&mut self.group, vs, self.ddp.broadcast_buffers)?;
+        ddp::broadcast_variables(&mut self.group(), vs, self.ddp.broadcast_buffers)?;
         let cap = (self.ddp.bucket_cap_mb * 1024.0 * 1024.0) as usize;
         let mut entry = ModelEntry::new(vs, cap.max(1));
-        entry.hook(&self.group);
+        entry.hook(&self.group());
         self.models.push(entry);
         Ok(ModelHandle(self.models.len() - 1))
     }
@@ -441,7 +447,8 @@ impl Accelerator {
 
     /// Prepares a data loader: this rank's shard of every epoch, on this rank's device. A shuffled
     /// loader draws the same order on every rank (its seed plus the epoch; `DataLoaderConfiguration::data_seed`
-    /// replaces the seed), which is what Accelerate's seedable sampler and RNG synchronisation ensure.
+    /// replaces the seed), which is what Accelerate's seedable sampler and RNG synchronisation ensure. With
+    /// `dispatch_batches: Some(true)`, process 0 reads every batch and sends each process its part.
     pub fn prepare_data_loader<D: Dataset + 'static, B: Nested + Send + 'static>(
         &mut self,
         mut loader: DataLoader<D, B>,
@@ -450,13 +457,18 @@ impl Accelerator {
             loader.reseed(seed);
         }
         let options = self.shard_options();
-        DataLoaderShard::new(loader, options, self.gradient.clone())
+        let shard = DataLoaderShard::new(loader, options, self.gradient.clone());
+        if self.dataloader.dispatch_batches == Some(true) && self.num_processes() > 1 {
+            shard.dispatched(self.group.clone())
+        } else {
+            shard
+        }
     }
 
-    /// Prepares a loader over an iterable dataset: each rank keeps its slice of every window of
-    /// `batch_size × P` samples (Accelerate's `IterableDatasetShard`, i.e. `dispatch_batches=False`), on its
-    /// device. (Dispatching batches from rank 0, Accelerate's default for iterable datasets, is not
-    /// offered: every rank reads the stream.)
+    /// Prepares a loader over an iterable dataset. By default (as in Accelerate) process 0 reads the
+    /// stream and dispatches batches: each step it takes `P` batches, and every process gets its part
+    /// (`DataLoaderDispatcher`). With `dispatch_batches: Some(false)` every rank reads the stream and keeps
+    /// its slice of each window of `batch_size × P` samples (`IterableDatasetShard`).
     pub fn prepare_iterable_data_loader<
         D: crate::IterableDataset + 'static,
         B: Nested + Send + 'static,
@@ -465,7 +477,12 @@ impl Accelerator {
         loader: crate::IterableDataLoader<D, B>,
     ) -> crate::IterableDataLoaderShard<D, B> {
         let options = self.shard_options();
-        crate::IterableDataLoaderShard::new(loader, options, self.gradient.clone())
+        let shard = crate::IterableDataLoaderShard::new(loader, options, self.gradient.clone());
+        if self.dataloader.dispatch_batches != Some(false) && self.num_processes() > 1 {
+            shard.dispatched(self.group.clone())
+        } else {
+            shard
+        }
     }
 
     /// Runs `f` under this Accelerator's mixed precision (fp16/bf16 autocast), as `accelerator.autocast()`.
@@ -498,7 +515,7 @@ impl Accelerator {
         let mut entries: Vec<&mut ModelEntry> =
             self.models.iter_mut().filter(|m| !m.no_sync).collect();
         ddp::backward_with_averaging(
-            &mut self.group,
+            &mut lock_group(&self.group),
             &mut entries,
             self.ddp.find_unused_parameters,
             self.overlap,

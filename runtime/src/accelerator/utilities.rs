@@ -10,14 +10,14 @@ use tch::Tensor;
 impl Accelerator {
     /// Gathers `data` from every rank, concatenated on the first dimension.
     pub fn gather<T: Nested>(&mut self, data: T) -> Result<T> {
-        self.group.gather(data)
+        self.group().gather(data)
     }
 
     /// Gathers `data` for computing metrics: like [`gather`](Self::gather), but on the last batch of
     /// a data loader the samples duplicated to even out the ranks are dropped, so the result covers the
     /// dataset exactly.
     pub fn gather_for_metrics<T: Nested>(&mut self, data: T) -> Result<T> {
-        let gathered = self.group.gather(data)?;
+        let gathered = self.group().gather(data)?;
         let g = self.gradient.get();
         if g.end_of_dataloader && g.remainder > 0 {
             return slice_tensors(gathered, 0..g.remainder);
@@ -30,7 +30,7 @@ impl Accelerator {
         &mut self,
         items: &[T],
     ) -> Result<Vec<T>> {
-        let mut all = self.group.gather_object(items)?;
+        let mut all = self.group().gather_object(items)?;
         let g = self.gradient.get();
         if g.end_of_dataloader && g.remainder > 0 {
             all.truncate(g.remainder as usize);
@@ -40,7 +40,7 @@ impl Accelerator {
 
     /// Reduces `data` across ranks (the Accelerator's default is `Reduction::Sum`).
     pub fn reduce<T: Nested>(&mut self, data: T, reduction: Reduction, scale: f64) -> Result<T> {
-        self.group.reduce(data, reduction, scale)
+        self.group().reduce(data, reduction, scale)
     }
 
     /// Pads `data` along `dim` to the largest size on any rank.
@@ -51,13 +51,13 @@ impl Accelerator {
         pad_index: f64,
         pad_first: bool,
     ) -> Result<T> {
-        self.group
+        self.group()
             .pad_across_processes(data, dim, pad_index, pad_first)
     }
 
     /// Waits for every process.
     pub fn wait_for_everyone(&mut self) -> Result<()> {
-        self.group.barrier()
+        self.group().barrier()
     }
 
     /// Prints on the local main process only.
@@ -81,11 +81,11 @@ impl Accelerator {
 
     fn in_order<R>(&mut self, first: bool, f: impl FnOnce() -> R) -> Result<R> {
         if !first {
-            self.group.barrier()?;
+            self.group().barrier()?;
         }
         let out = f();
         if first {
-            self.group.barrier()?;
+            self.group().barrier()?;
         }
         Ok(out)
     }
@@ -134,7 +134,7 @@ impl Accelerator {
     /// True on every rank if any rank raised its trigger since the last check; resets it.
     pub fn check_trigger(&mut self) -> Result<bool> {
         let mut flag = Tensor::from(f32::from(u8::from(self.trigger))).to_device(tch::Device::Cpu);
-        self.group.all_reduce(&mut flag, crate::ReduceOp::Sum)?;
+        self.group().all_reduce(&mut flag, crate::ReduceOp::Sum)?;
         let raised = flag.double_value(&[]) >= 1.0;
         if raised {
             self.trigger = false;
@@ -170,7 +170,7 @@ impl Accelerator {
     /// host generator, libtorch's CPU generator and (on GPUs) rank 0's GPU generator copied onto each
     /// rank's own GPU.
     pub fn synchronize_rng_states(&mut self) -> Result<()> {
-        crate::random::synchronize_rng_states(&mut self.group)
+        crate::random::synchronize_rng_states(&mut self.group())
     }
 }
 

@@ -1,12 +1,14 @@
-//! Iterable datasets (streams without random access) and their loader. Prepared, each rank keeps its
-//! contiguous slice of every window of `batch_size × P` items, as Accelerate's `IterableDatasetShard`
-//! does when batches are not dispatched from rank 0.
+//! Iterable datasets (streams without random access) and their loader. Prepared, process 0 reads the
+//! stream and dispatches batches (Accelerate's default for iterable datasets), or, with
+//! `dispatch_batches=false`, each rank keeps its contiguous slice of every window of `batch_size × P`
+//! items (Accelerate's `IterableDatasetShard`).
 
 use super::dataset::Collate;
+use super::dispatch::Dispatch;
 use super::loader::ShardOptions;
 use super::shard::IterableDatasetShard;
-use crate::{GradientStateHandle, Nested, Result, send_to_device};
-use std::sync::Arc;
+use crate::{GradientStateHandle, Nested, ProcessGroup, Result, send_to_device};
+use std::sync::{Arc, Mutex};
 
 /// A dataset read as a stream (PyTorch's `IterableDataset`).
 pub trait IterableDataset: Send + Sync {
@@ -107,6 +109,8 @@ pub struct IterableDataLoaderShard<D: IterableDataset, B> {
     loader: IterableDataLoader<D, B>,
     options: ShardOptions,
     gradient_state: GradientStateHandle,
+    /// Batches come from process 0 through this group.
+    dispatch: Option<Arc<Mutex<ProcessGroup>>>,
 }
 
 impl<D: IterableDataset + 'static, B: Nested + Send + 'static> IterableDataLoaderShard<D, B> {
@@ -120,7 +124,20 @@ impl<D: IterableDataset + 'static, B: Nested + Send + 'static> IterableDataLoade
             loader,
             options,
             gradient_state,
+            dispatch: None,
         }
+    }
+
+    /// The same loader with the stream read by process 0 only, its batches sent to the others through
+    /// `group` (Accelerate's `DataLoaderDispatcher`).
+    pub(crate) fn dispatched(mut self, group: Arc<Mutex<ProcessGroup>>) -> Self {
+        self.dispatch = Some(group);
+        self
+    }
+
+    /// True when process 0 reads the stream and dispatches its batches.
+    pub fn dispatches(&self) -> bool {
+        self.dispatch.is_some()
     }
 
     /// Sets the epoch passed to the dataset.
@@ -129,7 +146,18 @@ impl<D: IterableDataset + 'static, B: Nested + Send + 'static> IterableDataLoade
     }
 
     /// This rank's batches of the current epoch, on its device, tracking the end of the loader.
-    pub fn iter(&self) -> Result<impl Iterator<Item = Result<B>> + '_> {
+    pub fn iter(&self) -> Result<Box<dyn Iterator<Item = Result<B>> + '_>> {
+        if let Some(group) = &self.dispatch {
+            let source = (self.options.process_index == 0).then(|| self.loader.iter());
+            return Ok(Box::new(Dispatch::new(
+                source,
+                group.clone(),
+                self.options,
+                self.loader.drop_last,
+                self.gradient_state.clone(),
+                0,
+            )));
+        }
         let o = &self.options;
         let batch_size = self.loader.batch_size;
         let per_rank = if o.split_batches {
@@ -165,7 +193,7 @@ impl<D: IterableDataset + 'static, B: Nested + Send + 'static> IterableDataLoade
             .map(move |b| collate(b))
             .peekable();
         let (device, non_blocking, state) = (o.device, o.non_blocking, self.gradient_state.clone());
-        Ok(std::iter::from_fn(move || {
+        Ok(Box::new(std::iter::from_fn(move || {
             let Some(current) = batches.next() else {
                 state.lock().in_dataloader = false;
                 return None;
@@ -174,7 +202,7 @@ impl<D: IterableDataset + 'static, B: Nested + Send + 'static> IterableDataLoade
                 state.lock().end_of_dataloader = true;
             }
             Some(current.and_then(|b| send_to_device(b, device, non_blocking, &[])))
-        }))
+        })))
     }
 }
 

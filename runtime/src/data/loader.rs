@@ -3,11 +3,12 @@
 //! device, and tells the gradient state when the last batch is being processed.
 
 use super::dataset::{Collate, Dataset};
+use super::dispatch::Dispatch;
 use super::sampler::{BatchSampler, BatchSource, Sampler};
 use super::shard::BatchSamplerShard;
-use crate::{GradientStateHandle, Nested, Result, send_to_device};
-use std::sync::Arc;
+use crate::{GradientStateHandle, Nested, ProcessGroup, Result, send_to_device};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::{Arc, Mutex};
 use tch::Device;
 
 type CollateFn<I, B> = Arc<dyn Fn(Vec<I>) -> Result<B> + Send + Sync>;
@@ -218,7 +219,7 @@ impl<B> Iterator for Batches<B> {
 
 /// How a prepared data loader shards and places its batches (Accelerate's `DataLoaderConfiguration`
 /// fields that apply here, plus the process's place).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 pub struct ShardOptions {
     /// Number of processes.
     pub num_processes: usize,
@@ -241,6 +242,8 @@ pub struct DataLoaderShard<D: Dataset, B> {
     gradient_state: GradientStateHandle,
     skip_batches: usize,
     epoch: u64,
+    /// Batches come from process 0 through this group (Accelerate's `DataLoaderDispatcher`).
+    dispatch: Option<Arc<Mutex<ProcessGroup>>>,
 }
 
 impl<D: Dataset + 'static, B: Nested + Send + 'static> DataLoaderShard<D, B> {
@@ -256,7 +259,20 @@ impl<D: Dataset + 'static, B: Nested + Send + 'static> DataLoaderShard<D, B> {
             gradient_state,
             skip_batches: 0,
             epoch: 0,
+            dispatch: None,
         }
+    }
+
+    /// The same loader with batches read by process 0 only and sent to the others through `group`
+    /// (Accelerate's `dispatch_batches=True`).
+    pub(crate) fn dispatched(mut self, group: Arc<Mutex<ProcessGroup>>) -> Self {
+        self.dispatch = Some(group);
+        self
+    }
+
+    /// True when process 0 reads the data and dispatches its batches.
+    pub fn dispatches(&self) -> bool {
+        self.dispatch.is_some()
     }
 
     /// Batches of the whole job per step: `batch_size × P`, or `batch_size` with split_batches.
@@ -280,9 +296,21 @@ impl<D: Dataset + 'static, B: Nested + Send + 'static> DataLoaderShard<D, B> {
 
     /// Number of batches this rank gets in an epoch (after any skipped ones).
     pub fn len(&self) -> usize {
-        self.shard()
-            .map_or(0, |s| s.len())
-            .saturating_sub(self.skip_batches)
+        let n = if self.dispatch.is_some() {
+            // Process 0 sends P of the loader's batches per step (one with split_batches).
+            let (whole, p) = (self.loader.len(), self.options.num_processes.max(1));
+            match (
+                self.options.split_batches,
+                self.loader.batch_sampler.drop_last,
+            ) {
+                (true, _) => whole,
+                (false, true) => whole / p,
+                (false, false) => whole.div_ceil(p),
+            }
+        } else {
+            self.shard().map_or(0, |s| s.len())
+        };
+        n.saturating_sub(self.skip_batches)
     }
 
     /// True when this rank gets no batch.
@@ -306,6 +334,19 @@ impl<D: Dataset + 'static, B: Nested + Send + 'static> DataLoaderShard<D, B> {
     /// This rank's batches of the current epoch, on its device. While they are iterated the gradient
     /// state knows it is inside a data loader, and `end_of_dataloader` is true during the last batch.
     pub fn iter(&self) -> Result<ShardBatches<B>> {
+        if let Some(group) = &self.dispatch {
+            let source = (self.options.process_index == 0).then(|| self.loader.iter());
+            return Ok(ShardBatches {
+                inner: Inner::Dispatched(Dispatch::new(
+                    source,
+                    group.clone(),
+                    self.options,
+                    self.loader.batch_sampler.drop_last,
+                    self.gradient_state.clone(),
+                    self.skip_batches,
+                )),
+            });
+        }
         let mut indices = self.shard()?.batches();
         indices.drain(..self.skip_batches.min(indices.len()));
         {
@@ -319,17 +360,40 @@ impl<D: Dataset + 'static, B: Nested + Send + 'static> DataLoaderShard<D, B> {
             };
         }
         Ok(ShardBatches {
-            inner: self.loader.batches_of(indices),
-            ahead: None,
-            device: self.options.device,
-            non_blocking: self.options.non_blocking,
-            gradient_state: self.gradient_state.clone(),
+            inner: Inner::Local(LocalBatches {
+                inner: self.loader.batches_of(indices),
+                ahead: None,
+                device: self.options.device,
+                non_blocking: self.options.non_blocking,
+                gradient_state: self.gradient_state.clone(),
+            }),
         })
     }
 }
 
-/// A rank's batches for one epoch. One batch is read ahead so the last one is known as the last.
+/// A rank's batches for one epoch: its own shard, or its slices of what process 0 dispatches.
 pub struct ShardBatches<B> {
+    inner: Inner<B>,
+}
+
+enum Inner<B> {
+    Local(LocalBatches<B>),
+    Dispatched(Dispatch<Batches<B>, B>),
+}
+
+impl<B: Nested + Send + 'static> Iterator for ShardBatches<B> {
+    type Item = Result<B>;
+
+    fn next(&mut self) -> Option<Result<B>> {
+        match &mut self.inner {
+            Inner::Local(local) => local.next(),
+            Inner::Dispatched(dispatch) => dispatch.next(),
+        }
+    }
+}
+
+/// A rank's own shard. One batch is read ahead so the last one is known as the last.
+struct LocalBatches<B> {
     inner: Batches<B>,
     ahead: Option<Result<B>>,
     device: Device,
@@ -337,9 +401,7 @@ pub struct ShardBatches<B> {
     gradient_state: GradientStateHandle,
 }
 
-impl<B: Nested> Iterator for ShardBatches<B> {
-    type Item = Result<B>;
-
+impl<B: Nested> LocalBatches<B> {
     fn next(&mut self) -> Option<Result<B>> {
         let current = match self.ahead.take() {
             Some(b) => Some(b),

@@ -2,6 +2,7 @@
 //! sharding of batches between processes.
 
 mod dataset;
+mod dispatch;
 mod iterable;
 mod loader;
 mod sampler;

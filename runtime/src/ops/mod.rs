@@ -11,4 +11,4 @@ pub(crate) use collective::is_float;
 pub use local::{
     concatenate, convert_to_fp32, listify, listify_tensor, send_to_device, slice_tensors,
 };
-pub use nested::{Nested, map_tensors, tensors_of};
+pub use nested::{Layout, Nested, map_tensors, tensors_of};
