@@ -131,6 +131,12 @@ fn an_iterable_dataset_read_by_every_rank_also_gathers_exactly() {
 }
 
 #[test]
+fn rng_types_synchronise_generators_when_an_epoch_starts() {
+    check("rng_types");
+    check("rng_types_default");
+}
+
+#[test]
 fn batches_dispatched_from_process_0_are_accelerates() {
     check("dispatch");
 }

@@ -221,31 +221,50 @@ pub fn set_rng_states(states: &[(String, tch::Tensor)]) -> Result<()> {
 /// Rank 0's generator states (hasten's, libtorch's CPU one, and its GPU's) copied to every rank — the
 /// GPU state onto each rank's own GPU — as Accelerate's `synchronize_rng_states`.
 pub(crate) fn synchronize_rng_states(group: &mut crate::ProcessGroup) -> Result<()> {
+    synchronize_rng_types(group, &[crate::RNGType::Torch, crate::RNGType::Cuda])
+}
+
+/// Rank 0's states of the generators named by `types` copied to every rank: `torch` is libtorch's CPU
+/// generator and hasten's host one, `cuda` this rank's GPU's. `generator` needs nothing (hasten's samplers
+/// draw from their seed and epoch, the same on every rank); the other accelerators' types do not apply.
+pub(crate) fn synchronize_rng_types(
+    group: &mut crate::ProcessGroup,
+    types: &[crate::RNGType],
+) -> Result<()> {
     let device = group.state().device;
-    let mut mine: Vec<Vec<u8>> = Vec::new();
-    if group.rank() == 0 {
-        mine.push(host_state());
-        mine.push(
-            Vec::<u8>::try_from(torch_state(tch::Device::Cpu)?)
-                .map_err(|e| crate::Error::torch("rng state", e))?,
-        );
-        if device.is_cuda() {
-            mine.push(
-                Vec::<u8>::try_from(torch_state(device)?)
-                    .map_err(|e| crate::Error::torch("rng state", e))?,
-            );
-        }
+    let torch = types.contains(&crate::RNGType::Torch);
+    let cuda = types.contains(&crate::RNGType::Cuda) && device.is_cuda();
+    if !(torch || cuda) || group.world_size() == 1 {
+        return Ok(());
     }
-    group.broadcast_object_list(&mut mine, 0)?;
+    let bytes =
+        |d| Vec::<u8>::try_from(torch_state(d)?).map_err(|e| crate::Error::torch("rng state", e));
+    // [host, libtorch CPU, libtorch CUDA]; empty where not synchronised.
+    let mut states: Vec<Vec<u8>> = Vec::new();
+    if group.rank() == 0 {
+        states.push(if torch { host_state() } else { Vec::new() });
+        states.push(if torch {
+            bytes(tch::Device::Cpu)?
+        } else {
+            Vec::new()
+        });
+        states.push(if cuda { bytes(device)? } else { Vec::new() });
+    }
+    group.broadcast_object_list(&mut states, 0)?;
     if group.rank() == 0 {
         return Ok(());
     }
-    let state = |i: usize| tch::Tensor::from_slice(mine.get(i).map(Vec::as_slice).unwrap_or(&[]));
-    set_torch_state(tch::Device::Cpu, "torch_cpu", &state(1))?;
-    if device.is_cuda() && mine.len() > 2 {
-        set_torch_state(device, "torch_cuda", &state(2))?;
+    let state = |i: usize| states.get(i).filter(|s| !s.is_empty());
+    if let Some(s) = state(1) {
+        set_torch_state(tch::Device::Cpu, "torch_cpu", &tch::Tensor::from_slice(s))?;
     }
-    set_host_state(mine.first().map(Vec::as_slice).unwrap_or(&[]))
+    if let Some(s) = state(2) {
+        set_torch_state(device, "torch_cuda", &tch::Tensor::from_slice(s))?;
+    }
+    match state(0) {
+        Some(s) => set_host_state(s),
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]

@@ -2,7 +2,8 @@
 //! `hasten-test-training MODE` with MODE one of `ddp`, `ddp_buckets` (one bucket per parameter),
 //! `ddp_unused` (plus a parameter no loss uses, with find_unused_parameters), `accumulate`,
 //! `dataloader_end`, `scheduler`, `metrics`, `metrics_iterable` (dispatched from process 0, the default),
-//! `metrics_iterable_shard` (each rank reads), `dispatch` (map-style, dispatched), `checkpoint PROJECT_DIR`, `rng`,
+//! `metrics_iterable_shard` (each rank reads), `dispatch` (map-style, dispatched), `checkpoint PROJECT_DIR`, `rng`, `rng_types`
+//! (`rng_types: [torch]`), `rng_types_default`,
 //! `tracking PROJECT_DIR` (TensorBoard plus a custom tracker that logs on every rank). Prints `training check MODE: ok` or `... FAILED: why` and exits non-zero on failure.
 
 use hasten::tch::nn::{self, Module, OptimizerConfig};
@@ -600,6 +601,32 @@ fn dispatch(acc: &mut Accelerator) -> Check {
     }
 }
 
+/// `rng_types`: with `torch`, starting an epoch copies process 0's CPU generator to every rank (ranks seeded
+/// differently draw alike afterwards); with the default (`generator`) nothing is synchronised.
+fn rng_types(acc: &mut Accelerator, synced: bool) -> Check {
+    hasten::set_seed(5, true).map_err(err)?; // offset by the rank
+    let draws = |acc: &mut Accelerator| -> Result<bool, String> {
+        let mine =
+            Vec::<f32>::try_from(Tensor::randn([4], (Kind::Float, Device::Cpu))).map_err(err)?;
+        let all = acc.group().all_gather_object(&mine).map_err(err)?;
+        Ok(all.iter().all(|d| *d == all[0]))
+    };
+    if draws(acc)? {
+        return Err("ranks seeded differently drew alike".into());
+    }
+    let dl = loader(acc, 8, 2)?;
+    let first = dl.iter().map_err(err)?.next();
+    if first.is_none() {
+        return Err("no batch".into());
+    }
+    match draws(acc)? {
+        same if same == synced => Ok(()),
+        same => Err(format!(
+            "after the epoch started, ranks drew alike: {same}, want {synced}"
+        )),
+    }
+}
+
 /// A custom tracker that acts on every process (`main_process_only` false): one line per call in
 /// `custom_rank{r}.txt`.
 struct LinesTracker {
@@ -734,6 +761,7 @@ fn main() {
                 ..Default::default()
             })
         }
+        "rng_types" => builder.rng_types(vec![hasten::RNGType::Torch]),
         "tracking" => {
             let dir = std::path::PathBuf::from(std::env::args().nth(2).unwrap_or_default());
             let rank = std::env::var("RANK").unwrap_or_default();
@@ -772,6 +800,8 @@ fn main() {
             "metrics_iterable" => metrics_iterable(&mut acc, true),
             "metrics_iterable_shard" => metrics_iterable(&mut acc, false),
             "dispatch" => dispatch(&mut acc),
+            "rng_types" => rng_types(&mut acc, true),
+            "rng_types_default" => rng_types(&mut acc, false),
             other => Err(format!("unknown mode {other:?}")),
         });
     match outcome {

@@ -124,7 +124,9 @@ impl AcceleratorBuilder {
         self
     }
 
-    /// Generators synchronised at each data loader epoch (default `generator`).
+    /// Generators synchronised from process 0 each time a prepared data loader starts an epoch (default
+    /// `generator`, which needs nothing: hasten's samplers are seeded alike on every rank; `Torch` adds
+    /// libtorch's CPU generator and hasten's host one, `Cuda` this rank's GPU's).
     pub fn rng_types(mut self, types: Vec<RNGType>) -> Self {
         self.rng_types = Some(types);
         self
@@ -460,6 +462,8 @@ impl Accelerator {
         let shard = DataLoaderShard::new(loader, options, self.gradient.clone());
         if self.dataloader.dispatch_batches == Some(true) && self.num_processes() > 1 {
             shard.dispatched(self.group.clone())
+        } else if let Some(types) = self.rng_sync_types() {
+            shard.synchronizing(self.group.clone(), types)
         } else {
             shard
         }
@@ -480,9 +484,23 @@ impl Accelerator {
         let shard = crate::IterableDataLoaderShard::new(loader, options, self.gradient.clone());
         if self.dataloader.dispatch_batches != Some(false) && self.num_processes() > 1 {
             shard.dispatched(self.group.clone())
+        } else if let Some(types) = self.rng_sync_types() {
+            shard.synchronizing(self.group.clone(), types)
         } else {
             shard
         }
+    }
+
+    /// The `rng_types` a prepared (not dispatching) loader synchronises at each epoch, when there is
+    /// anything to do: `generator` alone needs nothing, as hasten's samplers are seeded alike everywhere.
+    fn rng_sync_types(&self) -> Option<Vec<RNGType>> {
+        let types: Vec<RNGType> = self
+            .rng_types
+            .iter()
+            .copied()
+            .filter(|t| matches!(t, RNGType::Torch | RNGType::Cuda))
+            .collect();
+        (self.num_processes() > 1 && !types.is_empty()).then_some(types)
     }
 
     /// Runs `f` under this Accelerator's mixed precision (fp16/bf16 autocast), as `accelerator.autocast()`.

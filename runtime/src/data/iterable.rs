@@ -7,7 +7,7 @@ use super::dataset::Collate;
 use super::dispatch::Dispatch;
 use super::loader::ShardOptions;
 use super::shard::IterableDatasetShard;
-use crate::{GradientStateHandle, Nested, ProcessGroup, Result, send_to_device};
+use crate::{GradientStateHandle, Nested, ProcessGroup, RNGType, Result, send_to_device};
 use std::sync::{Arc, Mutex};
 
 /// A dataset read as a stream (PyTorch's `IterableDataset`).
@@ -109,6 +109,8 @@ pub struct IterableDataLoaderShard<D: IterableDataset, B> {
     loader: IterableDataLoader<D, B>,
     options: ShardOptions,
     gradient_state: GradientStateHandle,
+    /// Generators synchronised from process 0 at the start of each epoch (Accelerate's `rng_types`).
+    rng_sync: Option<(Arc<Mutex<ProcessGroup>>, Vec<RNGType>)>,
     /// Batches come from process 0 through this group.
     dispatch: Option<Arc<Mutex<ProcessGroup>>>,
 }
@@ -125,7 +127,19 @@ impl<D: IterableDataset + 'static, B: Nested + Send + 'static> IterableDataLoade
             options,
             gradient_state,
             dispatch: None,
+            rng_sync: None,
         }
+    }
+
+    /// The same loader, synchronising the generators `types` from process 0 through `group` each time an
+    /// epoch starts (Accelerate's `DataLoaderShard` with `rng_types`).
+    pub(crate) fn synchronizing(
+        mut self,
+        group: Arc<Mutex<ProcessGroup>>,
+        types: Vec<RNGType>,
+    ) -> Self {
+        self.rng_sync = Some((group, types));
+        self
     }
 
     /// The same loader with the stream read by process 0 only, its batches sent to the others through
@@ -157,6 +171,10 @@ impl<D: IterableDataset + 'static, B: Nested + Send + 'static> IterableDataLoade
                 self.gradient_state.clone(),
                 0,
             )));
+        }
+        if let Some((group, types)) = &self.rng_sync {
+            let mut group = group.lock().unwrap_or_else(|e| e.into_inner());
+            crate::random::synchronize_rng_types(&mut group, types)?;
         }
         let o = &self.options;
         let batch_size = self.loader.batch_size;

@@ -6,7 +6,7 @@ use super::dataset::{Collate, Dataset};
 use super::dispatch::Dispatch;
 use super::sampler::{BatchSampler, BatchSource, Sampler};
 use super::shard::BatchSamplerShard;
-use crate::{GradientStateHandle, Nested, ProcessGroup, Result, send_to_device};
+use crate::{GradientStateHandle, Nested, ProcessGroup, RNGType, Result, send_to_device};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
 use tch::Device;
@@ -242,6 +242,8 @@ pub struct DataLoaderShard<D: Dataset, B> {
     gradient_state: GradientStateHandle,
     skip_batches: usize,
     epoch: u64,
+    /// Generators synchronised from process 0 at the start of each epoch (Accelerate's `rng_types`).
+    rng_sync: Option<(Arc<Mutex<ProcessGroup>>, Vec<RNGType>)>,
     /// Batches come from process 0 through this group (Accelerate's `DataLoaderDispatcher`).
     dispatch: Option<Arc<Mutex<ProcessGroup>>>,
 }
@@ -260,7 +262,19 @@ impl<D: Dataset + 'static, B: Nested + Send + 'static> DataLoaderShard<D, B> {
             skip_batches: 0,
             epoch: 0,
             dispatch: None,
+            rng_sync: None,
         }
+    }
+
+    /// The same loader, synchronising the generators `types` from process 0 through `group` each time an
+    /// epoch starts (Accelerate's `DataLoaderShard` with `rng_types`).
+    pub(crate) fn synchronizing(
+        mut self,
+        group: Arc<Mutex<ProcessGroup>>,
+        types: Vec<RNGType>,
+    ) -> Self {
+        self.rng_sync = Some((group, types));
+        self
     }
 
     /// The same loader with batches read by process 0 only and sent to the others through `group`
@@ -346,6 +360,10 @@ impl<D: Dataset + 'static, B: Nested + Send + 'static> DataLoaderShard<D, B> {
                     self.skip_batches,
                 )),
             });
+        }
+        if let Some((group, types)) = &self.rng_sync {
+            let mut group = group.lock().unwrap_or_else(|e| e.into_inner());
+            crate::random::synchronize_rng_types(&mut group, types)?;
         }
         let mut indices = self.shard()?.batches();
         indices.drain(..self.skip_batches.min(indices.len()));
