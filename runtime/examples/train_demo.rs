@@ -79,9 +79,8 @@ fn training_loop(cfg: Config) -> hasten::Result<f64> {
         for batch in train.iter()? {
             let batch = batch?;
             acc.accumulate(|acc| -> hasten::Result<()> {
-                let logits = acc
-                    .autocast(|| model.forward(&batch[0]))?
-                    .to_kind(Kind::Float);
+                // Under mixed precision, with the logits back in fp32 (Accelerate's prepared forward).
+                let logits = acc.forward(|| model.forward(&batch[0]))?;
                 let loss = logits.cross_entropy_for_logits(&batch[1]);
                 acc.backward(&loss)?;
                 if acc.sync_gradients() {

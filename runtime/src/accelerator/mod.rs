@@ -511,6 +511,17 @@ impl Accelerator {
         autocast(self.state.device, self.mixed_precision, f)
     }
 
+    /// Runs a model's forward as Accelerate's prepared model does: under this Accelerator's mixed precision,
+    /// with every fp16/bf16 tensor of the output converted to fp32 (`convert_outputs_to_fp32`), so losses
+    /// and metrics are computed in full precision. `acc.forward(|| model.forward(&x))?`.
+    pub fn forward<T: Nested>(&self, f: impl FnOnce() -> T) -> Result<T> {
+        let out = self.autocast(f)?;
+        if self.mixed_precision == PrecisionType::No || !self.autocast.enabled {
+            return Ok(out);
+        }
+        crate::convert_to_fp32(out)
+    }
+
     /// Backpropagates `loss`: divided by the accumulation steps, scaled under fp16, and followed, on
     /// synchronising steps, by averaging every prepared model's gradients across ranks.
     pub fn backward(&mut self, loss: &Tensor) -> Result<()> {
@@ -689,5 +700,29 @@ impl Accelerator {
             num_steps: self.gradient.get().num_steps,
             ..GradientState::default()
         };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forward_autocasts_and_returns_fp32_outputs() {
+        let acc = Accelerator::builder()
+            .cpu(true)
+            .mixed_precision(PrecisionType::Bf16)
+            .build()
+            .unwrap();
+        let w = Tensor::ones([4, 4], (tch::Kind::Float, Device::Cpu));
+        let x = Tensor::ones([2, 4], (tch::Kind::Float, Device::Cpu));
+        // The matmul runs in bf16 under autocast; the caller gets fp32 back, the int tensor untouched.
+        let inner = acc.autocast(|| x.matmul(&w)).unwrap();
+        assert_eq!(inner.kind(), tch::Kind::BFloat16);
+        let (y, ids) = acc
+            .forward(|| (x.matmul(&w), Tensor::from_slice(&[1i64, 2])))
+            .unwrap();
+        assert_eq!((y.kind(), ids.kind()), (tch::Kind::Float, tch::Kind::Int64));
+        assert_eq!(y.double_value(&[0, 0]), 4.0);
     }
 }
