@@ -51,6 +51,21 @@ where
 }
 
 impl<D: IterableDataset + 'static, B: Send + 'static> IterableDataLoader<D, B> {
+    /// Batches of `batch_size` collated by `collate`, for samples without a default collation.
+    pub fn with_collate(
+        dataset: D,
+        batch_size: usize,
+        collate: impl Fn(Vec<D::Item>) -> Result<B> + Send + Sync + 'static,
+    ) -> Self {
+        IterableDataLoader {
+            dataset: Arc::new(dataset),
+            batch_size: batch_size.max(1),
+            drop_last: false,
+            collate: Arc::new(collate),
+            epoch: 0,
+        }
+    }
+
     /// Drops a short last batch (default false).
     pub fn drop_last(mut self, on: bool) -> Self {
         self.drop_last = on;
