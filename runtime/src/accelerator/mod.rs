@@ -459,14 +459,9 @@ impl Accelerator {
             loader.reseed(seed);
         }
         let options = self.shard_options();
-        let shard = DataLoaderShard::new(loader, options, self.gradient.clone());
-        if self.dataloader.dispatch_batches == Some(true) && self.num_processes() > 1 {
-            shard.dispatched(self.group.clone())
-        } else if let Some(types) = self.rng_sync_types() {
-            shard.synchronizing(self.group.clone(), types)
-        } else {
-            shard
-        }
+        let dispatch = self.dataloader.dispatch_batches == Some(true);
+        DataLoaderShard::new(loader, options, self.gradient.clone())
+            .coordinated(self.coordination(dispatch))
     }
 
     /// Prepares a loader over an iterable dataset. By default (as in Accelerate) process 0 reads the
@@ -481,26 +476,33 @@ impl Accelerator {
         loader: crate::IterableDataLoader<D, B>,
     ) -> crate::IterableDataLoaderShard<D, B> {
         let options = self.shard_options();
-        let shard = crate::IterableDataLoaderShard::new(loader, options, self.gradient.clone());
-        if self.dataloader.dispatch_batches != Some(false) && self.num_processes() > 1 {
-            shard.dispatched(self.group.clone())
-        } else if let Some(types) = self.rng_sync_types() {
-            shard.synchronizing(self.group.clone(), types)
-        } else {
-            shard
-        }
+        let dispatch = self.dataloader.dispatch_batches != Some(false);
+        crate::IterableDataLoaderShard::new(loader, options, self.gradient.clone())
+            .coordinated(self.coordination(dispatch))
     }
 
-    /// The `rng_types` a prepared (not dispatching) loader synchronises at each epoch, when there is
-    /// anything to do: `generator` alone needs nothing, as hasten's samplers are seeded alike everywhere.
-    fn rng_sync_types(&self) -> Option<Vec<RNGType>> {
+    /// How a loader prepared now works with the other processes: dispatching from process 0 (when asked
+    /// and there are others), else synchronising the `rng_types` that need it at each epoch (`generator`
+    /// alone needs nothing, as hasten's samplers are seeded alike everywhere).
+    fn coordination(&self, dispatch: bool) -> crate::data::Coordination {
+        use crate::data::Coordination;
+        if self.num_processes() == 1 {
+            return Coordination::Alone;
+        }
+        if dispatch {
+            return Coordination::Dispatch(self.group.clone());
+        }
         let types: Vec<RNGType> = self
             .rng_types
             .iter()
             .copied()
             .filter(|t| matches!(t, RNGType::Torch | RNGType::Cuda))
             .collect();
-        (self.num_processes() > 1 && !types.is_empty()).then_some(types)
+        if types.is_empty() {
+            Coordination::Alone
+        } else {
+            Coordination::SyncRng(self.group.clone(), types)
+        }
     }
 
     /// Runs `f` under this Accelerator's mixed precision (fp16/bf16 autocast), as `accelerator.autocast()`.

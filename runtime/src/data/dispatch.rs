@@ -5,12 +5,43 @@
 
 use super::loader::ShardOptions;
 use crate::{
-    Error, GradientStateHandle, Layout, Nested, ProcessGroup, Result, concatenate, send_to_device,
-    slice_tensors, tensors_of,
+    Error, GradientStateHandle, Layout, Nested, ProcessGroup, RNGType, Result, concatenate,
+    send_to_device, slice_tensors, tensors_of,
 };
 use serde::{Deserialize, Serialize};
 use std::sync::{Arc, Mutex};
 use tch::Tensor;
+
+/// How a prepared loader works with the other processes, beyond taking its shard.
+#[derive(Default)]
+pub(crate) enum Coordination {
+    /// Nothing to exchange.
+    #[default]
+    Alone,
+    /// Process 0 reads the data and dispatches its batches through the group.
+    Dispatch(Arc<Mutex<ProcessGroup>>),
+    /// These generators are copied from process 0 each time an epoch starts (`rng_types`).
+    SyncRng(Arc<Mutex<ProcessGroup>>, Vec<RNGType>),
+}
+
+impl Coordination {
+    /// The group batches are dispatched through, if they are.
+    pub(crate) fn dispatch_group(&self) -> Option<&Arc<Mutex<ProcessGroup>>> {
+        match self {
+            Coordination::Dispatch(group) => Some(group),
+            _ => None,
+        }
+    }
+
+    /// What happens on every process when an epoch of a (not dispatching) loader starts.
+    pub(crate) fn start_epoch(&self) -> Result<()> {
+        if let Coordination::SyncRng(group, types) = self {
+            let mut group = group.lock().unwrap_or_else(|e| e.into_inner());
+            crate::random::synchronize_rng_types(&mut group, types)?;
+        }
+        Ok(())
+    }
+}
 
 /// What process 0 tells the others before each batch.
 #[derive(Serialize, Deserialize)]

@@ -4,11 +4,11 @@
 //! items (Accelerate's `IterableDatasetShard`).
 
 use super::dataset::Collate;
-use super::dispatch::Dispatch;
+use super::dispatch::{Coordination, Dispatch};
 use super::loader::ShardOptions;
 use super::shard::IterableDatasetShard;
-use crate::{GradientStateHandle, Nested, ProcessGroup, RNGType, Result, send_to_device};
-use std::sync::{Arc, Mutex};
+use crate::{GradientStateHandle, Nested, Result, send_to_device};
+use std::sync::Arc;
 
 /// A dataset read as a stream (PyTorch's `IterableDataset`).
 pub trait IterableDataset: Send + Sync {
@@ -124,10 +124,8 @@ pub struct IterableDataLoaderShard<D: IterableDataset, B> {
     loader: IterableDataLoader<D, B>,
     options: ShardOptions,
     gradient_state: GradientStateHandle,
-    /// Generators synchronised from process 0 at the start of each epoch (Accelerate's `rng_types`).
-    rng_sync: Option<(Arc<Mutex<ProcessGroup>>, Vec<RNGType>)>,
-    /// Batches come from process 0 through this group.
-    dispatch: Option<Arc<Mutex<ProcessGroup>>>,
+    /// Dispatching from process 0, or synchronising generators at each epoch.
+    coordination: Coordination,
 }
 
 impl<D: IterableDataset + 'static, B: Nested + Send + 'static> IterableDataLoaderShard<D, B> {
@@ -141,32 +139,19 @@ impl<D: IterableDataset + 'static, B: Nested + Send + 'static> IterableDataLoade
             loader,
             options,
             gradient_state,
-            dispatch: None,
-            rng_sync: None,
+            coordination: Coordination::Alone,
         }
     }
 
-    /// The same loader, synchronising the generators `types` from process 0 through `group` each time an
-    /// epoch starts (Accelerate's `DataLoaderShard` with `rng_types`).
-    pub(crate) fn synchronizing(
-        mut self,
-        group: Arc<Mutex<ProcessGroup>>,
-        types: Vec<RNGType>,
-    ) -> Self {
-        self.rng_sync = Some((group, types));
-        self
-    }
-
-    /// The same loader with the stream read by process 0 only, its batches sent to the others through
-    /// `group` (Accelerate's `DataLoaderDispatcher`).
-    pub(crate) fn dispatched(mut self, group: Arc<Mutex<ProcessGroup>>) -> Self {
-        self.dispatch = Some(group);
+    /// The same loader, working with the other processes as `coordination` says (set by the Accelerator).
+    pub(crate) fn coordinated(mut self, coordination: Coordination) -> Self {
+        self.coordination = coordination;
         self
     }
 
     /// True when process 0 reads the stream and dispatches its batches.
     pub fn dispatches(&self) -> bool {
-        self.dispatch.is_some()
+        self.coordination.dispatch_group().is_some()
     }
 
     /// Sets the epoch passed to the dataset.
@@ -176,7 +161,7 @@ impl<D: IterableDataset + 'static, B: Nested + Send + 'static> IterableDataLoade
 
     /// This rank's batches of the current epoch, on its device, tracking the end of the loader.
     pub fn iter(&self) -> Result<Box<dyn Iterator<Item = Result<B>> + '_>> {
-        if let Some(group) = &self.dispatch {
+        if let Some(group) = self.coordination.dispatch_group() {
             let source = (self.options.process_index == 0).then(|| self.loader.iter());
             return Ok(Box::new(Dispatch::new(
                 source,
@@ -187,10 +172,7 @@ impl<D: IterableDataset + 'static, B: Nested + Send + 'static> IterableDataLoade
                 0,
             )));
         }
-        if let Some((group, types)) = &self.rng_sync {
-            let mut group = group.lock().unwrap_or_else(|e| e.into_inner());
-            crate::random::synchronize_rng_types(&mut group, types)?;
-        }
+        self.coordination.start_epoch()?;
         let o = &self.options;
         let batch_size = self.loader.batch_size;
         let per_rank = if o.split_batches {

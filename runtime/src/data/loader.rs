@@ -3,12 +3,12 @@
 //! device, and tells the gradient state when the last batch is being processed.
 
 use super::dataset::{Collate, Dataset};
-use super::dispatch::Dispatch;
+use super::dispatch::{Coordination, Dispatch};
 use super::sampler::{BatchSampler, BatchSource, Sampler};
 use super::shard::BatchSamplerShard;
-use crate::{GradientStateHandle, Nested, ProcessGroup, RNGType, Result, send_to_device};
+use crate::{GradientStateHandle, Nested, Result, send_to_device};
+use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
-use std::sync::{Arc, Mutex};
 use tch::Device;
 
 type CollateFn<I, B> = Arc<dyn Fn(Vec<I>) -> Result<B> + Send + Sync>;
@@ -242,10 +242,8 @@ pub struct DataLoaderShard<D: Dataset, B> {
     gradient_state: GradientStateHandle,
     skip_batches: usize,
     epoch: u64,
-    /// Generators synchronised from process 0 at the start of each epoch (Accelerate's `rng_types`).
-    rng_sync: Option<(Arc<Mutex<ProcessGroup>>, Vec<RNGType>)>,
-    /// Batches come from process 0 through this group (Accelerate's `DataLoaderDispatcher`).
-    dispatch: Option<Arc<Mutex<ProcessGroup>>>,
+    /// Dispatching from process 0, or synchronising generators at each epoch.
+    coordination: Coordination,
 }
 
 impl<D: Dataset + 'static, B: Nested + Send + 'static> DataLoaderShard<D, B> {
@@ -261,32 +259,19 @@ impl<D: Dataset + 'static, B: Nested + Send + 'static> DataLoaderShard<D, B> {
             gradient_state,
             skip_batches: 0,
             epoch: 0,
-            dispatch: None,
-            rng_sync: None,
+            coordination: Coordination::Alone,
         }
     }
 
-    /// The same loader, synchronising the generators `types` from process 0 through `group` each time an
-    /// epoch starts (Accelerate's `DataLoaderShard` with `rng_types`).
-    pub(crate) fn synchronizing(
-        mut self,
-        group: Arc<Mutex<ProcessGroup>>,
-        types: Vec<RNGType>,
-    ) -> Self {
-        self.rng_sync = Some((group, types));
-        self
-    }
-
-    /// The same loader with batches read by process 0 only and sent to the others through `group`
-    /// (Accelerate's `dispatch_batches=True`).
-    pub(crate) fn dispatched(mut self, group: Arc<Mutex<ProcessGroup>>) -> Self {
-        self.dispatch = Some(group);
+    /// The same loader, working with the other processes as `coordination` says (set by the Accelerator).
+    pub(crate) fn coordinated(mut self, coordination: Coordination) -> Self {
+        self.coordination = coordination;
         self
     }
 
     /// True when process 0 reads the data and dispatches its batches.
     pub fn dispatches(&self) -> bool {
-        self.dispatch.is_some()
+        self.coordination.dispatch_group().is_some()
     }
 
     /// Batches of the whole job per step: `batch_size × P`, or `batch_size` with split_batches.
@@ -310,7 +295,7 @@ impl<D: Dataset + 'static, B: Nested + Send + 'static> DataLoaderShard<D, B> {
 
     /// Number of batches this rank gets in an epoch (after any skipped ones).
     pub fn len(&self) -> usize {
-        let n = if self.dispatch.is_some() {
+        let n = if self.dispatches() {
             // Process 0 sends P of the loader's batches per step (one with split_batches).
             let (whole, p) = (self.loader.len(), self.options.num_processes.max(1));
             match (
@@ -348,7 +333,7 @@ impl<D: Dataset + 'static, B: Nested + Send + 'static> DataLoaderShard<D, B> {
     /// This rank's batches of the current epoch, on its device. While they are iterated the gradient
     /// state knows it is inside a data loader, and `end_of_dataloader` is true during the last batch.
     pub fn iter(&self) -> Result<ShardBatches<B>> {
-        if let Some(group) = &self.dispatch {
+        if let Some(group) = self.coordination.dispatch_group() {
             let source = (self.options.process_index == 0).then(|| self.loader.iter());
             return Ok(ShardBatches {
                 inner: Inner::Dispatched(Dispatch::new(
@@ -361,10 +346,7 @@ impl<D: Dataset + 'static, B: Nested + Send + 'static> DataLoaderShard<D, B> {
                 )),
             });
         }
-        if let Some((group, types)) = &self.rng_sync {
-            let mut group = group.lock().unwrap_or_else(|e| e.into_inner());
-            crate::random::synchronize_rng_types(&mut group, types)?;
-        }
+        self.coordination.start_epoch()?;
         let mut indices = self.shard()?.batches();
         indices.drain(..self.skip_batches.min(indices.len()));
         {

@@ -9,6 +9,7 @@ mod sampler;
 mod shard;
 
 pub use dataset::{Collate, Dataset, TensorDataset};
+pub(crate) use dispatch::Coordination;
 pub use iterable::{IterableDataLoader, IterableDataLoaderShard, IterableDataset};
 pub use loader::{Batches, DataLoader, DataLoaderShard, ShardBatches, ShardOptions};
 pub use sampler::{BatchSampler, BatchSource, FixedBatches, Sampler};

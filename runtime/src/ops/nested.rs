@@ -214,11 +214,21 @@ fn rebuild_keyed<T: Nested>(
     value.rebuild(&mut |inner: Option<&str>, t| f(inner.or(Some(key)), t))
 }
 
-/// The entries of a map layout, each value built as a `T`.
-fn entries_from_layout<M: Nested, T: Nested>(
+/// The layout of a map's entries, in the order given.
+fn entries_layout<'a, T: Nested + 'a>(
+    entries: impl Iterator<Item = (&'a String, &'a T)>,
+) -> Result<Layout> {
+    entries
+        .map(|(k, v)| v.layout().map(|l| (k.clone(), l)))
+        .collect::<Result<_>>()
+        .map(Layout::Entries)
+}
+
+/// A map of the entries of `layout`, each value built as a `T` (`M` names the map type in errors).
+fn entries_from_layout<M: Nested, T: Nested, C: FromIterator<(String, T)>>(
     layout: &Layout,
     make: &mut dyn FnMut(&[i64], Kind) -> Result<Tensor>,
-) -> Result<Vec<(String, T)>> {
+) -> Result<C> {
     match layout {
         Layout::Entries(entries) => entries
             .iter()
@@ -226,6 +236,13 @@ fn entries_from_layout<M: Nested, T: Nested>(
             .collect(),
         other => Err(mismatch::<M>(other)),
     }
+}
+
+/// A HashMap's entries by sorted key: its own order differs between processes.
+fn sorted<T>(map: &HashMap<String, T>) -> Vec<(&String, &T)> {
+    let mut entries: Vec<(&String, &T)> = map.iter().collect();
+    entries.sort_by(|a, b| a.0.cmp(b.0));
+    entries
 }
 
 impl<T: Nested> Nested for BTreeMap<String, T> {
@@ -240,28 +257,21 @@ impl<T: Nested> Nested for BTreeMap<String, T> {
             .collect()
     }
     fn layout(&self) -> Result<Layout> {
-        self.iter()
-            .map(|(k, v)| v.layout().map(|l| (k.clone(), l)))
-            .collect::<Result<_>>()
-            .map(Layout::Entries)
+        entries_layout(self.iter())
     }
     fn from_layout(
         layout: &Layout,
         make: &mut dyn FnMut(&[i64], Kind) -> Result<Tensor>,
     ) -> Result<Self> {
-        Ok(entries_from_layout::<Self, T>(layout, make)?
-            .into_iter()
-            .collect())
+        entries_from_layout::<Self, T, _>(layout, make)
     }
 }
 
 impl<T: Nested> Nested for HashMap<String, T> {
-    // A HashMap's order differs between processes, so both visiting and rebuilding go by sorted key.
+    // A HashMap's order differs between processes, so visiting, rebuilding and layouts go by sorted key.
     fn visit<'a>(&'a self, f: &mut dyn FnMut(&'a Tensor)) {
-        let mut keys: Vec<&String> = self.keys().collect();
-        keys.sort();
-        for k in keys {
-            self[k].visit(f);
+        for (_, v) in sorted(self) {
+            v.visit(f);
         }
     }
     fn rebuild(self, f: &mut dyn FnMut(Option<&str>, Tensor) -> Result<Tensor>) -> Result<Self> {
@@ -273,20 +283,13 @@ impl<T: Nested> Nested for HashMap<String, T> {
             .collect()
     }
     fn layout(&self) -> Result<Layout> {
-        let mut keys: Vec<&String> = self.keys().collect();
-        keys.sort();
-        keys.into_iter()
-            .map(|k| self[k].layout().map(|l| (k.clone(), l)))
-            .collect::<Result<_>>()
-            .map(Layout::Entries)
+        entries_layout(sorted(self).into_iter())
     }
     fn from_layout(
         layout: &Layout,
         make: &mut dyn FnMut(&[i64], Kind) -> Result<Tensor>,
     ) -> Result<Self> {
-        Ok(entries_from_layout::<Self, T>(layout, make)?
-            .into_iter()
-            .collect())
+        entries_from_layout::<Self, T, _>(layout, make)
     }
 }
 
