@@ -148,9 +148,13 @@ pub(crate) fn supervise(
     let mut pids = Vec::with_capacity(n);
     let mut prefixes = Vec::with_capacity(n);
     let mut ranks = Vec::with_capacity(n);
+    // Per worker: stdout, stderr and, where there is one, the status pipe. A worker is finished with
+    // only when all are read to the end — its exit alone can come before its result reaches us.
+    let mut open_pipes = Vec::with_capacity(n);
     for (index, w) in workers.into_iter().enumerate() {
         spawn_reader(index, Stream::Stdout, w.stdout, tx.clone());
         spawn_reader(index, Stream::Stderr, w.stderr, tx.clone());
+        open_pipes.push(2 + usize::from(w.status.is_some()));
         if let Some(status) = w.status {
             spawn_status_reader(index, status, tx.clone());
         }
@@ -160,7 +164,6 @@ pub(crate) fn supervise(
     }
     drop(tx);
 
-    let mut open_pipes = vec![2usize; n];
     let mut statuses: Vec<Option<Vec<u8>>> = vec![None; n];
     let mut exits: Vec<Option<Exit>> = vec![None; n];
     let mut tails: Vec<VecDeque<String>> = vec![VecDeque::new(); n];
@@ -192,7 +195,10 @@ pub(crate) fn supervise(
                             tail.push_back(text);
                         }
                         Event::Eof { index } => open_pipes[index] -= 1,
-                        Event::Status { index, bytes } => statuses[index] = Some(bytes),
+                        Event::Status { index, bytes } => {
+                            statuses[index] = Some(bytes);
+                            open_pipes[index] -= 1;
+                        }
                     }
                     next = rx.try_recv().ok();
                 }
