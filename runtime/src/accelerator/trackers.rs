@@ -115,16 +115,16 @@ impl Accelerator {
     /// reaches its concrete type, e.g. [`TensorBoardTracker::writer`]. An unknown name is an error listing
     /// the trackers there are.
     pub fn get_tracker(&mut self, name: &str) -> Result<&mut dyn GeneralTracker> {
-        let names: Vec<String> = self.trackers.iter().map(|t| t.name().to_owned()).collect();
-        match self.trackers.iter_mut().find(|t| t.name() == name) {
-            Some(t) => Ok(t.as_mut()),
+        match self.trackers.iter().position(|t| t.name() == name) {
+            Some(i) => Ok(self.trackers[i].as_mut()),
             None => Err(Error::InvalidValue {
                 name: "tracker".into(),
                 detail: format!(
                     "{name:?} is not a tracker of this Accelerator (it has: {}; did init_trackers run?)",
-                    if names.is_empty() {
+                    if self.trackers.is_empty() {
                         "none".into()
                     } else {
+                        let names: Vec<&str> = self.trackers.iter().map(|t| t.name()).collect();
                         names.join(", ")
                     }
                 ),

@@ -188,7 +188,14 @@ impl<I: Iterator<Item = Result<B>>, B: Nested> Dispatch<I, B> {
                             .map_err(|e| Error::torch("dispatch", e))
                     })?,
                 };
-                Ok(Some((group.broadcast_data(batch, 0)?, last)))
+                // In place: these tensors are fresh on every process (process 0's concatenated or
+                // copied to the device, the others' just made), so `broadcast_data`'s copy is not needed.
+                let batch = crate::map_tensors(batch, |t| {
+                    let mut t = t.f_contiguous().map_err(|e| Error::torch("dispatch", e))?;
+                    group.broadcast(&mut t, 0)?;
+                    Ok(t)
+                })?;
+                Ok(Some((batch, last)))
             }
             Some(Message::Failed(why)) => {
                 self.exhausted = true;

@@ -4,6 +4,7 @@ use super::event::{self, HParam};
 use super::{GeneralTracker, LogValue};
 use crate::{Error, Result};
 use std::collections::BTreeMap;
+use std::collections::btree_map::Entry;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -114,13 +115,14 @@ impl SummaryWriter {
     ) -> Result<()> {
         for (name, value) in values {
             let sub = format!("{}_{name}", main_tag.replace('/', "_"));
-            if !self.curves.contains_key(&sub) {
-                let writer = SummaryWriter::new(self.dir.join(&sub))?;
-                self.curves.insert(sub.clone(), writer);
-            }
-            if let Some(writer) = self.curves.get_mut(&sub) {
-                writer.add_scalar(main_tag, *value, step)?;
-            }
+            let writer = match self.curves.entry(sub) {
+                Entry::Occupied(e) => e.into_mut(),
+                Entry::Vacant(e) => {
+                    let writer = SummaryWriter::new(self.dir.join(e.key()))?;
+                    e.insert(writer)
+                }
+            };
+            writer.add_scalar(main_tag, *value, step)?;
         }
         Ok(())
     }
@@ -208,12 +210,11 @@ impl TensorBoardTracker {
     }
 
     fn started(&mut self) -> Result<&mut SummaryWriter> {
-        let dir = self.logging_dir.join(&self.run_name);
         self.writer.as_mut().ok_or_else(|| Error::InvalidValue {
             name: "tensorboard tracker".into(),
             detail: format!(
                 "not started (call init_trackers first); it would log to {}",
-                dir.display()
+                self.logging_dir.join(&self.run_name).display()
             ),
         })
     }
