@@ -187,7 +187,11 @@ pub(crate) fn supervise(
                             text,
                         } => {
                             sink.line(stream, &format!("{}{}", prefixes[index], text));
-                            panics[index].observe(&text);
+                            // The panic hook writes to stderr; stdout's lines come through another
+                            // thread and may arrive between its two lines.
+                            if matches!(stream, Stream::Stderr) {
+                                panics[index].observe(&text);
+                            }
                             let tail = &mut tails[index];
                             if tail.len() == TAIL_LINES {
                                 tail.pop_front();
