@@ -7,6 +7,7 @@
 #                    pinned by install/requirements-test.lock
 #   cargo-nextest    the test runner, if the toolchain lacks it
 #   rust-src         the standard library's source, for completions in the Jupyter kernel
+#   crates           every package of Cargo.lock in cargo's registry (notebooks resolve them offline)
 #   env.sh           LIBTORCH, CARGO_TARGET_DIR (cached build output), HASTEN_PYTHON
 #
 # A second run only checks stamps and finishes in well under a second.
@@ -79,6 +80,17 @@ if [[ ! -d "$(rustc --print sysroot)/lib/rustlib/src/rust/library" ]]; then
   else
     log "warning: rust-src is missing and rustup is not here: the kernel's completions will lack std"
   fi
+fi
+
+# Every package Cargo.lock names, for every target. Builds download only what this platform compiles,
+# but the Jupyter kernel resolves notebooks offline against this lock file (evcxr runs `cargo metadata
+# --offline` over it), and cargo then wants all of them, also those only another platform needs. The
+# check is one offline `cargo metadata` (~0.3 s); the download happens once per cargo registry.
+workspace=$(dirname "$here")
+if ! cargo metadata --locked --offline --format-version 1 --manifest-path "$workspace/Cargo.toml" >/dev/null 2>&1; then
+  log "downloading the crates Cargo.lock names (for every target: notebooks resolve them offline)"
+  cargo fetch --locked --manifest-path "$workspace/Cargo.toml" >&2 ||
+    die "cargo fetch --locked failed: the kernel needs every crate of Cargo.lock in cargo's registry (${CARGO_HOME:-$HOME/.cargo})"
 fi
 
 if ! cargo nextest --version >/dev/null 2>&1; then
