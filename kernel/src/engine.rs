@@ -191,7 +191,8 @@ fn start_context(
     runner: &Mutex<Option<Arc<Mutex<Child>>>>,
 ) -> Result<Running, String> {
     let started = Instant::now();
-    let (mut eval, outputs) = EvalContext::new().map_err(|e| format!("starting evcxr: {e}"))?;
+    let (mut eval, outputs) = EvalContext::new()
+        .map_err(|e| format!("starting evcxr: {}", crate::diagnose::describe(&e)))?;
     let flush = output::spawn(outputs.stdout, outputs.stderr, cell.clone(), iopub.clone());
     let mut state = eval.state();
     state.set_offline_mode(true);
@@ -208,17 +209,12 @@ fn start_context(
         state.set_build_env("LIBTORCH", &libtorch.display().to_string());
     }
     eval.eval_with_state("", state)
-        .map_err(|e| format!("configuring evcxr: {e}"))?;
+        .map_err(|e| format!("configuring evcxr: {}", crate::diagnose::describe(&e)))?;
     paths.seed_lock_file();
     *runner.lock().unwrap_or_else(|e| e.into_inner()) = Some(eval.process_handle());
     let mut ctx = CommandContext::with_eval_context(eval);
-    ctx.execute(&prelude(paths)).map_err(|e| {
-        format!(
-            "bringing hasten into scope (source {}): {}",
-            paths.source.display(),
-            describe(&e)
-        )
-    })?;
+    ctx.execute(&prelude(paths))
+        .map_err(|e| crate::diagnose::prelude_failure(paths, &e))?;
     if std::env::var_os("HASTEN_KERNEL_VERBOSE").is_some() {
         eprintln!(
             "hasten-kernel: engine ready in {:.2?} (slot {})",
@@ -227,17 +223,6 @@ fn start_context(
         );
     }
     Ok(Running { ctx, flush })
-}
-
-fn describe(e: &evcxr::Error) -> String {
-    match e {
-        evcxr::Error::CompilationErrors(errors) => errors
-            .iter()
-            .map(|e| e.rendered())
-            .collect::<Vec<_>>()
-            .join("\n"),
-        other => other.to_string(),
-    }
 }
 
 fn engine_thread(
@@ -386,11 +371,15 @@ fn outcome(
             }
         }
         Err(evcxr::Error::CompilationErrors(errors)) => {
-            let traceback: Vec<String> = errors
+            let mut traceback: Vec<String> = errors
                 .iter()
                 .map(|e| render_compile_error(e, code))
                 .collect();
-            let first = errors.first().map(|e| e.message()).unwrap_or_default();
+            let mut first = errors.first().map(|e| e.message()).unwrap_or_default();
+            if first.trim().is_empty() {
+                first = crate::diagnose::describe(&evcxr::Error::CompilationErrors(errors));
+                traceback.push(first.clone());
+            }
             Some(CellError::new("CompilationError", first, traceback))
         }
         Err(evcxr::Error::SubprocessTerminated(message)) => {
@@ -404,7 +393,10 @@ fn outcome(
                 format!(
                     "the notebook's Rust process ended ({}); a new one was started: variables are \
                      gone, functions, types, :dep and use lines remain",
-                    message.trim()
+                    match message.trim() {
+                        "" => "evcxr gave no reason",
+                        reason => reason,
+                    }
                 )
             };
             Some(CellError::new(
@@ -414,7 +406,7 @@ fn outcome(
             ))
         }
         Err(other) => {
-            let message = other.to_string();
+            let message = crate::diagnose::describe(&other);
             Some(CellError::new("Error", message.clone(), vec![message]))
         }
     };

@@ -8,6 +8,7 @@
 
 mod code;
 mod connection;
+mod diagnose;
 mod engine;
 mod history;
 mod install;
@@ -160,6 +161,10 @@ fn warm() -> Result<()> {
                 paths.shared_build.display()
             );
             Ok(())
+        }
+        // The engine has written why it could not start to stderr already (as it does into a kernel's log).
+        Some(e) if e.ename == "KernelError" => {
+            anyhow::bail!("warming failed: hasten could not be brought into scope (why: above)")
         }
         Some(e) => anyhow::bail!("{}: {}\n{}", e.ename, e.evalue, e.traceback.join("\n")),
     }

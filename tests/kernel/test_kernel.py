@@ -312,3 +312,30 @@ def test_restart_gives_a_fresh_kernel():
     finally:
         kc.stop_channels()
         km.shutdown_kernel(now=True)
+
+
+def test_a_registry_missing_locked_packages_gives_an_actionable_message(kernel_binary_path, tmp_path):
+    """Issue 13: notebooks resolve offline against hasten's Cargo.lock. With a cargo registry that lacks
+    its packages (an empty CARGO_HOME), bringing hasten into scope fails; `hasten-kernel warm` and a cell
+    both say what failed, with cargo's own words, and what to do (once: an empty message)."""
+    env = dict(os.environ, CARGO_HOME=str(tmp_path / "empty-cargo-home"), HASTEN_CACHE=str(tmp_path / "cache"))
+    warm = subprocess.run([str(kernel_binary_path), "warm"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert warm.returncode != 0
+    for expected in ("bringing hasten into scope failed", "cargo metadata --locked --offline",
+                     "(--offline)", "cargo fetch --locked"):
+        assert expected in warm.stderr, warm.stderr
+
+    km = KernelManager(kernel_name="hasten")
+    km.start_kernel(env=env)
+    kc = km.client()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=120)
+        reply, _ = execute(kc, "1 + 1")
+        assert reply["status"] == "error"
+        assert "cargo fetch --locked" in reply["evalue"], reply
+        assert "(--offline)" in "\n".join(reply["traceback"]), reply
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
