@@ -310,6 +310,34 @@ fn debug_mode(g: &mut ProcessGroup, c: &Ctx) -> Check {
     result
 }
 
+/// Every rank computes on a GPU of its own (by PCI address), whether the launcher bound each rank to one
+/// GPU (it then sees only that one, as `cuda:0`) or showed it all of them (it takes `cuda:local_rank`).
+fn distinct_gpus(g: &mut ProcessGroup, c: &Ctx) -> Check {
+    let Device::Cuda(index) = c.device else {
+        return Err(format!("a rank using NCCL computes on {:?}", c.device));
+    };
+    let gpus = hasten::cuda_devices().map_err(err)?;
+    let mine = gpus
+        .get(index)
+        .ok_or_else(|| format!("cuda:{index} is not among the {} visible GPUs", gpus.len()))?;
+    let visible = std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_else(|_| "(unset)".into());
+    println!(
+        "rank {} computes on cuda:{index} = GPU {} ({} visible, CUDA_VISIBLE_DEVICES={visible})",
+        c.r,
+        mine.pci_bus_id,
+        gpus.len()
+    );
+    let all = g.all_gather_object(&mine.pci_bus_id).map_err(err)?;
+    let mut unique = all.clone();
+    unique.sort();
+    unique.dedup();
+    if unique.len() == all.len() {
+        Ok(())
+    } else {
+        Err(format!("ranks share GPUs: {all:?}"))
+    }
+}
+
 /// Runs every check on this rank, prints one line per check and returns the number that failed.
 pub fn run_ops_checks(g: &mut ProcessGroup) -> usize {
     let c = Ctx {
@@ -329,7 +357,7 @@ pub fn run_ops_checks(g: &mut ProcessGroup) -> usize {
         ("mismatch_without_debug", mismatch_without_debug),
     ];
     let mut failed = 0;
-    let total = checks.len() + usize::from(g.uses_nccl());
+    let total = checks.len() + 2 * usize::from(g.uses_nccl());
     if g.uses_nccl() {
         // A large collective waits for NCCL; the small one after it lets the ranks agree to switch, so
         // every check below runs on NCCL rather than on the TCP path used while NCCL starts.
@@ -343,6 +371,15 @@ pub fn run_ops_checks(g: &mut ProcessGroup) -> usize {
             (outcome, active) => {
                 failed += 1;
                 println!("check nccl_switch: FAILED: {outcome:?}, active {active}");
+            }
+        }
+    }
+    if g.uses_nccl() {
+        match distinct_gpus(g, &c) {
+            Ok(()) => println!("check distinct_gpus: ok"),
+            Err(e) => {
+                failed += 1;
+                println!("check distinct_gpus: FAILED: {e}");
             }
         }
     }

@@ -66,6 +66,18 @@ pub struct LaunchArgs {
     /// Run on the CPU even where GPUs exist.
     #[arg(long)]
     pub cpu: bool,
+    /// With several processes on a machine, each sees only its own GPU (CUDA_VISIBLE_DEVICES = that GPU,
+    /// so it computes on cuda:0), which starts CUDA faster; `false` shows every process all the GPUs
+    /// (rank i on cuda:i), as Python Accelerate does. Default true.
+    #[arg(
+        long = "gpu_binding",
+        visible_alias = "gpu-binding",
+        value_name = "BOOL",
+        env = hasten_core::GPU_BINDING_VAR,
+        default_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub gpu_binding: bool,
     /// Multi-GPU training (the default whenever GPUs are visible; accepted for Accelerate compatibility).
     #[arg(long = "multi_gpu", visible_alias = "multi-gpu")]
     pub multi_gpu: bool,
@@ -130,10 +142,10 @@ pub fn load_config_file(named: Option<&PathBuf>) -> Result<Option<ClusterConfig>
 }
 
 /// Host facts the merge depends on, passed in so the merge stays pure.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct HostFacts {
-    /// GPUs visible to the launcher.
-    pub gpus: usize,
+    /// GPUs visible to the launcher, as `CUDA_VISIBLE_DEVICES` entries.
+    pub gpus: Vec<String>,
     /// Logical CPUs.
     pub cpus: usize,
 }
@@ -142,7 +154,7 @@ impl HostFacts {
     /// Reads the facts from this host without initialising CUDA.
     pub fn probe() -> Self {
         HostFacts {
-            gpus: host::visible_gpu_count(),
+            gpus: host::visible_gpus(),
             cpus: host::cpu_count(),
         }
     }
@@ -156,7 +168,7 @@ pub fn merge(args: &LaunchArgs, file: Option<&ClusterConfig>, host: HostFacts) -
         .map(|f| f.num_processes)
         .filter(|n| *n > 0)
         .and_then(|n| usize::try_from(n).ok());
-    let default_procs = if use_cpu { 1 } else { host.gpus.max(1) };
+    let default_procs = if use_cpu { 1 } else { host.gpus.len().max(1) };
     LaunchConfig {
         num_processes: args
             .num_processes
@@ -188,6 +200,8 @@ pub fn merge(args: &LaunchArgs, file: Option<&ClusterConfig>, host: HostFacts) -
             .gpu_ids
             .clone()
             .or(file.and_then(|f| f.gpu_ids.clone())),
+        visible_gpus: host.gpus,
+        gpu_binding: args.gpu_binding,
         debug: args.debug || file.is_some_and(|f| f.debug),
         num_cpu_threads_per_process: args.num_cpu_threads_per_process,
         cpu_count: host.cpus,
@@ -245,7 +259,10 @@ mod tests {
             .launch
     }
 
-    const HOST: HostFacts = HostFacts { gpus: 0, cpus: 4 };
+    const HOST: HostFacts = HostFacts {
+        gpus: Vec::new(),
+        cpus: 4,
+    };
 
     #[test]
     fn flags_with_underscores_or_hyphens() {
@@ -276,7 +293,11 @@ mod tests {
             main_process_port: Some(1234),
             ..hasten_core::basic_config(PrecisionType::No, 4)
         };
-        let cfg = merge(&args(&["--num_processes", "2", "p"]), Some(&file), HOST);
+        let cfg = merge(
+            &args(&["--num_processes", "2", "p"]),
+            Some(&file),
+            HOST.clone(),
+        );
         assert_eq!(cfg.num_processes, 2);
         assert!(cfg.debug);
         assert_eq!(cfg.mixed_precision, PrecisionType::Bf16);
@@ -284,7 +305,7 @@ mod tests {
         let cfg = merge(
             &args(&["--mixed_precision", "fp16", "p"]),
             Some(&file),
-            HOST,
+            HOST.clone(),
         );
         assert_eq!(
             (cfg.num_processes, cfg.mixed_precision),
@@ -294,19 +315,37 @@ mod tests {
 
     #[test]
     fn defaults_without_a_config() {
-        let cfg = merge(&args(&["p"]), None, HOST);
+        let cfg = merge(&args(&["p"]), None, HOST.clone());
         assert_eq!(cfg.num_processes, 1);
         assert_eq!(cfg.main_process_port, 29500);
         assert_eq!(cfg.main_process_ip, "127.0.0.1");
-        let gpus = merge(&args(&["p"]), None, HostFacts { gpus: 2, cpus: 4 });
+        let gpus = merge(
+            &args(&["p"]),
+            None,
+            HostFacts {
+                gpus: vec!["0".into(), "1".into()],
+                cpus: 4,
+            },
+        );
         assert_eq!(gpus.num_processes, 2);
-        let cpu = merge(&args(&["--cpu", "p"]), None, HostFacts { gpus: 2, cpus: 4 });
+        let cpu = merge(
+            &args(&["--cpu", "p"]),
+            None,
+            HostFacts {
+                gpus: vec!["0".into(), "1".into()],
+                cpus: 4,
+            },
+        );
         assert_eq!(cpu.num_processes, 1);
     }
 
     #[test]
     fn ports_are_resolved() {
-        let mut cfg = merge(&args(&["--main_process_port", "0", "p"]), None, HOST);
+        let mut cfg = merge(
+            &args(&["--main_process_port", "0", "p"]),
+            None,
+            HOST.clone(),
+        );
         let reserved = resolve_port(&mut cfg, &|_| {})
             .unwrap()
             .expect("port 0 is reserved");

@@ -6,6 +6,12 @@ use std::net::TcpListener;
 /// Number of NVIDIA GPUs this process may use, read from the driver's `/proc` entries and narrowed by
 /// `CUDA_VISIBLE_DEVICES`; 0 without an NVIDIA driver. Does not initialise CUDA.
 pub fn visible_gpu_count() -> usize {
+    visible_gpus().len()
+}
+
+/// The GPUs this process may use, as `CUDA_VISIBLE_DEVICES` entries (indices or UUIDs) in CUDA's order:
+/// what a launcher hands out to its ranks. Does not initialise CUDA.
+pub fn visible_gpus() -> Vec<String> {
     let installed = std::fs::read_dir("/proc/driver/nvidia/gpus")
         .map(|d| d.count())
         .unwrap_or(0);
@@ -17,23 +23,23 @@ pub fn visible_gpu_count() -> usize {
 
 /// Applies a `CUDA_VISIBLE_DEVICES` value to an installed GPU count, as the CUDA runtime does: the list
 /// stops at the first entry that is not a valid index; an empty value hides every GPU.
-pub(crate) fn visible_of(installed: usize, cuda_visible: Option<&str>) -> usize {
+pub(crate) fn visible_of(installed: usize, cuda_visible: Option<&str>) -> Vec<String> {
     let Some(list) = cuda_visible else {
-        return installed;
+        return (0..installed).map(|i| i.to_string()).collect();
     };
-    let mut seen = Vec::new();
+    let mut seen: Vec<String> = Vec::new();
     for entry in list.split(',').map(str::trim) {
-        // UUIDs (GPU-…, MIG-…) name a device without an index; count them as one each.
+        // UUIDs (GPU-…, MIG-…) name a device without an index; each counts as one.
         if entry.starts_with("GPU-") || entry.starts_with("MIG-") {
-            seen.push(usize::MAX - seen.len());
+            seen.push(entry.to_owned());
             continue;
         }
         match entry.parse::<usize>() {
-            Ok(i) if i < installed && !seen.contains(&i) => seen.push(i),
+            Ok(i) if i < installed && !seen.contains(&i.to_string()) => seen.push(i.to_string()),
             _ => break,
         }
     }
-    seen.len()
+    seen
 }
 
 /// True when the CUDA driver has been initialised in this process (by libtorch, cudarc, anything),
@@ -119,14 +125,18 @@ mod tests {
 
     #[test]
     fn cuda_visible_devices_rules() {
-        assert_eq!(visible_of(4, None), 4);
-        assert_eq!(visible_of(4, Some("")), 0);
-        assert_eq!(visible_of(4, Some("1,3")), 2);
-        assert_eq!(visible_of(4, Some("0,7,1")), 1);
-        assert_eq!(visible_of(4, Some("-1")), 0);
-        assert_eq!(visible_of(2, Some("1,1")), 1);
-        assert_eq!(visible_of(2, Some("GPU-abc,GPU-def")), 2);
-        assert_eq!(visible_of(0, None), 0);
+        let count = |n, v| visible_of(n, v).len();
+        assert_eq!(count(4, None), 4);
+        assert_eq!(count(4, Some("")), 0);
+        assert_eq!(count(4, Some("1,3")), 2);
+        assert_eq!(count(4, Some("0,7,1")), 1);
+        assert_eq!(count(4, Some("-1")), 0);
+        assert_eq!(count(2, Some("1,1")), 1);
+        assert_eq!(count(2, Some("GPU-abc,GPU-def")), 2);
+        assert_eq!(count(0, None), 0);
+        assert_eq!(visible_of(3, None), ["0", "1", "2"]);
+        assert_eq!(visible_of(4, Some(" 3, 1 ,7")), ["3", "1"]);
+        assert_eq!(visible_of(2, Some("GPU-abc,0")), ["GPU-abc", "0"]);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! program (a notebook kernel, a test, a REPL), relay their output live, and return the main rank's
 //! result.
 
-use crate::host::{PortReservation, cuda_initialized_in_this_process, visible_gpu_count};
+use crate::host::{PortReservation, cuda_initialized_in_this_process, visible_gpus};
 use crate::plan::{FOREIGN_CONTRACT_VARS, LaunchConfig, LaunchPlan, RankPlan, plan};
 use crate::relay::{LinePrefix, OutputSink, StdioSink};
 use crate::supervise::{STATUS_OK, Worker, kill_and_reap, supervise};
@@ -28,6 +28,7 @@ pub struct NotebookLauncher {
     prefix: LinePrefix,
     use_cpu: bool,
     debug: Option<bool>,
+    gpu_binding: Option<bool>,
 }
 
 impl NotebookLauncher {
@@ -44,6 +45,7 @@ impl NotebookLauncher {
             prefix: LinePrefix::default(),
             use_cpu: false,
             debug: None,
+            gpu_binding: None,
         }
     }
 
@@ -102,6 +104,14 @@ impl NotebookLauncher {
         self
     }
 
+    /// Each worker sees only its own GPU (`CUDA_VISIBLE_DEVICES` = that GPU, so it computes on `cuda:0`),
+    /// which starts CUDA faster; `false` shows every worker all the GPUs (rank i on `cuda:i`), as Python
+    /// Accelerate does. Default: `HASTEN_GPU_BINDING`, else true.
+    pub fn gpu_binding(mut self, on: bool) -> Self {
+        self.gpu_binding = Some(on);
+        self
+    }
+
     /// Runs `function(args)` on every worker and returns the main rank's result (`None` on a machine
     /// without global rank 0). Fails with the first failing rank, its cause and its last lines, after
     /// stopping and reaping every worker.
@@ -139,7 +149,12 @@ impl NotebookLauncher {
                 self.node_rank, self.num_nodes
             )));
         }
-        let gpus = if self.use_cpu { 0 } else { visible_gpu_count() };
+        let gpu_list = if self.use_cpu {
+            Vec::new()
+        } else {
+            visible_gpus()
+        };
+        let gpus = gpu_list.len();
         if self.num_processes == 1 && self.num_nodes == 1 {
             sink.note(if gpus > 0 {
                 "Launching training on one GPU."
@@ -190,6 +205,11 @@ impl NotebookLauncher {
             mixed_precision: self.mixed_precision,
             use_cpu: self.use_cpu || gpus == 0,
             gpu_ids: None,
+            visible_gpus: gpu_list,
+            gpu_binding: match self.gpu_binding {
+                Some(on) => on,
+                None => hasten_core::parse_flag_from_env(hasten_core::GPU_BINDING_VAR, true)?,
+            },
             debug: match self.debug {
                 Some(d) => d,
                 None => hasten_core::debug_mode_from_env()?,

@@ -29,7 +29,7 @@ pub fn is_bf16_available() -> bool {
     if !is_cuda_available() {
         return true;
     }
-    match cuda_devices() {
+    match gpus(false) {
         Ok(gpus) => gpus.first().is_some_and(|g| g.compute_capability.0 >= 8),
         Err(_) => false,
     }
@@ -111,22 +111,17 @@ pub(crate) fn compare_versions(left: &str, op: &str, right: &str) -> Result<bool
     })
 }
 
-/// The device a rank uses: `cuda:local_rank` when CUDA is available and not disabled, else the CPU.
+/// The device a rank uses: on CUDA, GPU `local_rank` modulo the GPUs this process sees (Accelerate's
+/// rule, so a rank that sees only its own GPU, as under hasten's launchers or SLURM's GPU binding,
+/// computes on `cuda:0`); the CPU without CUDA or when it is forced.
 ///
 /// Pure, so the rule is tested without GPUs; [`crate::ProcessState::from_env`] feeds it the real values.
-pub fn select_device(local_rank: usize, use_cpu: bool, cuda_devices: usize) -> Result<Device> {
+pub fn select_device(local_rank: usize, use_cpu: bool, cuda_devices: usize) -> Device {
     if use_cpu || cuda_devices == 0 {
-        return Ok(Device::Cpu);
+        Device::Cpu
+    } else {
+        Device::Cuda(local_rank % cuda_devices)
     }
-    if local_rank >= cuda_devices {
-        return Err(Error::DeviceUnavailable {
-            detail: format!(
-                "LOCAL_RANK={local_rank} needs GPU {local_rank} but only {cuda_devices} are visible \
-                 (check CUDA_VISIBLE_DEVICES, or run fewer processes per node)"
-            ),
-        });
-    }
-    Ok(Device::Cuda(local_rank))
 }
 
 /// One CUDA GPU as the driver describes it.
@@ -142,63 +137,98 @@ pub struct GpuInfo {
     pub free_memory: usize,
     /// Compute capability (major, minor).
     pub compute_capability: (i32, i32),
+    /// PCI address as nvidia-smi prints it (`00000000:18:00.0`): the same physical GPU has the same one
+    /// in every process, whatever `CUDA_VISIBLE_DEVICES` numbers it.
+    pub pci_bus_id: String,
 }
 
 /// Lists the CUDA GPUs through the driver API, or returns an empty list where there is no driver.
 ///
-/// Reading free memory makes the device's primary context current on this thread (the same context
-/// libtorch uses), so, like [`is_cuda_available`], this initialises CUDA in the calling process.
+/// Reading free memory needs each device's primary context (the one libtorch uses too), so, like
+/// [`is_cuda_available`], this initialises CUDA in the calling process. The contexts are made on one
+/// thread per GPU at once (each takes 0.1–0.3 s) and kept, as PyTorch keeps those `mem_get_info` makes:
+/// the GPUs are asked about because they are about to be used, and releasing the last reference would
+/// destroy a context libtorch then has to make again.
 pub fn cuda_devices() -> Result<Vec<GpuInfo>> {
+    gpus(true)
+}
+
+/// The GPUs with or without their free memory (without: no context is made; free_memory is 0).
+fn gpus(free_memory: bool) -> Result<Vec<GpuInfo>> {
     use cudarc::driver::{result, sys};
     // cudarc panics when libcuda is absent, so ask first.
     // SAFETY: only probes whether the library can be opened.
     if !unsafe { sys::is_culib_present() } {
         return Ok(Vec::new());
     }
-    let driver = |op: &'static str| {
-        move |e: result::DriverError| Error::DeviceUnavailable {
-            detail: format!("CUDA driver call {op} failed: {e:?}"),
-        }
-    };
     if result::init().is_err() {
         // A driver library without a usable GPU (e.g. no device nodes in a container).
         return Ok(Vec::new());
     }
-    let count = result::device::get_count().map_err(driver("cuDeviceGetCount"))?;
-    let mut gpus = Vec::new();
-    for ordinal in 0..count {
-        let dev = result::device::get(ordinal).map_err(driver("cuDeviceGet"))?;
-        let name = result::device::get_name(dev).map_err(driver("cuDeviceGetName"))?;
-        // SAFETY: `dev` came from cuDeviceGet; the context is retained and released in pairs.
-        let (total_memory, major, minor, free_memory) = unsafe {
-            use sys::CUdevice_attribute::*;
-            let total = result::device::total_mem(dev).map_err(driver("cuDeviceTotalMem"))?;
-            let major =
-                result::device::get_attribute(dev, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
-                    .map_err(driver("cuDeviceGetAttribute"))?;
-            let minor =
-                result::device::get_attribute(dev, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)
-                    .map_err(driver("cuDeviceGetAttribute"))?;
+    let count = result::device::get_count().map_err(driver_error("cuDeviceGetCount"))?;
+    std::thread::scope(|scope| {
+        let threads: Vec<_> = (0..count)
+            .map(|ordinal| scope.spawn(move || gpu_info(ordinal, free_memory)))
+            .collect();
+        threads
+            .into_iter()
+            .map(|t| {
+                t.join().unwrap_or_else(|_| {
+                    Err(Error::DeviceUnavailable {
+                        detail: "the thread reading a GPU's properties panicked".into(),
+                    })
+                })
+            })
+            .collect()
+    })
+}
+
+fn driver_error(op: &'static str) -> impl Fn(cudarc::driver::result::DriverError) -> Error + Copy {
+    move |e| Error::DeviceUnavailable {
+        detail: format!("CUDA driver call {op} failed: {e:?}"),
+    }
+}
+
+fn gpu_info(ordinal: i32, free_memory: bool) -> Result<GpuInfo> {
+    use cudarc::driver::{result, sys};
+    let driver = driver_error;
+    let dev = result::device::get(ordinal).map_err(driver("cuDeviceGet"))?;
+    let name = result::device::get_name(dev).map_err(driver("cuDeviceGetName"))?;
+    // SAFETY: `dev` came from cuDeviceGet. The primary context is retained and never released (see
+    // cuda_devices); it is made current on this short-lived thread only.
+    let (total_memory, major, minor, pci_bus_id, free) = unsafe {
+        use sys::CUdevice_attribute::*;
+        let total = result::device::total_mem(dev).map_err(driver("cuDeviceTotalMem"))?;
+        let attribute =
+            |a| result::device::get_attribute(dev, a).map_err(driver("cuDeviceGetAttribute"));
+        let major = attribute(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
+        let minor = attribute(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
+        let pci = format!(
+            "{:08X}:{:02X}:{:02X}.0",
+            attribute(CU_DEVICE_ATTRIBUTE_PCI_DOMAIN_ID)?,
+            attribute(CU_DEVICE_ATTRIBUTE_PCI_BUS_ID)?,
+            attribute(CU_DEVICE_ATTRIBUTE_PCI_DEVICE_ID)?
+        );
+        let free = if free_memory {
             let ctx =
                 result::primary_ctx::retain(dev).map_err(driver("cuDevicePrimaryCtxRetain"))?;
-            let previous = result::ctx::get_current().map_err(driver("cuCtxGetCurrent"))?;
             result::ctx::set_current(ctx).map_err(driver("cuCtxSetCurrent"))?;
-            let free = result::mem_get_info().map(|(free, _)| free);
-            if let Some(prev) = previous {
-                let _ = result::ctx::set_current(prev);
-            }
-            let _ = result::primary_ctx::release(dev);
-            (total, major, minor, free.map_err(driver("cuMemGetInfo"))?)
+            result::mem_get_info()
+                .map(|(free, _)| free)
+                .map_err(driver("cuMemGetInfo"))?
+        } else {
+            0
         };
-        gpus.push(GpuInfo {
-            index: usize::try_from(ordinal).unwrap_or_default(),
-            name,
-            total_memory,
-            free_memory,
-            compute_capability: (major, minor),
-        });
-    }
-    Ok(gpus)
+        (total, major, minor, pci, free)
+    };
+    Ok(GpuInfo {
+        index: usize::try_from(ordinal).unwrap_or_default(),
+        name,
+        total_memory,
+        free_memory: free,
+        compute_capability: (major, minor),
+        pci_bus_id,
+    })
 }
 
 /// The outcome of [`matmul_check`].
@@ -248,16 +278,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn device_is_local_rank_on_cuda_else_cpu() {
-        assert_eq!(select_device(0, false, 0).unwrap(), Device::Cpu);
-        assert_eq!(select_device(3, false, 0).unwrap(), Device::Cpu);
-        assert_eq!(select_device(1, false, 2).unwrap(), Device::Cuda(1));
-        assert_eq!(select_device(1, true, 2).unwrap(), Device::Cpu);
-        let err = select_device(2, false, 2).unwrap_err().to_string();
-        assert!(
-            err.contains("LOCAL_RANK=2") && err.contains("only 2"),
-            "{err}"
-        );
+    fn device_is_local_rank_modulo_the_gpus_else_cpu() {
+        assert_eq!(select_device(0, false, 0), Device::Cpu);
+        assert_eq!(select_device(3, false, 0), Device::Cpu);
+        assert_eq!(select_device(1, false, 2), Device::Cuda(1));
+        assert_eq!(select_device(1, true, 2), Device::Cpu);
+        // Accelerate: local_process_index % device_count(): a rank bound to its own GPU takes cuda:0.
+        assert_eq!(select_device(3, false, 1), Device::Cuda(0));
+        assert_eq!(select_device(2, false, 2), Device::Cuda(0));
     }
 
     #[test]

@@ -11,6 +11,9 @@ pub const DEBUG_MODE_VAR: &str = "ACCELERATE_DEBUG_MODE";
 pub const USE_CPU_VAR: &str = "ACCELERATE_USE_CPU";
 /// Name of the variable that carries the mixed-precision mode to workers.
 pub const MIXED_PRECISION_VAR: &str = "ACCELERATE_MIXED_PRECISION";
+/// Name of the variable that turns off binding each rank of a launcher to its own GPU (hasten's own; on
+/// unless set to a false value).
+pub const GPU_BINDING_VAR: &str = "HASTEN_GPU_BINDING";
 
 /// Parses a boolean the way Accelerate's `str_to_bool` does: `y yes t true on 1` and
 /// `n no f false off 0`, in any case. Returns `None` for anything else.

@@ -27,7 +27,7 @@ pub use contract::{
     ContractSource, DEFAULT_MASTER_ADDR, DEFAULT_MASTER_PORT, EnvContract, RDZV_LISTEN_FD_VAR,
 };
 pub use environment::{
-    DEBUG_MODE_VAR, EnvPatch, MIXED_PRECISION_VAR, USE_CPU_VAR, clear_environment,
+    DEBUG_MODE_VAR, EnvPatch, GPU_BINDING_VAR, MIXED_PRECISION_VAR, USE_CPU_VAR, clear_environment,
     debug_mode_from_env, parse_flag_from_env, patch_environment, str_to_bool,
 };
 pub use error::{Error, Result};

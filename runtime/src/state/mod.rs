@@ -47,7 +47,7 @@ impl ProcessState {
         debug: bool,
         cuda_devices: usize,
     ) -> Result<Self> {
-        let device = select_device(contract.local_rank, use_cpu, cuda_devices)?;
+        let device = select_device(contract.local_rank, use_cpu, cuda_devices);
         let distributed_type = match (contract.world_size, device) {
             (1, _) => DistributedType::No,
             (_, Device::Cuda(_)) => DistributedType::MultiGpu,
