@@ -289,7 +289,7 @@ fn env_report_runs_without_ld_library_path() {
     let ran = run(cmd, &[]);
     assert_eq!(ran.code, 0, "{}", ran.all());
     ran.expect_stdout("- libtorch version: 2.11.0");
-    ran.expect_stdout("- Cpu: ok, max relative error");
+    ran.expect_stdout("- Cpu (512x512): ok, max relative error");
 }
 
 /// A safetensors file holding only zeros: `estimate-memory` reads the header, never the data.

@@ -306,8 +306,16 @@ pub(super) fn read_tensor(
     Ok(tensor)
 }
 
-/// How many threads read a checkpoint: the cores, at most 8 (more do not read faster).
+/// How many threads read a checkpoint: `HASTEN_READ_THREADS` if set, else the cores, at most 8 (more do
+/// not read faster).
 pub(super) fn reader_threads() -> usize {
+    if let Some(n) = std::env::var("HASTEN_READ_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|n| (1..=256).contains(n))
+    {
+        return n;
+    }
     std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(4)
@@ -318,6 +326,9 @@ pub(super) fn reader_threads() -> usize {
 /// disk is already busy while the caller plans the device map and brings up CUDA on each GPU (which
 /// `get_max_memory` does). Costs nothing when the files are cached; a failure only loses the head start.
 pub(super) fn start_readahead(files: Vec<std::path::PathBuf>) {
+    if std::env::var("HASTEN_READAHEAD").is_ok_and(|v| v.trim() == "0") {
+        return;
+    }
     let _ = std::thread::Builder::new()
         .name("hasten-readahead".into())
         .spawn(move || {
