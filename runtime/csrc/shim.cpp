@@ -277,3 +277,49 @@ int hasten_rng_set_state(int device_type, int index, at::Tensor* state) {
 }
 
 }  // extern "C"
+
+// A permutation of 0..n drawn as PyTorch draws one for `torch.randperm(n, generator=g)` with
+// `g = torch.Generator().manual_seed(seed)`: Accelerate's SeedableRandomSampler, so a hasten loader and a
+// Python Accelerate loader with the same seed visit the same samples. A generator of its own: the global
+// one is left alone. nullptr on failure.
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/ops/randperm.h>
+
+extern "C" {
+
+at::Tensor* hasten_randperm(int64_t n, uint64_t seed) {
+  try {
+    at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+    return new at::Tensor(at::randperm(n, gen, at::TensorOptions().dtype(at::kLong)));
+  } catch (const std::exception& e) {
+    fprintf(stderr, "hasten_randperm: %s\n", e.what());
+    return nullptr;
+  } catch (...) {
+    return nullptr;
+  }
+}
+
+}  // extern "C"
+
+// Accelerate's clear_device_cache: returns the memory the device's caching allocator keeps but does not
+// use (torch.cuda.empty_cache()). Called only where CUDA is initialised; -1 on failure.
+#include <ATen/DeviceAccelerator.h>
+
+extern "C" {
+
+int hasten_empty_device_cache() {
+  try {
+    if (!at::accelerator::getAccelerator(false).has_value()) {
+      return 0;
+    }
+    at::accelerator::emptyCache();
+    return 0;
+  } catch (const std::exception& e) {
+    fprintf(stderr, "hasten_empty_device_cache: %s\n", e.what());
+    return -1;
+  } catch (...) {
+    return -1;
+  }
+}
+
+}  // extern "C"

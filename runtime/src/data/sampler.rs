@@ -1,7 +1,29 @@
 //! Samplers: which dataset indices come in which order, grouped into batches.
 
-use rand::{RngCore, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+use torch_sys::C_tensor;
+
+unsafe extern "C" {
+    fn hasten_randperm(n: i64, seed: u64) -> *mut C_tensor;
+}
+
+/// `torch.randperm(len, generator=torch.Generator().manual_seed(seed))`: libtorch's own algorithm on a
+/// generator of its own (the global one is untouched), so the order is the one PyTorch draws.
+fn randperm(len: usize, seed: u64) -> Vec<usize> {
+    let n = i64::try_from(len).unwrap_or(i64::MAX);
+    // SAFETY: the shim returns a fresh heap-allocated at::Tensor (tch's representation) or null.
+    let ptr = unsafe { hasten_randperm(n, seed) };
+    assert!(
+        !ptr.is_null(),
+        "libtorch could not draw a permutation of {len} indices (see its message above)"
+    );
+    // SAFETY: a fresh at::Tensor* that tch now owns.
+    let perm = unsafe { tch::Tensor::from_ptr(ptr) };
+    Vec::<i64>::try_from(&perm)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|i| i as usize)
+        .collect()
+}
 
 /// The order in which a map-style dataset's indices are visited.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -11,8 +33,10 @@ pub enum Sampler {
         /// Number of samples.
         len: usize,
     },
-    /// A permutation drawn from `seed + epoch` (Accelerate's `SeedableRandomSampler`): every rank that
-    /// shares the seed and epoch draws the same order, and each epoch a different one.
+    /// A permutation drawn from `seed + epoch` exactly as Accelerate's `SeedableRandomSampler` draws it
+    /// (`torch.randperm` on a CPU generator seeded `initial_seed + epoch`): every rank that shares the
+    /// seed and epoch draws the same order, each epoch a different one, and a Python Accelerate loader
+    /// with the same seed visits the same samples.
     Random {
         /// Number of samples.
         len: usize,
@@ -47,16 +71,7 @@ impl Sampler {
     pub fn indices(&self) -> Vec<usize> {
         match *self {
             Sampler::Sequential { len } => (0..len).collect(),
-            Sampler::Random { len, seed, epoch } => {
-                let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_add(epoch));
-                let mut order: Vec<usize> = (0..len).collect();
-                // Fisher–Yates, drawing from the top down.
-                for i in (1..len).rev() {
-                    let j = (rng.next_u64() % (i as u64 + 1)) as usize;
-                    order.swap(i, j);
-                }
-                order
-            }
+            Sampler::Random { len, seed, epoch } => randperm(len, seed.wrapping_add(epoch)),
         }
     }
 }
@@ -195,5 +210,25 @@ mod tests {
             epoch: 1,
         };
         assert_eq!(c.indices(), first);
+    }
+
+    #[test]
+    fn permutations_are_pytorchs() {
+        // torch.randperm(n, generator=torch.Generator().manual_seed(s)), as Accelerate 1.15's
+        // SeedableRandomSampler draws them (set_seed(42): epochs 0, 1, 2 use seeds 42, 43, 44).
+        let order = |len, seed, epoch| Sampler::Random { len, seed, epoch }.indices();
+        assert_eq!(order(10, 42, 0), [2, 6, 1, 8, 4, 5, 0, 9, 3, 7]);
+        assert_eq!(order(10, 42, 1), [8, 4, 9, 0, 5, 1, 6, 7, 2, 3]);
+        assert_eq!(order(10, 42, 2), [2, 6, 3, 8, 7, 9, 1, 4, 5, 0]);
+        assert_eq!(order(7, 42, 0), [1, 6, 3, 5, 4, 0, 2]);
+        assert_eq!(order(7, 42, 1), [3, 1, 2, 4, 5, 0, 6]);
+        assert_eq!(order(10, 123, 0), [2, 0, 8, 1, 3, 7, 4, 9, 5, 6]);
+        // The global generator is left alone.
+        tch::manual_seed(5);
+        let before = tch::Tensor::randint(1000, [4], (tch::Kind::Int64, tch::Device::Cpu));
+        tch::manual_seed(5);
+        let _ = order(100, 1, 0);
+        let after = tch::Tensor::randint(1000, [4], (tch::Kind::Int64, tch::Device::Cpu));
+        assert!(before.equal(&after));
     }
 }
