@@ -141,6 +141,14 @@ fn batches_dispatched_from_process_0_are_accelerates() {
     check("dispatch");
 }
 
+/// Issue 14: skip_first_batches on a dispatching loader skips the loader's own batches, iterable loaders
+/// skip and have a length, and split_batches with an odd batch size is refused when preparing, each with
+/// the values Accelerate 1.15 gives on 2 and 3 processes.
+#[test]
+fn prepared_loaders_match_accelerate_on_2_and_3_processes() {
+    check("loaders");
+}
+
 /// The Python that has TensorBoard (install/bootstrap.sh puts it in the test clients' venv).
 fn python() -> String {
     std::env::var("HASTEN_PYTHON").expect(

@@ -70,7 +70,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             Tensor::from_slice(&y),
         ))
     });
-    let dl = acc.prepare_iterable_data_loader(loader);
+    let dl = acc.prepare_iterable_data_loader(loader)?;
     for epoch in 0..=epochs {
         acc.wait_for_everyone()?;
         let t0 = Instant::now();

@@ -48,8 +48,8 @@ fn training_loop(cfg: Config) -> hasten::Result<f64> {
     // As with Accelerate, count the schedule in the unprepared loader's batches: the scheduler steps once
     // per process for every optimizer step.
     let total = train.len() * cfg.epochs as usize / cfg.accumulation_steps;
-    let mut train = acc.prepare_data_loader(train);
-    let test = acc.prepare_data_loader(DataLoader::new(spirals(2000, 2)?, 256));
+    let mut train = acc.prepare_data_loader(train)?;
+    let test = acc.prepare_data_loader(DataLoader::new(spirals(2000, 2)?, 256))?;
 
     hasten::set_seed(cfg.seed, false)?;
     let mut vs = nn::VarStore::new(acc.device());

@@ -22,7 +22,7 @@ pub use config::{
 pub use ddp::ModelHandle;
 pub use optimizer::{AcceleratedOptimizer, AcceleratedScheduler, Schedule};
 pub use precision::{GradScaler, GradScalerKwargs, autocast};
-pub use utilities::{Splittable, find_executable_batch_size, should_reduce_batch_size};
+pub use utilities::Splittable;
 
 use crate::data::{DataLoader, DataLoaderShard, Dataset, ShardOptions};
 use crate::{
@@ -377,6 +377,18 @@ impl Accelerator {
         &self.project
     }
 
+    /// How data loaders prepared from now on are sharded and dispatched (Accelerate's
+    /// `accelerator.dataloader_config`).
+    pub fn dataloader_config(&self) -> &DataLoaderConfiguration {
+        &self.dataloader
+    }
+
+    /// Changes the data loader settings for loaders prepared from now on, as assigning to
+    /// `accelerator.dataloader_config` does in Accelerate; loaders already prepared keep theirs.
+    pub fn set_dataloader_config(&mut self, config: DataLoaderConfiguration) {
+        self.dataloader = config;
+    }
+
     /// Prepares a model: moves its variables to this process's device, makes them equal on every rank
     /// (rank 0's), and registers its parameters for gradient averaging.
     pub fn prepare_model(&mut self, vs: &mut tch::nn::VarStore) -> Result<ModelHandle> {
@@ -436,32 +448,45 @@ impl Accelerator {
         scheduler
     }
 
-    fn shard_options(&self) -> ShardOptions {
-        ShardOptions {
+    /// The loader options for this rank, checked as Accelerate's `prepare_data_loader` checks them.
+    fn shard_options(&self, batch_size: usize) -> Result<ShardOptions> {
+        let p = self.num_processes();
+        if self.dataloader.split_batches && batch_size > 1 && batch_size % p != 0 {
+            return Err(Error::Collective {
+                op: "prepare_data_loader",
+                detail: format!(
+                    "To use a `DataLoader` in `split_batches` mode, the batch size ({batch_size}) needs \
+                     to be a round multiple of the number of processes ({p})."
+                ),
+            });
+        }
+        Ok(ShardOptions {
             num_processes: self.num_processes(),
             process_index: self.process_index(),
             split_batches: self.dataloader.split_batches,
             even_batches: self.dataloader.even_batches,
             device: self.state.device,
             non_blocking: self.dataloader.non_blocking,
-        }
+        })
     }
 
     /// Prepares a data loader: this rank's shard of every epoch, on this rank's device. A shuffled
     /// loader draws the same order on every rank (its seed plus the epoch; `DataLoaderConfiguration::data_seed`
     /// replaces the seed), which is what Accelerate's seedable sampler and RNG synchronisation ensure. With
-    /// `dispatch_batches: Some(true)`, process 0 reads every batch and sends each process its part.
+    /// `dispatch_batches: Some(true)`, process 0 reads every batch and sends each process its part. With
+    /// one process the loader's batches are taken as they are. As in Accelerate, split_batches with a
+    /// batch size that is not a multiple of the number of processes is an error here.
     pub fn prepare_data_loader<D: Dataset + 'static, B: Nested + Send + 'static>(
         &mut self,
         mut loader: DataLoader<D, B>,
-    ) -> DataLoaderShard<D, B> {
+    ) -> Result<DataLoaderShard<D, B>> {
         if let Some(seed) = self.dataloader.data_seed {
             loader.reseed(seed);
         }
-        let options = self.shard_options();
+        let options = self.shard_options(loader.batch_size())?;
         let dispatch = self.dataloader.dispatch_batches == Some(true);
-        DataLoaderShard::new(loader, options, self.gradient.clone())
-            .coordinated(self.coordination(dispatch))
+        Ok(DataLoaderShard::new(loader, options, self.gradient.clone())
+            .coordinated(self.coordination(dispatch)))
     }
 
     /// Prepares a loader over an iterable dataset. By default (as in Accelerate) process 0 reads the
@@ -474,11 +499,13 @@ impl Accelerator {
     >(
         &mut self,
         loader: crate::IterableDataLoader<D, B>,
-    ) -> crate::IterableDataLoaderShard<D, B> {
-        let options = self.shard_options();
+    ) -> Result<crate::IterableDataLoaderShard<D, B>> {
+        let options = self.shard_options(loader.batch_size())?;
         let dispatch = self.dataloader.dispatch_batches != Some(false);
-        crate::IterableDataLoaderShard::new(loader, options, self.gradient.clone())
-            .coordinated(self.coordination(dispatch))
+        Ok(
+            crate::IterableDataLoaderShard::new(loader, options, self.gradient.clone())
+                .coordinated(self.coordination(dispatch)),
+        )
     }
 
     /// How a loader prepared now works with the other processes: dispatching from process 0 (when asked

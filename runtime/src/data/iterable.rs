@@ -5,10 +5,11 @@
 
 use super::dataset::Collate;
 use super::dispatch::{Coordination, Dispatch};
-use super::loader::ShardOptions;
+use super::loader::{EpochCounted, ShardOptions};
 use super::shard::IterableDatasetShard;
 use crate::{GradientStateHandle, Nested, Result, send_to_device};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A dataset read as a stream (PyTorch's `IterableDataset`).
 pub trait IterableDataset: Send + Sync {
@@ -119,13 +120,19 @@ fn chunked<I: Iterator>(
     })
 }
 
-/// An iterable loader prepared for one rank.
+/// An iterable loader prepared for one rank. As a prepared map-style loader, it counts epochs itself
+/// (each epoch iterated to its end passes the next epoch to the dataset; `set_epoch` sets the count), and
+/// with one process it takes the stream's batches as they come.
 pub struct IterableDataLoaderShard<D: IterableDataset, B> {
     loader: IterableDataLoader<D, B>,
     options: ShardOptions,
     gradient_state: GradientStateHandle,
     /// Dispatching from process 0, or synchronising generators at each epoch.
     coordination: Coordination,
+    /// Steps to read and drop at the start of each epoch (`skip_first_batches`).
+    skip_batches: usize,
+    /// The epoch the next `iter` passes to the dataset (Accelerate's `iteration`).
+    epoch: Arc<AtomicU64>,
 }
 
 impl<D: IterableDataset + 'static, B: Nested + Send + 'static> IterableDataLoaderShard<D, B> {
@@ -135,11 +142,14 @@ impl<D: IterableDataset + 'static, B: Nested + Send + 'static> IterableDataLoade
         options: ShardOptions,
         gradient_state: GradientStateHandle,
     ) -> Self {
+        let loader_epoch = loader.epoch;
         IterableDataLoaderShard {
             loader,
             options,
             gradient_state,
             coordination: Coordination::Alone,
+            skip_batches: 0,
+            epoch: Arc::new(AtomicU64::new(loader_epoch)),
         }
     }
 
@@ -156,59 +166,129 @@ impl<D: IterableDataset + 'static, B: Nested + Send + 'static> IterableDataLoade
 
     /// Sets the epoch passed to the dataset.
     pub fn set_epoch(&mut self, epoch: u64) {
+        self.epoch.store(epoch, Ordering::SeqCst);
         self.loader.set_epoch(epoch);
+    }
+
+    /// The epoch the next `iter` passes to the dataset.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::SeqCst)
+    }
+
+    /// The same loader, reading and dropping its first `n` steps of each epoch (Accelerate's
+    /// `skip_first_batches` on an iterable loader: the skipped steps are still read, and dispatched when
+    /// process 0 dispatches, so the data stays in step). The epoch is kept; [`len`](Self::len) is not
+    /// reduced, as in Accelerate.
+    pub fn skip_first_batches(mut self, n: usize) -> Self {
+        self.skip_batches = n;
+        self
+    }
+
+    /// Steps in an epoch when the dataset knows its length (`IterableDataset::known_len`), else `None`.
+    /// Dispatching: process 0's batches per step as for a map-style loader; otherwise one step per window
+    /// of `batch_size × P` samples (`batch_size` with split_batches), the last one padded unless drop_last.
+    pub fn len(&self) -> Option<usize> {
+        let n = self.loader.dataset.known_len()?;
+        let o = &self.options;
+        let p = o.num_processes.max(1);
+        let bs = self.loader.batch_size.max(1);
+        let count = |items: usize, window: usize| {
+            if self.loader.drop_last {
+                items / window
+            } else {
+                items.div_ceil(window)
+            }
+        };
+        Some(if self.dispatches() {
+            let whole = count(n, bs);
+            match (o.split_batches, self.loader.drop_last) {
+                (true, _) => whole,
+                (false, true) => whole / p,
+                (false, false) => whole.div_ceil(p),
+            }
+        } else if o.split_batches || p == 1 {
+            count(n, bs)
+        } else {
+            count(n, bs * p)
+        })
+    }
+
+    /// True when the dataset knows its length and an epoch has no step.
+    pub fn is_empty(&self) -> bool {
+        self.len() == Some(0)
     }
 
     /// This rank's batches of the current epoch, on its device, tracking the end of the loader.
     pub fn iter(&self) -> Result<Box<dyn Iterator<Item = Result<B>> + '_>> {
-        if let Some(group) = self.coordination.dispatch_group() {
-            let source = (self.options.process_index == 0).then(|| self.loader.iter());
-            return Ok(Box::new(Dispatch::new(
-                source,
-                group.clone(),
-                self.options,
-                self.loader.drop_last,
-                self.gradient_state.clone(),
-                0,
-            )));
-        }
-        self.coordination.start_epoch()?;
+        let epoch = self.epoch.load(Ordering::SeqCst);
+        let batches: Box<dyn Iterator<Item = Result<B>> + '_> =
+            if let Some(group) = self.coordination.dispatch_group() {
+                let source = (self.options.process_index == 0).then(|| {
+                    chunked(
+                        self.loader.dataset.iter(epoch),
+                        self.loader.batch_size,
+                        self.loader.drop_last,
+                    )
+                    .map(|items| (self.loader.collate)(items))
+                });
+                Box::new(Dispatch::new(
+                    source,
+                    group.clone(),
+                    self.options,
+                    self.loader.drop_last,
+                    self.gradient_state.clone(),
+                    self.skip_batches,
+                ))
+            } else {
+                self.coordination.start_epoch()?;
+                Box::new(self.local(epoch)?)
+            };
+        Ok(Box::new(EpochCounted::new(batches, &self.epoch)))
+    }
+
+    /// This rank's own slice of the stream (no dispatching): every sample on one process, else
+    /// Accelerate's `IterableDatasetShard`.
+    fn local(&self, epoch: u64) -> Result<impl Iterator<Item = Result<B>> + '_> {
         let o = &self.options;
         let batch_size = self.loader.batch_size;
-        let per_rank = if o.split_batches {
-            batch_size / o.num_processes
-        } else {
-            batch_size
+        let p = o.num_processes.max(1);
+        let (per_rank, total_batch) = match (p, o.split_batches) {
+            (1, _) => (batch_size, batch_size),
+            (_, true) => (batch_size / p, batch_size),
+            (_, false) => (batch_size, batch_size * p),
         };
-        let total_batch = if o.split_batches {
-            batch_size
+        let stream = self.loader.dataset.iter(epoch);
+        let items: Box<dyn Iterator<Item = D::Item> + Send + '_> = if p == 1 {
+            stream
         } else {
-            batch_size * o.num_processes
+            Box::new(IterableDatasetShard::new(
+                stream,
+                batch_size,
+                self.loader.drop_last,
+                p,
+                o.process_index,
+                o.split_batches,
+            )?)
         };
-        let items = IterableDatasetShard::new(
-            self.loader.dataset.iter(self.loader.epoch),
-            batch_size,
-            self.loader.drop_last,
-            o.num_processes,
-            o.process_index,
-            o.split_batches,
-        )?;
         {
             let mut g = self.gradient_state.lock();
             g.in_dataloader = true;
             g.end_of_dataloader = false;
             g.remainder = match (self.loader.drop_last, self.loader.dataset.known_len()) {
-                (true, _) => 0,
+                (true, _) => -1,
                 (false, Some(n)) => (n % total_batch.max(1)) as i64,
                 (false, None) => -1,
             };
         }
         let collate = self.loader.collate.clone();
-        let mut batches = chunked(items, per_rank.max(1), false)
+        // One process keeps a short last batch unless drop_last; a shard's windows are whole already.
+        let drop_short = p == 1 && self.loader.drop_last;
+        let mut batches = chunked(items, per_rank.max(1), drop_short)
             .map(move |b| collate(b))
+            .skip(self.skip_batches)
             .peekable();
         let (device, non_blocking, state) = (o.device, o.non_blocking, self.gradient_state.clone());
-        Ok(Box::new(std::iter::from_fn(move || {
+        Ok(std::iter::from_fn(move || {
             let Some(current) = batches.next() else {
                 state.lock().in_dataloader = false;
                 return None;
@@ -217,7 +297,7 @@ impl<D: IterableDataset + 'static, B: Nested + Send + 'static> IterableDataLoade
                 state.lock().end_of_dataloader = true;
             }
             Some(current.and_then(|b| send_to_device(b, device, non_blocking, &[])))
-        })))
+        }))
     }
 }
 
@@ -288,5 +368,41 @@ mod tests {
         let first: Vec<i64> =
             Vec::<i64>::try_from(&shard.iter().unwrap().next().unwrap().unwrap()).unwrap();
         assert_eq!(first, vec![1003, 1004, 1005]);
+    }
+
+    #[test]
+    fn one_process_keeps_the_stream_as_it_is_and_skips_steps() {
+        let state = GradientStateHandle::default();
+        let one = ShardOptions {
+            num_processes: 1,
+            process_index: 0,
+            ..options(0)
+        };
+        let batches = |shard: &IterableDataLoaderShard<Stream, tch::Tensor>| -> Vec<Vec<i64>> {
+            shard
+                .iter()
+                .unwrap()
+                .map(|b| Vec::<i64>::try_from(&b.unwrap()).unwrap())
+                .collect()
+        };
+        // n=3, bs=2: [0,1] [2], nothing padded (Accelerate at P=1); len 2.
+        let shard =
+            IterableDataLoaderShard::new(IterableDataLoader::new(Stream(3), 2), one, state.clone());
+        assert_eq!(shard.len(), Some(2));
+        assert_eq!(batches(&shard), vec![vec![0, 1], vec![2]]);
+        let shard = IterableDataLoaderShard::new(
+            IterableDataLoader::new(Stream(7), 3).drop_last(true),
+            one,
+            state.clone(),
+        );
+        assert_eq!(shard.len(), Some(2));
+        assert_eq!(batches(&shard), vec![vec![0, 1, 2], vec![3, 4, 5]]);
+        // Skipping drops steps and leaves len as it was; each finished epoch moves the epoch on.
+        let shard = IterableDataLoaderShard::new(IterableDataLoader::new(Stream(7), 3), one, state)
+            .skip_first_batches(1);
+        assert_eq!(shard.len(), Some(3));
+        assert_eq!(batches(&shard), vec![vec![3, 4, 5], vec![6]]);
+        assert_eq!(shard.epoch(), 1);
+        assert_eq!(batches(&shard), vec![vec![1003, 1004, 1005], vec![1006]]);
     }
 }

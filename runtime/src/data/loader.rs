@@ -8,6 +8,7 @@ use super::sampler::{BatchSampler, BatchSource, Sampler};
 use super::shard::BatchSamplerShard;
 use crate::{GradientStateHandle, Nested, Result, send_to_device};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use tch::Device;
 
@@ -236,12 +237,17 @@ pub struct ShardOptions {
 }
 
 /// A data loader prepared for one rank: its shard of every epoch, on its device.
+///
+/// As Accelerate's `DataLoaderShard`, it counts epochs itself: each epoch iterated to its end moves a
+/// shuffled loader on to the next order (`set_epoch` sets the count). With one process it takes every
+/// batch as the loader makes them (nothing is padded or dealt).
 pub struct DataLoaderShard<D: Dataset, B> {
     loader: DataLoader<D, B>,
     options: ShardOptions,
     gradient_state: GradientStateHandle,
     skip_batches: usize,
-    epoch: u64,
+    /// Accelerate's `iteration`: the epoch the next `iter` draws, advanced when an epoch ends.
+    epoch: Arc<AtomicU64>,
     /// Dispatching from process 0, or synchronising generators at each epoch.
     coordination: Coordination,
 }
@@ -258,7 +264,7 @@ impl<D: Dataset + 'static, B: Nested + Send + 'static> DataLoaderShard<D, B> {
             options,
             gradient_state,
             skip_batches: 0,
-            epoch: 0,
+            epoch: Arc::new(AtomicU64::new(0)),
             coordination: Coordination::Alone,
         }
     }
@@ -283,9 +289,9 @@ impl<D: Dataset + 'static, B: Nested + Send + 'static> DataLoaderShard<D, B> {
         }
     }
 
-    fn shard(&self) -> Result<BatchSamplerShard<&BatchSampler>> {
+    fn shard<'a>(&self, sampler: &'a BatchSampler) -> Result<BatchSamplerShard<&'a BatchSampler>> {
         BatchSamplerShard::new(
-            &self.loader.batch_sampler,
+            sampler,
             self.options.num_processes,
             self.options.process_index,
             self.options.split_batches,
@@ -293,23 +299,42 @@ impl<D: Dataset + 'static, B: Nested + Send + 'static> DataLoaderShard<D, B> {
         )
     }
 
+    /// This rank's batches of indices for the current epoch (all of them on one process).
+    fn epoch_batches(&self) -> Result<Vec<Vec<usize>>> {
+        let mut sampler = self.loader.batch_sampler.clone();
+        sampler.set_epoch(self.epoch.load(Ordering::SeqCst));
+        if self.options.num_processes == 1 {
+            return Ok(sampler.batches());
+        }
+        Ok(self.shard(&sampler)?.batches())
+    }
+
     /// Number of batches this rank gets in an epoch (after any skipped ones).
     pub fn len(&self) -> usize {
-        let n = if self.dispatches() {
-            // Process 0 sends P of the loader's batches per step (one with split_batches).
-            let (whole, p) = (self.loader.len(), self.options.num_processes.max(1));
-            match (
+        let k = self.skip_batches;
+        if self.dispatches() {
+            // Process 0 sends P of the loader's batches per step (one with split_batches); skipping
+            // drops batches of the loader, not steps, as Accelerate's SkipBatchSampler does.
+            let (whole, p) = (
+                self.loader.len().saturating_sub(k),
+                self.options.num_processes.max(1),
+            );
+            return match (
                 self.options.split_batches,
                 self.loader.batch_sampler.drop_last,
             ) {
                 (true, _) => whole,
                 (false, true) => whole / p,
                 (false, false) => whole.div_ceil(p),
-            }
+            };
+        }
+        let n = if self.options.num_processes == 1 {
+            self.loader.len()
         } else {
-            self.shard().map_or(0, |s| s.len())
+            self.shard(&self.loader.batch_sampler)
+                .map_or(0, |s| s.len())
         };
-        n.saturating_sub(self.skip_batches)
+        n.saturating_sub(k)
     }
 
     /// True when this rank gets no batch.
@@ -319,12 +344,20 @@ impl<D: Dataset + 'static, B: Nested + Send + 'static> DataLoaderShard<D, B> {
 
     /// Sets the epoch (reshuffling a shuffled loader the same way on every rank).
     pub fn set_epoch(&mut self, epoch: u64) {
-        self.epoch = epoch;
+        self.epoch.store(epoch, Ordering::SeqCst);
         self.loader.set_epoch(epoch);
     }
 
+    /// The epoch the next `iter` draws: the last `set_epoch`, plus one for every epoch iterated to its
+    /// end since (Accelerate's `iteration`).
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::SeqCst)
+    }
+
     /// The same loader, starting `n` batches into each epoch (Accelerate's `skip_first_batches`), to
-    /// resume mid-epoch. The epoch is kept.
+    /// resume mid-epoch. The epoch is kept. On a loader that dispatches from process 0, `n` counts the
+    /// loader's own batches (process 0 reads `P` of them per step without split_batches), as in
+    /// Accelerate; otherwise this rank's steps.
     pub fn skip_first_batches(mut self, n: usize) -> Self {
         self.skip_batches = n;
         self
@@ -334,46 +367,56 @@ impl<D: Dataset + 'static, B: Nested + Send + 'static> DataLoaderShard<D, B> {
     /// state knows it is inside a data loader, and `end_of_dataloader` is true during the last batch.
     pub fn iter(&self) -> Result<ShardBatches<B>> {
         if let Some(group) = self.coordination.dispatch_group() {
-            let source = (self.options.process_index == 0).then(|| self.loader.iter());
+            let source = (self.options.process_index == 0).then(|| {
+                let mut sampler = self.loader.batch_sampler.clone();
+                sampler.set_epoch(self.epoch.load(Ordering::SeqCst));
+                let mut batches = sampler.batches();
+                batches.drain(..self.skip_batches.min(batches.len()));
+                self.loader.batches_of(batches)
+            });
+            let dispatch = Dispatch::new(
+                source,
+                group.clone(),
+                self.options,
+                self.loader.batch_sampler.drop_last,
+                self.gradient_state.clone(),
+                0,
+            );
             return Ok(ShardBatches {
-                inner: Inner::Dispatched(Dispatch::new(
-                    source,
-                    group.clone(),
-                    self.options,
-                    self.loader.batch_sampler.drop_last,
-                    self.gradient_state.clone(),
-                    self.skip_batches,
-                )),
+                inner: EpochCounted::new(Inner::Dispatched(dispatch), &self.epoch),
             });
         }
         self.coordination.start_epoch()?;
-        let mut indices = self.shard()?.batches();
+        let mut indices = self.epoch_batches()?;
         indices.drain(..self.skip_batches.min(indices.len()));
         {
             let mut g = self.gradient_state.lock();
             g.in_dataloader = true;
             g.end_of_dataloader = false;
+            // Accelerate counts the remainder only where a short last step can carry padding; with
+            // drop_last it stays unknown (-1).
             g.remainder = if self.loader.batch_sampler.drop_last {
-                0
+                -1
             } else {
                 (self.loader.dataset.len() % self.total_batch_size().max(1)) as i64
             };
         }
+        let local = LocalBatches {
+            inner: self.loader.batches_of(indices),
+            ahead: None,
+            device: self.options.device,
+            non_blocking: self.options.non_blocking,
+            gradient_state: self.gradient_state.clone(),
+        };
         Ok(ShardBatches {
-            inner: Inner::Local(LocalBatches {
-                inner: self.loader.batches_of(indices),
-                ahead: None,
-                device: self.options.device,
-                non_blocking: self.options.non_blocking,
-                gradient_state: self.gradient_state.clone(),
-            }),
+            inner: EpochCounted::new(Inner::Local(local), &self.epoch),
         })
     }
 }
 
 /// A rank's batches for one epoch: its own shard, or its slices of what process 0 dispatches.
 pub struct ShardBatches<B> {
-    inner: Inner<B>,
+    inner: EpochCounted<Inner<B>>,
 }
 
 enum Inner<B> {
@@ -381,14 +424,56 @@ enum Inner<B> {
     Dispatched(Dispatch<Batches<B>, B>),
 }
 
+impl<B: Nested + Send + 'static> Iterator for Inner<B> {
+    type Item = Result<B>;
+
+    fn next(&mut self) -> Option<Result<B>> {
+        match self {
+            Inner::Local(local) => local.next(),
+            Inner::Dispatched(dispatch) => dispatch.next(),
+        }
+    }
+}
+
 impl<B: Nested + Send + 'static> Iterator for ShardBatches<B> {
     type Item = Result<B>;
 
     fn next(&mut self) -> Option<Result<B>> {
-        match &mut self.inner {
-            Inner::Local(local) => local.next(),
-            Inner::Dispatched(dispatch) => dispatch.next(),
+        self.inner.next()
+    }
+}
+
+/// An epoch's batches that advance their loader's epoch count once they end (Accelerate's
+/// `iteration += 1` after its loader's generator is exhausted). An epoch that failed does not count.
+pub(super) struct EpochCounted<I> {
+    inner: I,
+    epoch: Option<Arc<AtomicU64>>,
+}
+
+impl<I> EpochCounted<I> {
+    pub(super) fn new(inner: I, epoch: &Arc<AtomicU64>) -> Self {
+        EpochCounted {
+            inner,
+            epoch: Some(epoch.clone()),
         }
+    }
+}
+
+impl<B, I: Iterator<Item = Result<B>>> Iterator for EpochCounted<I> {
+    type Item = Result<B>;
+
+    fn next(&mut self) -> Option<Result<B>> {
+        let next = self.inner.next();
+        match &next {
+            Some(Err(_)) => self.epoch = None,
+            None => {
+                if let Some(epoch) = self.epoch.take() {
+                    epoch.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+            Some(Ok(_)) => {}
+        }
+        next
     }
 }
 
@@ -536,5 +621,74 @@ mod tests {
             values(resumed.iter().unwrap()),
             vec![vec![15, 16, 17], vec![21, 0, 1]]
         );
+    }
+
+    fn one_process(split: bool, even: bool) -> ShardOptions {
+        ShardOptions {
+            num_processes: 1,
+            process_index: 0,
+            split_batches: split,
+            even_batches: even,
+            device: Device::Cpu,
+            non_blocking: false,
+        }
+    }
+
+    #[test]
+    fn one_process_takes_the_batches_as_they_are() {
+        // Accelerate 1.15 at P=1: no sharding, the short last batch kept, whatever split/even say.
+        for (split, even) in [(false, true), (true, true), (false, false), (true, false)] {
+            let state = GradientStateHandle::default();
+            for (n, bs, want) in [
+                (3, 2, vec![vec![0, 1], vec![2]]),
+                (5, 2, vec![vec![0, 1], vec![2, 3], vec![4]]),
+                (7, 3, vec![vec![0, 1, 2], vec![3, 4, 5], vec![6]]),
+            ] {
+                let shard = DataLoaderShard::new(
+                    DataLoader::new(dataset(n), bs),
+                    one_process(split, even),
+                    state.clone(),
+                );
+                assert_eq!(shard.len(), want.len());
+                let it = shard.iter().unwrap();
+                assert_eq!(state.get().remainder, n % bs as i64);
+                assert_eq!(values(it), want, "n={n} bs={bs} split={split} even={even}");
+            }
+            // drop_last: the short batch goes, and the remainder stays unknown (-1), as in Accelerate.
+            let shard = DataLoaderShard::new(
+                DataLoader::new(dataset(7), 3).drop_last(true),
+                one_process(split, even),
+                state.clone(),
+            );
+            let it = shard.iter().unwrap();
+            assert_eq!(state.get().remainder, -1);
+            assert_eq!(values(it), vec![vec![0, 1, 2], vec![3, 4, 5]]);
+        }
+    }
+
+    #[test]
+    fn each_finished_epoch_draws_the_next_order() {
+        // Accelerate's DataLoaderShard counts epochs itself: iterating to the end moves on (seed 42:
+        // epochs 0 and 1 are torch.randperm with seeds 42 and 43); a broken-off epoch does not count.
+        let state = GradientStateHandle::default();
+        let mut shard = DataLoaderShard::new(
+            DataLoader::new(dataset(10), 5).shuffle(42),
+            one_process(false, true),
+            state,
+        );
+        let flat = |b: Vec<Vec<i64>>| b.concat();
+        assert_eq!(
+            flat(values(shard.iter().unwrap())),
+            [2, 6, 1, 8, 4, 5, 0, 9, 3, 7]
+        );
+        assert_eq!(shard.epoch(), 1);
+        assert_eq!(shard.iter().unwrap().take(1).count(), 1);
+        assert_eq!(shard.epoch(), 1, "an epoch stopped early does not count");
+        assert_eq!(
+            flat(values(shard.iter().unwrap())),
+            [8, 4, 9, 0, 5, 1, 6, 7, 2, 3]
+        );
+        shard.set_epoch(0);
+        assert_eq!(flat(values(shard.iter().unwrap()))[..2], [2, 6]);
     }
 }

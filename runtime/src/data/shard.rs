@@ -36,12 +36,14 @@ impl<S: BatchSource> BatchSamplerShard<S> {
             });
         }
         if split_batches && sampler.batch_size().is_none_or(|b| b % num_processes != 0) {
+            let size = sampler
+                .batch_size()
+                .map_or_else(|| "of varying batches".to_owned(), |b| b.to_string());
             return Err(Error::Collective {
                 op: "BatchSamplerShard",
                 detail: format!(
-                    "with split_batches the batch size ({:?}) must be a round multiple of the number of processes \
-                     ({num_processes})",
-                    sampler.batch_size()
+                    "To use `BatchSamplerShard` in `split_batches` mode, the batch size ({size}) needs to be \
+                     a round multiple of the number of processes ({num_processes})."
                 ),
             });
         }
