@@ -38,9 +38,9 @@ mod supervise;
 pub use cli::{HostFacts, LaunchArgs, load_config_file, merge, resolve_port};
 pub use error::{LaunchError, Result};
 pub use exec::{RunOptions, run_program};
+pub use hasten_core::cuda_initialized_in_this_process;
 pub use host::{
-    PortReservation, cpu_count, cuda_initialized_in_this_process, port_is_free, reserve_port,
-    visible_gpu_count,
+    PortReservation, cpu_count, port_is_free, reserve_port, visible_gpu_count, visible_gpus,
 };
 pub use notebook::{NotebookLauncher, debug_launcher, notebook_launcher};
 pub use plan::{FOREIGN_CONTRACT_VARS, LaunchConfig, LaunchPlan, RankPlan, plan};

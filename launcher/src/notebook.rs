@@ -2,12 +2,13 @@
 //! program (a notebook kernel, a test, a REPL), relay their output live, and return the main rank's
 //! result.
 
-use crate::host::{PortReservation, cuda_initialized_in_this_process, visible_gpus};
+use crate::host::{PortReservation, visible_gpus};
 use crate::plan::{FOREIGN_CONTRACT_VARS, LaunchConfig, LaunchPlan, RankPlan, plan};
 use crate::relay::{LinePrefix, OutputSink, StdioSink};
 use crate::supervise::{STATUS_OK, Worker, kill_and_reap, supervise};
 use crate::{LaunchError, Result};
 use hasten_core::PrecisionType;
+use hasten_core::cuda_initialized_in_this_process;
 use serde::{Serialize, de::DeserializeOwned};
 use std::fmt::Display;
 use std::fs::File;

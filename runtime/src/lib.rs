@@ -28,6 +28,7 @@ mod data;
 mod device;
 mod distributed;
 pub mod layers;
+mod memory;
 mod ops;
 mod optim;
 mod random;
@@ -39,8 +40,7 @@ pub use accelerator::{
     ACCELERATOR_STATE_NAME, AcceleratedOptimizer, AcceleratedScheduler, Accelerator,
     AcceleratorBuilder, AutocastKwargs, DataLoaderConfiguration, DistributedDataParallelKwargs,
     GradScaler, GradScalerKwargs, GradientAccumulationPlugin, InitProcessGroupKwargs, ModelHandle,
-    ProjectConfiguration, Schedule, Splittable, autocast, find_executable_batch_size,
-    should_reduce_batch_size,
+    ProjectConfiguration, Schedule, Splittable, autocast,
 };
 pub use big_modeling::{
     DeviceKey, DeviceMap, DeviceMapOptions, DeviceMapSpec, DispatchOptions, DispatchedSequential,
@@ -64,6 +64,10 @@ pub use hasten_core::{
     accelerate_cache_dir, basic_config, clear_environment, debug_mode_from_env,
     default_config_file, distributed_state_initialized, parse_flag_from_env, patch_environment,
     str_to_bool, write_basic_config_for,
+};
+pub use memory::{
+    BatchSizeError, ExecutableBatchSize, OutOfMemory, empty_device_cache,
+    find_executable_batch_size, is_out_of_memory, should_reduce_batch_size,
 };
 // Accelerate's file names for checkpoints and weights.
 pub use data::{

@@ -148,6 +148,14 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// `find_executable_batch_size` ran out of memory with every batch size down to zero.
+    #[error("No executable batch size found, reached zero.")]
+    NoExecutableBatchSize {
+        /// The last out-of-memory error.
+        #[source]
+        last: Option<Box<Error>>,
+    },
+
     /// An error raised by libtorch.
     #[error("libtorch error in {op}: {source}")]
     Torch {

@@ -33,4 +33,7 @@ pub use environment::{
 pub use error::{Error, Result};
 pub use kinds::{DistributedType, LoggerType, RNGType};
 pub use libtorch::{CudaLoad, LibtorchInfo, libtorch};
-pub use lifecycle::{distributed_state_initialized, mark_distributed_state_initialized};
+pub use lifecycle::{
+    cuda_initialized_in_this_process, distributed_state_initialized,
+    mark_distributed_state_initialized,
+};

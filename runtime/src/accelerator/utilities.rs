@@ -236,48 +236,6 @@ impl<T: Splittable> Splittable for std::collections::BTreeMap<String, T> {
     }
 }
 
-/// True when `error` says the device ran out of memory, as Accelerate's `should_reduce_batch_size`
-/// recognises it in libtorch's messages.
-pub fn should_reduce_batch_size(error: &str) -> bool {
-    const MARKERS: [&str; 5] = [
-        "CUDA out of memory.",
-        "cuDNN error: CUDNN_STATUS_NOT_SUPPORTED.",
-        "DefaultCPUAllocator: can't allocate memory",
-        "XPU out of memory.",
-        "CUDA error: out of memory",
-    ];
-    MARKERS.iter().any(|m| error.contains(m))
-}
-
-/// Calls `f` with `starting_batch_size`, and again with 90% of the size (rounded down) each time it
-/// fails because memory ran out, until it succeeds (Accelerate's `find_executable_batch_size`). Any
-/// other error is returned at once; reaching 0 is an error.
-pub fn find_executable_batch_size<T, E: std::fmt::Display>(
-    starting_batch_size: usize,
-    mut f: impl FnMut(usize) -> std::result::Result<T, E>,
-) -> Result<T> {
-    let mut batch_size = starting_batch_size;
-    loop {
-        if batch_size == 0 {
-            return Err(Error::DeviceUnavailable {
-                detail: "No executable batch size found, reached zero.".into(),
-            });
-        }
-        match f(batch_size) {
-            Ok(v) => return Ok(v),
-            Err(e) if should_reduce_batch_size(&e.to_string()) => {
-                batch_size = batch_size * 9 / 10;
-            }
-            Err(e) => {
-                return Err(Error::Collective {
-                    op: "find_executable_batch_size",
-                    detail: e.to_string(),
-                });
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -311,33 +269,5 @@ mod tests {
         let three = Tensor::arange(3, (Kind::Int64, Device::Cpu));
         let padded = three.split_for(1, 2, true).unwrap();
         assert_eq!(Vec::<i64>::try_from(&padded).unwrap(), vec![2, 2]);
-    }
-
-    #[test]
-    fn batch_size_finder_shrinks_by_ten_percent_on_oom() {
-        let mut tried = Vec::new();
-        let got = find_executable_batch_size(128, |bs| {
-            tried.push(bs);
-            if bs > 100 {
-                Err("CUDA out of memory. Tried to allocate 2 GiB")
-            } else {
-                Ok(bs)
-            }
-        })
-        .unwrap();
-        assert_eq!(tried, vec![128, 115, 103, 92]);
-        assert_eq!(got, 92);
-        let err = find_executable_batch_size(4, |_| -> std::result::Result<(), _> {
-            Err("DefaultCPUAllocator: can't allocate memory: you tried to allocate")
-        })
-        .unwrap_err();
-        assert!(
-            err.to_string()
-                .contains("No executable batch size found, reached zero.")
-        );
-        let other = find_executable_batch_size(8, |_| -> std::result::Result<(), _> {
-            Err("shape mismatch")
-        });
-        assert!(other.unwrap_err().to_string().contains("shape mismatch"));
     }
 }
