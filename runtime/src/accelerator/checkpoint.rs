@@ -55,27 +55,43 @@ fn read_tensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
     Tensor::read_safetensors(path).map_err(|e| bad(path, format!("unreadable: {e}")))
 }
 
-/// The number in a `checkpoint_{n}` folder name.
-fn checkpoint_number(path: &Path) -> Option<usize> {
-    path.file_name()?
-        .to_str()?
-        .strip_prefix("checkpoint_")?
-        .parse()
-        .ok()
+/// The first run of digits in an entry's name, as Accelerate orders the entries of `checkpoints/`
+/// (`re.findall(r"[\/]?([0-9]+)(?=[^\/]*$)", folder)[0]`): numerically, with the digits read as one
+/// number however long.
+fn first_number(path: &Path) -> Option<(usize, String)> {
+    let name = path.file_name()?.to_str()?;
+    let start = name.find(|c: char| c.is_ascii_digit())?;
+    let digits: String = name[start..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    let trimmed = match digits.trim_start_matches('0') {
+        "" => "0".to_owned(),
+        t => t.to_owned(),
+    };
+    // Compare by length, then by digits: the numeric order of numbers of any size.
+    Some((trimmed.len(), trimmed))
 }
 
-/// The `checkpoint_{n}` folders under `dir`, oldest first.
+/// The entries of `dir` that count as checkpoints under automatic naming, oldest first. As in
+/// Accelerate, every entry whose name holds a number counts, folder or not, whatever else its name says,
+/// ordered by that number (ties by name). Accelerate fails on an entry without a number (an IndexError
+/// while sorting); hasten leaves such entries alone.
 fn numbered_checkpoints(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut found: Vec<(usize, PathBuf)> = match std::fs::read_dir(dir) {
+    let mut found: Vec<((usize, String), String, PathBuf)> = match std::fs::read_dir(dir) {
         Ok(entries) => entries
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter_map(|p| Some((checkpoint_number(&p)?, p)))
+            .filter_map(|p| {
+                let key = first_number(&p)?;
+                let name = p.file_name()?.to_string_lossy().into_owned();
+                Some((key, name, p))
+            })
             .collect(),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
         Err(e) => return Err(Error::io("listing", dir, e)),
     };
     found.sort();
-    Ok(found.into_iter().map(|(_, p)| p).collect())
+    Ok(found.into_iter().map(|(_, _, p)| p).collect())
 }
 
 /// Checks that the saved weights of a model match its variables, naming the first difference.
@@ -136,10 +152,14 @@ impl Accelerator {
                 let existing = numbered_checkpoints(&base)?;
                 if let Some(limit) = self.project.total_limit {
                     if existing.len() + 1 > limit {
-                        let excess = existing.len() + 1 - limit;
-                        eprintln!(
-                            "hasten: deleting {excess} checkpoints to make room for new checkpoint."
-                        );
+                        // total_limit 0 keeps only the new one, as in Accelerate (which counts one more
+                        // than there is to delete).
+                        let excess = (existing.len() + 1 - limit).min(existing.len());
+                        if excess > 0 {
+                            eprintln!(
+                                "hasten: deleting {excess} checkpoints to make room for new checkpoint."
+                            );
+                        }
                         for old in &existing[..excess] {
                             std::fs::remove_dir_all(old)
                                 .map_err(|e| Error::io("deleting", old, e))?;
@@ -401,10 +421,135 @@ impl Accelerator {
             crate::set_rng_states(&rng).map_err(|e| bad(&rng_path, e.to_string()))?;
         }
         if input_dir.is_none() {
-            if let Some(n) = checkpoint_number(&dir) {
+            if let Some(n) = first_number(&dir).and_then(|(_, digits)| digits.parse::<usize>().ok())
+            {
                 self.project.iteration = n + 1;
             }
         }
         Ok(dir)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ProjectConfiguration;
+
+    fn names(dir: &Path) -> Vec<String> {
+        numbered_checkpoints(dir)
+            .unwrap()
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn entries_count_and_sort_by_their_first_number_as_in_accelerate() {
+        let dir = tempfile::tempdir().unwrap();
+        for d in [
+            "checkpoint_10",
+            "checkpoint_9",
+            "checkpoint_3.tmp",
+            "run_2_of_10",
+            "foo",
+            "checkpoint_x",
+        ] {
+            std::fs::create_dir(dir.path().join(d)).unwrap();
+        }
+        std::fs::write(dir.path().join("checkpoint_7"), "a file").unwrap();
+        std::fs::write(dir.path().join("notes.txt"), "").unwrap();
+        assert_eq!(
+            names(dir.path()),
+            [
+                "run_2_of_10",
+                "checkpoint_3.tmp",
+                "checkpoint_7",
+                "checkpoint_9",
+                "checkpoint_10"
+            ]
+        );
+        assert_eq!(
+            first_number(Path::new("checkpoint_007")),
+            Some((1, "7".into()))
+        );
+        assert_eq!(
+            first_number(Path::new("checkpoint_0")),
+            Some((1, "0".into()))
+        );
+        assert_eq!(
+            names(Path::new("/nonexistent/checkpoints")),
+            Vec::<String>::new()
+        );
+    }
+
+    fn saves(limit: Option<usize>, times: usize) -> Vec<String> {
+        let project = tempfile::tempdir().unwrap();
+        let mut acc = Accelerator::builder()
+            .cpu(true)
+            .project_config(ProjectConfiguration {
+                project_dir: Some(project.path().to_owned()),
+                automatic_checkpoint_naming: true,
+                total_limit: limit,
+                ..Default::default()
+            })
+            .build()
+            .unwrap();
+        for _ in 0..times {
+            acc.save_state(None).unwrap();
+        }
+        names(&project.path().join("checkpoints"))
+    }
+
+    #[test]
+    fn total_limit_keeps_the_newest_and_zero_keeps_only_the_new_one() {
+        // Accelerate 1.15, four saves from an empty folder.
+        assert_eq!(
+            saves(None, 4),
+            [
+                "checkpoint_0",
+                "checkpoint_1",
+                "checkpoint_2",
+                "checkpoint_3"
+            ]
+        );
+        assert_eq!(saves(Some(0), 4), ["checkpoint_3"]);
+        assert_eq!(saves(Some(1), 4), ["checkpoint_3"]);
+        assert_eq!(saves(Some(2), 4), ["checkpoint_2", "checkpoint_3"]);
+        assert_eq!(saves(Some(2), 1), ["checkpoint_0"]);
+    }
+
+    #[test]
+    fn load_state_without_a_folder_picks_the_highest_number() {
+        let project = tempfile::tempdir().unwrap();
+        let config = ProjectConfiguration {
+            project_dir: Some(project.path().to_owned()),
+            automatic_checkpoint_naming: true,
+            ..Default::default()
+        };
+        let mut acc = Accelerator::builder()
+            .cpu(true)
+            .project_config(config.clone())
+            .build()
+            .unwrap();
+        for _ in 0..3 {
+            acc.save_state(None).unwrap();
+        }
+        let checkpoints = project.path().join("checkpoints");
+        // checkpoint_10 sorts after checkpoint_9 (numerically), and is what load_state picks.
+        std::fs::rename(
+            checkpoints.join("checkpoint_0"),
+            checkpoints.join("checkpoint_10"),
+        )
+        .unwrap();
+        let mut fresh = Accelerator::builder()
+            .cpu(true)
+            .project_config(config)
+            .build()
+            .unwrap();
+        let loaded = fresh.load_state(None).unwrap();
+        assert_eq!(loaded, checkpoints.join("checkpoint_10"));
+        // hasten continues after the loaded checkpoint (Accelerate keeps its iteration at 0, so its next
+        // save fails on the existing checkpoint_0; see README).
+        assert_eq!(fresh.project_config().iteration, 11);
     }
 }
