@@ -50,8 +50,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // The same architecture with empty weights: no memory, no initialisation.
     let vs = VarStore::new(Device::Cpu);
     let blocks = layers::init_empty_weights(|| model(&vs));
+    // Every module in registration order (the blocks, then the head), as PyTorch's named_modules lists
+    // them: the order a device map follows.
     let classes: Vec<(String, &str)> = (0..BLOCKS)
         .map(|i| (format!("layers.{i}"), "Block"))
+        .chain([("head".to_owned(), "Linear")])
         .collect();
     let class_refs: Vec<(&str, &str)> = classes.iter().map(|(p, c)| (p.as_str(), *c)).collect();
     let skeleton = ModelSkeleton::from_var_store(&vs, &class_refs);

@@ -1,8 +1,9 @@
 //! Model skeletons from files, without reading any weight: safetensors headers (one file, a sharded
 //! index, or a folder), or a JSON description with module classes.
 
+use super::ordered_json::Json;
 use super::sizes::TensorMeta;
-use super::skeleton::ModelSkeleton;
+use super::skeleton::{ModelSkeleton, merged_module_order};
 use crate::{Error, Result};
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -236,22 +237,28 @@ impl ModelSkeleton {
     }
 
     /// A skeleton from hasten's JSON model description:
-    /// `{"tensors": {"name": {"shape": [..], "dtype": "float32", "buffer": false}, ...},
-    ///   "modules": {"path": "ClassName", ...}, "no_split_module_classes": ["ClassName"]}`. Tensors keep
-    /// the file's order. Returns the skeleton and the no-split classes.
+    /// `{"tensors": {"name": {"shape": [..], "dtype": "float32", "buffer": false, "persistent": true}, ...},
+    ///   "modules": {"path": "ClassName", ...}, "no_split_module_classes": ["ClassName"],
+    ///   "tied_parameters": [["embed.weight", "lm_head.weight"], ...]}`.
+    ///
+    /// Order is read from the file, as registration order: tensors in the order listed; modules in the
+    /// order `"modules"` lists them (all of `named_modules()` gives PyTorch's order exactly; a module that
+    /// holds no tensor, like an activation, must be listed to exist), the modules only tensor names
+    /// mention fitted around them (see [`ModelSkeleton::from_var_store`]). Of a tied group, the name
+    /// listed first in `"tensors"` holds the memory; the others are aliases (listed or not). Returns the
+    /// skeleton and the no-split classes.
     pub fn from_json_description(path: &Path) -> Result<(Self, Vec<String>)> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io("reading", path, e))?;
-        let json: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| bad(path, format!("not valid JSON: {e}")))?;
+        let json = Json::parse(&text).map_err(|e| bad(path, format!("not valid JSON: {e}")))?;
         let tensors = json
             .get("tensors")
-            .and_then(|t| t.as_object())
+            .and_then(Json::as_object)
             .ok_or_else(|| bad(path, "no \"tensors\" object".into()))?;
-        let mut skeleton = ModelSkeleton::new();
+        let mut described: Vec<(&str, TensorMeta, bool)> = Vec::with_capacity(tensors.len());
         for (name, info) in tensors {
             let dtype = info
                 .get("dtype")
-                .and_then(|d| d.as_str())
+                .and_then(Json::as_str)
                 .unwrap_or("float32");
             let kind = kind_from_torch_name(dtype).ok_or_else(|| {
                 bad(
@@ -261,7 +268,7 @@ impl ModelSkeleton {
             })?;
             let shape: Vec<i64> = info
                 .get("shape")
-                .and_then(|s| s.as_array())
+                .and_then(Json::as_array)
                 .ok_or_else(|| bad(path, format!("tensor {name} has no \"shape\"")))?
                 .iter()
                 .map(|d| {
@@ -270,26 +277,106 @@ impl ModelSkeleton {
                     })
                 })
                 .collect::<Result<_>>()?;
-            skeleton = if info
-                .get("buffer")
-                .and_then(|b| b.as_bool())
-                .unwrap_or(false)
-            {
-                skeleton.buffer(name, &shape, kind)
+            let buffer = info.get("buffer").and_then(Json::as_bool).unwrap_or(false);
+            let persistent = info
+                .get("persistent")
+                .and_then(Json::as_bool)
+                .unwrap_or(true);
+            described.push((
+                name,
+                TensorMeta {
+                    shape,
+                    kind,
+                    buffer,
+                },
+                persistent,
+            ));
+        }
+        let mut modules: Vec<(&str, Option<&str>)> = Vec::new();
+        if let Some(listed) = json.get("modules") {
+            let listed = listed
+                .as_object()
+                .ok_or_else(|| bad(path, "\"modules\" is not an object".into()))?;
+            for (module, class) in listed {
+                modules.push((module, class.as_str()));
+            }
+        }
+        let tied: Vec<Vec<String>> = match json.get("tied_parameters") {
+            None => Vec::new(),
+            Some(groups) => groups
+                .as_array()
+                .ok_or_else(|| bad(path, "\"tied_parameters\" is not a list".into()))?
+                .iter()
+                .map(|g| {
+                    g.as_array()
+                        .and_then(|names| {
+                            names
+                                .iter()
+                                .map(|n| n.as_str().map(str::to_owned))
+                                .collect::<Option<Vec<String>>>()
+                        })
+                        .ok_or_else(|| {
+                            bad(
+                                path,
+                                "\"tied_parameters\" holds a group that is not a list of names"
+                                    .into(),
+                            )
+                        })
+                })
+                .collect::<Result<_>>()?,
+        };
+        let mut names: Vec<String> = described.iter().map(|(n, _, _)| (*n).to_owned()).collect();
+        names.extend(tied.iter().flatten().cloned());
+        let tensor_names: std::collections::HashSet<&str> =
+            described.iter().map(|(n, _, _)| *n).collect();
+        let listed: Vec<String> = modules
+            .iter()
+            .filter(|(m, _)| !tensor_names.contains(m))
+            .map(|(m, _)| (*m).to_owned())
+            .collect();
+        let mut skeleton = ModelSkeleton::new();
+        for module in merged_module_order(&listed, &names) {
+            skeleton.register_module(&module);
+        }
+        for (name, meta, persistent) in described {
+            skeleton = if meta.buffer && !persistent {
+                skeleton.non_persistent_buffer(name, &meta.shape, meta.kind)
+            } else if meta.buffer {
+                skeleton.buffer(name, &meta.shape, meta.kind)
             } else {
-                skeleton.param(name, &shape, kind)
+                skeleton.param(name, &meta.shape, meta.kind)
             };
         }
-        if let Some(modules) = json.get("modules").and_then(|m| m.as_object()) {
-            for (module, class) in modules {
-                if let Some(class) = class.as_str() {
-                    skeleton = skeleton.class(module, class);
-                }
+        for (module, class) in modules {
+            if let Some(class) = class {
+                skeleton = skeleton.class(module, class);
+            }
+        }
+        for group in &tied {
+            let holder = group
+                .iter()
+                .filter_map(|n| {
+                    skeleton
+                        .tensors()
+                        .iter()
+                        .position(|(t, _)| t == n)
+                        .map(|i| (i, n))
+                })
+                .min()
+                .map(|(_, n)| n.clone())
+                .ok_or_else(|| {
+                    bad(
+                        path,
+                        format!("no name of the tied group {group:?} is listed in \"tensors\""),
+                    )
+                })?;
+            for alias in group.iter().filter(|n| **n != holder) {
+                skeleton = skeleton.tie(alias, &holder);
             }
         }
         let no_split: Vec<String> = json
             .get("no_split_module_classes")
-            .and_then(|n| n.as_array())
+            .and_then(Json::as_array)
             .map(|a| {
                 a.iter()
                     .filter_map(|c| c.as_str().map(str::to_owned))
@@ -387,6 +474,18 @@ mod tests {
             .find(|(name, _)| name == "0.ln.running")
             .expect("buffer listed");
         assert!(running.1.buffer);
+        // File order is registration order: layers.10 stays before layers.2.
+        std::fs::write(
+            &path,
+            r#"{"tensors": {"layers.10.w": {"shape": [2]}, "layers.2.w": {"shape": [2]},
+                            "mask": {"shape": [2], "buffer": true, "persistent": false}}}"#,
+        )
+        .unwrap();
+        let (skeleton, _) = ModelSkeleton::from_json_description(&path).unwrap();
+        let names: Vec<&str> = skeleton.tensors().iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["layers.10.w", "layers.2.w", "mask"]);
+        assert_eq!(skeleton.children("layers"), ["layers.10", "layers.2"]);
+        assert_eq!(skeleton.state_dict_names(), ["layers.10.w", "layers.2.w"]);
         std::fs::write(
             &path,
             r#"{"tensors": {"x": {"shape": [1], "dtype": "float7"}}}"#,
@@ -399,5 +498,72 @@ mod tests {
             err.contains("model.json") && err.contains("float7"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn json_descriptions_hold_modules_without_tensors_and_tied_aliases() {
+        // Accelerate 1.15's model B (oracle_bigmodel_devmap.py) with lm_head registered first, described
+        // as named_modules() and state_dict() list it; the tied embed.weight is not a tensor of its own.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.json");
+        let mut tensors = vec![r#""lm_head.weight": {"shape": [10, 4]}"#.to_owned()];
+        let mut modules = vec![
+            r#""": "B""#.to_owned(),
+            r#""lm_head": "Linear""#.into(),
+            r#""embed": "Embedding""#.into(),
+            r#""layers": "ModuleList""#.into(),
+        ];
+        for i in 0..3 {
+            for l in ["fc", "out"] {
+                tensors.push(format!(r#""layers.{i}.{l}.weight": {{"shape": [4, 4]}}"#));
+                tensors.push(format!(r#""layers.{i}.{l}.bias": {{"shape": [4]}}"#));
+            }
+            modules.push(format!(r#""layers.{i}": "Block""#));
+            modules.push(format!(r#""layers.{i}.fc": "Linear""#));
+            modules.push(format!(r#""layers.{i}.act": "GELU""#));
+            modules.push(format!(r#""layers.{i}.out": "Linear""#));
+        }
+        tensors.push(r#""norm.weight": {"shape": [4]}, "norm.bias": {"shape": [4]}"#.into());
+        modules.push(r#""act": "ReLU", "norm": "LayerNorm""#.into());
+        std::fs::write(
+            &path,
+            format!(
+                r#"{{"tensors": {{{}}}, "modules": {{{}}}, "no_split_module_classes": ["Block"],
+                    "tied_parameters": [["embed.weight", "lm_head.weight"]]}}"#,
+                tensors.join(", "),
+                modules.join(", ")
+            ),
+        )
+        .unwrap();
+        let (skeleton, no_split) = ModelSkeleton::from_json_description(&path).unwrap();
+        assert_eq!(
+            skeleton.children(""),
+            ["lm_head", "embed", "layers", "act", "norm"]
+        );
+        let sizes = skeleton.module_sizes(None, &Default::default());
+        assert_eq!((sizes[""], sizes.get("embed")), (672, None));
+        let map = crate::infer_auto_device_map(
+            &skeleton,
+            &crate::DeviceMapOptions {
+                max_memory: vec![
+                    (crate::DeviceKey::Gpu(0), 400),
+                    (crate::DeviceKey::Gpu(1), 10_000),
+                ],
+                no_split_module_classes: no_split,
+                ..Default::default()
+            },
+        );
+        let map: Vec<(String, String)> = map.into_iter().map(|(k, v)| (k, v.to_string())).collect();
+        let want: Vec<(String, String)> = [
+            ("lm_head", "0"),
+            ("embed", "0"),
+            ("act", "1"),
+            ("norm", "1"),
+            ("layers", "1"),
+        ]
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+        assert_eq!(map, want);
     }
 }

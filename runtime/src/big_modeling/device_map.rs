@@ -94,23 +94,29 @@ pub fn get_max_layer_size(
 }
 
 /// Collapses children that all share a device into their parent, recursively (Accelerate's
-/// `clean_device_map`).
+/// `clean_device_map`). As in Accelerate, a collapsed parent takes the place of its children at the END of
+/// the map (Python deletes the keys and sets the parent in an ordered dict). Accelerate then visits the
+/// children in the order of a Python set, so when several siblings collapse their order changes with
+/// `PYTHONHASHSEED`; here they are visited in map order, so the map is always the same (identical to
+/// Accelerate's whenever at most one module collapses, and equal as a dict always).
 pub fn clean_device_map(map: &mut DeviceMap, module: &str) {
     let prefix = if module.is_empty() {
         String::new()
     } else {
         format!("{module}.")
     };
-    let under = |k: &str| module.is_empty() || k.starts_with(&prefix);
+    let under = |k: &str| k.starts_with(&prefix);
     let values: Vec<DeviceKey> = map
         .iter()
         .filter(|(k, _)| under(k))
         .map(|(_, v)| *v)
         .collect();
     if values.len() > 1 && values.iter().all(|v| *v == values[0]) {
-        let position = map.iter().position(|(k, _)| under(k)).unwrap_or(map.len());
         map.retain(|(k, _)| !under(k));
-        map.insert(position.min(map.len()), (module.to_owned(), values[0]));
+        match map.iter_mut().find(|(k, _)| k == module) {
+            Some(entry) => entry.1 = values[0],
+            None => map.push((module.to_owned(), values[0])),
+        }
     }
     let depth = if module.is_empty() {
         1
@@ -330,33 +336,42 @@ pub(super) fn place(model: &ModelSkeleton, opts: &DeviceMapOptions) -> Placement
         let module_size = size_of(&name);
         let has_ties = !tied_outside(tied, &name).is_empty();
         let device = devices[current.min(devices.len() - 1)];
-        let mut current_max = capacity(device).filter(|_| device != DeviceKey::Disk);
+        // Signed: below the largest layer a main device's room is negative, and even a module of size 0
+        // (one without tensors) then moves on, as in Accelerate.
+        let mut current_max: Option<i128> = capacity(device)
+            .filter(|_| device != DeviceKey::Disk)
+            .map(i128::from);
         let mut reserved = 0;
         if main_devices.contains(&device) {
-            current_max = current_max.map(|m| m.saturating_sub(max_layer));
+            current_max = current_max.map(|m| m - i128::from(max_layer));
             reserved = max_layer;
         }
         let (size_with_ties, tied_modules) = size_with_ties(&sizes, tied, &name, &queue);
         let used_here = used[&device];
-        if current_max.is_none_or(|m| used_here + size_with_ties <= m) {
+        let fits = |size: u64| current_max.is_none_or(|m| i128::from(used_here + size) <= m);
+        if fits(size_with_ties) {
             let available = current_max
-                .map(|m| format!(" (available={})", m.saturating_sub(used_here)))
+                .map(|m| format!(" (available={})", m - i128::from(used_here)))
                 .unwrap_or_default();
             say(format!(
                 "Putting {name} (size={size_with_ties}){available} on {device}."
             ));
             *used.entry(device).or_insert(0) += size_with_ties;
             map.push((name.clone(), device));
+            // Each tied module right after the module it is tied to (Python assigns the dict key: one
+            // already in the map keeps its place and takes the new device).
             for t in &tied_modules {
                 queue.retain(|n| n != t);
-                if !map.iter().any(|(k, _)| k == t) {
-                    map.push((t.clone(), device));
+                match map.iter_mut().find(|(k, _)| k == t) {
+                    Some(entry) => entry.1 = device,
+                    None => map.push((t.clone(), device)),
                 }
             }
             continue;
         }
-        let max_here = current_max.unwrap_or(u64::MAX);
-        if has_ties && used_here + module_size <= max_here {
+        let max_here = current_max.unwrap_or(i128::MAX);
+        let used_signed = i128::from(used_here);
+        if has_ties && used_signed + i128::from(module_size) <= max_here {
             // Try splitting a tied module so that only the tied part comes along.
             let splittable = tied_modules
                 .iter()
@@ -374,10 +389,10 @@ pub(super) fn place(model: &ModelSkeleton, opts: &DeviceMapOptions) -> Placement
                 continue;
             }
         }
-        if used_here + module_size >= max_here {
+        if used_signed + i128::from(module_size) >= max_here {
             say(format!(
                 "Not enough space on {device} to put {name} (space available {}, module size {module_size}).",
-                max_here.saturating_sub(used_here)
+                max_here - used_signed
             ));
             if !unsplittable(model, &name, no_split) {
                 say(format!("Splitting {name}."));

@@ -8,9 +8,9 @@
 use super::device_map::{DeviceMap, DeviceMapOptions, infer_auto_device_map};
 use super::load::{LoadOptions, LoadReport, device_key_of, load_checkpoint_in_model, tch_device};
 use super::memory::{MaxMemory, get_balanced_memory, get_max_memory};
+use super::ordered_json::python_list;
 use super::skeleton::ModelSkeleton;
 use crate::{Error, Result};
-use std::cmp::Ordering;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -63,6 +63,9 @@ pub struct DispatchOptions {
     pub dtype: Option<Kind>,
     /// Where tensors mapped to the disk go.
     pub offload_folder: Option<PathBuf>,
+    /// Offload the buffers of modules mapped to the disk too (default false, as in Accelerate; see
+    /// [`LoadOptions::offload_buffers`]).
+    pub offload_buffers: bool,
 }
 
 impl Default for DispatchOptions {
@@ -73,116 +76,8 @@ impl Default for DispatchOptions {
             no_split_module_classes: Vec::new(),
             dtype: None,
             offload_folder: None,
+            offload_buffers: false,
         }
-    }
-}
-
-/// Orders names as a model usually registers them: numeric path segments compare as numbers, so
-/// `layers.2` comes before `layers.10`.
-fn natural_cmp(a: &str, b: &str) -> Ordering {
-    let mut left = a.split('.');
-    let mut right = b.split('.');
-    loop {
-        match (left.next(), right.next()) {
-            (None, None) => return Ordering::Equal,
-            (None, Some(_)) => return Ordering::Less,
-            (Some(_), None) => return Ordering::Greater,
-            (Some(x), Some(y)) => {
-                let ord = match (x.parse::<u64>(), y.parse::<u64>()) {
-                    (Ok(i), Ok(j)) => i.cmp(&j),
-                    _ => x.cmp(y),
-                };
-                if ord != Ordering::Equal {
-                    return ord;
-                }
-            }
-        }
-    }
-}
-
-/// Groups of variable names of `vs` that share one storage (tied weights, e.g. an embedding reused as
-/// the output layer), each group in name order (Accelerate's `find_tied_parameters`).
-pub fn find_tied_parameters(vs: &VarStore) -> Vec<Vec<String>> {
-    let mut by_storage: BTreeMap<usize, Vec<String>> = BTreeMap::new();
-    for (name, tensor) in vs.variables() {
-        if tensor.numel() > 0 {
-            by_storage
-                .entry(tensor.data_ptr() as usize)
-                .or_default()
-                .push(name);
-        }
-    }
-    let mut groups: Vec<Vec<String>> = by_storage
-        .into_values()
-        .filter(|g| g.len() > 1)
-        .map(|mut g| {
-            g.sort_by(|a, b| natural_cmp(a, b));
-            g
-        })
-        .collect();
-    groups.sort();
-    groups
-}
-
-/// Makes every name of each group share the first name's tensor again (Accelerate's
-/// `retie_parameters`), e.g. after the tied names were loaded separately.
-pub fn retie_parameters(vs: &VarStore, groups: &[Vec<String>]) -> Result<()> {
-    let mut variables = vs.variables();
-    for group in groups {
-        let Some(first) = group.first() else { continue };
-        let original = variables
-            .get(first)
-            .ok_or_else(|| Error::InvalidValue {
-                name: "tied parameters".into(),
-                detail: format!("the model has no variable {first}"),
-            })?
-            .shallow_clone();
-        for alias in &group[1..] {
-            let var = variables
-                .get_mut(alias)
-                .ok_or_else(|| Error::InvalidValue {
-                    name: "tied parameters".into(),
-                    detail: format!("the model has no variable {alias}"),
-                })?;
-            let _guard = tch::no_grad_guard();
-            var.f_set_data(&original)
-                .map_err(|e| Error::torch("retie_parameters", e))?;
-        }
-    }
-    Ok(())
-}
-
-impl ModelSkeleton {
-    /// The skeleton of a `tch` model: every variable of `vs` (those not trained count as buffers; variables
-    /// sharing storage are tied), with `classes` naming the modules that `no_split_module_classes` refers
-    /// to. tch does not keep registration order, so tensors are ordered by name, numbers compared as numbers.
-    pub fn from_var_store(vs: &VarStore, classes: &[(&str, &str)]) -> Self {
-        let tied = find_tied_parameters(vs);
-        // As in PyTorch's named_parameters, a tied alias is not a tensor of its own.
-        let aliases: Vec<&String> = tied.iter().flat_map(|g| &g[1..]).collect();
-        let mut variables: Vec<(String, tch::Tensor)> = vs
-            .variables()
-            .into_iter()
-            .filter(|(name, _)| !aliases.contains(&name))
-            .collect();
-        variables.sort_by(|(a, _), (b, _)| natural_cmp(a, b));
-        let mut skeleton = ModelSkeleton::new();
-        for (name, tensor) in variables {
-            skeleton = if tensor.requires_grad() {
-                skeleton.param(&name, &tensor.size(), tensor.kind())
-            } else {
-                skeleton.buffer(&name, &tensor.size(), tensor.kind())
-            };
-        }
-        for (path, class) in classes {
-            skeleton = skeleton.class(path, class);
-        }
-        for group in &tied {
-            for alias in &group[1..] {
-                skeleton = skeleton.tie(alias, &group[0]);
-            }
-        }
-        skeleton
     }
 }
 
@@ -192,45 +87,41 @@ pub fn device_of(map: &DeviceMap, module: &str) -> Option<Device> {
     device_key_of(map, module).map(tch_device)
 }
 
-/// Checks that `map` gives a device to every tensor of `model` (Accelerate's `check_device_map`); the
-/// error lists the tensors left out. Keys naming nothing in the model (a typo) get Accelerate's warning.
-pub fn check_device_map(model: &ModelSkeleton, map: &DeviceMap) -> Result<()> {
-    let names: Vec<&str> = model.tensors().iter().map(|(n, _)| n.as_str()).collect();
-    if let Some(warning) = unknown_keys_warning(&names, map) {
-        eprintln!("hasten: warning: {warning}");
-    }
-    let uncovered: Vec<&str> = model
-        .tensors()
-        .iter()
-        .map(|(name, _)| name.as_str())
+/// Accelerate's `check_device_map`: every state-dict tensor of `model` (tied aliases and buffers
+/// included) must get a device from `map` (its own key, a module above it, or `""`); the error lists those
+/// left out, in state-dict order, with Accelerate's text. Returns Accelerate's warnings: one for the keys
+/// that are not modules of `model` (typos, and tensor keys too, as in Accelerate), with the keys as
+/// Python prints a list (`['p', 'lin.weight']`).
+pub fn check_device_map(model: &ModelSkeleton, map: &DeviceMap) -> Result<Vec<String>> {
+    let warnings: Vec<String> = unknown_keys_warning(model, map).into_iter().collect();
+    let uncovered: Vec<String> = model
+        .state_dict_names()
+        .into_iter()
         .filter(|name| device_key_of(map, name).is_none())
         .collect();
     if uncovered.is_empty() {
-        return Ok(());
+        return Ok(warnings);
     }
     Err(Error::InvalidValue {
         name: "device_map".into(),
-        detail: format!("gives no device to these tensors: {}", uncovered.join(", ")),
+        detail: format!(
+            "The device_map provided does not give any device for the following parameters: {}",
+            uncovered.join(", ")
+        ),
     })
 }
 
-/// Accelerate's warning for device-map keys that are neither a module nor one of the model's `tensors`.
-pub(crate) fn unknown_keys_warning(tensors: &[&str], map: &DeviceMap) -> Option<String> {
-    let unknown: Vec<String> = map
+/// Accelerate's warning for device-map keys that name no module of `model` (`""` never warns).
+pub(crate) fn unknown_keys_warning(model: &ModelSkeleton, map: &DeviceMap) -> Option<String> {
+    let unknown: Vec<&str> = map
         .iter()
-        .map(|(k, _)| k)
-        .filter(|k| {
-            !k.is_empty()
-                && !tensors
-                    .iter()
-                    .any(|t| t == k || t.starts_with(&format!("{k}.")))
-        })
-        .map(|k| format!("{k:?}"))
+        .map(|(k, _)| k.as_str())
+        .filter(|k| !k.is_empty() && !model.is_module(k))
         .collect();
     (!unknown.is_empty()).then(|| {
         format!(
-            "The following device_map keys do not match any submodules in the model: [{}]",
-            unknown.join(", ")
+            "The following device_map keys do not match any submodules in the model: {}",
+            python_list(&unknown)
         )
     })
 }
@@ -255,6 +146,7 @@ pub fn load_checkpoint_and_dispatch(
                 max_memory,
                 no_split_module_classes: opts.no_split_module_classes.clone(),
                 dtype: opts.dtype,
+                offload_buffers: opts.offload_buffers,
                 ..Default::default()
             },
         )
@@ -274,7 +166,10 @@ pub fn load_checkpoint_and_dispatch(
             *balanced == DeviceMapSpec::BalancedLowZero,
         )?),
     };
-    let report = load_checkpoint_in_model(
+    // Accelerate checks the map when it dispatches the loaded model; checking it first loads nothing
+    // for a map that would be refused. Its warnings come after the loader's, as in Accelerate.
+    let map_warnings = check_device_map(skeleton, &device_map)?;
+    let mut report = load_checkpoint_in_model(
         vs,
         checkpoint,
         &LoadOptions {
@@ -282,15 +177,18 @@ pub fn load_checkpoint_and_dispatch(
             dtype: opts.dtype,
             offload_folder: opts.offload_folder.clone(),
             strict: false,
+            offload_buffers: opts.offload_buffers,
         },
     )?;
+    report.warnings.extend(map_warnings);
     Ok((device_map, report))
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::var_store::natural_cmp;
     use super::*;
-    use crate::DeviceKey;
+    use crate::{DeviceKey, find_tied_parameters, retie_parameters};
     use tch::{Tensor, nn};
 
     #[test]
@@ -369,14 +267,17 @@ mod tests {
         assert_eq!(layers[3].ws.stride(), [0, 0], "offloaded: placeholder");
         assert!(offload.join("layers.3.weight.dat").is_file());
 
-        check_device_map(&skeleton, &map).unwrap();
-        let names: Vec<&str> = skeleton.tensors().iter().map(|(n, _)| n.as_str()).collect();
-        assert_eq!(unknown_keys_warning(&names, &map), None);
+        assert_eq!(
+            check_device_map(&skeleton, &map).unwrap(),
+            Vec::<String>::new()
+        );
+        assert_eq!(unknown_keys_warning(&skeleton, &map), None);
+        // Python's list formatting, as Accelerate's warning prints it.
         let typo = vec![("layer.0".to_owned(), DeviceKey::Cpu), map[0].clone()];
         assert_eq!(
-            unknown_keys_warning(&names, &typo).as_deref(),
+            unknown_keys_warning(&skeleton, &typo).as_deref(),
             Some(
-                "The following device_map keys do not match any submodules in the model: [\"layer.0\"]"
+                "The following device_map keys do not match any submodules in the model: ['layer.0']"
             )
         );
         let err = check_device_map(&skeleton, &map[..3].to_vec())
@@ -386,6 +287,49 @@ mod tests {
             err.contains("layers.3.bias, layers.3.weight") && !err.contains("layers.2"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn map_warnings_come_back_in_the_report() {
+        // Accelerate's dispatch_model checks the map: a tensor key ('p') is not a module and warns; a
+        // map leaving tensors out is refused (here before anything is loaded).
+        let vs = VarStore::new(Device::Cpu);
+        let p = vs.root().var("p", &[2], nn::Init::Const(0.0));
+        let _lin = nn::linear(vs.root() / "lin", 2, 2, Default::default());
+        let dir = tempfile::tempdir().unwrap();
+        let saved: Vec<(String, Tensor)> = vs
+            .variables()
+            .into_iter()
+            .map(|(n, t)| (n, t.detach().copy().fill_(2.0)))
+            .collect();
+        Tensor::write_safetensors(&saved, dir.path().join("model.safetensors")).unwrap();
+        let skeleton = ModelSkeleton::from_var_store(&vs, &[]);
+        let opts = |map: &[&str]| DispatchOptions {
+            device_map: DeviceMapSpec::Map(
+                map.iter()
+                    .map(|k| ((*k).to_owned(), DeviceKey::Cpu))
+                    .collect(),
+            ),
+            ..Default::default()
+        };
+        let err = load_checkpoint_and_dispatch(&vs, &skeleton, dir.path(), &opts(&["p"]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.ends_with(
+                "The device_map provided does not give any device for the following parameters: \
+                 lin.bias, lin.weight"
+            ),
+            "{err}"
+        );
+        assert!(p.equal(&Tensor::zeros([2], (Kind::Float, Device::Cpu))));
+        let (_, report) =
+            load_checkpoint_and_dispatch(&vs, &skeleton, dir.path(), &opts(&["p", "lin"])).unwrap();
+        assert_eq!(
+            report.warnings,
+            ["The following device_map keys do not match any submodules in the model: ['p']"]
+        );
+        assert!(p.equal(&Tensor::full([2], 2.0, (Kind::Float, Device::Cpu))));
     }
 
     #[test]

@@ -12,10 +12,13 @@
 //! copies run at full bus speed.
 
 use super::device_map::{DeviceKey, DeviceMap};
-use super::load::{device_key_of, offloaded_file, read_offload_index};
+use super::load::device_key_of;
+use super::offload_format::{
+    OffloadIndex, offload_state_dict, offloaded_file, placeholder, read_offload_index,
+};
 use super::read::{ReadJob, Target, host_tensor, read_all, reader_threads};
+use super::var_store::{find_tied_parameters, natural_cmp};
 use crate::{Error, Result};
-use serde_json::{Map, Value};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -23,6 +26,34 @@ use std::thread::JoinHandle;
 use tch::{Device, Tensor, nn::Module, nn::VarStore};
 
 type Weights = Vec<(String, Tensor)>;
+
+/// The offloaded variables: (variable, its name in `index.json`, its entry). A tied parameter the index
+/// does not list (a checkpoint holds one name of a tied group) is read from the entry of a name tied to
+/// it, so a module holding only the alias (an `lm_head` tied to the embedding) runs with real weights.
+type Entries = Vec<(String, String, serde_json::Value)>;
+
+fn offloaded_entries(vs: &VarStore, index: OffloadIndex) -> Entries {
+    let mut entries: Entries = index
+        .into_iter()
+        .map(|(name, entry)| (name.clone(), name, entry))
+        .collect();
+    for group in find_tied_parameters(vs) {
+        let Some((source, entry)) = group.iter().find_map(|n| {
+            entries
+                .iter()
+                .find(|(v, _, _)| v == n)
+                .map(|(_, s, e)| (s.clone(), e.clone()))
+        }) else {
+            continue;
+        };
+        for alias in &group {
+            if !entries.iter().any(|(v, _, _)| v == alias) {
+                entries.push((alias.clone(), source.clone(), entry.clone()));
+            }
+        }
+    }
+    entries
+}
 
 /// A background read of one disk-offloaded module's weights.
 struct Prefetch {
@@ -35,7 +66,7 @@ pub struct Dispatcher {
     variables: HashMap<String, Tensor>,
     map: DeviceMap,
     main: Device,
-    folder: Option<(PathBuf, PathBuf, Map<String, Value>)>,
+    folder: Option<(PathBuf, PathBuf, Entries)>,
     prefetch: Mutex<Option<Prefetch>>,
 }
 
@@ -60,12 +91,21 @@ pub fn dispatch_model(
     let folder = match offload_folder {
         Some(folder) => {
             let (index_path, index) = read_offload_index(folder)?;
-            Some((folder.to_owned(), index_path, index))
+            Some((folder.to_owned(), index_path, offloaded_entries(vs, index)))
         }
         None if map.iter().any(|(_, d)| *d == DeviceKey::Disk) => {
+            let disk: Vec<&str> = map
+                .iter()
+                .filter(|(_, d)| *d == DeviceKey::Disk)
+                .map(|(m, _)| m.as_str())
+                .collect();
             return Err(Error::InvalidValue {
                 name: "offload_folder".into(),
-                detail: "the device map offloads modules to disk; pass the offload folder".into(),
+                detail: format!(
+                    "We need an `offload_dir` to dispatch this model according to this `device_map`, \
+                     the following submodules need to be offloaded: {}.",
+                    disk.join(", ")
+                ),
             });
         }
         None => None,
@@ -96,15 +136,17 @@ pub fn cpu_offload(vs: &VarStore, execution_device: Device) -> Result<Dispatcher
 
 /// Accelerate's `disk_offload`: writes every weight of `vs` to `folder` (unless its index already
 /// lists them), leaves shape-only placeholders in the model, and reads each block's weights for its
-/// forward only.
+/// forward only. A var store keeps no registration order, so `index.json` lists the tensors by name,
+/// numbers compared as numbers (Accelerate: state-dict order).
 pub fn disk_offload(vs: &VarStore, folder: &Path, execution_device: Device) -> Result<Dispatcher> {
     if !folder.join("index.json").is_file() {
-        let state: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
-        super::load::offload_state_dict(folder, &state)?;
+        let mut state: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+        state.sort_by(|(a, _), (b, _)| natural_cmp(a, b));
+        offload_state_dict(folder, &state)?;
     }
     let _guard = tch::no_grad_guard();
     for (_, mut var) in vs.variables() {
-        let placeholder = crate::layers::empty_placeholder(&var.size(), var.kind());
+        let placeholder = placeholder(&var.size(), var.kind());
         var.f_set_data(&placeholder)
             .map_err(|e| Error::torch("disk_offload", e))?;
     }
@@ -177,9 +219,12 @@ impl Dispatcher {
             for name in names {
                 let mut var = self.variables[name].shallow_clone();
                 let source = from_disk.get(name).unwrap_or(&var);
-                // Page-locked sources copy asynchronously; the stream keeps the order with compute.
+                // Page-locked sources copy asynchronously; the stream keeps the order with compute. The
+                // value takes the variable's kind (a tensor offloaded uncast under `dtype` has a
+                // placeholder of the cast kind, as Accelerate's meta tensor has) and shape (a 0-d
+                // variable stored by an older hasten as [1]).
                 let value = source
-                    .f_to_device_(device, source.kind(), true, false)
+                    .f_to_device_(device, var.kind(), true, false)
                     .and_then(|v| v.f_reshape(var.size()))
                     .map_err(|e| Error::torch("bringing an offloaded weight over", e))?;
                 let before = var.detach();
@@ -245,10 +290,10 @@ impl Dispatcher {
             return; // already on its way
         }
         let (next, folder, index_path) = (next.clone(), folder.clone(), index_path.clone());
-        let entries: Map<String, Value> = index
+        let entries: Entries = index
             .iter()
-            .filter(|(n, _)| under(n, &next))
-            .map(|(n, v)| (n.clone(), v.clone()))
+            .filter(|(n, _, _)| under(n, &next))
+            .cloned()
             .collect();
         let pinned = self.main.is_cuda();
         let module = next.clone();
@@ -267,23 +312,25 @@ impl Dispatcher {
 fn read_module_from(
     folder: &Path,
     index_path: &Path,
-    index: &Map<String, Value>,
+    index: &[(String, String, serde_json::Value)],
     module: &str,
     pinned: bool,
 ) -> Result<Weights> {
     let mut paths = Vec::new();
     let mut jobs = Vec::new();
-    for (name, entry) in index.iter().filter(|(name, _)| under(name, module)) {
-        let (path, shape, kind) = offloaded_file(folder, name, entry, index_path)?;
-        let tensor = host_tensor(&shape, kind, pinned);
+    let mut casts = Vec::new();
+    for (name, stored_as, entry) in index.iter().filter(|(name, _, _)| under(name, module)) {
+        let found = offloaded_file(folder, stored_as, entry, index_path)?;
+        let tensor = host_tensor(&found.shape, found.kind, pinned);
         jobs.push(ReadJob {
             shard: paths.len(),
             name: name.clone(),
-            start: 0,
-            len: (tensor.numel() * kind.elt_size_in_bytes()) as u64,
+            start: found.start,
+            len: found.byte_len(),
             target: Target::Tensor(tensor),
         });
-        paths.push(path);
+        casts.push(found.cast);
+        paths.push(found.path);
     }
     if jobs.is_empty() {
         return Ok(Vec::new()); // a CPU-offloaded block: nothing on disk
@@ -291,8 +338,9 @@ fn read_module_from(
     read_all(&paths, &jobs, reader_threads(), false)?;
     Ok(jobs
         .into_iter()
-        .filter_map(|j| match j.target {
-            Target::Tensor(t) => Some((j.name, t)),
+        .zip(casts)
+        .filter_map(|(j, cast)| match j.target {
+            Target::Tensor(t) => Some((j.name, cast.map_or(t.shallow_clone(), |k| t.to_kind(k)))),
             Target::File(_) => None,
         })
         .collect())
@@ -406,6 +454,61 @@ mod tests {
     }
 
     #[test]
+    fn weights_offloaded_uncast_come_back_in_the_requested_dtype() {
+        // As in Accelerate, with a dtype the disk keeps the checkpoint's float32 and the placeholder has
+        // the dtype; the weights are cast when they are brought over for a forward.
+        let dir = tempfile::tempdir().unwrap();
+        let mut reference = VarStore::new(Device::Cpu);
+        let plain = blocks(&reference);
+        reference
+            .save(dir.path().join("model.safetensors"))
+            .unwrap();
+        reference.double();
+        let x = Tensor::randn([3, 8], (Kind::Double, Device::Cpu));
+        let expected = plain
+            .iter()
+            .fold(x.shallow_clone(), |x, (_, b)| b.forward(&x));
+
+        let vs = VarStore::new(Device::Cpu);
+        let model = layers::init_empty_weights(|| blocks(&vs));
+        let map: DeviceMap = vec![
+            ("0".into(), DeviceKey::Cpu),
+            ("1".into(), DeviceKey::Disk),
+            ("2".into(), DeviceKey::Cpu),
+            ("3".into(), DeviceKey::Disk),
+        ];
+        let offload = dir.path().join("offload");
+        load_checkpoint_in_model(
+            &vs,
+            dir.path(),
+            &LoadOptions {
+                device_map: Some(map.clone()),
+                dtype: Some(Kind::Double),
+                offload_folder: Some(offload.clone()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let index = std::fs::read_to_string(offload.join("index.json")).unwrap();
+        assert!(
+            index.contains("\"float32\"") && !index.contains("float64"),
+            "{index}"
+        );
+        assert_eq!(vs.variables()["3.weight"].kind(), Kind::Double);
+        let folder = crate::OffloadFolder::open(&offload).unwrap();
+        let kind = folder
+            .with_module_on(&vs, "3", Device::Cpu, || vs.variables()["3.weight"].kind())
+            .unwrap();
+        assert_eq!(kind, Kind::Double);
+        let seq = DispatchedSequential::new(
+            dispatch_model(&vs, map, Some(&offload), None).unwrap(),
+            model,
+        );
+        let y = seq.try_forward(&x).unwrap();
+        assert!(y.allclose(&expected, 1e-12, 1e-12, false));
+    }
+
+    #[test]
     fn cpu_and_disk_offload_run_every_block_from_elsewhere() {
         let dir = tempfile::tempdir().unwrap();
         let x = Tensor::randn([2, 8], (Kind::Float, Device::Cpu));
@@ -430,6 +533,13 @@ mod tests {
         let err = dispatch_model(&vs, vec![("".into(), DeviceKey::Disk)], None, None)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("offload_folder"), "{err}");
+        // Accelerate's message (the only disk module here is the root, "").
+        assert!(
+            err.ends_with(
+                "We need an `offload_dir` to dispatch this model according to this `device_map`, the \
+                 following submodules need to be offloaded: ."
+            ),
+            "{err}"
+        );
     }
 }

@@ -1,16 +1,18 @@
 //! Loading a checkpoint into a model by device map (Accelerate's `load_checkpoint_in_model`), with
-//! Accelerate's disk-offload format: one raw `NAME.dat` per tensor plus `index.json`.
+//! Accelerate's disk-offload format (see `offload_format`).
 //!
 //! tch has no meta device, so an offloaded variable keeps its shape through a placeholder: one element
 //! expanded with stride 0 to the full shape. It costs one element of memory until
-//! [`load_offloaded_weights`] brings the real values back.
+//! [`load_offloaded_weights`](super::load_offloaded_weights) brings the real values back.
 
 use super::describe::{SafetensorsEntry, checkpoint_files, read_safetensors_entries};
 use super::device_map::{DeviceKey, DeviceMap};
-use super::read::{ReadJob, Target, host_tensor, read_all, read_tensor, reader_threads};
+use super::offload_format::{OffloadIndex, offload_entry, placeholder, save_offload_index};
+use super::ordered_json::python_repr;
+use super::read::{ReadJob, Target, host_tensor, read_all, reader_threads};
+use super::var_store::{find_tied_parameters, parameter_names};
 use crate::{Error, Result};
-use serde_json::{Map, Value, json};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor, nn::VarStore};
 
@@ -19,12 +21,17 @@ use tch::{Device, Kind, Tensor, nn::VarStore};
 pub struct LoadOptions {
     /// Module name → device. Without one, every tensor goes to the var store's device.
     pub device_map: Option<DeviceMap>,
-    /// Cast floating tensors to this dtype on load.
+    /// Cast floating tensors to this dtype on load. Tensors mapped to the disk are written as the
+    /// checkpoint holds them (as Accelerate does); their placeholders take this dtype, and the values are
+    /// cast when they are brought back.
     pub dtype: Option<Kind>,
     /// Where tensors mapped to `disk` are written; required when the map names the disk.
     pub offload_folder: Option<PathBuf>,
     /// Fail (before loading anything) when the checkpoint and the model do not hold the same tensors.
     pub strict: bool,
+    /// Write buffers mapped to the disk to the offload folder too (default false, as in Accelerate: such
+    /// buffers are neither written nor loaded, and keep the model's values).
+    pub offload_buffers: bool,
 }
 
 /// What [`load_checkpoint_in_model`] did, by tensor name.
@@ -38,6 +45,11 @@ pub struct LoadReport {
     pub unexpected: Vec<String>,
     /// In the model but in no shard of the checkpoint (left as initialised).
     pub missing: Vec<String>,
+    /// Buffers mapped to the disk, neither loaded nor offloaded because `offload_buffers` is off (they
+    /// keep the model's values, as in Accelerate).
+    pub skipped_buffers: Vec<String>,
+    /// Accelerate's warnings (e.g. tied parameters placed on different devices), in the order raised.
+    pub warnings: Vec<String>,
 }
 
 /// The device the map gives `name`: the entry of its longest module prefix (`""` covers everything).
@@ -61,15 +73,48 @@ pub(super) fn tch_device(device: DeviceKey) -> Device {
     }
 }
 
+/// A device as Python prints a device-map value: `0`, `'cpu'`, `'disk'`.
+pub(super) fn python_device(device: DeviceKey) -> String {
+    match device {
+        DeviceKey::Gpu(i) => i.to_string(),
+        other => python_repr(&other.to_string()),
+    }
+}
+
+/// Accelerate's warning for each group of tied parameters that `map` spreads over several devices.
+fn tied_on_different_devices(groups: &[Vec<String>], map: &DeviceMap) -> Vec<String> {
+    let mut warnings = Vec::new();
+    for group in groups {
+        let devices: Vec<(&String, DeviceKey)> = group
+            .iter()
+            .filter_map(|n| device_key_of(map, n).map(|d| (n, d)))
+            .collect();
+        if devices.iter().any(|(_, d)| *d != devices[0].1) {
+            let entries: Vec<String> = devices
+                .iter()
+                .map(|(n, d)| format!("{}: {}", python_repr(n), python_device(*d)))
+                .collect();
+            warnings.push(format!(
+                "Tied parameters are on different devices: {{{}}}. Please modify your custom device map or \
+                 set `device_map='auto'`. ",
+                entries.join(", ")
+            ));
+        }
+    }
+    warnings
+}
+
 /// Loads `checkpoint` (a safetensors file, a sharded index or a folder) into `vs`, shard by shard, placing
 /// each tensor where `opts.device_map` says. A shape that differs from the model's is an error naming the
-/// tensor and the shard; tensors the model lacks are reported, not loaded.
+/// tensor and the shard; tensors the model lacks are reported, not loaded. Every check (headers, shapes,
+/// devices) is done before the model changes.
 pub fn load_checkpoint_in_model(
     vs: &VarStore,
     checkpoint: &Path,
     opts: &LoadOptions,
 ) -> Result<LoadReport> {
     let mut variables: HashMap<String, Tensor> = vs.variables();
+    let parameters = parameter_names(vs);
     let disk_used = opts
         .device_map
         .as_ref()
@@ -78,38 +123,27 @@ pub fn load_checkpoint_in_model(
         (None, true) => {
             return Err(Error::InvalidValue {
                 name: "offload_folder".into(),
-                detail: "the device map offloads modules to disk; pass an offload folder".into(),
+                detail: "At least one of the model submodule will be offloaded to disk, please pass along \
+                         an `offload_folder`."
+                    .into(),
             });
         }
         (folder, _) => folder.as_deref(),
     };
+    let mut warnings = Vec::new();
     // A tied alias the map does not name follows the tensor it shares storage with: placing it on its
-    // own would move the shared tensor too.
+    // own would move the shared tensor too. (Accelerate raises "The `device_map` does not contain the
+    // module ." there.)
     let mut follows: HashMap<String, String> = HashMap::new();
     if let Some(map) = &opts.device_map {
-        let names: Vec<&str> = variables.keys().map(String::as_str).collect();
-        if let Some(warning) = super::dispatch::unknown_keys_warning(&names, map) {
-            eprintln!("hasten: warning: {warning}");
-        }
-        for group in super::dispatch::find_tied_parameters(vs) {
+        let groups = find_tied_parameters(vs);
+        warnings.extend(tied_on_different_devices(&groups, map));
+        for group in groups {
             if let Some(placed) = group.iter().find(|n| device_key_of(map, n).is_some()) {
                 for name in group.iter().filter(|n| device_key_of(map, n).is_none()) {
                     follows.insert(name.clone(), placed.clone());
                 }
             }
-        }
-        let mut names: Vec<&String> = variables
-            .keys()
-            .filter(|n| !follows.contains_key(*n))
-            .collect();
-        names.sort();
-        if let Some(name) = names.into_iter().find(|n| device_key_of(map, n).is_none()) {
-            return Err(Error::InvalidValue {
-                name: "device_map".into(),
-                detail: format!(
-                    "{name} has no device: no entry for it or any module containing it"
-                ),
-            });
         }
     }
     let shards = checkpoint_files(checkpoint)?;
@@ -119,14 +153,31 @@ pub fn load_checkpoint_in_model(
     let mut headers: Vec<Vec<SafetensorsEntry>> = Vec::new();
     for shard in &shards {
         let entries = read_safetensors_entries(shard)?;
-        for e in &entries {
-            if let Some(var) = variables.get(&e.name).filter(|v| v.size() != e.meta.shape) {
-                return Err(shape_mismatch(shard, &e.name, &e.meta.shape, &var.size()));
+        // Accelerate goes through a shard's tensors in name order (safetensors' `keys()`); so does the
+        // device check here, and so does the offload index.
+        let mut by_name: Vec<&SafetensorsEntry> = entries.iter().collect();
+        by_name.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+        for e in by_name {
+            let name = e.name.as_str();
+            let Some(var) = variables.get(name) else {
+                unexpected.push(name.to_owned());
+                continue;
+            };
+            if var.size() != e.meta.shape {
+                return Err(shape_mismatch(shard, name, &e.meta.shape, &var.size()));
             }
-            if !variables.contains_key(&e.name) {
-                unexpected.push(e.name.clone());
+            let placed_as = follows.get(name).map_or(name, String::as_str);
+            let uncovered = opts
+                .device_map
+                .as_ref()
+                .is_some_and(|map| device_key_of(map, placed_as).is_none());
+            if uncovered {
+                return Err(Error::InvalidValue {
+                    name: "device_map".into(),
+                    detail: format!("{name} doesn't have any device set."),
+                });
             }
-            in_checkpoint.insert(e.name.clone());
+            in_checkpoint.insert(name.to_owned());
         }
         headers.push(entries);
     }
@@ -148,6 +199,7 @@ pub fn load_checkpoint_in_model(
     let mut report = LoadReport {
         unexpected,
         missing,
+        warnings,
         ..LoadReport::default()
     };
     // CPU copies of GPU-executed weights are page-locked, so moving them for each forward runs at full
@@ -157,9 +209,10 @@ pub fn load_checkpoint_in_model(
         .as_ref()
         .is_some_and(|m| m.iter().any(|(_, d)| matches!(d, DeviceKey::Gpu(_))));
     let mut jobs = Vec::new();
-    let mut index = Map::new();
+    let mut index = OffloadIndex::new();
     let mut plans = Vec::new();
     for (shard_index, entries) in headers.into_iter().enumerate() {
+        let mut shard_index_entries = Vec::new();
         for e in entries {
             if !variables.contains_key(&e.name) {
                 continue;
@@ -172,43 +225,32 @@ pub fn load_checkpoint_in_model(
                 .device_map
                 .as_ref()
                 .and_then(|m| device_key_of(m, placed_as));
-            let on_disk = key == Some(DeviceKey::Disk);
-            let (target, plan) = if on_disk && cast.is_none() {
+            let (target, plan) = if key == Some(DeviceKey::Disk) {
+                if !opts.offload_buffers && !parameters.contains(&e.name) {
+                    report.skipped_buffers.push(e.name);
+                    continue;
+                }
                 let folder = offload_folder.expect("checked above: disk needs a folder");
                 std::fs::create_dir_all(folder).map_err(|e| Error::io("creating", folder, e))?;
-                index.insert(
+                // The checkpoint's bytes as they are: Accelerate offloads the uncast tensor.
+                shard_index_entries.push((
                     e.name.clone(),
                     offload_entry(&e.name, e.meta.kind, &e.meta.shape)?,
-                );
+                ));
                 (
                     Target::File(folder.join(format!("{}.dat", e.name))),
-                    Plan::Offloaded,
+                    Plan::Offloaded(cast.unwrap_or(e.meta.kind)),
                 )
             } else {
-                let device = if on_disk {
-                    Device::Cpu
-                } else {
-                    key.map_or(vs.device(), tch_device)
-                };
+                let device = key.map_or(vs.device(), tch_device);
                 let value = if device == Device::Cpu {
-                    host_tensor(&e.meta.shape, e.meta.kind, pin_cpu && !on_disk)
+                    host_tensor(&e.meta.shape, e.meta.kind, pin_cpu)
                 } else {
                     device_tensor(&e.name, &e.meta.shape, e.meta.kind, device)?
                 };
-                let plan = if on_disk {
-                    Plan::OffloadAfterCast
-                } else {
-                    Plan::Loaded
-                };
-                (Target::Tensor(value.shallow_clone()), plan)
+                (Target::Tensor(value.shallow_clone()), Plan::Loaded(cast))
             };
-            plans.push((
-                e.name.clone(),
-                cast,
-                plan,
-                e.meta.shape.clone(),
-                e.meta.kind,
-            ));
+            plans.push((e.name.clone(), plan, e.meta.shape.clone()));
             jobs.push(ReadJob {
                 shard: shard_index,
                 name: e.name,
@@ -217,41 +259,36 @@ pub fn load_checkpoint_in_model(
                 target,
             });
         }
+        shard_index_entries.sort_by(|(a, _), (b, _)| a.cmp(b));
+        index.extend(shard_index_entries);
     }
     read_all(&shards, &jobs, reader_threads(), true)?;
     // Everything is read: only now does the model change.
     let _guard = tch::no_grad_guard();
-    for ((name, cast, plan, shape, kind), job) in plans.into_iter().zip(jobs) {
+    for ((name, plan, shape), job) in plans.into_iter().zip(jobs) {
         let var = variables
             .get_mut(&name)
             .expect("planned from the model's names");
-        let read = match job.target {
-            Target::Tensor(t) => Some(match cast {
-                Some(kind) => t.to_kind(kind),
-                None => t,
-            }),
-            Target::File(_) => None,
-        };
-        let new_data = match (plan, read) {
-            (Plan::Loaded, Some(value)) => {
+        let new_data = match (plan, job.target) {
+            (Plan::Loaded(cast), Target::Tensor(t)) => {
                 report.loaded.push(name);
-                value
+                match cast {
+                    Some(kind) => t.to_kind(kind),
+                    None => t,
+                }
             }
-            (Plan::OffloadAfterCast, Some(value)) => {
-                let folder = offload_folder.expect("checked above: disk needs a folder");
-                offload_weight(&value, &name, folder, &mut index)?;
+            (Plan::Offloaded(kind), _) => {
                 report.offloaded.push(name);
-                crate::layers::empty_placeholder(&shape, value.kind())
+                placeholder(&shape, kind)
             }
-            _ => {
-                report.offloaded.push(name);
-                crate::layers::empty_placeholder(&shape, kind)
+            (Plan::Loaded(_), Target::File(_)) => {
+                unreachable!("tensors to load are read into memory")
             }
         };
         var.f_set_data(&new_data)
             .map_err(|e| Error::torch("load_checkpoint_in_model", e))?;
     }
-    if let Some(folder) = offload_folder.filter(|_| !index.is_empty()) {
+    if let Some(folder) = offload_folder {
         save_offload_index(&index, folder)?;
     }
     Ok(report)
@@ -286,12 +323,10 @@ fn is_floating(kind: Kind) -> bool {
 /// What happens to a tensor once its bytes are read.
 #[derive(Debug, Clone, Copy)]
 enum Plan {
-    /// Becomes the variable's data.
-    Loaded,
-    /// Was copied into the offload folder as it is; the variable gets a placeholder.
-    Offloaded,
-    /// Is cast, then written to the offload folder; the variable gets a placeholder.
-    OffloadAfterCast,
+    /// Becomes the variable's data, cast to the kind given.
+    Loaded(Option<Kind>),
+    /// Was copied into the offload folder as it is; the variable gets a placeholder of this kind.
+    Offloaded(Kind),
 }
 
 /// Accelerate's `set_module_tensor_to_device`: moves the variable `name` of `vs` to `device`, replacing its
@@ -376,210 +411,6 @@ fn shape_mismatch(shard: &Path, name: &str, found: &[i64], model: &[i64]) -> Err
         path: shard.to_owned(),
         detail: format!("tensor {name} has shape {found:?} but the model's has {model:?}"),
     }
-}
-
-fn numpy_dtype(kind: Kind) -> Option<&'static str> {
-    Some(match kind {
-        Kind::Float => "float32",
-        Kind::Double => "float64",
-        Kind::Half => "float16",
-        // Stored as int16 with the true dtype recorded separately, as Accelerate does (numpy has no bf16).
-        Kind::BFloat16 | Kind::Int16 => "int16",
-        Kind::Int64 => "int64",
-        Kind::Int => "int32",
-        Kind::Int8 => "int8",
-        Kind::Uint8 => "uint8",
-        Kind::Bool => "bool",
-        _ => return None,
-    })
-}
-
-fn kind_from_numpy(dtype: &str) -> Option<Kind> {
-    Some(match dtype {
-        "float32" => Kind::Float,
-        "float64" => Kind::Double,
-        "float16" => Kind::Half,
-        "bfloat16" => Kind::BFloat16,
-        "int16" => Kind::Int16,
-        "int64" => Kind::Int64,
-        "int32" => Kind::Int,
-        "int8" => Kind::Int8,
-        "uint8" => Kind::Uint8,
-        "bool" => Kind::Bool,
-        _ => return None,
-    })
-}
-
-/// Writes `weight` to `folder/NAME.dat` (raw, C order) and records its dtype and shape in `index`
-/// (Accelerate's `offload_weight`).
-pub fn offload_weight(
-    weight: &Tensor,
-    name: &str,
-    folder: &Path,
-    index: &mut Map<String, Value>,
-) -> Result<()> {
-    let kind = weight.kind();
-    let entry = offload_entry(name, kind, &weight.size())?;
-    std::fs::create_dir_all(folder).map_err(|e| Error::io("creating", folder, e))?;
-    let cpu = weight.to_device(Device::Cpu).contiguous();
-    let numel = cpu.numel();
-    let mut bytes = vec![0u8; numel * kind.elt_size_in_bytes()];
-    cpu.f_copy_data_u8(&mut bytes, numel)
-        .map_err(|e| Error::torch("offload_weight", e))?;
-    let path = folder.join(format!("{name}.dat"));
-    std::fs::write(&path, &bytes).map_err(|e| Error::io("writing", &path, e))?;
-    index.insert(name.to_owned(), entry);
-    Ok(())
-}
-
-/// The `index.json` entry of an offloaded tensor of `kind` and `shape`.
-fn offload_entry(name: &str, kind: Kind, shape: &[i64]) -> Result<Value> {
-    let dtype = numpy_dtype(kind).ok_or_else(|| Error::InvalidValue {
-        name: "offload_weight".into(),
-        detail: format!("{name} has dtype {kind:?}, which cannot be offloaded"),
-    })?;
-    // numpy cannot memmap a 0-d array, so Accelerate stores scalars with shape [1].
-    let shape: Vec<i64> = if shape.is_empty() {
-        vec![1]
-    } else {
-        shape.to_vec()
-    };
-    let mut entry = json!({ "dtype": dtype, "shape": shape });
-    if kind == Kind::BFloat16 {
-        entry["dtype"] = json!("bfloat16");
-    }
-    Ok(entry)
-}
-
-/// Merges `index` into `folder/index.json` (Accelerate's `save_offload_index`).
-pub fn save_offload_index(index: &Map<String, Value>, folder: &Path) -> Result<()> {
-    let path = folder.join("index.json");
-    let mut current = match std::fs::read_to_string(&path) {
-        Ok(text) => read_index_text(&text, &path)?,
-        Err(_) => Map::new(),
-    };
-    current.extend(index.iter().map(|(k, v)| (k.clone(), v.clone())));
-    let text = serde_json::to_string_pretty(&Value::Object(current)).expect("JSON map serialises");
-    std::fs::write(&path, text).map_err(|e| Error::io("writing", &path, e))
-}
-
-fn read_index_text(text: &str, path: &Path) -> Result<Map<String, Value>> {
-    match serde_json::from_str(text) {
-        Ok(Value::Object(map)) => Ok(map),
-        Ok(_) => Err(Error::Checkpoint {
-            path: path.to_owned(),
-            detail: "is not a JSON object".into(),
-        }),
-        Err(e) => Err(Error::Checkpoint {
-            path: path.to_owned(),
-            detail: format!("not valid JSON: {e}"),
-        }),
-    }
-}
-
-/// `folder/index.json`: its path and its entries.
-pub(super) fn read_offload_index(folder: &Path) -> Result<(PathBuf, Map<String, Value>)> {
-    let index_path = folder.join("index.json");
-    let text =
-        std::fs::read_to_string(&index_path).map_err(|e| Error::io("reading", &index_path, e))?;
-    let index = read_index_text(&text, &index_path)?;
-    Ok((index_path, index))
-}
-
-/// Reads one offloaded tensor back (to the CPU) from `folder`, using the entry of `index.json`.
-pub fn load_offloaded_weight(folder: &Path, name: &str) -> Result<Tensor> {
-    let (index_path, index) = read_offload_index(folder)?;
-    let entry = index.get(name).ok_or_else(|| Error::Checkpoint {
-        path: index_path.clone(),
-        detail: format!("has no entry for {name}"),
-    })?;
-    read_offloaded(folder, name, entry, &index_path, false)
-}
-
-/// One tensor's `.dat`, checked against its index entry, read into host memory (page-locked when
-/// `pinned`, for a fast copy to a GPU).
-pub(super) fn read_offloaded(
-    folder: &Path,
-    name: &str,
-    entry: &Value,
-    index_path: &Path,
-    pinned: bool,
-) -> Result<Tensor> {
-    let (path, shape, kind) = offloaded_file(folder, name, entry, index_path)?;
-    read_tensor(&path, 0, &shape, kind, pinned)
-}
-
-/// Where one offloaded tensor's `.dat` is, with its shape and kind, after checking the file's size
-/// against the index entry.
-pub(super) fn offloaded_file(
-    folder: &Path,
-    name: &str,
-    entry: &Value,
-    index_path: &Path,
-) -> Result<(PathBuf, Vec<i64>, Kind)> {
-    let bad = |detail: String| Error::Checkpoint {
-        path: index_path.to_owned(),
-        detail,
-    };
-    let dtype = entry["dtype"].as_str().unwrap_or_default();
-    let kind = kind_from_numpy(dtype)
-        .ok_or_else(|| bad(format!("{name}: unknown dtype {:?}", entry["dtype"])))?;
-    let shape: Vec<i64> = entry["shape"]
-        .as_array()
-        .and_then(|dims| dims.iter().map(Value::as_i64).collect())
-        .ok_or_else(|| {
-            bad(format!(
-                "{name}: shape {} is not a list of sizes",
-                entry["shape"]
-            ))
-        })?;
-    let path = folder.join(format!("{name}.dat"));
-    let found = std::fs::metadata(&path)
-        .map_err(|e| Error::io("reading", &path, e))?
-        .len();
-    let expected = shape.iter().product::<i64>() as u64 * kind.elt_size_in_bytes() as u64;
-    if found != expected {
-        return Err(Error::Checkpoint {
-            path,
-            detail: format!(
-                "holds {found} bytes, but index.json says {name} is {dtype} {shape:?} ({expected} bytes)"
-            ),
-        });
-    }
-    Ok((path, shape, kind))
-}
-
-/// Writes every tensor of `state` to `folder` and merges their entries into `folder/index.json`
-/// (Accelerate's `offload_state_dict`).
-pub fn offload_state_dict(folder: &Path, state: &[(String, Tensor)]) -> Result<()> {
-    let mut index = Map::new();
-    for (name, tensor) in state {
-        offload_weight(tensor, name, folder, &mut index)?;
-    }
-    save_offload_index(&index, folder)
-}
-
-/// Brings every tensor of `folder/index.json` that `vs` has back into the model, on the CPU (Accelerate's
-/// `load_offloaded_weights`). Returns the names restored.
-pub fn load_offloaded_weights(vs: &VarStore, folder: &Path) -> Result<Vec<String>> {
-    let (index_path, index) = read_offload_index(folder)?;
-    let index: BTreeMap<String, Value> = index.into_iter().collect();
-    let mut variables = vs.variables();
-    let mut restored = Vec::new();
-    for (name, entry) in &index {
-        let Some(var) = variables.get_mut(name) else {
-            continue;
-        };
-        let mut value = read_offloaded(folder, name, entry, &index_path, false)?;
-        if var.dim() == 0 {
-            value = value.reshape([] as [i64; 0]);
-        }
-        let _guard = tch::no_grad_guard();
-        var.f_set_data(&value)
-            .map_err(|e| Error::torch("load_offloaded_weights", e))?;
-        restored.push(name.clone());
-    }
-    Ok(restored)
 }
 
 #[cfg(test)]

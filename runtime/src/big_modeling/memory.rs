@@ -126,14 +126,19 @@ pub fn get_balanced_memory(
         })
         .max(1) as u64;
 
-    // The largest no-split block, found by class, first of each class in module order.
+    // The largest no-split block, over the first module of each class in the order Accelerate's
+    // module_sizes holds them: the prefixes of all parameters in registration order, then of the
+    // buffers. So the first registered block with parameters sets its class's size (not the largest
+    // block, nor the first by name); a module without tensors is never met.
     let mut no_split_sizes: BTreeMap<&str, u64> = BTreeMap::new();
-    for (name, size) in &sizes {
+    for name in model.module_size_order().into_iter().skip(1) {
         if let Some(class) = model
-            .class_of(name)
+            .class_of(&name)
             .filter(|c| no_split_module_classes.iter().any(|n| n == c))
         {
-            no_split_sizes.entry(class).or_insert(*size);
+            no_split_sizes
+                .entry(class)
+                .or_insert_with(|| sizes.get(&name).copied().unwrap_or(0));
         }
     }
     let block = no_split_sizes.values().copied().max().unwrap_or(0);
@@ -166,13 +171,21 @@ pub fn get_balanced_memory(
         }
     }
     if low_zero {
+        // GPUs 1..n must all be there, as Accelerate indexes them (a KeyError there).
         let others: u64 = (1..num_devices)
-            .filter_map(|i| {
+            .map(|i| {
                 mem.iter()
                     .find(|(d, _)| *d == DeviceKey::Gpu(i))
                     .map(|(_, m)| *m)
+                    .ok_or_else(|| Error::InvalidValue {
+                        name: "max_memory".into(),
+                        detail: format!(
+                            "low_zero balances GPUs 0 to {} by index, but GPU {i} is not in max_memory",
+                            num_devices - 1
+                        ),
+                    })
             })
-            .sum();
+            .sum::<Result<u64>>()?;
         let min_zero = total.saturating_sub(others);
         if let Some((_, m)) = mem.iter_mut().find(|(d, _)| *d == DeviceKey::Gpu(0)) {
             *m = (*m).min(min_zero);
@@ -251,6 +264,195 @@ mod tests {
             balanced(&[("0", 0), ("cpu", 100)]),
             m(&[("0", 0), ("cpu", 100)])
         );
+    }
+
+    /// Block(d) = two Linear(d, d); Other(d) = one. Registered zeta (Block(8), 576 bytes), alpha
+    /// (Block(4), 160), mid (Block(16), 2176), other (Other(12), 624).
+    fn blocks_model(s: ModelSkeleton, name: &str, d: i64, class: &str) -> ModelSkeleton {
+        let mut s = s.class(name, class);
+        let layers: &[&str] = if class == "Block" {
+            &["fc1", "fc2"]
+        } else {
+            &["fc"]
+        };
+        for l in layers {
+            s = s
+                .param(&format!("{name}.{l}.weight"), &[d, d], Kind::Float)
+                .param(&format!("{name}.{l}.bias"), &[d], Kind::Float);
+        }
+        s
+    }
+
+    fn model_m() -> ModelSkeleton {
+        let s = blocks_model(ModelSkeleton::new(), "zeta", 8, "Block");
+        let s = blocks_model(s, "alpha", 4, "Block");
+        let s = blocks_model(s, "mid", 16, "Block");
+        blocks_model(s, "other", 12, "Other")
+    }
+
+    fn balanced_for(
+        model: &ModelSkeleton,
+        memory: &[(&str, &str)],
+        no_split: &[&str],
+        dtype: Option<Kind>,
+        low_zero: bool,
+    ) -> Result<Vec<(String, u64)>> {
+        let no_split: Vec<String> = no_split.iter().map(|c| (*c).to_owned()).collect();
+        Ok(get_balanced_memory(
+            model,
+            Some(parse_max_memory(memory)?),
+            &no_split,
+            dtype,
+            &BTreeMap::new(),
+            low_zero,
+        )?
+        .into_iter()
+        .map(|(d, v)| (d.to_string(), v))
+        .collect())
+    }
+
+    #[test]
+    fn the_no_split_buffer_comes_from_the_first_registered_block() {
+        // Expected values: Accelerate 1.15.0 (tests/python/oracle/oracle_bigmodel_balanced.py), no CUDA needed.
+        let model = model_m();
+        assert_eq!(model.module_sizes(None, &BTreeMap::new())[""], 3536);
+        let g2 = [("0", "100000"), ("1", "100000")];
+        let g3 = [("0", "100000"), ("1", "100000"), ("2", "100000")];
+        for (no_split, two, three) in [
+            (&["Block"][..], 2488, 1898),
+            (&["Block", "Other"][..], 2548, 1958),
+            (&["Other"][..], 2548, 1958),
+            (&["Nope"][..], 2399, 1809),
+            (&[][..], 2399, 1809),
+        ] {
+            let b =
+                |mem: &[(&str, &str)]| balanced_for(&model, mem, no_split, None, false).unwrap();
+            assert_eq!(b(&g2), m(&[("0", two), ("1", 100000)]), "{no_split:?}");
+            assert_eq!(
+                b(&g3),
+                m(&[("0", three), ("1", three), ("2", 100000)]),
+                "{no_split:?}"
+            );
+        }
+        let block =
+            |mem: &[(&str, &str)], low_zero| balanced_for(&model, mem, &["Block"], None, low_zero);
+        assert_eq!(
+            block(
+                &[("0", "100000"), ("1", "100000"), ("cpu", "1000000")],
+                false
+            )
+            .unwrap(),
+            m(&[("0", 2488), ("1", 100000), ("cpu", 1000000)])
+        );
+        assert_eq!(
+            block(&g3, true).unwrap(),
+            m(&[("0", 0), ("1", 2488), ("2", 100000)])
+        );
+        assert_eq!(block(&g2, true).unwrap(), m(&[("0", 0), ("1", 100000)]));
+        // Accelerate: KeyError: 1.
+        let err = block(&[("0", "100000"), ("2", "100000"), ("3", "100000")], true)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("GPU 1"), "{err}");
+        assert_eq!(
+            balanced_for(&model, &[("0", "0"), ("cpu", "100000")], &[], None, false).unwrap(),
+            m(&[("0", 0), ("cpu", 100000)])
+        );
+        assert_eq!(
+            block(&[("0", "100000"), ("cpu", "100000")], false).unwrap(),
+            m(&[("0", 100000), ("cpu", 100000)])
+        );
+        assert_eq!(
+            block(&[("0", "0"), ("1", "100000"), ("2", "100000")], false).unwrap(),
+            m(&[("0", 0), ("1", 2488), ("2", 100000)])
+        );
+        assert_eq!(
+            block(&[("0", "100000"), ("2", "100000")], false).unwrap(),
+            m(&[("0", 2488), ("2", 100000)])
+        );
+        assert_eq!(
+            block(&[("0", "10KB"), ("1", "1MiB"), ("cpu", "1GB")], false).unwrap(),
+            m(&[("0", 2488), ("1", 1048576), ("cpu", 1000000000)])
+        );
+        assert_eq!(
+            block(&[("0", "1000"), ("1", "100000")], false).unwrap(),
+            m(&[("0", 1000), ("1", 100000)])
+        );
+        assert_eq!(
+            balanced_for(&model, &g2, &["Block"], Some(Kind::Half), false).unwrap(),
+            m(&[("0", 1244), ("1", 100000)])
+        );
+
+        // A "Block" holding only a buffer, registered first, comes after every block with parameters in
+        // Accelerate's module_sizes ('', small, big, buf): the block taken is `small`.
+        let mb =
+            ModelSkeleton::new()
+                .class("buf", "Block")
+                .buffer("buf.table", &[1000], Kind::Float);
+        let mb = blocks_model(mb, "small", 4, "Block");
+        let mb = blocks_model(mb, "big", 16, "Block");
+        assert_eq!(
+            balanced_for(&mb, &g2, &["Block"], None, false).unwrap(),
+            m(&[("0", 4751), ("1", 100000)])
+        );
+        assert_eq!(
+            balanced_for(&mb, &g3, &["Block"], None, false).unwrap(),
+            m(&[("0", 3695), ("1", 3695), ("2", 100000)])
+        );
+    }
+
+    #[test]
+    fn maps_from_balanced_memory() {
+        use crate::{DeviceMapOptions, infer_auto_device_map};
+        let model = model_m();
+        let no_split = vec!["Block".to_owned()];
+        let map_for = |memory: &[(&str, &str)]| {
+            let max_memory = get_balanced_memory(
+                &model,
+                Some(parse_max_memory(memory).unwrap()),
+                &no_split,
+                None,
+                &BTreeMap::new(),
+                false,
+            )
+            .unwrap();
+            let map = infer_auto_device_map(
+                &model,
+                &DeviceMapOptions {
+                    max_memory: max_memory.clone(),
+                    no_split_module_classes: no_split.clone(),
+                    ..Default::default()
+                },
+            );
+            (
+                max_memory,
+                map.into_iter()
+                    .map(|(k, v)| (k, v.to_string()))
+                    .collect::<Vec<_>>(),
+            )
+        };
+        // GPU 0's 2488 less the room kept for `mid` (2176) cannot take `zeta`: all on GPU 1.
+        let (_, map) = map_for(&[("0", "100000"), ("1", "100000")]);
+        assert_eq!(map, vec![(String::new(), "1".to_owned())]);
+        let (memory, map) = map_for(&[("0", "3000"), ("1", "3000"), ("cpu", "100000")]);
+        assert_eq!(
+            memory,
+            vec![
+                (DeviceKey::Gpu(0), 2488),
+                (DeviceKey::Gpu(1), 3000),
+                (DeviceKey::Cpu, 100000)
+            ]
+        );
+        let want: Vec<(String, String)> = [
+            ("zeta", "1"),
+            ("alpha", "1"),
+            ("mid", "1"),
+            ("other.fc", "cpu"),
+        ]
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+        assert_eq!(map, want);
     }
 
     #[test]

@@ -9,11 +9,14 @@ mod hooks;
 mod load;
 mod memory;
 mod offload;
+mod offload_format;
+mod ordered_json;
 mod read;
 mod sizes;
+mod skeleton;
+mod var_store;
 
 pub(crate) use describe::read_safetensors_entries;
-mod skeleton;
 
 pub use describe::{
     checkpoint_files, kind_from_safetensors, kind_from_torch_name, read_safetensors_header,
@@ -23,24 +26,27 @@ pub use device_map::{
     infer_auto_device_map,
 };
 pub use dispatch::{
-    DeviceMapSpec, DispatchOptions, check_device_map, device_of, find_tied_parameters,
-    load_checkpoint_and_dispatch, retie_parameters,
+    DeviceMapSpec, DispatchOptions, check_device_map, device_of, load_checkpoint_and_dispatch,
 };
 pub use estimate::{
     calculate_maximum_sizes, convert_bytes, estimate_memory_table, estimate_training_usage,
 };
 pub use hooks::{DispatchedSequential, Dispatcher, cpu_offload, disk_offload, dispatch_model};
 pub use load::{
-    LoadOptions, LoadReport, device_key_of, load_checkpoint_in_model, load_offloaded_weight,
-    load_offloaded_weights, load_state_dict, offload_state_dict, offload_weight,
-    save_offload_index, set_module_tensor_to_device,
+    LoadOptions, LoadReport, device_key_of, load_checkpoint_in_model, load_state_dict,
+    set_module_tensor_to_device,
 };
 pub use memory::{
     MaxMemory, get_balanced_memory, get_max_memory, parse_device_key, parse_max_memory,
 };
 pub use offload::OffloadFolder;
+pub use offload_format::{
+    load_offloaded_weight, load_offloaded_weights, offload_state_dict, offload_weight,
+    save_offload_index,
+};
 pub use sizes::{
     TensorMeta, compute_module_sizes, compute_module_total_buffer_size, convert_file_size_to_int,
     dtype_byte_size,
 };
 pub use skeleton::ModelSkeleton;
+pub use var_store::{find_tied_parameters, retie_parameters};

@@ -2,8 +2,11 @@
 //! afterwards, as Accelerate's offload hooks (`cpu_offload`, `disk_offload`) do around each block. tch has
 //! no hooks, so a model's `forward` wraps each offloaded block in [`OffloadFolder::with_module_on`].
 
-use super::load::{read_offload_index, read_offloaded};
+use super::offload_format::{fit_to, read_offload_index, read_offloaded};
+use super::var_store::find_tied_parameters;
 use crate::{Error, Result};
+use serde_json::Value;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tch::{Device, Tensor, nn::VarStore};
 
@@ -13,7 +16,7 @@ use tch::{Device, Tensor, nn::VarStore};
 pub struct OffloadFolder {
     folder: Option<PathBuf>,
     index_path: PathBuf,
-    index: serde_json::Map<String, serde_json::Value>,
+    index: HashMap<String, Value>,
 }
 
 /// Puts the saved tensors back when the block's forward ends, even by a panic.
@@ -38,7 +41,7 @@ impl OffloadFolder {
         Ok(Self {
             folder: Some(folder.to_owned()),
             index_path,
-            index,
+            index: index.into_iter().collect(),
         })
     }
 
@@ -73,17 +76,32 @@ impl OffloadFolder {
                 detail: format!("the model has no tensor under {module:?}"),
             });
         }
+        // A tied parameter the index does not list (a checkpoint holds one name of a tied group) is read
+        // under a name tied to it.
+        let mut stored_as: HashMap<String, String> = HashMap::new();
+        if self.folder.is_some() && variables.iter().any(|(n, _)| !self.index.contains_key(n)) {
+            for group in find_tied_parameters(vs) {
+                if let Some(source) = group.iter().find(|n| self.index.contains_key(*n)) {
+                    for alias in group.iter().filter(|n| !self.index.contains_key(*n)) {
+                        stored_as.insert(alias.clone(), source.clone());
+                    }
+                }
+            }
+        }
         let mut restore = Restore { saved: Vec::new() };
         {
             let _guard = tch::no_grad_guard();
             for (name, var) in &mut variables {
-                let value = match (&self.folder, self.index.get(name.as_str())) {
-                    // Stored scalars have shape [1]; the reshape gives back the variable's shape.
-                    (Some(folder), Some(entry)) => {
-                        read_offloaded(folder, name, entry, &self.index_path, device.is_cuda())?
-                            .reshape(var.size())
-                            .to_device(device)
-                    }
+                let stored = stored_as.get(name).unwrap_or(name);
+                let value = match (&self.folder, self.index.get(stored)) {
+                    // The variable's shape and kind: the placeholder of a tensor offloaded uncast
+                    // under `dtype` has the cast kind, as Accelerate's meta tensor has.
+                    (Some(folder), Some(entry)) => fit_to(
+                        var,
+                        read_offloaded(folder, stored, entry, &self.index_path, device.is_cuda())?,
+                        name,
+                    )?
+                    .to_device(device),
                     _ => var.to_device(device),
                 };
                 let before = var.detach();
@@ -101,8 +119,57 @@ impl OffloadFolder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{DeviceKey, LoadOptions, load_checkpoint_in_model};
+    use crate::{DeviceKey, LoadOptions, dispatch_model, load_checkpoint_in_model};
     use tch::{Kind, nn, nn::Module};
+
+    #[test]
+    fn a_tied_head_on_disk_runs_with_the_embedding_s_weights() {
+        // The checkpoint holds the embedding only (safetensors keeps one name of a tied group); the head
+        // tied to it, alone in its module, still runs with the real values.
+        let dir = tempfile::tempdir().unwrap();
+        let values = Tensor::arange(12, (Kind::Float, Device::Cpu)).reshape([6, 2]);
+        Tensor::write_safetensors(
+            &[("embed.weight", &values)],
+            dir.path().join("m.safetensors"),
+        )
+        .unwrap();
+        let vs = VarStore::new(Device::Cpu);
+        let embed = vs
+            .root()
+            .sub("embed")
+            .var("weight", &[6, 2], nn::Init::Const(0.0));
+        let head = vs
+            .root()
+            .sub("lm_head")
+            .add("weight", embed.shallow_clone(), true);
+        let offload = dir.path().join("off");
+        let map = vec![
+            ("embed".to_owned(), DeviceKey::Disk),
+            ("lm_head".to_owned(), DeviceKey::Disk),
+        ];
+        load_checkpoint_in_model(
+            &vs,
+            &dir.path().join("m.safetensors"),
+            &LoadOptions {
+                device_map: Some(map.clone()),
+                offload_folder: Some(offload.clone()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let x = Tensor::ones([1, 2], (Kind::Float, Device::Cpu));
+        let expected = x.matmul(&values.tr());
+        let folder = OffloadFolder::open(&offload).unwrap();
+        let out = folder
+            .with_module_on(&vs, "lm_head", Device::Cpu, || x.matmul(&head.tr()))
+            .unwrap();
+        assert!(out.equal(&expected));
+        let dispatcher = dispatch_model(&vs, map, Some(&offload), None).unwrap();
+        let out = dispatcher
+            .run("lm_head", &x, |x| x.matmul(&head.tr()))
+            .unwrap();
+        assert!(out.equal(&expected));
+    }
 
     #[test]
     fn an_offloaded_block_runs_and_its_weights_leave_again() {

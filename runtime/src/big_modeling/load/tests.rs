@@ -1,6 +1,8 @@
 //! Loading, offloading and their errors, on small VarStores.
 
 use super::*;
+use crate::{load_offloaded_weight, load_offloaded_weights, offload_weight, save_offload_index};
+use serde_json::{Value, json};
 use tch::nn;
 
 /// Two linear layers, "0" (4 → 3) and "1" (3 → 2), on the CPU.
@@ -84,7 +86,7 @@ fn loads_by_device_map_and_offloads_to_disk() {
 }
 
 #[test]
-fn sharded_checkpoints_cast_and_bf16_offload() {
+fn sharded_checkpoints_cast_and_offload_uncast() {
     let dir = tempfile::tempdir().unwrap();
     let w0 = values(&[3, 4], 0.5);
     let w1 = values(&[2, 3], -3.0);
@@ -108,18 +110,27 @@ fn sharded_checkpoints_cast_and_bf16_offload() {
             dtype: Some(Kind::BFloat16),
             offload_folder: Some(offload.clone()),
             // The biases are not in this checkpoint: a report, not an error.
-            strict: false,
+            ..Default::default()
         },
     )
     .unwrap();
     let first = var(&vs, "0.weight");
     assert_eq!(first.kind(), Kind::BFloat16);
     assert!(first.equal(&w0.to_kind(Kind::BFloat16)));
+    // Accelerate 1.15 (load_checkpoint_in_model, dtype=float16, a disk module): index.json says the
+    // checkpoint's float32, while the model's meta placeholder has the requested dtype.
     let index = std::fs::read_to_string(offload.join("index.json")).unwrap();
-    assert!(index.contains("\"bfloat16\""), "{index}");
+    assert_eq!(
+        index,
+        "{\n  \"1.weight\": {\n    \"dtype\": \"float32\",\n    \"shape\": [\n      2,\n      3\n    ]\n  }\n}"
+    );
+    assert_eq!(var(&vs, "1.weight").kind(), Kind::BFloat16);
     let back = load_offloaded_weight(&offload, "1.weight").unwrap();
-    assert_eq!(back.kind(), Kind::BFloat16);
-    assert!(back.equal(&w1.to_kind(Kind::BFloat16)));
+    assert_eq!(back.kind(), Kind::Float);
+    assert!(back.equal(&w1));
+    // Brought back into the model, the value takes the variable's dtype (set_module_tensor_to_device).
+    load_offloaded_weights(&vs, &offload).unwrap();
+    assert!(var(&vs, "1.weight").equal(&w1.to_kind(Kind::BFloat16)));
 }
 
 #[test]
@@ -237,14 +248,20 @@ fn bad_input_is_named() {
         .to_string();
     assert!(err.contains("offload_folder"), "{err}");
 
+    // A checkpoint tensor no key covers: Accelerate's message (it only asks about the checkpoint's
+    // tensors; hasten asks before loading anything).
     let partial_map = LoadOptions {
-        device_map: Some(vec![("0".into(), DeviceKey::Cpu)]),
+        device_map: Some(vec![("1".into(), DeviceKey::Cpu)]),
         ..Default::default()
     };
-    let err = load_checkpoint_in_model(&vs, &file, &partial_map)
+    let err = load_checkpoint_in_model(&vs, &good_file, &partial_map)
         .unwrap_err()
         .to_string();
-    assert!(err.contains("1.bias") && err.contains("no device"), "{err}");
+    assert!(
+        err.contains("0.weight doesn't have any device set."),
+        "{err}"
+    );
+    assert!(var(&vs, "0.weight").equal(&before));
 
     let corrupt = dir.path().join("corrupt.safetensors");
     std::fs::write(&corrupt, b"\x10\0\0\0\0\0\0\0{").unwrap();
@@ -254,12 +271,179 @@ fn bad_input_is_named() {
     assert!(err.contains("corrupt.safetensors"), "{err}");
 
     let offload = dir.path().join("offload");
-    let mut index = Map::new();
-    offload_weight(&values(&[2, 2], 0.0), "w", &offload, &mut index).unwrap();
+    let mut index = Vec::new();
+    offload_weight(&values(&[2, 2], 0.0), "w", &offload, Some(&mut index)).unwrap();
     save_offload_index(&index, &offload).unwrap();
     std::fs::write(offload.join("w.dat"), [0u8; 5]).unwrap();
     let err = load_offloaded_weight(&offload, "w")
         .unwrap_err()
         .to_string();
     assert!(err.contains("w.dat") && err.contains("5 bytes"), "{err}");
+}
+
+/// `nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))` as a var store: "0" and "1", the batch norm's
+/// statistics as buffers (variables that are not trained).
+fn linear_then_batch_norm() -> VarStore {
+    let vs = VarStore::new(Device::Cpu);
+    let root = vs.root();
+    let _lin = nn::linear(&root / "0", 2, 2, Default::default());
+    let bn = &root / "1";
+    let _w = bn.var("weight", &[2], nn::Init::Const(1.0));
+    let _b = bn.var("bias", &[2], nn::Init::Const(0.0));
+    let _mean = bn.zeros_no_train("running_mean", &[2]);
+    let _var = bn.ones_no_train("running_var", &[2]);
+    let _count = bn.add("num_batches_tracked", Tensor::from(0i64), false);
+    vs
+}
+
+fn listing(folder: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(folder)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn disk_buffers_follow_offload_buffers_and_disk_tensors_stay_uncast() {
+    // Accelerate 1.15: load_checkpoint_in_model(Sequential(Linear(2, 2), BatchNorm1d(2)), ck,
+    // device_map={"0": "cpu", "1": "disk"}, dtype=torch.float16, offload_buffers=...), the checkpoint
+    // holding running_mean=5, running_var=3, num_batches_tracked=9.
+    let dir = tempfile::tempdir().unwrap();
+    let ck = dir.path().join("ck.safetensors");
+    let f = |v: &[f32]| Tensor::from_slice(v);
+    Tensor::write_safetensors(
+        &[
+            ("0.weight", f(&[1.0, 2.0, 3.0, 4.0]).reshape([2, 2])),
+            ("0.bias", f(&[5.0, 6.0])),
+            ("1.weight", f(&[7.0, 8.0])),
+            ("1.bias", f(&[9.0, 10.0])),
+            ("1.running_mean", f(&[5.0, 5.0])),
+            ("1.running_var", f(&[3.0, 3.0])),
+            ("1.num_batches_tracked", Tensor::from(9i64)),
+        ],
+        &ck,
+    )
+    .unwrap();
+    let opts = |folder: &Path, offload_buffers: bool| LoadOptions {
+        device_map: Some(vec![
+            ("0".into(), DeviceKey::Cpu),
+            ("1".into(), DeviceKey::Disk),
+        ]),
+        dtype: Some(Kind::Half),
+        offload_folder: Some(folder.to_owned()),
+        offload_buffers,
+        ..Default::default()
+    };
+
+    // offload_buffers=False: the buffers are neither written nor loaded; the model keeps its values.
+    let vs = linear_then_batch_norm();
+    let folder = dir.path().join("lc_false");
+    let report = load_checkpoint_in_model(&vs, &ck, &opts(&folder, false)).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(folder.join("index.json")).unwrap(),
+        "{\n  \"1.bias\": {\n    \"dtype\": \"float32\",\n    \"shape\": [\n      2\n    ]\n  },\n  \"1.weight\": \
+         {\n    \"dtype\": \"float32\",\n    \"shape\": [\n      2\n    ]\n  }\n}"
+    );
+    assert_eq!(
+        listing(&folder),
+        ["1.bias.dat", "1.weight.dat", "index.json"]
+    );
+    assert_eq!(
+        std::fs::read(folder.join("1.weight.dat")).unwrap(),
+        [0, 0, 0xe0, 0x40, 0, 0, 0, 0x41]
+    );
+    assert_eq!(
+        report.skipped_buffers,
+        ["1.num_batches_tracked", "1.running_mean", "1.running_var"]
+    );
+    assert_eq!(var(&vs, "0.weight").kind(), Kind::Half);
+    assert_eq!(
+        var(&vs, "1.weight").kind(),
+        Kind::Half,
+        "placeholder: the cast kind"
+    );
+    assert!(var(&vs, "1.running_mean").equal(&f(&[0.0, 0.0])));
+    assert!(var(&vs, "1.running_var").equal(&f(&[1.0, 1.0])));
+    assert_eq!(var(&vs, "1.num_batches_tracked").int64_value(&[]), 0);
+
+    // offload_buffers=True: the buffers go to the folder too, uncast, the counter with shape [].
+    let vs = linear_then_batch_norm();
+    let folder = dir.path().join("lc_true");
+    let report = load_checkpoint_in_model(&vs, &ck, &opts(&folder, true)).unwrap();
+    assert!(report.skipped_buffers.is_empty());
+    assert_eq!(
+        listing(&folder),
+        [
+            "1.bias.dat",
+            "1.num_batches_tracked.dat",
+            "1.running_mean.dat",
+            "1.running_var.dat",
+            "1.weight.dat",
+            "index.json"
+        ]
+    );
+    assert_eq!(
+        std::fs::read_to_string(folder.join("index.json")).unwrap(),
+        "{\n  \"1.bias\": {\n    \"dtype\": \"float32\",\n    \"shape\": [\n      2\n    ]\n  },\n  \
+         \"1.num_batches_tracked\": {\n    \"dtype\": \"int64\",\n    \"shape\": []\n  },\n  \"1.running_mean\": {\n    \
+         \"dtype\": \"float32\",\n    \"shape\": [\n      2\n    ]\n  },\n  \"1.running_var\": {\n    \"dtype\": \
+         \"float32\",\n    \"shape\": [\n      2\n    ]\n  },\n  \"1.weight\": {\n    \"dtype\": \"float32\",\n    \
+         \"shape\": [\n      2\n    ]\n  }\n}"
+    );
+    assert_eq!(
+        std::fs::read(folder.join("1.num_batches_tracked.dat")).unwrap(),
+        [9, 0, 0, 0, 0, 0, 0, 0]
+    );
+    assert_eq!(var(&vs, "1.running_mean").kind(), Kind::Half);
+    assert_eq!(var(&vs, "1.num_batches_tracked").kind(), Kind::Int64);
+    load_offloaded_weights(&vs, &folder).unwrap();
+    assert!(var(&vs, "1.running_mean").equal(&f(&[5.0, 5.0]).to_kind(Kind::Half)));
+    assert_eq!(var(&vs, "1.num_batches_tracked").int64_value(&[]), 9);
+}
+
+#[test]
+fn tied_parameters_on_different_devices_are_a_warning() {
+    // Accelerate: "Tied parameters are on different devices: {'embed.weight': 'cpu', 'lm_head.weight':
+    // 'disk'}. Please modify your custom device map or set `device_map='auto'`. " (logged).
+    let vs = VarStore::new(Device::Cpu);
+    let embed = vs
+        .root()
+        .sub("embed")
+        .var("weight", &[4, 2], nn::Init::Const(1.0));
+    let _head = vs
+        .root()
+        .sub("lm_head")
+        .add("weight", embed.shallow_clone(), true);
+    let dir = tempfile::tempdir().unwrap();
+    let ck = dir.path().join("tied.safetensors");
+    Tensor::write_safetensors(
+        &[(
+            "embed.weight",
+            Tensor::zeros([4, 2], (Kind::Float, Device::Cpu)),
+        )],
+        &ck,
+    )
+    .unwrap();
+    let report = load_checkpoint_in_model(
+        &vs,
+        &ck,
+        &LoadOptions {
+            device_map: Some(vec![
+                ("embed".into(), DeviceKey::Cpu),
+                ("lm_head".into(), DeviceKey::Disk),
+            ]),
+            offload_folder: Some(dir.path().join("off")),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        report.warnings,
+        [
+            "Tied parameters are on different devices: {'embed.weight': 'cpu', 'lm_head.weight': 'disk'}. \
+          Please modify your custom device map or set `device_map='auto'`. "
+        ]
+    );
 }
