@@ -4,6 +4,7 @@
 
 use crate::host;
 use crate::{LaunchConfig, LaunchError, Result};
+use clap::builder::TypedValueParser as _;
 use hasten_core::{ClusterConfig, PrecisionType};
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -22,14 +23,16 @@ pub struct LaunchArgs {
     #[arg(
         long = "num_processes",
         visible_alias = "num-processes",
-        value_name = "N"
+        value_name = "N",
+        value_parser = clap::value_parser!(u32).range(1..=hasten_core::MAX_WORLD_SIZE as i64).map(|n| n as usize)
     )]
     pub num_processes: Option<usize>,
     /// Number of machines. Default 1.
     #[arg(
         long = "num_machines",
         visible_alias = "num-machines",
-        value_name = "N"
+        value_name = "N",
+        value_parser = clap::value_parser!(u32).range(1..=hasten_core::MAX_WORLD_SIZE as i64).map(|n| n as usize)
     )]
     pub num_machines: Option<usize>,
     /// This machine's rank, 0 to num_machines-1. Default 0.
@@ -95,7 +98,8 @@ pub struct LaunchArgs {
     #[arg(
         long = "num_cpu_threads_per_process",
         visible_alias = "num-cpu-threads-per-process",
-        value_name = "N"
+        value_name = "N",
+        value_parser = clap::value_parser!(u32).range(1..=65536).map(|n| n as usize)
     )]
     pub num_cpu_threads_per_process: Option<usize>,
     /// Prefix of each relayed line; ${rank}, ${local_rank} and ${role_name} are replaced.
@@ -205,7 +209,34 @@ pub fn merge(args: &LaunchArgs, file: Option<&ClusterConfig>, host: HostFacts) -
         debug: args.debug || file.is_some_and(|f| f.debug),
         num_cpu_threads_per_process: args.num_cpu_threads_per_process,
         cpu_count: host.cpus,
+        rdzv_secret: None,
     }
+}
+
+/// The rendezvous secret for a job: `HASTEN_RDZV_SECRET` when set (every machine of a job must share it),
+/// else a fresh one on a single machine; on several machines without one the rendezvous is not
+/// authenticated, and `warn` says so.
+pub fn rdzv_secret(num_machines: usize, warn: &dyn Fn(&str)) -> Result<Option<String>> {
+    if let Some(secret) = std::env::var(hasten_core::RDZV_SECRET_VAR)
+        .ok()
+        .filter(|s| !s.trim().is_empty())
+    {
+        return Ok(Some(secret));
+    }
+    if num_machines > 1 {
+        warn(&format!(
+            "hasten: the rendezvous of this {num_machines}-machine job is not authenticated: set the same \
+             {} on every machine to keep other processes out",
+            hasten_core::RDZV_SECRET_VAR
+        ));
+        return Ok(None);
+    }
+    hasten_core::new_rdzv_secret()
+        .map(Some)
+        .map_err(|source| LaunchError::Os {
+            op: "making the job's rendezvous secret",
+            source,
+        })
 }
 
 /// Turns port 0 into a free port and, on a single machine, steps off a busy port with a warning (as

@@ -43,18 +43,22 @@ fn spawn_all(
             cmd.env_remove(var);
         }
         cmd.envs(r.env.iter().map(|(k, v)| (k, v)));
-        if let Some(fd) = listen_fd.filter(|_| r.rank == 0) {
+        let inherit = listen_fd.filter(|_| r.rank == 0);
+        if let Some(fd) = inherit {
             // Rank 0 inherits the reserved listener across exec (other ranks lose it: close-on-exec).
             cmd.env(hasten_core::RDZV_LISTEN_FD_VAR, fd.to_string());
-            // SAFETY: fcntl is async-signal-safe, as code between fork and exec must be.
-            unsafe {
-                cmd.pre_exec(move || {
+        }
+        // SAFETY: fcntl, prctl and getppid are async-signal-safe, as code between fork and exec must be.
+        unsafe {
+            let parent = libc::getpid();
+            cmd.pre_exec(move || {
+                if let Some(fd) = inherit {
                     if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
                         return Err(std::io::Error::last_os_error());
                     }
-                    Ok(())
-                });
-            }
+                }
+                die_with_parent(parent)
+            });
         }
         let spawned = cmd.spawn().and_then(|mut child| {
             let pid = libc::pid_t::try_from(child.id()).map_err(std::io::Error::other)?;
@@ -106,7 +110,10 @@ pub fn run_program(
         // Rank 0 owns the listener now; a restart binds the port by number.
         drop(reserved.take());
         let workers = spawned?;
-        match supervise(workers, opts.sink, &opts.prefix, opts.stop) {
+        let outcome = supervise(workers, opts.sink, &opts.prefix, opts.stop);
+        // A rank 0 killed while setting up shared memory leaves its segment: remove what died with it.
+        hasten_core::sweep_stale_shm_segments();
+        match outcome {
             Err(LaunchError::RankFailed { rank, cause, .. })
                 if restarts < opts.max_restarts && !opts.stop.load(Ordering::SeqCst) =>
             {
@@ -119,4 +126,27 @@ pub fn run_program(
             other => return other.map(drop),
         }
     }
+}
+
+/// In a freshly forked rank: dies with the launcher (SIGKILL when the launcher's thread that started
+/// it ends, e.g. `kill -9` of the launcher), so no rank outlives its job. A launcher already gone before
+/// this ran is caught by comparing the parent. Async-signal-safe.
+pub(crate) fn die_with_parent(parent: libc::pid_t) -> std::io::Result<()> {
+    // SAFETY: prctl with PR_SET_PDEATHSIG and a signal number; getppid has no preconditions.
+    unsafe {
+        if libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGKILL as libc::c_ulong,
+            0,
+            0,
+            0,
+        ) == -1
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+        if libc::getppid() != parent {
+            libc::_exit(1);
+        }
+    }
+    Ok(())
 }

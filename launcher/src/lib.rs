@@ -35,7 +35,7 @@ mod plan;
 mod relay;
 mod supervise;
 
-pub use cli::{HostFacts, LaunchArgs, load_config_file, merge, resolve_port};
+pub use cli::{HostFacts, LaunchArgs, load_config_file, merge, rdzv_secret, resolve_port};
 pub use error::{LaunchError, Result};
 pub use exec::{RunOptions, run_program};
 pub use hasten_core::cuda_initialized_in_this_process;

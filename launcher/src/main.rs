@@ -78,6 +78,7 @@ fn launch(args: &LaunchArgs) -> anyhow::Result<i32> {
     let file = hasten_launch::load_config_file(args.config_file.as_ref())?;
     let mut cfg = hasten_launch::merge(args, file.as_ref(), HostFacts::probe());
     let reserved = hasten_launch::resolve_port(&mut cfg, &|w| eprintln!("{w}"))?;
+    cfg.rdzv_secret = hasten_launch::rdzv_secret(cfg.num_machines, &|w| eprintln!("{w}"))?;
     let plan = hasten_launch::plan(&cfg)?;
     install_stop_handlers();
     let opts = RunOptions {

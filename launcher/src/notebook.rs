@@ -144,6 +144,18 @@ impl NotebookLauncher {
                 "num_processes must be at least 1: say how many processes to launch".into(),
             ));
         }
+        let world = self
+            .num_processes
+            .checked_mul(self.num_nodes)
+            .filter(|w| *w <= hasten_core::MAX_WORLD_SIZE);
+        let Some(world) = world else {
+            return Err(LaunchError::Invalid(format!(
+                "num_processes {} × num_nodes {} is more processes than a job can have ({})",
+                self.num_processes,
+                self.num_nodes,
+                hasten_core::MAX_WORLD_SIZE
+            )));
+        };
         if self.node_rank >= self.num_nodes {
             return Err(LaunchError::Invalid(format!(
                 "node_rank {} must be less than num_nodes {}",
@@ -198,7 +210,7 @@ impl NotebookLauncher {
             )));
         }
         let mut cfg = LaunchConfig {
-            num_processes: self.num_processes * self.num_nodes,
+            num_processes: world,
             num_machines: self.num_nodes,
             machine_rank: self.node_rank,
             main_process_ip: self.master_addr.clone(),
@@ -217,6 +229,7 @@ impl NotebookLauncher {
             },
             num_cpu_threads_per_process: None,
             cpu_count: crate::cpu_count(),
+            rdzv_secret: crate::rdzv_secret(self.num_nodes, &|w| sink.note(w))?,
         };
         let mut reserved = crate::resolve_port(&mut cfg, &|w| sink.note(w))?;
         let launch_plan = plan(&cfg)?;
@@ -235,7 +248,10 @@ impl NotebookLauncher {
             drop(reserved.take());
             let workers = forked?;
             let main_index = launch_plan.ranks.iter().position(|r| r.rank == 0);
-            match supervise(workers, sink, &self.prefix, stop.flag) {
+            let outcome = supervise(workers, sink, &self.prefix, stop.flag);
+            // A rank 0 killed while setting up shared memory leaves its segment: remove what died with it.
+            hasten_core::sweep_stale_shm_segments();
+            match outcome {
                 Ok(statuses) => {
                     let Some(i) = main_index else {
                         return Ok(None);
@@ -331,6 +347,8 @@ where
     E: Display,
 {
     let mut workers: Vec<Worker> = Vec::new();
+    // SAFETY: getpid has no preconditions.
+    let parent = unsafe { libc::getpid() };
     for rank_plan in &launch_plan.ranks {
         let out = pipe()?;
         let err = pipe()?;
@@ -354,6 +372,7 @@ where
                 rank_plan,
                 [out.1, err.1, status.1],
                 listen_fd,
+                parent,
                 function,
                 args.clone(),
             );
@@ -387,6 +406,7 @@ fn child<A, T, E, F>(
     rank_plan: &RankPlan,
     [out, err, status]: [RawFd; 3],
     listen_fd: Option<RawFd>,
+    parent: libc::pid_t,
     function: &F,
     args: A,
 ) -> !
@@ -399,6 +419,10 @@ where
     // everything this rank starts), default signal dispositions, and the pipes as stdout/stderr.
     unsafe {
         libc::setpgid(0, 0);
+        // Die with the launching process (e.g. a kernel killed with -9), as exec'd ranks do.
+        if crate::exec::die_with_parent(parent).is_err() {
+            libc::_exit(1);
+        }
         for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
             libc::signal(sig, libc::SIG_DFL);
         }

@@ -35,6 +35,9 @@ pub struct LaunchConfig {
     pub num_cpu_threads_per_process: Option<usize>,
     /// Logical CPUs on this machine, for the OMP_NUM_THREADS default.
     pub cpu_count: usize,
+    /// The job's rendezvous secret, given to every rank as `HASTEN_RDZV_SECRET` (see
+    /// [`crate::rdzv_secret`]); `None`: the rendezvous is not authenticated.
+    pub rdzv_secret: Option<String>,
 }
 
 impl Default for LaunchConfig {
@@ -53,6 +56,7 @@ impl Default for LaunchConfig {
             debug: false,
             num_cpu_threads_per_process: None,
             cpu_count: 1,
+            rdzv_secret: None,
         }
     }
 }
@@ -91,8 +95,12 @@ pub struct LaunchPlan {
 /// sees all of them and rank `i` computes on `cuda:i`, as under Python Accelerate.
 pub fn plan(cfg: &LaunchConfig) -> Result<LaunchPlan> {
     let invalid = |m: String| Err(LaunchError::Invalid(m));
-    if cfg.num_processes == 0 {
-        return invalid("--num_processes must be at least 1".into());
+    if cfg.num_processes == 0 || cfg.num_processes > hasten_core::MAX_WORLD_SIZE {
+        return invalid(format!(
+            "--num_processes {} must be from 1 to {}",
+            cfg.num_processes,
+            hasten_core::MAX_WORLD_SIZE
+        ));
     }
     if cfg.num_machines == 0 {
         return invalid("--num_machines must be at least 1".into());
@@ -150,6 +158,9 @@ pub fn plan(cfg: &LaunchConfig) -> Result<LaunchPlan> {
         (hasten_core::DEBUG_MODE_VAR.into(), cfg.debug.to_string()),
         ("OMP_NUM_THREADS".into(), threads.to_string()),
     ];
+    if let Some(secret) = &cfg.rdzv_secret {
+        common.push((hasten_core::RDZV_SECRET_VAR.into(), secret.clone()));
+    }
     let usable: Vec<String> = match gpu_ids {
         Some(ids) => ids.split(',').map(|id| id.trim().to_owned()).collect(),
         None => cfg.visible_gpus.clone(),

@@ -355,7 +355,26 @@ impl ClusterConfig {
         }
         // Null values mean "not set", as when Python wrote None.
         map.retain(|_, v| !v.is_null());
-        serde_json::from_value(value).map_err(|e| config_err(e.to_string()))
+        let config: ClusterConfig =
+            serde_json::from_value(value).map_err(|e| config_err(e.to_string()))?;
+        // -1 is "not set"; any other count below 1 (or beyond what a job can hold) is an error, not
+        // a silent single process.
+        if config.num_processes != -1
+            && !(1..=crate::MAX_WORLD_SIZE as i64).contains(&config.num_processes)
+        {
+            return Err(config_err(format!(
+                "num_processes: {} is not a number of processes (1 to {}, or -1 for not set)",
+                config.num_processes,
+                crate::MAX_WORLD_SIZE
+            )));
+        }
+        if config.num_machines == 0 || config.num_machines as usize > crate::MAX_WORLD_SIZE {
+            return Err(config_err(format!(
+                "num_machines: {} is not a number of machines (1 or more)",
+                config.num_machines
+            )));
+        }
+        Ok(config)
     }
 
     /// The text Accelerate writes for this config: JSON, keys sorted, two-space indent, trailing newline.

@@ -46,6 +46,23 @@ pub const DEFAULT_MASTER_PORT: u16 = 29500;
 /// with every other program on the host; handing over the bound socket closes it.
 pub const RDZV_LISTEN_FD_VAR: &str = "HASTEN_RDZV_LISTEN_FD";
 
+/// The most processes a job may have: far beyond any cluster, and small enough that per-rank tables stay
+/// small (a stray `WORLD_SIZE=1000000000000` is refused, not allocated).
+pub const MAX_WORLD_SIZE: usize = 1 << 20;
+
+/// The job's secret, which every rank proves to rank 0 when it joins (HMAC-SHA256 of a fresh nonce):
+/// hasten's launchers make one for each job; with torchrun, SLURM or MPI set it yourself on every rank
+/// (unset everywhere, the rendezvous admits whoever greets it correctly, as before).
+pub const RDZV_SECRET_VAR: &str = "HASTEN_RDZV_SECRET";
+
+/// A fresh secret for a job: 32 bytes from the kernel's random source, as hex.
+pub fn new_rdzv_secret() -> std::io::Result<String> {
+    use std::io::Read;
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
 /// Where the values came from; shown by `hasten env` and in rendezvous errors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ContractSource {
@@ -240,11 +257,11 @@ impl EnvContract {
             (Some(r), Some(w)) => (r, w),
         };
 
-        if world.value == 0 {
+        if world.value == 0 || world.value > MAX_WORLD_SIZE {
             return Err(Error::EnvParse {
                 var: world.var.to_owned(),
-                value: "0".to_owned(),
-                expected: "a positive integer",
+                value: world.value.to_string(),
+                expected: "a number of processes from 1 to 1048576",
             });
         }
         if rank.value >= world.value {

@@ -119,6 +119,24 @@ pub enum Error {
         detail: String,
     },
 
+    /// A collective did not complete within the group's timeout because some rank never took part (stuck,
+    /// stopped or too slow); the job cannot go on.
+    #[error(
+        "{op} (collective #{seq}) timed out after {waited_s:.0} s: {} (stuck, stopped, or slower than \
+         the timeout; raise it with InitProcessGroupKwargs::timeout or HASTEN_COLLECTIVE_TIMEOUT)",
+        describe_missing(missing)
+    )]
+    CollectiveTimeout {
+        /// The collective.
+        op: &'static str,
+        /// Its number in the group's sequence of collectives (the same on every rank).
+        seq: u64,
+        /// How long this rank waited.
+        waited_s: f64,
+        /// The ranks that never reached it, when known (empty: not known).
+        missing: Vec<usize>,
+    },
+
     /// Debug mode found tensors that differ across ranks (Accelerate's DistributedOperationException).
     #[error("{message}")]
     DistributedOperation {
@@ -165,6 +183,17 @@ pub enum Error {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+}
+
+fn describe_missing(missing: &[usize]) -> String {
+    match missing {
+        [] => "the ranks that did not arrive are not known".into(),
+        [one] => format!("rank {one} did not arrive"),
+        many => {
+            let list: Vec<String> = many.iter().map(ToString::to_string).collect();
+            format!("ranks {} did not arrive", list.join(", "))
+        }
+    }
 }
 
 /// libtorch's message without its C++ stack trace.

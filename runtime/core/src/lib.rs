@@ -24,7 +24,8 @@ pub use config::{
 };
 pub use constants::*;
 pub use contract::{
-    ContractSource, DEFAULT_MASTER_ADDR, DEFAULT_MASTER_PORT, EnvContract, RDZV_LISTEN_FD_VAR,
+    ContractSource, DEFAULT_MASTER_ADDR, DEFAULT_MASTER_PORT, EnvContract, MAX_WORLD_SIZE,
+    RDZV_LISTEN_FD_VAR, RDZV_SECRET_VAR, new_rdzv_secret,
 };
 pub use environment::{
     DEBUG_MODE_VAR, EnvPatch, GPU_BINDING_VAR, MIXED_PRECISION_VAR, USE_CPU_VAR, clear_environment,
@@ -35,5 +36,5 @@ pub use kinds::{DistributedType, LoggerType, RNGType};
 pub use libtorch::{CudaLoad, LibtorchInfo, libtorch};
 pub use lifecycle::{
     cuda_initialized_in_this_process, distributed_state_initialized,
-    mark_distributed_state_initialized,
+    mark_distributed_state_initialized, sweep_stale_shm_segments,
 };

@@ -57,9 +57,54 @@ pub fn cuda_initialized_in_this_process() -> bool {
     }
 }
 
+/// Removes hasten's shared-memory segments (`/dev/shm/hasten-{port}-{pid}-…`) whose creating process is
+/// gone: a rank 0 killed between creating its segment and unlinking it (which it does as soon as every
+/// rank has mapped it) leaves one behind. Called when a group sets shared memory up and when a launcher's
+/// job ends. Returns how many were removed.
+pub fn sweep_stale_shm_segments() -> usize {
+    let Ok(entries) = std::fs::read_dir("/dev/shm") else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let Some(rest) = name.strip_prefix("hasten-") else {
+            continue;
+        };
+        let Some(pid) = rest
+            .split('-')
+            .nth(1)
+            .and_then(|p| p.parse::<libc::pid_t>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: kill with signal 0 only asks whether the process exists.
+        let gone = unsafe { libc::kill(pid, 0) } == -1
+            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if gone && std::fs::remove_file(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stale_segments_of_dead_processes_are_removed() {
+        // pid 0x7fff_fff0 does not exist; our own pid does.
+        let dead = "/dev/shm/hasten-1-2147483632-1";
+        let ours = format!("/dev/shm/hasten-1-{}-2", std::process::id());
+        std::fs::write(dead, b"x").unwrap();
+        std::fs::write(&ours, b"x").unwrap();
+        assert!(sweep_stale_shm_segments() >= 1);
+        assert!(!std::path::Path::new(dead).exists());
+        assert!(std::path::Path::new(&ours).exists());
+        std::fs::remove_file(ours).unwrap();
+    }
 
     #[test]
     fn cuda_is_not_initialised_by_asking() {
