@@ -81,7 +81,8 @@ pub use device::{
     is_xpu_available, matmul_check, select_device,
 };
 pub use distributed::{
-    DEFAULT_RDZV_TIMEOUT, ProcessGroup, ReduceOp, nccl_version, rdzv_timeout_from_env,
+    DEFAULT_COLLECTIVE_TIMEOUT, DEFAULT_RDZV_TIMEOUT, ProcessGroup, ReduceOp,
+    collective_timeout_from_env, nccl_version, rdzv_timeout_from_env,
 };
 pub use hasten_core::{
     MODEL_NAME, OPTIMIZER_NAME, RNG_STATE_NAME, SAFE_MODEL_NAME, SAFE_WEIGHTS_INDEX_NAME,

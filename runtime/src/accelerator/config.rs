@@ -83,7 +83,10 @@ impl Default for DistributedDataParallelKwargs {
 /// Process-group settings (Accelerate's `InitProcessGroupKwargs`, the fields that apply).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct InitProcessGroupKwargs {
-    /// How long rendezvous may take (default: `HASTEN_RDZV_TIMEOUT`, else 120 s).
+    /// The process group's timeout, as in Accelerate: how long joining may take and how long a
+    /// collective may wait for the other ranks before it fails, naming the ranks that never arrived
+    /// (default: `HASTEN_RDZV_TIMEOUT`, else 120 s, to join; `HASTEN_COLLECTIVE_TIMEOUT`, else 600 s, a
+    /// collective).
     pub timeout: Option<Duration>,
 }
 

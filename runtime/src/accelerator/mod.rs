@@ -184,9 +184,14 @@ impl AcceleratorBuilder {
                 detail: "fp16 mixed precision needs a GPU; on the CPU use bf16".into(),
             });
         }
-        let timeout = match self.init.timeout {
-            Some(t) => t,
-            None => crate::rdzv_timeout_from_env()?,
+        // Accelerate's InitProcessGroupKwargs timeout is the process group's: how long joining may take,
+        // and how long a collective may wait for the others.
+        let (rendezvous, collective) = match self.init.timeout {
+            Some(t) => (t, t),
+            None => (
+                crate::rdzv_timeout_from_env()?,
+                crate::collective_timeout_from_env()?,
+            ),
         };
         let tracker_plan = trackers::plan(
             &self.log_with,
@@ -194,7 +199,7 @@ impl AcceleratorBuilder {
             self.custom_trackers,
             state.is_main_process(),
         )?;
-        let group = ProcessGroup::init_with_timeout(&state, timeout)?;
+        let group = ProcessGroup::init_with_timeouts(&state, rendezvous, collective)?;
         let scaler = (mixed_precision == PrecisionType::Fp16)
             .then(|| Arc::new(Mutex::new(GradScaler::new(self.scaler, state.device))));
         let gradient = GradientStateHandle::new(GradientState {

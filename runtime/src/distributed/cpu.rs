@@ -33,13 +33,22 @@ impl CpuBackend {
         self.links.rank == 0
     }
 
-    /// Sends an abort to every peer and returns the error, so no rank is left waiting.
+    /// Sends an abort to every peer and returns the error, so no rank is left waiting. A timeout is not
+    /// sent yet: the group first asks the census which ranks never arrived, then tells the peers
+    /// ([`CpuBackend::tell_peers`]).
     fn abort(&mut self, err: Error) -> Error {
+        if !matches!(err, Error::CollectiveTimeout { .. }) {
+            self.tell_peers(&err);
+        }
+        err
+    }
+
+    /// Sends `err` to every peer as an abort (best effort: a peer may be gone or stuck).
+    pub(crate) fn tell_peers(&mut self, err: &Error) {
         let message = format!("{err}");
         for stream in self.links.peers.iter_mut().flatten() {
             wire::send_abort(stream, &message);
         }
-        err
     }
 
     fn root_stream(&mut self) -> &mut std::net::TcpStream {

@@ -11,6 +11,7 @@
 
 use super::Trace;
 use super::nccl::{Nccl, UniqueId};
+use super::watchdog::Watchdog;
 use crate::{Error, Result};
 use std::sync::{Condvar, Mutex, Once};
 use std::thread::JoinHandle;
@@ -77,6 +78,10 @@ enum Slot {
 pub(crate) struct LazyNccl {
     slot: Slot,
     agreed: bool,
+    /// Watches the communicator's collectives.
+    watchdog: Watchdog,
+    /// How long to wait for the communicator (its creation waits for every rank).
+    timeout: std::time::Duration,
 }
 
 impl LazyNccl {
@@ -87,6 +92,8 @@ impl LazyNccl {
         world: usize,
         device: usize,
         trace: Trace,
+        watchdog: Watchdog,
+        timeout: std::time::Duration,
     ) -> Self {
         let in_flight = InFlight::begin();
         let handle = std::thread::Builder::new()
@@ -102,6 +109,8 @@ impl LazyNccl {
         LazyNccl {
             slot,
             agreed: false,
+            watchdog,
+            timeout,
         }
     }
 
@@ -137,6 +146,28 @@ impl LazyNccl {
     /// Records the outcome of a vote.
     pub(crate) fn set_agreed(&mut self) {
         self.agreed = true;
+    }
+
+    /// The communicator, waiting for it if it is still being created (at most the collective timeout:
+    /// its creation needs every rank), and the watchdog over its collectives.
+    pub(crate) fn wait_with_watchdog(&mut self) -> Result<(&mut Nccl, &Watchdog)> {
+        let deadline = std::time::Instant::now() + self.timeout;
+        while !self.ready_now() && matches!(self.slot, Slot::Starting(_)) {
+            if std::time::Instant::now() >= deadline {
+                return Err(Error::CollectiveTimeout {
+                    op: "nccl init",
+                    seq: 0,
+                    waited_s: self.timeout.as_secs_f64(),
+                    missing: Vec::new(),
+                });
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        self.wait()?;
+        let Slot::Ready(nccl) = &mut self.slot else {
+            unreachable!("wait() returned a communicator")
+        };
+        Ok((nccl, &self.watchdog))
     }
 
     /// The communicator, waiting for it if it is still being created.

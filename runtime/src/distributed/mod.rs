@@ -5,12 +5,15 @@
 //! NCCL as well when this rank computes on a GPU, for CUDA tensors. Each tensor operation goes to the
 //! backend of the tensor's device, so call sites carry no backend checks.
 
+mod admission;
+mod census;
 mod cpu;
 mod lazy;
 mod nccl;
 mod rendezvous;
 mod shm;
 mod stream;
+mod watchdog;
 mod wire;
 
 pub(crate) use shm::hostname;
@@ -21,7 +24,32 @@ pub use nccl::nccl_version;
 pub use rendezvous::{DEFAULT_RDZV_TIMEOUT, rdzv_timeout_from_env};
 
 use crate::{Error, ProcessState, Result};
-use std::time::Duration;
+use census::Census;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How long a collective may wait for the other ranks by default (PyTorch's NCCL default): longer, and a
+/// stuck rank holds the job; `HASTEN_COLLECTIVE_TIMEOUT` (seconds) or `InitProcessGroupKwargs::timeout`
+/// changes it.
+pub const DEFAULT_COLLECTIVE_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// The collective timeout from `HASTEN_COLLECTIVE_TIMEOUT` (seconds), else [`DEFAULT_COLLECTIVE_TIMEOUT`].
+pub fn collective_timeout_from_env() -> Result<Duration> {
+    match std::env::var("HASTEN_COLLECTIVE_TIMEOUT") {
+        Err(_) => Ok(DEFAULT_COLLECTIVE_TIMEOUT),
+        Ok(v) => v
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|s| s.is_finite() && *s > 0.0 && *s <= 1e9)
+            .map(Duration::from_secs_f64)
+            .ok_or(Error::EnvParse {
+                var: "HASTEN_COLLECTIVE_TIMEOUT".into(),
+                value: v,
+                expected: "a positive number of seconds (at most 1e9)",
+            }),
+    }
+}
 use tch::{Device, Tensor};
 
 /// How `all_reduce` combines the ranks' values.
@@ -81,6 +109,12 @@ pub struct ProcessGroup {
     state: ProcessState,
     cpu: cpu::CpuBackend,
     nccl: Option<lazy::LazyNccl>,
+    /// Names the ranks a timed-out collective waited for (shared with the NCCL watchdog).
+    census: Arc<Census>,
+    /// How long a collective may wait for the others.
+    timeout: Duration,
+    /// Collectives started so far (the same count on every rank).
+    seq: u64,
 }
 
 impl std::fmt::Debug for ProcessGroup {
@@ -95,21 +129,41 @@ impl std::fmt::Debug for ProcessGroup {
 
 impl ProcessGroup {
     /// Joins the group described by `state` (rendezvous at MASTER_ADDR:MASTER_PORT), waiting at most
-    /// the `HASTEN_RDZV_TIMEOUT` seconds (default 120) for every rank to arrive.
+    /// the `HASTEN_RDZV_TIMEOUT` seconds (default 120) for every rank to arrive; collectives then wait at
+    /// most `HASTEN_COLLECTIVE_TIMEOUT` seconds (default 600) for the others.
     pub fn init(state: &ProcessState) -> Result<Self> {
-        Self::init_with_timeout(state, rdzv_timeout_from_env()?)
+        Self::init_with_timeouts(
+            state,
+            rdzv_timeout_from_env()?,
+            collective_timeout_from_env()?,
+        )
     }
 
     /// [`ProcessGroup::init`] with an explicit rendezvous timeout.
     pub fn init_with_timeout(state: &ProcessState, timeout: Duration) -> Result<Self> {
+        Self::init_with_timeouts(state, timeout, collective_timeout_from_env()?)
+    }
+
+    /// [`ProcessGroup::init`] with explicit timeouts for the rendezvous and for each collective. A
+    /// collective that waits longer than `collective` for the other ranks fails on every rank that
+    /// waited with [`Error::CollectiveTimeout`], naming the ranks that never arrived (on GPUs the process
+    /// ends with that message, as under PyTorch's default NCCL error handling).
+    pub fn init_with_timeouts(
+        state: &ProcessState,
+        rendezvous: Duration,
+        collective: Duration,
+    ) -> Result<Self> {
         hasten_core::mark_distributed_state_initialized();
         let trace = Trace::from_env(state.contract.rank);
-        let links = rendezvous::rendezvous(&state.contract, timeout)?;
+        let (links, census) = rendezvous::rendezvous(&state.contract, rendezvous, collective)?;
         trace.mark("rendezvous");
         let mut group = ProcessGroup {
             state: state.clone(),
             cpu: cpu::CpuBackend::new(links),
             nccl: None,
+            census: Arc::new(census),
+            timeout: collective,
+            seq: 0,
         };
         if state.use_distributed() {
             group.cpu.setup_shared_memory(state.contract.master_port)?;
@@ -155,7 +209,37 @@ impl ProcessGroup {
             self.world_size(),
             device,
             trace,
+            watchdog::Watchdog::start(device, self.rank(), self.timeout, self.census.clone()),
+            self.timeout,
         ))
+    }
+
+    /// Runs one collective, counting it. A timeout from the TCP links (where every read and write waits
+    /// at most the collective timeout) is completed here: the census names the ranks that never
+    /// arrived, and the peers still listening are told.
+    fn timed<R>(&mut self, op: &'static str, f: impl FnOnce(&mut Self) -> Result<R>) -> Result<R> {
+        self.seq += 1;
+        let started = Instant::now();
+        match f(self) {
+            Err(Error::CollectiveTimeout { .. }) => {
+                let waited_s = started.elapsed().as_secs_f64();
+                let missing = self.census.missing_after_timeout();
+                let e = Error::CollectiveTimeout {
+                    op,
+                    seq: self.seq,
+                    waited_s,
+                    missing,
+                };
+                self.cpu.tell_peers(&e);
+                Err(e)
+            }
+            other => other,
+        }
+    }
+
+    /// The collective timeout this group applies.
+    pub fn collective_timeout(&self) -> Duration {
+        self.timeout
     }
 
     /// The process state this group was built from.
@@ -195,25 +279,33 @@ impl ProcessGroup {
     /// before that, followed by a vote on switching (see `lazy`).
     fn on_backend<R>(
         &mut self,
+        op: &'static str,
         device: Device,
         bytes: usize,
         f: impl FnOnce(&mut dyn Backend) -> Result<R>,
     ) -> Result<R> {
-        let Some(lazy) = self.nccl.as_mut().filter(|_| device.is_cuda()) else {
-            return f(&mut self.cpu);
-        };
-        if lazy.agreed() || bytes >= lazy::TCP_LIMIT_BYTES {
-            return f(lazy.wait()?);
-        }
-        let out = f(&mut self.cpu)?;
-        let ready = lazy.ready_now();
-        let votes = self.cpu.all_gather_bytes(&[u8::from(ready)])?;
-        if votes.iter().all(|v| v.as_slice() == [1]) {
-            if let Some(lazy) = self.nccl.as_mut() {
-                lazy.set_agreed();
+        let seq = self.seq + 1;
+        self.timed(op, |g| {
+            let Some(lazy) = g.nccl.as_mut().filter(|_| device.is_cuda()) else {
+                return f(&mut g.cpu);
+            };
+            if lazy.agreed() || bytes >= lazy::TCP_LIMIT_BYTES {
+                let (nccl, watchdog) = lazy.wait_with_watchdog()?;
+                let out = f(nccl)?;
+                // Enqueued on the default stream; the watchdog sees whether it completes in time.
+                watchdog.watch(std::ptr::null_mut(), op, seq);
+                return Ok(out);
             }
-        }
-        Ok(out)
+            let out = f(&mut g.cpu)?;
+            let ready = lazy.ready_now();
+            let votes = g.cpu.all_gather_bytes(&[u8::from(ready)])?;
+            if votes.iter().all(|v| v.as_slice() == [1]) {
+                if let Some(lazy) = g.nccl.as_mut() {
+                    lazy.set_agreed();
+                }
+            }
+            Ok(out)
+        })
     }
 
     /// Combines `t` across ranks in place; every rank ends with the same values.
@@ -229,7 +321,7 @@ impl ProcessGroup {
             };
         }
         let bytes = t.numel() * t.kind().elt_size_in_bytes();
-        self.on_backend(t.device(), bytes, |b| b.all_reduce(t, op))
+        self.on_backend("all_reduce", t.device(), bytes, |b| b.all_reduce(t, op))
     }
 
     /// Copies rank `src`'s `t` into every rank's `t` (same shape and dtype everywhere).
@@ -247,7 +339,7 @@ impl ProcessGroup {
             return Ok(());
         }
         let bytes = t.numel() * t.kind().elt_size_in_bytes();
-        self.on_backend(t.device(), bytes, |b| b.broadcast(t, src))
+        self.on_backend("broadcast", t.device(), bytes, |b| b.broadcast(t, src))
     }
 
     /// Every rank's `t` concatenated along dim 0, on every rank (shapes must match).
@@ -257,7 +349,7 @@ impl ProcessGroup {
         }
         let t = t.contiguous();
         let bytes = t.numel() * t.kind().elt_size_in_bytes();
-        self.on_backend(t.device(), bytes, |b| b.all_gather_cat(&t))
+        self.on_backend("all_gather", t.device(), bytes, |b| b.all_gather_cat(&t))
     }
 
     /// Reduces `t` across ranks and returns this rank's share of the first dimension, which must divide
@@ -278,7 +370,9 @@ impl ProcessGroup {
         }
         let t = t.contiguous();
         let bytes = t.numel() * t.kind().elt_size_in_bytes();
-        self.on_backend(t.device(), bytes, |b| b.reduce_scatter(&t, op))
+        self.on_backend("reduce_scatter", t.device(), bytes, |b| {
+            b.reduce_scatter(&t, op)
+        })
     }
 
     /// Starts an in-place all-reduce of a CUDA tensor on `stream`, after the work queued so far on the
@@ -300,15 +394,23 @@ impl ProcessGroup {
         {
             return Ok(false);
         }
-        let nccl = lazy.wait()?;
-        stream.wait_for_compute(bucket)?;
-        nccl.all_reduce_on(t, op, stream.raw())?;
-        Ok(true)
+        let seq = self.seq + 1;
+        self.timed("all_reduce", |g| {
+            let lazy = g.nccl.as_mut().ok_or(Error::Collective {
+                op: "all_reduce",
+                detail: "NCCL is not set up in this group".into(),
+            })?;
+            let (nccl, watchdog) = lazy.wait_with_watchdog()?;
+            stream.wait_for_compute(bucket)?;
+            nccl.all_reduce_on(t, op, stream.raw())?;
+            watchdog.watch(stream.raw(), "all_reduce", seq);
+            Ok(true)
+        })
     }
 
     /// Every rank's bytes, in rank order, on every rank.
     pub fn all_gather_bytes(&mut self, bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
-        self.cpu.all_gather_bytes(bytes)
+        self.timed("all_gather", |g| g.cpu.all_gather_bytes(bytes))
     }
 
     /// Waits until every rank has reached this point.
@@ -319,7 +421,7 @@ impl ProcessGroup {
                 tch::Cuda::synchronize(i as i64);
             }
         }
-        self.cpu.all_gather_bytes(&[]).map(drop)
+        self.timed("barrier", |g| g.cpu.all_gather_bytes(&[]).map(drop))
     }
 }
 
@@ -327,8 +429,12 @@ impl ProcessGroup {
     /// Tears the group down now (PyTorch's `destroy_process_group`): waits for outstanding GPU work and
     /// frees NCCL's buffers. Only needed by a process that goes on using the GPU afterwards.
     pub fn destroy(mut self) {
-        if let Some(nccl) = self.nccl.as_mut().and_then(|l| l.wait().ok()) {
-            nccl.destroy();
+        if let Some(lazy) = self.nccl.as_mut() {
+            if lazy.wait().is_ok() {
+                if let Some(nccl) = lazy.ready_mut() {
+                    nccl.destroy();
+                }
+            }
         }
     }
 }

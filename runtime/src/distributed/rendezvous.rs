@@ -3,13 +3,15 @@
 //! why not. Whatever starts the workers (hasten launch, notebook_launcher, torchrun, srun) only has to
 //! set the environment contract.
 
+use super::admission::{self, Gate};
+use super::census::{self, Census};
 use super::wire;
 use crate::{EnvContract, Error, Result};
-use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
-const MAGIC: &str = "HASTEN-RDZV-1";
+/// The greeting of a rank (version 2: after rank 0's hello, with the job's proof).
+const MAGIC: &str = "HASTEN-RDZV-2";
 const OK: &[u8] = b"ok";
 
 /// Default time to wait for the whole group to gather; `HASTEN_RDZV_TIMEOUT` (seconds) overrides it.
@@ -23,12 +25,12 @@ pub fn rdzv_timeout_from_env() -> Result<Duration> {
             .trim()
             .parse::<f64>()
             .ok()
-            .filter(|s| s.is_finite() && *s > 0.0)
+            .filter(|s| s.is_finite() && *s > 0.0 && *s <= 1e9)
             .map(Duration::from_secs_f64)
             .ok_or(Error::EnvParse {
                 var: "HASTEN_RDZV_TIMEOUT".into(),
                 value: v,
-                expected: "a positive number of seconds",
+                expected: "a positive number of seconds (at most 1e9)",
             }),
     }
 }
@@ -58,32 +60,44 @@ fn resolve(addr: &str, port: u16) -> Result<Vec<SocketAddr>> {
     Ok(addrs)
 }
 
-/// Joins the group described by `contract`, waiting at most `timeout` for it to form.
-pub(crate) fn rendezvous(contract: &EnvContract, timeout: Duration) -> Result<Links> {
+/// Joins the group described by `contract`, waiting at most `timeout` for it to form. Every link then
+/// waits at most `collective_timeout` for a peer (a read or write that takes longer fails as a timed-out
+/// collective), and each rank gets its end of the census that names the ranks a timed-out collective
+/// waited for.
+pub(crate) fn rendezvous(
+    contract: &EnvContract,
+    timeout: Duration,
+    collective_timeout: Duration,
+) -> Result<(Links, Census)> {
     let mut peers: Vec<Option<TcpStream>> = (0..contract.world_size).map(|_| None).collect();
     if contract.world_size == 1 {
-        return Ok(Links {
+        let links = Links {
             rank: 0,
             world_size: 1,
             peers,
-        });
+        };
+        return Ok((links, Census::Alone));
     }
-    if contract.rank == 0 {
-        serve(contract, timeout, &mut peers)?;
+    let census = if contract.rank == 0 {
+        serve(contract, timeout, collective_timeout, &mut peers)?
     } else {
-        peers[0] = Some(join(contract, timeout)?);
-    }
+        let (stream, census) = join(contract, timeout, collective_timeout)?;
+        peers[0] = Some(stream);
+        census
+    };
     for stream in peers.iter().flatten() {
         stream
             .set_nodelay(true)
-            .and_then(|_| stream.set_read_timeout(None))
+            .and_then(|_| stream.set_read_timeout(Some(collective_timeout)))
+            .and_then(|_| stream.set_write_timeout(Some(collective_timeout)))
             .map_err(|e| rdzv_err(format!("configuring a connection: {e}")))?;
     }
-    Ok(Links {
+    let links = Links {
         rank: contract.rank,
         world_size: contract.world_size,
         peers,
-    })
+    };
+    Ok((links, census))
 }
 
 /// The listening socket a hasten launcher reserved for this rank 0 (see `RDZV_LISTEN_FD_VAR`), taken at
@@ -112,56 +126,66 @@ fn inherited_listener(port: u16) -> Option<TcpListener> {
     }
 }
 
-fn serve(c: &EnvContract, timeout: Duration, peers: &mut [Option<TcpStream>]) -> Result<()> {
-    // Listen on every interface unless the master address is loopback, so remote ranks can reach us.
-    let loopback = resolve(&c.master_addr, c.rdzv_port)?
-        .iter()
-        .all(|a| a.ip().is_loopback());
-    let bind = if loopback { "127.0.0.1" } else { "0.0.0.0" };
+/// Where rank 0 listens: `HASTEN_RDZV_BIND` if set (`0.0.0.0` for every interface), else only the address
+/// MASTER_ADDR names (the loopback interface when that is loopback), not every interface.
+fn bind_address(c: &EnvContract) -> Result<std::net::IpAddr> {
+    if let Ok(v) = std::env::var("HASTEN_RDZV_BIND") {
+        return v.trim().parse().map_err(|_| Error::EnvParse {
+            var: "HASTEN_RDZV_BIND".into(),
+            value: v,
+            expected: "an IP address of this machine (0.0.0.0 for every interface)",
+        });
+    }
+    let addrs = resolve(&c.master_addr, c.rdzv_port)?;
+    Ok(addrs.iter().find(|a| a.is_ipv4()).unwrap_or(&addrs[0]).ip())
+}
+
+fn serve(
+    c: &EnvContract,
+    timeout: Duration,
+    collective_timeout: Duration,
+    peers: &mut [Option<TcpStream>],
+) -> Result<Census> {
     let listener = match inherited_listener(c.rdzv_port) {
         Some(listener) => listener,
-        None => TcpListener::bind((bind, c.rdzv_port)).map_err(|e| {
-            rdzv_err(format!(
-                "rank 0 cannot listen on {bind}:{} (the rendezvous port): {e}; is another job using this port?",
-                c.rdzv_port
-            ))
-        })?,
+        None => {
+            let ip = bind_address(c)?;
+            TcpListener::bind((ip, c.rdzv_port)).map_err(|e| {
+                rdzv_err(format!(
+                    "rank 0 cannot listen on {ip}:{} (MASTER_ADDR={} and the rendezvous port): {e}; is \
+                     another job using this port, and is that address one of this machine's? \
+                     (HASTEN_RDZV_BIND=0.0.0.0 listens on every interface)",
+                    c.rdzv_port, c.master_addr
+                ))
+            })?
+        }
     };
     listener
         .set_nonblocking(true)
         .map_err(|e| rdzv_err(format!("listener: {e}")))?;
+    let secret = admission::job_secret();
+    let mut gate = Gate::new(&listener, secret);
     let deadline = Instant::now() + timeout;
     let mut joined = 1;
     let result = (|| {
         while joined < c.world_size {
-            match listener.accept() {
-                Ok((stream, from)) => {
-                    stream
-                        .set_nonblocking(false)
-                        .map_err(|e| rdzv_err(format!("connection from {from}: {e}")))?;
-                    if admit(c, stream, from, peers)?.is_some() {
-                        joined += 1;
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if Instant::now() >= deadline {
-                        let missing: Vec<String> = (1..c.world_size)
-                            .filter(|r| peers[*r].is_none())
-                            .map(|r| r.to_string())
-                            .collect();
-                        return Err(rdzv_err(format!(
-                            "timed out after {:.0} s waiting for rank(s) {} to join at {}:{} \
-                             (WORLD_SIZE={}); did they start, and can they reach this host?",
-                            timeout.as_secs_f64(),
-                            missing.join(", "),
-                            c.master_addr,
-                            c.rdzv_port,
-                            c.world_size
-                        )));
-                    }
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                Err(e) => return Err(rdzv_err(format!("accepting a connection: {e}"))),
+            let Some(greeting) = gate.next(deadline)? else {
+                let missing: Vec<String> = (1..c.world_size)
+                    .filter(|r| peers[*r].is_none())
+                    .map(|r| r.to_string())
+                    .collect();
+                return Err(rdzv_err(format!(
+                    "timed out after {:.0} s waiting for rank(s) {} to join at {}:{} \
+                     (WORLD_SIZE={}); did they start, and can they reach this host?",
+                    timeout.as_secs_f64(),
+                    missing.join(", "),
+                    c.master_addr,
+                    c.rdzv_port,
+                    c.world_size
+                )));
+            };
+            if admit(c, greeting, peers)?.is_some() {
+                joined += 1;
             }
         }
         Ok(())
@@ -173,7 +197,8 @@ fn serve(c: &EnvContract, timeout: Duration, peers: &mut [Option<TcpStream>]) ->
                     wire::send(s, OK, rank, "rendezvous")?;
                 }
             }
-            Ok(())
+            let streams = accept_census(c, &mut gate, deadline + Duration::from_secs(10))?;
+            Ok(Census::root(c.world_size, collective_timeout, streams))
         }
         Err(e) => {
             let message = e.to_string();
@@ -185,36 +210,57 @@ fn serve(c: &EnvContract, timeout: Duration, peers: &mut [Option<TcpStream>]) ->
     }
 }
 
-/// Reads a newcomer's greeting and files it under its rank. Returns `Ok(None)` for a connection that is
-/// not a hasten rank (a port scanner, a health check), which is dropped.
+/// After admitting everyone: each other rank's second connection, for the census.
+fn accept_census(
+    c: &EnvContract,
+    gate: &mut Gate<'_>,
+    deadline: Instant,
+) -> Result<Vec<(usize, TcpStream)>> {
+    let mut streams: Vec<(usize, TcpStream)> = Vec::new();
+    while streams.len() + 1 < c.world_size {
+        let Some(g) = gate.next(deadline)? else {
+            return Err(rdzv_err(
+                "timed out waiting for the ranks' second (census) connections".into(),
+            ));
+        };
+        let rank = match &g.words[..] {
+            [magic, r] if magic == census::GREETING => r.parse::<usize>().ok(),
+            _ => None,
+        };
+        let Some(rank) = rank.filter(|r| *r > 0 && *r < c.world_size) else {
+            continue;
+        };
+        if streams.iter().any(|(r, _)| *r == rank) {
+            return Err(rdzv_err(format!(
+                "duplicate rank: two census connections claim rank {rank} (the second from {})",
+                g.from
+            )));
+        }
+        streams.push((rank, g.stream));
+    }
+    Ok(streams)
+}
+
+/// Files an authenticated newcomer under its rank. Returns `Ok(None)` for a greeting that is not a
+/// rank's (dropped); a rank whose settings contradict the group is told why and fails the rendezvous.
 fn admit(
     c: &EnvContract,
-    mut stream: TcpStream,
-    from: SocketAddr,
+    greeting: admission::Greeting,
     peers: &mut [Option<TcpStream>],
 ) -> Result<Option<usize>> {
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(|e| rdzv_err(format!("connection from {from}: {e}")))?;
-    let mut line = Vec::new();
-    let mut byte = [0u8; 1];
-    while line.len() < 256 {
-        match stream.read(&mut byte) {
-            Ok(1) if byte[0] == b'\n' => break,
-            Ok(1) => line.push(byte[0]),
-            _ => return Ok(None),
+    let admission::Greeting {
+        mut stream,
+        from,
+        words,
+    } = greeting;
+    let (rank, world) = match &words[..] {
+        [magic, rank, world] if magic == MAGIC => {
+            match (rank.parse::<usize>(), world.parse::<usize>()) {
+                (Ok(r), Ok(w)) => (r, w),
+                _ => return Ok(None),
+            }
         }
-    }
-    let text = String::from_utf8_lossy(&line);
-    let mut parts = text.split_whitespace();
-    if parts.next() != Some(MAGIC) {
-        return Ok(None);
-    }
-    let (Some(rank), Some(world)) = (
-        parts.next().and_then(|r| r.parse::<usize>().ok()),
-        parts.next().and_then(|w| w.parse::<usize>().ok()),
-    ) else {
-        return Ok(None);
+        _ => return Ok(None),
     };
     let refuse = |stream: &mut TcpStream, detail: String| {
         let e = rdzv_err(detail);
@@ -248,14 +294,22 @@ fn admit(
     Ok(Some(rank))
 }
 
-fn join(c: &EnvContract, timeout: Duration) -> Result<TcpStream> {
+fn join(
+    c: &EnvContract,
+    timeout: Duration,
+    collective_timeout: Duration,
+) -> Result<(TcpStream, Census)> {
     let addrs = resolve(&c.master_addr, c.rdzv_port)?;
     let deadline = Instant::now() + timeout;
+    let secret = admission::job_secret();
     let mut stream = connect_until(c, &addrs, deadline, timeout)?;
-    let greeting = format!("{MAGIC} {} {}\n", c.rank, c.world_size);
-    stream
-        .write_all(greeting.as_bytes())
-        .map_err(|e| rdzv_err(format!("rank {} greeting the master: {e}", c.rank)))?;
+    admission::greet(
+        &mut stream,
+        &format!("{MAGIC} {} {}", c.rank, c.world_size),
+        secret.as_deref(),
+        deadline,
+    )
+    .map_err(|e| rdzv_err(format!("rank {}: {e}", c.rank)))?;
     // Rank 0 answers once the whole group is in, or tells us why it is not; if it dies we read EOF.
     let left = deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(5);
     stream
@@ -263,6 +317,10 @@ fn join(c: &EnvContract, timeout: Duration) -> Result<TcpStream> {
         .map_err(|e| rdzv_err(format!("connection to the master: {e}")))?;
     let reply = wire::recv(&mut stream, 0, "rendezvous").map_err(|e| match e {
         Error::Collective { detail, .. } => rdzv_err(detail),
+        Error::CollectiveTimeout { .. } => rdzv_err(format!(
+            "timed out after {:.0} s waiting for rank 0 to admit the group",
+            timeout.as_secs_f64()
+        )),
         other => other,
     })?;
     if reply != OK {
@@ -270,7 +328,26 @@ fn join(c: &EnvContract, timeout: Duration) -> Result<TcpStream> {
             "unexpected answer from rank 0: {reply:?}"
         )));
     }
-    Ok(stream)
+    let census_deadline = deadline + Duration::from_secs(10);
+    let mut census = connect_until(c, &addrs, census_deadline, timeout)?;
+    admission::greet(
+        &mut census,
+        &format!("{} {}", census::GREETING, c.rank),
+        secret.as_deref(),
+        census_deadline,
+    )
+    .and_then(|()| {
+        census
+            .set_nodelay(true)
+            .map_err(|e| rdzv_err(format!("census connection: {e}")))
+    })
+    .map_err(|e| {
+        rdzv_err(format!(
+            "rank {} opening its census connection: {e}",
+            c.rank
+        ))
+    })?;
+    Ok((stream, Census::member(c.rank, collective_timeout, census)))
 }
 
 fn connect_until(

@@ -43,6 +43,17 @@ pub(crate) fn slot_bytes_from_env() -> usize {
         .map_or(DEFAULT_SLOT_BYTES, |mb| mb << 20)
 }
 
+/// Unlinks a segment's name when dropped (the mapping stays until every rank unmaps it).
+struct Unlink(Option<String>);
+
+impl Drop for Unlink {
+    fn drop(&mut self) {
+        if let Some(name) = self.0.take() {
+            Arena::unlink(&name);
+        }
+    }
+}
+
 /// A name unique to this job on this host.
 pub(crate) fn segment_name(port: u16) -> String {
     // SAFETY: getpid has no preconditions.
@@ -176,10 +187,13 @@ impl CpuBackend {
         let world = self.world_size();
         let name = segment_name(port);
         let created = if self.rank() == 0 {
+            hasten_core::sweep_stale_shm_segments();
             Arena::map(&name, world, slot_bytes, true).ok()
         } else {
             None
         };
+        // Rank 0 unlinks its segment once everyone has mapped it; on any earlier return too.
+        let _unlink = Unlink((self.rank() == 0 && created.is_some()).then(|| name.clone()));
         let announce = match (&created, self.rank()) {
             (Some(_), 0) => name.into_bytes(),
             _ => Vec::new(),
@@ -193,9 +207,6 @@ impl CpuBackend {
             None => Arena::map(&name, world, slot_bytes, false).ok(),
         };
         let votes = self.all_gather_bytes(&[u8::from(arena.is_some())])?;
-        if self.rank() == 0 {
-            Arena::unlink(&name);
-        }
         if votes.iter().all(|v| v.as_slice() == [1]) {
             self.arena = arena;
         }

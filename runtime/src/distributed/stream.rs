@@ -17,7 +17,9 @@ struct Api {
     event_create: unsafe extern "C" fn(*mut Event, c_uint) -> c_int,
     event_destroy: unsafe extern "C" fn(Event) -> c_int,
     event_record: unsafe extern "C" fn(Event, Stream) -> c_int,
+    event_query: unsafe extern "C" fn(Event) -> c_int,
     stream_wait_event: unsafe extern "C" fn(Stream, Event, c_uint) -> c_int,
+    set_device: unsafe extern "C" fn(c_int) -> c_int,
 }
 
 const STREAM_NON_BLOCKING: c_uint = 0x1;
@@ -47,7 +49,9 @@ fn load() -> std::result::Result<Api, String> {
         event_create: symbol("cudaEventCreateWithFlags")?,
         event_destroy: symbol("cudaEventDestroy")?,
         event_record: symbol("cudaEventRecord")?,
+        event_query: symbol("cudaEventQuery")?,
         stream_wait_event: symbol("cudaStreamWaitEvent")?,
+        set_device: symbol("cudaSetDevice")?,
     })
 }
 
@@ -67,6 +71,63 @@ fn check(r: c_int, call: &str) -> Result<()> {
         op: "gradient all-reduce",
         detail: format!("{call} failed with CUDA error {r}"),
     })
+}
+
+/// A CUDA event, recorded on a stream and asked whether the work before it is done (the NCCL watchdog's
+/// marks). Destroyed when dropped; CUDA defers that until its work completes.
+pub(crate) struct Mark(Event);
+
+// SAFETY: a CUDA event is a plain handle, usable from any thread of the process.
+unsafe impl Send for Mark {}
+
+impl Mark {
+    /// A new event on the calling thread's current device.
+    pub(crate) fn new() -> Result<Self> {
+        let api = api()?;
+        let mut e = std::ptr::null_mut();
+        // SAFETY: writes one handle.
+        check(
+            unsafe { (api.event_create)(&mut e, EVENT_DISABLE_TIMING) },
+            "cudaEventCreateWithFlags",
+        )?;
+        Ok(Mark(e))
+    }
+
+    /// Records the event after the work queued so far on `stream` (null: the legacy default stream).
+    pub(crate) fn record(&self, stream: Stream) -> Result<()> {
+        let api = api()?;
+        // SAFETY: a valid event; the stream handle comes from the caller's live stream (or null).
+        check(
+            unsafe { (api.event_record)(self.0, stream) },
+            "cudaEventRecord",
+        )
+    }
+
+    /// True once the work before the event is done (or failed: it will never be done).
+    pub(crate) fn done(&self) -> bool {
+        const NOT_READY: c_int = 600;
+        // SAFETY: a valid event.
+        api().is_ok_and(|api| unsafe { (api.event_query)(self.0) } != NOT_READY)
+    }
+}
+
+impl Drop for Mark {
+    fn drop(&mut self) {
+        if let Ok(api) = api() {
+            // SAFETY: destroying the event this value created, once.
+            unsafe { (api.event_destroy)(self.0) };
+        }
+    }
+}
+
+/// Makes `device` current on the calling thread (a watchdog thread asking about events).
+pub(crate) fn use_device(device: usize) -> Result<()> {
+    let api = api()?;
+    // SAFETY: selects a GPU for the calling thread.
+    check(
+        unsafe { (api.set_device)(device as c_int) },
+        "cudaSetDevice",
+    )
 }
 
 /// A non-blocking stream on the current GPU with one "ready" event per bucket and one "done" event.
