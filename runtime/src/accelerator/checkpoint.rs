@@ -13,6 +13,7 @@
 
 use super::Accelerator;
 use super::ddp::ModelEntry;
+use super::durable;
 use crate::{Error, Result, SAFE_WEIGHTS_NAME};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
@@ -38,12 +39,32 @@ fn bad(path: &Path, detail: impl Into<String>) -> Error {
     }
 }
 
+/// Writes a safetensors file and flushes it to the disk.
 fn write_tensors(tensors: &[(String, Tensor)], path: &Path) -> Result<()> {
     let on_cpu: Vec<(String, Tensor)> = tensors
         .iter()
         .map(|(n, t)| (n.clone(), t.to_device(tch::Device::Cpu).contiguous()))
         .collect();
-    Tensor::write_safetensors(&on_cpu, path).map_err(|e| bad(path, format!("writing: {e}")))
+    Tensor::write_safetensors(&on_cpu, path).map_err(|e| bad(path, format!("writing: {e}")))?;
+    durable::sync(path)
+}
+
+/// Deletes the oldest checkpoints under `base` beyond `limit`, keeping `newest` (just written): what
+/// Accelerate does before saving, done after, so a kill in between never leaves fewer checkpoints.
+fn rotate_checkpoints(base: &Path, newest: &Path, limit: usize) -> Result<()> {
+    let older: Vec<PathBuf> = numbered_checkpoints(base)?
+        .into_iter()
+        .filter(|p| p != newest)
+        .collect();
+    // total_limit 0 keeps only the new one, as in Accelerate (which counts one more than there is).
+    let excess = (older.len() + 1).saturating_sub(limit).min(older.len());
+    if excess > 0 {
+        eprintln!("hasten: deleting {excess} checkpoints to make room for new checkpoint.");
+    }
+    for old in &older[..excess] {
+        std::fs::remove_dir_all(old).map_err(|e| Error::io("deleting", old, e))?;
+    }
+    Ok(())
 }
 
 /// Reads a safetensors file after checking its header against its size.
@@ -81,6 +102,8 @@ fn numbered_checkpoints(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut found: Vec<((usize, String), String, PathBuf)> = match std::fs::read_dir(dir) {
         Ok(entries) => entries
             .filter_map(|e| e.ok().map(|e| e.path()))
+            // hasten's staging folders (hidden) are never checkpoints.
+            .filter(|p| !durable::is_hidden(p))
             .filter_map(|p| {
                 let key = first_number(&p)?;
                 let name = p.file_name()?.to_string_lossy().into_owned();
@@ -135,9 +158,14 @@ impl Accelerator {
     /// each process's generator states into `output_dir` (every process must call it). With
     /// `ProjectConfiguration::automatic_checkpoint_naming` the folder is
     /// `{project_dir}/checkpoints/checkpoint_{iteration}` instead, the oldest ones beyond `total_limit`
-    /// are deleted first, and the iteration advances. Returns the folder.
+    /// are deleted once it is written, and the iteration advances. Returns the folder.
+    ///
+    /// A kill at any moment loses nothing: the checkpoint is written into a hidden staging folder,
+    /// flushed to the disk, and put in place by one atomic rename (replacing a checkpoint of the same
+    /// name atomically too), so the folder holds the previous checkpoint or the new one, whole; old
+    /// checkpoints go only after the new one is in place.
     pub fn save_state(&mut self, output_dir: Option<&Path>) -> Result<PathBuf> {
-        let dir = if self.project.automatic_checkpoint_naming {
+        let (dir, rotate) = if self.project.automatic_checkpoint_naming {
             let project = self
                 .project
                 .project_dir
@@ -147,26 +175,6 @@ impl Accelerator {
                     detail: "automatic_checkpoint_naming needs a project folder".into(),
                 })?;
             let base = project.join("checkpoints");
-            if self.is_main_process() {
-                std::fs::create_dir_all(&base).map_err(|e| Error::io("creating", &base, e))?;
-                let existing = numbered_checkpoints(&base)?;
-                if let Some(limit) = self.project.total_limit {
-                    if existing.len() + 1 > limit {
-                        // total_limit 0 keeps only the new one, as in Accelerate (which counts one more
-                        // than there is to delete).
-                        let excess = (existing.len() + 1 - limit).min(existing.len());
-                        if excess > 0 {
-                            eprintln!(
-                                "hasten: deleting {excess} checkpoints to make room for new checkpoint."
-                            );
-                        }
-                        for old in &existing[..excess] {
-                            std::fs::remove_dir_all(old)
-                                .map_err(|e| Error::io("deleting", old, e))?;
-                        }
-                    }
-                }
-            }
             let dir = base.join(format!("checkpoint_{}", self.project.iteration));
             if dir.exists() {
                 return Err(Error::InvalidValue {
@@ -178,24 +186,45 @@ impl Accelerator {
                     ),
                 });
             }
-            self.wait_for_everyone()?;
-            dir
+            (dir, Some(base))
         } else {
-            output_dir.map(Path::to_owned).ok_or(Error::InvalidValue {
+            let dir = output_dir.map(Path::to_owned).ok_or(Error::InvalidValue {
                 name: "output_dir".into(),
                 detail: "save_state needs a folder unless automatic_checkpoint_naming is on".into(),
-            })?
+            })?;
+            (dir, None)
         };
-        std::fs::create_dir_all(&dir).map_err(|e| Error::io("creating", &dir, e))?;
-        if self.writes_shared_files() {
-            self.write_shared_files(&dir)?;
+        let publisher = self.writes_shared_files();
+        let stage = durable::staging(&dir);
+        if publisher {
+            durable::prepare(&dir)?;
         }
-        let rng = dir.join(format!(
-            "random_states_{}.safetensors",
-            self.process_index()
-        ));
-        write_tensors(&crate::rng_states()?, &rng)?;
         self.wait_for_everyone()?;
+        if publisher {
+            self.write_shared_files(&stage)?;
+        }
+        let rng_name = format!("random_states_{}.safetensors", self.process_index());
+        // Every rank writes its generators into the staging folder (on a node whose files nobody
+        // publishes, a folder of its own: see below).
+        std::fs::create_dir_all(&stage).map_err(|e| Error::io("creating", &stage, e))?;
+        write_tensors(&crate::rng_states()?, &stage.join(&rng_name))?;
+        self.wait_for_everyone()?;
+        if publisher {
+            durable::publish(&dir)?;
+            if let (Some(base), Some(limit)) = (&rotate, self.project.total_limit) {
+                rotate_checkpoints(base, &dir, limit)?;
+            }
+        }
+        self.wait_for_everyone()?;
+        if !publisher && stage.exists() {
+            // A node that does not share the publisher's filesystem (and saves only on the main
+            // process): its ranks' generator files go to its own copy of the folder, as in Accelerate.
+            std::fs::create_dir_all(&dir).map_err(|e| Error::io("creating", &dir, e))?;
+            let to = dir.join(&rng_name);
+            std::fs::rename(stage.join(&rng_name), &to)
+                .map_err(|e| Error::io("moving into place", &to, e))?;
+            let _ = std::fs::remove_dir(&stage);
+        }
         self.project.iteration += 1;
         Ok(dir)
     }
@@ -257,7 +286,8 @@ impl Accelerator {
         });
         let path = dir.join(ACCELERATOR_STATE_NAME);
         let text = serde_json::to_string_pretty(&state).unwrap_or_default() + "\n";
-        std::fs::write(&path, text).map_err(|e| Error::io("writing", &path, e))
+        std::fs::write(&path, text).map_err(|e| Error::io("writing", &path, e))?;
+        durable::sync(&path)
     }
 
     /// Accelerate's `load_state`: restores what [`save_state`](Self::save_state) wrote into the prepared
@@ -275,9 +305,22 @@ impl Accelerator {
                     .clone()
                     .unwrap_or_default()
                     .join("checkpoints");
-                numbered_checkpoints(&base)?
-                    .pop()
-                    .ok_or_else(|| bad(&base, "no checkpoint_{n} folder to load"))?
+                // The newest complete one: a folder without its state file (written by something
+                // else, or damaged) is passed over, with a warning.
+                let mut found = numbered_checkpoints(&base)?;
+                loop {
+                    let Some(candidate) = found.pop() else {
+                        return Err(bad(&base, "no complete checkpoint_{n} folder to load"));
+                    };
+                    if candidate.join(ACCELERATOR_STATE_NAME).is_file() {
+                        break candidate;
+                    }
+                    eprintln!(
+                        "hasten: warning: {} is not a complete checkpoint (no {ACCELERATOR_STATE_NAME}); \
+                         loading an older one",
+                        candidate.display()
+                    );
+                }
             }
             None => {
                 return Err(Error::InvalidValue {

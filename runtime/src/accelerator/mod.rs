@@ -8,6 +8,7 @@
 mod checkpoint;
 mod config;
 mod ddp;
+mod durable;
 mod optimizer;
 mod precision;
 mod reducer;
