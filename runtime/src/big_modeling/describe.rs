@@ -97,6 +97,24 @@ pub(crate) fn read_safetensors_entries(path: &Path) -> Result<Vec<SafetensorsEnt
         .map_err(|e| Error::io("reading the header of", path, e))?;
     let json: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
         .map_err(|e| bad(path, format!("the header is not valid JSON: {e}")))?;
+    // serde's map keeps the last of two equal keys; the file's own order keeps both, so a tensor named
+    // twice is refused instead of half-read.
+    if let Some(names) = std::str::from_utf8(&header)
+        .ok()
+        .and_then(|t| super::ordered_json::Json::parse(t).ok())
+        .and_then(|j| {
+            j.as_object()
+                .map(|o| o.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>())
+        })
+    {
+        let mut seen = std::collections::HashSet::new();
+        if let Some(twice) = names.iter().find(|n| !seen.insert(n.as_str())) {
+            return Err(bad(
+                path,
+                format!("tensor {twice} is named twice in the header"),
+            ));
+        }
+    }
     let data_start = 8 + n;
     let mut tensors: Vec<SafetensorsEntry> = Vec::new();
     for (name, info) in json {
@@ -137,7 +155,15 @@ pub(crate) fn read_safetensors_entries(path: &Path) -> Result<Vec<SafetensorsEnt
             kind,
             buffer: false,
         };
-        let expected = meta.numel() * kind.elt_size_in_bytes() as u64;
+        let Some(expected) = meta.checked_bytes().filter(|b| *b < u64::MAX) else {
+            return Err(bad(
+                path,
+                format!(
+                    "tensor {name} has shape {:?}, too large for any file",
+                    meta.shape
+                ),
+            ));
+        };
         if end < begin || end - begin != expected {
             return Err(bad(
                 path,
@@ -146,7 +172,10 @@ pub(crate) fn read_safetensors_entries(path: &Path) -> Result<Vec<SafetensorsEnt
                 ),
             ));
         }
-        if data_start + end > file_len {
+        if data_start
+            .checked_add(end)
+            .is_none_or(|last| last > file_len)
+        {
             return Err(bad(
                 path,
                 format!(
@@ -164,6 +193,21 @@ pub(crate) fn read_safetensors_entries(path: &Path) -> Result<Vec<SafetensorsEnt
     }
     // File order is offset order; JSON object order is not guaranteed.
     tensors.sort_by_key(|e| e.start);
+    for pair in tensors.windows(2) {
+        if pair[0].start + pair[0].len > pair[1].start {
+            return Err(bad(
+                path,
+                format!(
+                    "tensors {} and {} overlap (bytes {}..{} and {}..)",
+                    pair[0].name,
+                    pair[1].name,
+                    pair[0].start,
+                    pair[0].start + pair[0].len,
+                    pair[1].start
+                ),
+            ));
+        }
+    }
     Ok(tensors)
 }
 
@@ -213,6 +257,19 @@ pub fn checkpoint_files(path: &Path) -> Result<Vec<PathBuf>> {
                     format!("weight_map entry {tensor} does not name a file"),
                 )
             })?;
+            // A shard is a file name in the index's folder: a path that leaves it (`../x`, `/etc/x`)
+            // is refused, not read.
+            let plain = Path::new(file)
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)));
+            if !plain || file.is_empty() {
+                return Err(bad(
+                    path,
+                    format!(
+                        "weight_map entry {tensor} names {file:?}, which is not a file in the index's folder"
+                    ),
+                ));
+            }
             let full = folder.join(file);
             if !files.contains(&full) {
                 files.push(full);

@@ -177,7 +177,12 @@ pub fn load_checkpoint_in_model(
                     detail: format!("{name} doesn't have any device set."),
                 });
             }
-            in_checkpoint.insert(name.to_owned());
+            if !in_checkpoint.insert(name.to_owned()) {
+                return Err(Error::Checkpoint {
+                    path: shard.clone(),
+                    detail: format!("tensor {name} is also in an earlier shard"),
+                });
+            }
         }
         headers.push(entries);
     }
@@ -217,9 +222,14 @@ pub fn load_checkpoint_in_model(
             if !variables.contains_key(&e.name) {
                 continue;
             }
-            let cast = opts
-                .dtype
-                .filter(|k| *k != e.meta.kind && is_floating(e.meta.kind));
+            // Accelerate's set_module_tensor_to_device: a value takes the model's dtype (as
+            // PyTorch's load_state_dict does), or `dtype` where one is given (floating tensors only).
+            let want = match opts.dtype {
+                Some(kind) if is_floating(e.meta.kind) => Some(kind),
+                Some(_) => None,
+                None => variables.get(&e.name).map(Tensor::kind),
+            };
+            let cast = want.filter(|k| *k != e.meta.kind);
             let placed_as = follows.get(&e.name).unwrap_or(&e.name);
             let key = opts
                 .device_map
@@ -263,30 +273,41 @@ pub fn load_checkpoint_in_model(
         index.extend(shard_index_entries);
     }
     read_all(&shards, &jobs, reader_threads(), true)?;
-    // Everything is read: only now does the model change.
+    // Everything is read and cast before the first variable changes, so a failure leaves the model
+    // as it was.
     let _guard = tch::no_grad_guard();
+    let mut ready = Vec::with_capacity(plans.len());
     for ((name, plan, shape), job) in plans.into_iter().zip(jobs) {
-        let var = variables
-            .get_mut(&name)
-            .expect("planned from the model's names");
+        let shard = &shards[job.shard];
+        let offloaded = matches!(plan, Plan::Offloaded(_));
         let new_data = match (plan, job.target) {
-            (Plan::Loaded(cast), Target::Tensor(t)) => {
-                report.loaded.push(name);
-                match cast {
-                    Some(kind) => t.to_kind(kind),
-                    None => t,
-                }
-            }
-            (Plan::Offloaded(kind), _) => {
-                report.offloaded.push(name);
-                placeholder(&shape, kind)
-            }
+            (Plan::Loaded(cast), Target::Tensor(t)) => match cast {
+                Some(kind) => t.f_to_kind(kind).map_err(|e| Error::Checkpoint {
+                    path: shard.clone(),
+                    detail: format!("casting {name} to {kind:?}: {}", Error::torch("to", e)),
+                })?,
+                None => t,
+            },
+            (Plan::Offloaded(kind), _) => placeholder(&shape, kind),
             (Plan::Loaded(_), Target::File(_)) => {
                 unreachable!("tensors to load are read into memory")
             }
         };
-        var.f_set_data(&new_data)
-            .map_err(|e| Error::torch("load_checkpoint_in_model", e))?;
+        ready.push((name, new_data, job.shard, offloaded));
+    }
+    for (name, new_data, shard, offloaded) in ready {
+        let var = variables
+            .get_mut(&name)
+            .expect("planned from the model's names");
+        var.f_set_data(&new_data).map_err(|e| Error::Checkpoint {
+            path: shards[shard].clone(),
+            detail: format!("setting {name}: {}", Error::torch("set_data", e)),
+        })?;
+        if offloaded {
+            report.offloaded.push(name);
+        } else {
+            report.loaded.push(name);
+        }
     }
     if let Some(folder) = offload_folder {
         save_offload_index(&index, folder)?;

@@ -17,9 +17,19 @@ pub struct TensorMeta {
 }
 
 impl TensorMeta {
-    /// Number of elements.
+    /// Number of elements (u64::MAX for a shape whose product does not fit: shapes come from files,
+    /// and such a shape is refused wherever its size is checked against its bytes, never a panic).
     pub fn numel(&self) -> u64 {
-        self.shape.iter().map(|&d| d.max(0) as u64).product()
+        self.shape
+            .iter()
+            .try_fold(1u64, |n, &d| n.checked_mul(d.max(0) as u64))
+            .unwrap_or(u64::MAX)
+    }
+
+    /// Bytes the tensor takes, when that fits in a u64.
+    pub fn checked_bytes(&self) -> Option<u64> {
+        self.numel()
+            .checked_mul(self.kind.elt_size_in_bytes() as u64)
     }
 }
 
