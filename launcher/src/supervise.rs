@@ -1,7 +1,9 @@
 //! Supervising a group of workers: relay their output, notice the first failure, stop the rest within
 //! seconds, and reap every process so none is left behind.
 
-use crate::relay::{Event, LinePrefix, OutputSink, Stream, spawn_reader, spawn_status_reader};
+use crate::relay::{
+    End, Event, LinePrefix, OutputSink, QUEUE_DEPTH, Stream, spawn_reader, spawn_status_reader,
+};
 use crate::{LaunchError, Result};
 use std::collections::VecDeque;
 use std::fs::File;
@@ -144,7 +146,7 @@ pub(crate) fn supervise(
     stop: &AtomicBool,
 ) -> Result<Vec<Option<Vec<u8>>>> {
     let n = workers.len();
-    let (tx, rx) = mpsc::channel();
+    let (tx, rx) = mpsc::sync_channel(QUEUE_DEPTH);
     let mut pids = Vec::with_capacity(n);
     let mut prefixes = Vec::with_capacity(n);
     let mut ranks = Vec::with_capacity(n);
@@ -179,24 +181,35 @@ pub(crate) fn supervise(
         match rx.recv_timeout(Duration::from_millis(10)) {
             Ok(event) => {
                 let mut next = Some(event);
+                // A bounded batch, so that a rank printing without pause cannot keep the loop from
+                // noticing exits and stop requests.
+                let mut budget = 4 * QUEUE_DEPTH;
                 while let Some(ev) = next {
                     match ev {
                         Event::Line {
                             index,
                             stream,
                             text,
+                            end,
                         } => {
-                            sink.line(stream, &format!("{}{}", prefixes[index], text));
-                            // The panic hook writes to stderr; stdout's lines come through another
-                            // thread and may arrive between its two lines.
-                            if matches!(stream, Stream::Stderr) {
-                                panics[index].observe(&text);
+                            let prefixed = format!("{}{}", prefixes[index], text);
+                            match end {
+                                End::Newline => sink.line(stream, &prefixed),
+                                End::Return | End::Partial => sink.progress(stream, &prefixed),
                             }
-                            let tail = &mut tails[index];
-                            if tail.len() == TAIL_LINES {
-                                tail.pop_front();
+                            // A partial piece comes again whole once it ends: only whole ones are
+                            // remembered. The panic hook writes to stderr; stdout's lines come
+                            // through another thread and may arrive between its two lines.
+                            if end != End::Partial {
+                                if matches!(stream, Stream::Stderr) {
+                                    panics[index].observe(&text);
+                                }
+                                let tail = &mut tails[index];
+                                if tail.len() == TAIL_LINES {
+                                    tail.pop_front();
+                                }
+                                tail.push_back(text);
                             }
-                            tail.push_back(text);
                         }
                         Event::Eof { index } => open_pipes[index] -= 1,
                         Event::Status { index, bytes } => {
@@ -204,7 +217,12 @@ pub(crate) fn supervise(
                             open_pipes[index] -= 1;
                         }
                     }
-                    next = rx.try_recv().ok();
+                    budget -= 1;
+                    next = if budget == 0 {
+                        None
+                    } else {
+                        rx.try_recv().ok()
+                    };
                 }
             }
             Err(mpsc::RecvTimeoutError::Timeout) => {}
