@@ -1,6 +1,6 @@
 //! The connection file Jupyter hands the kernel, and the five sockets it names.
 
-use crate::router::Router;
+use crate::router::{Digests, Router};
 use anyhow::{Context, Result, bail};
 use jupyter_protocol::ConnectionInfo;
 use jupyter_zmq_client::{KernelHeartbeatConnection, KernelIoPubConnection, KernelStdinConnection};
@@ -35,13 +35,25 @@ impl Sockets {
     /// Binds the five sockets; `session` is the kernel's session id, put in every message it sends.
     pub async fn bind(info: &ConnectionInfo, session: &str) -> Result<Sockets> {
         let endpoint = |port: u16| format!("{}://{}:{port}", info.transport, info.ip);
+        if info.key.is_empty() {
+            // Jupyter allows an empty key, but then anyone who can reach these ports runs code as this
+            // user; say so where the operator will look (the server's log), every start.
+            eprintln!(
+                "hasten-kernel: WARNING: the connection file has an empty key, so messages are not \
+                 signed: any process that can reach its ports on {} can execute code in this \
+                 kernel. Start the kernel from Jupyter (which writes a random key) or set \"key\" in \
+                 the file.",
+                info.ip
+            );
+        }
+        let seen = Digests::default();
         Ok(Sockets {
-            shell: Router::bind(&info.shell_url(), &info.key, session)
+            shell: Router::bind(&info.shell_url(), &info.key, session, seen.clone())
                 .await
                 .with_context(|| {
                     format!("binding the shell socket at {}", endpoint(info.shell_port))
                 })?,
-            control: Router::bind(&info.control_url(), &info.key, session)
+            control: Router::bind(&info.control_url(), &info.key, session, seen)
                 .await
                 .with_context(|| {
                     format!(

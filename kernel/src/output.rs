@@ -45,6 +45,33 @@ impl CellContext {
     }
 }
 
+/// How much of a cell's stderr is kept for reporting its panic or error (the end, where those are).
+const STDERR_KEPT: usize = 64 * 1024;
+/// Output is published in messages of at most about this many bytes, so a cell that prints without
+/// pause streams instead of gathering everything it prints into one message.
+const BATCH_BYTES: usize = 64 * 1024;
+
+/// Keeps the last `keep` bytes of `text` (or a little more, to stay on a character boundary).
+fn keep_tail(text: &mut String, keep: usize) {
+    if text.len() > 2 * keep {
+        let mut cut = text.len() - keep;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.drain(..cut);
+    }
+}
+
+/// Gives the memory a cell's output passed through back to the system: glibc keeps freed heap for
+/// reuse, which left the kernel hundreds of MB larger for good after a cell printed a lot.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free pages; it is safe to call at any time.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Asks the forwarder to publish everything received so far, and answers when done.
 pub type FlushRequest = Sender<()>;
 
@@ -108,6 +135,7 @@ impl Forwarder {
         if is_stderr {
             let mut log = self.ctx.log.lock().unwrap_or_else(|e| e.into_inner());
             log.stderr.push_str(&text);
+            keep_tail(&mut log.stderr, STDERR_KEPT);
         }
         match &mut self.batch {
             Some((stream, buf)) if *stream == is_stderr => buf.push_str(&text),
@@ -115,6 +143,13 @@ impl Forwarder {
                 self.publish_batch();
                 self.batch = Some((is_stderr, text));
             }
+        }
+        if self
+            .batch
+            .as_ref()
+            .is_some_and(|(_, buf)| buf.len() >= BATCH_BYTES)
+        {
+            self.publish_batch();
         }
     }
 
@@ -222,6 +257,7 @@ pub fn spawn(
                             f.line(&line, true);
                         }
                         f.flush();
+                        release_freed_memory();
                         if let Ok(ack) = ack {
                             let _ = ack.send(());
                         }
@@ -241,6 +277,17 @@ pub fn spawn(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_kept_stderr_is_the_end_and_bounded() {
+        let mut text = "é".repeat(100);
+        keep_tail(&mut text, 10);
+        assert!(text.len() <= 12 && text.len() >= 10, "{}", text.len());
+        assert!(text.chars().all(|c| c == 'é'));
+        let mut short = String::from("short");
+        keep_tail(&mut short, 10);
+        assert_eq!(short, "short");
+    }
 
     #[test]
     fn utf8_split_across_chunks_is_reassembled() {

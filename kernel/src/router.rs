@@ -8,6 +8,8 @@ use hasten_launch::kernel_io::{from_hex, to_hex};
 use jupyter_protocol::{Header, JupyterMessage, JupyterMessageContent};
 use ring::hmac;
 use serde_json::{Value, json};
+use std::collections::{HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
 use zeromq::{Socket, SocketRecv, SocketSend, ZmqMessage};
 
 const DELIMITER: &[u8] = b"<IDS|MSG>";
@@ -17,6 +19,8 @@ const DELIMITER: &[u8] = b"<IDS|MSG>";
 pub enum ReadError {
     /// The signature is missing or does not verify: the message is dropped unread.
     BadSignature,
+    /// The signature verifies but was seen before: a replayed message, dropped unread.
+    Replayed,
     /// Not a Jupyter message (frames, JSON or content).
     Malformed(String),
 }
@@ -26,6 +30,39 @@ pub struct Router {
     socket: zeromq::RouterSocket,
     key: Option<hmac::Key>,
     session: String,
+    seen: Digests,
+}
+
+/// Signatures already accepted, shared by shell and control so that a message captured on one cannot be
+/// replayed on either. ipykernel keeps the same history (and refuses a repeat as "Duplicate Signature");
+/// its size is bounded so a long session does not grow without end: the oldest signatures go first.
+#[derive(Clone, Default)]
+pub struct Digests(Arc<Mutex<DigestHistory>>);
+
+#[derive(Default)]
+struct DigestHistory {
+    set: HashSet<Vec<u8>>,
+    order: VecDeque<Vec<u8>>,
+}
+
+/// How many signatures are remembered (ipykernel's `digest_history_size`).
+const DIGEST_HISTORY: usize = 1 << 16;
+
+impl Digests {
+    /// Records `signature`; false when it was already there.
+    fn first_sighting(&self, signature: &[u8]) -> bool {
+        let mut history = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if !history.set.insert(signature.to_vec()) {
+            return false;
+        }
+        history.order.push_back(signature.to_vec());
+        if history.order.len() > DIGEST_HISTORY
+            && let Some(oldest) = history.order.pop_front()
+        {
+            history.set.remove(&oldest);
+        }
+        true
+    }
 }
 
 /// The spec's defaults for a history request's optional fields.
@@ -48,14 +85,21 @@ fn with_history_defaults(mut content: Value) -> Value {
 }
 
 impl Router {
-    /// Binds at `endpoint`; `key` signs and verifies (empty: no signatures, as Jupyter allows).
-    pub async fn bind(endpoint: &str, key: &str, session: &str) -> anyhow::Result<Router> {
+    /// Binds at `endpoint`; `key` signs and verifies (empty: no signatures, as Jupyter allows); `seen`
+    /// is the signature history shared with the kernel's other ROUTER socket.
+    pub async fn bind(
+        endpoint: &str,
+        key: &str,
+        session: &str,
+        seen: Digests,
+    ) -> anyhow::Result<Router> {
         let mut socket = zeromq::RouterSocket::new();
         socket.bind(endpoint).await?;
         Ok(Router {
             socket,
             key: (!key.is_empty()).then(|| hmac::Key::new(hmac::HMAC_SHA256, key.as_bytes())),
             session: session.to_owned(),
+            seen,
         })
     }
 
@@ -86,6 +130,9 @@ impl Router {
                 .ok_or(ReadError::BadSignature)?;
             let signed: Vec<u8> = parts[..4].iter().flat_map(|p| p.iter().copied()).collect();
             hmac::verify(key, &signed, &signature).map_err(|_| ReadError::BadSignature)?;
+            if !self.seen.first_sighting(&signature) {
+                return Err(ReadError::Replayed);
+            }
         }
         let json = |i: usize| {
             serde_json::from_slice::<Value>(&parts[i])
@@ -148,6 +195,21 @@ impl Router {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_signature_is_accepted_once_and_the_history_stays_bounded() {
+        let seen = Digests::default();
+        assert!(seen.first_sighting(b"abc"));
+        assert!(!seen.first_sighting(b"abc"));
+        for i in 0..DIGEST_HISTORY as u32 {
+            assert!(seen.first_sighting(&i.to_le_bytes()));
+        }
+        let history = seen.0.lock().unwrap();
+        assert_eq!(history.set.len(), DIGEST_HISTORY);
+        assert_eq!(history.order.len(), DIGEST_HISTORY);
+        // The oldest ("abc") was forgotten to make room.
+        assert!(!history.set.contains(&b"abc"[..]));
+    }
 
     #[test]
     fn a_search_without_optional_fields_parses_with_defaults() {

@@ -94,6 +94,13 @@ async fn channel_loop(kernel: Arc<Kernel>, mut socket: Router, name: &'static st
                 );
                 continue;
             }
+            Err(ReadError::Replayed) => {
+                eprintln!(
+                    "hasten-kernel: rejected a message on {name}: its signature was already used \
+                     (a replayed message)"
+                );
+                continue;
+            }
             Err(ReadError::Malformed(e)) => {
                 eprintln!("hasten-kernel: dropped an unreadable message on {name}: {e}");
                 tokio::time::sleep(std::time::Duration::from_millis(10)).await;

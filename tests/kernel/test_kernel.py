@@ -66,6 +66,32 @@ def test_output_without_a_trailing_newline_neither_hangs_nor_waits(kernel):
     assert done - first > 1.5, (started, first, done)
 
 
+def rss_mib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def test_a_cell_printing_500k_lines_streams_and_leaves_the_kernel_small(kernel):
+    km, kc, _ = kernel
+    pid = km.provisioner.pid
+    assert execute(kc, "2 + 2")[0]["status"] == "ok"
+    before = rss_mib(pid)
+    reply, outputs = execute(kc, 'for i in 0..500_000 { println!("line {i}"); }', timeout=600)
+    after = rss_mib(pid)
+    assert reply["status"] == "ok"
+    text = stdout_of(outputs)
+    assert text.startswith("line 0\n") and text.endswith("line 499999\n"), text[-100:]
+    # Streamed in bounded messages, not gathered into one.
+    streams = [c["text"] for _, t, c in outputs if t == "stream"]
+    assert len(streams) > 10 and max(map(len, streams)) < 256 * 1024, (len(streams),)
+    # Before: the kernel stayed 600-870 MB larger after such a cell, for good.
+    print(f"kernel RSS {before:.0f} MiB before, {after:.0f} MiB after 500k lines")
+    assert after - before < 100, (before, after)
+
+
 def test_a_panicking_cell_is_an_error_and_keeps_the_notebook_state(kernel):
     _, kc, _ = kernel
     assert execute(kc, "let kept = 41;")[0]["status"] == "ok"
@@ -214,6 +240,55 @@ def test_messages_with_a_bad_or_missing_signature_are_rejected(kernel, key, tmp_
     assert not marker.exists(), "the forged cell ran"
     assert "signature does not verify" in log.read_text()
     assert execute(kc, "2 + 2")[0]["status"] == "ok"
+
+
+def test_a_replayed_signed_message_runs_once(kernel, tmp_path):
+    km, kc, log = kernel
+    marker = tmp_path / "runs"
+    info = km.get_connection_info()
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.connect(f"tcp://{info['ip']}:{info['shell_port']}")
+    session = Session(key=km.session.key)
+    msg = session.msg(
+        "execute_request",
+        {"code": 'use std::io::Write; std::fs::OpenOptions::new().create(true).append(true)'
+                 f'.open("{marker}").unwrap().write_all(b"x").unwrap();',
+         "silent": False, "store_history": False, "user_expressions": {}, "allow_stdin": False,
+         "stop_on_error": True},
+    )
+    frames = session.serialize(msg)
+    sock.send_multipart(frames)
+    assert sock.poll(300_000), "the kernel did not answer a correctly signed message"
+    sock.recv_multipart()
+    # The same frames again, byte for byte, on shell and on control: both must be refused.
+    sock.send_multipart(frames)
+    control = zmq.Context.instance().socket(zmq.DEALER)
+    control.connect(f"tcp://{info['ip']}:{info['control_port']}")
+    control.send_multipart(frames)
+    assert sock.poll(3000) == 0, "the kernel answered a replayed message"
+    assert control.poll(1000) == 0, "the kernel answered a message replayed on control"
+    sock.close(linger=0)
+    control.close(linger=0)
+    assert marker.read_text() == "x", "the replayed cell ran again"
+    assert "already used (a replayed message)" in log.read_text()
+    assert execute(kc, "2 + 2")[0]["status"] == "ok"
+
+
+def test_an_empty_key_is_warned_about_loudly(tmp_path):
+    log = tmp_path / "kernel.log"
+    km = KernelManager(kernel_name="hasten")
+    km.session.key = b""
+    with open(log, "w") as stderr:
+        km.start_kernel(stderr=stderr)
+    try:
+        deadline = time.monotonic() + 60
+        while "empty key" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        text = log.read_text()
+        assert "WARNING: the connection file has an empty key" in text, text
+        assert "can execute code in this kernel" in text
+    finally:
+        km.shutdown_kernel(now=True)
 
 
 def test_magics_launch_and_switch_debug_mode(kernel):
