@@ -13,6 +13,8 @@ use hasten::{
     Schedule, TensorDataset,
 };
 
+#[path = "training/crash.rs"]
+mod crash;
 #[path = "training/loaders.rs"]
 mod loaders;
 #[path = "training/tracking.rs"]
@@ -626,6 +628,15 @@ fn rng_types(acc: &mut Accelerator, synced: bool) -> Check {
 
 fn main() {
     let mode = std::env::args().nth(1).unwrap_or_default();
+    if mode == "save-loop" {
+        let dir = std::env::args().nth(2).unwrap_or_default();
+        let kind = std::env::args().nth(3).unwrap_or_default();
+        if let Err(e) = crash::save_loop(std::path::Path::new(&dir), &kind) {
+            eprintln!("save-loop: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
     // HASTEN_TEST_GPU=1 runs `rng` and `checkpoint` on GPUs instead (on the GPU machine).
     let gpu = std::env::var("HASTEN_TEST_GPU").is_ok_and(|v| v == "1");
     let builder = Accelerator::builder().cpu(!gpu);
