@@ -12,7 +12,7 @@ build:
 	@$(ENV); cargo build --workspace --bins --examples
 
 demo:
-	@$(ENV); cargo build --quiet -p hasten_launch --bin hasten && cargo build --quiet -p hasten --example train_demo; \
+	@$(ENV); cargo build --quiet -p hasten_launch --bin hasten && cargo build --quiet -p hasten-examples --example train_demo; \
 	procs=2; gpus=$$(find /proc/driver/nvidia/gpus -mindepth 1 -maxdepth 1 2>/dev/null | wc -l || true); \
 	if [ "$$gpus" -ge 2 ]; then device=""; else device="--cpu"; fi; \
 	echo "hasten launch --num_processes $$procs $$device train_demo"; \

@@ -348,7 +348,8 @@ fn estimate_memory_prints_accelerates_table_and_names_bad_input() {
 
     let ran = estimate(&["m.safetensors", "--dtypes", "float8"]);
     assert_eq!(ran.code, 2, "{}", ran.all());
-    ran.expect_stderr("unknown dtype \"float8\"");
+    ran.expect_stderr("invalid value 'float8' for '--dtypes");
+    ran.expect_stderr("possible values: float32, float16, bfloat16, int8, int4");
 
     // A header that claims more bytes than the file holds: the error names the file.
     let corrupt = dir.path().join("corrupt.safetensors");

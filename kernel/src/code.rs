@@ -11,126 +11,50 @@ pub enum Completeness {
     Invalid,
 }
 
-/// Tracks Rust brackets, ignoring those inside strings, chars and comments. Not a parser: rustc has the
-/// last word; this only tells a console whether Enter should run the cell or open a new line.
+/// Tracks Rust brackets over rustc's own lexer (`ra_ap_rustc_lexer`, the one evcxr's analysis uses), so
+/// brackets inside strings, chars and comments do not count. Not a parser: rustc has the last word; this
+/// only tells a console whether Enter should run the cell or open a new line.
 pub fn completeness(code: &str) -> Completeness {
-    let chars: Vec<char> = code.chars().collect();
+    use ra_ap_rustc_lexer::{FrontmatterAllowed, LiteralKind, TokenKind, tokenize};
     let mut stack = Vec::new();
-    let mut i = 0;
-    let mut block_comments = 0usize;
-    while i < chars.len() {
-        let c = chars[i];
-        let next = chars.get(i + 1).copied();
-        if block_comments > 0 {
-            if c == '*' && next == Some('/') {
-                block_comments -= 1;
-                i += 2;
-            } else if c == '/' && next == Some('*') {
-                block_comments += 1;
-                i += 2;
-            } else {
-                i += 1;
-            }
-            continue;
-        }
-        match c {
-            '/' if next == Some('/') => {
-                while i < chars.len() && chars[i] != '\n' {
-                    i += 1;
-                }
-                continue;
-            }
-            '/' if next == Some('*') => {
-                block_comments += 1;
-                i += 2;
-                continue;
-            }
-            '"' => match skip_string(&chars, i + 1, 0) {
-                Some(end) => i = end,
-                None => return Completeness::Incomplete(String::new()),
+    for token in tokenize(code, FrontmatterAllowed::No) {
+        let unterminated = match token.kind {
+            TokenKind::BlockComment { terminated, .. } => !terminated,
+            TokenKind::Literal { kind, .. } => match kind {
+                LiteralKind::Char { terminated }
+                | LiteralKind::Byte { terminated }
+                | LiteralKind::Str { terminated }
+                | LiteralKind::ByteStr { terminated }
+                | LiteralKind::CStr { terminated } => !terminated,
+                LiteralKind::RawStr { n_hashes }
+                | LiteralKind::RawByteStr { n_hashes }
+                | LiteralKind::RawCStr { n_hashes } => n_hashes.is_none(),
+                LiteralKind::Int { .. } | LiteralKind::Float { .. } => false,
             },
-            'r' if matches!(next, Some('"') | Some('#'))
-                && !ident_char(chars.get(i.wrapping_sub(1))) =>
-            {
-                let mut j = i + 1;
-                let mut hashes = 0;
-                while chars.get(j) == Some(&'#') {
-                    hashes += 1;
-                    j += 1;
-                }
-                if chars.get(j) == Some(&'"') {
-                    match skip_string(&chars, j + 1, hashes) {
-                        Some(end) => i = end,
-                        None => return Completeness::Incomplete(String::new()),
-                    }
-                } else {
-                    i += 1;
-                }
-            }
-            '\'' => i = skip_char_or_lifetime(&chars, i),
-            '(' | '[' | '{' => {
-                stack.push(c);
-                i += 1;
-            }
-            ')' | ']' | '}' => {
-                let open = match c {
-                    ')' => '(',
-                    ']' => '[',
-                    _ => '{',
-                };
-                if stack.pop() != Some(open) {
-                    return Completeness::Invalid;
-                }
-                i += 1;
-            }
-            _ => i += 1,
+            _ => false,
+        };
+        if unterminated {
+            return Completeness::Incomplete(String::new());
         }
-    }
-    if block_comments > 0 {
-        return Completeness::Incomplete(String::new());
+        let open = match token.kind {
+            TokenKind::OpenParen | TokenKind::OpenBracket | TokenKind::OpenBrace => {
+                stack.push(token.kind);
+                continue;
+            }
+            TokenKind::CloseParen => TokenKind::OpenParen,
+            TokenKind::CloseBracket => TokenKind::OpenBracket,
+            TokenKind::CloseBrace => TokenKind::OpenBrace,
+            _ => continue,
+        };
+        if stack.pop() != Some(open) {
+            return Completeness::Invalid;
+        }
     }
     if stack.is_empty() {
         Completeness::Complete
     } else {
         Completeness::Incomplete("    ".repeat(stack.len()))
     }
-}
-
-fn ident_char(c: Option<&char>) -> bool {
-    c.is_some_and(|c| c.is_alphanumeric() || *c == '_')
-}
-
-/// Index after the string that starts at `from` (just after its opening quote), or None if it never ends.
-fn skip_string(chars: &[char], mut from: usize, hashes: usize) -> Option<usize> {
-    while from < chars.len() {
-        match chars[from] {
-            '\\' if hashes == 0 => from += 2,
-            '"' => {
-                let closes = (0..hashes).all(|k| chars.get(from + 1 + k) == Some(&'#'));
-                if closes {
-                    return Some(from + 1 + hashes);
-                }
-                from += 1;
-            }
-            _ => from += 1,
-        }
-    }
-    None
-}
-
-/// A `'` opens a char literal (`'a'`, `'\n'`, `'\u{1F600}'`) or a lifetime (`'a`); skip either.
-fn skip_char_or_lifetime(chars: &[char], at: usize) -> usize {
-    if chars.get(at + 1) == Some(&'\\') {
-        let mut j = at + 2;
-        while j < chars.len() && chars[j] != '\'' && j < at + 12 {
-            j += 1;
-        }
-        return j + 1;
-    }
-    if chars.get(at + 2) == Some(&'\'') {
-        return at + 3;
-    }
-    at + 1
 }
 
 /// A cell that is one of hasten's magics, translated to the Rust it stands for.
@@ -296,6 +220,18 @@ mod tests {
             completeness("let s = \"open"),
             Completeness::Incomplete(String::new())
         );
+        // What rustc's lexer knows and a bracket counter would not.
+        assert_eq!(
+            completeness("let s = r##\"open\"#;"),
+            Completeness::Incomplete(String::new())
+        );
+        assert_eq!(completeness("let b = b'{';"), Completeness::Complete);
+        assert_eq!(completeness("/* /* { */ */ 1"), Completeness::Complete);
+        assert_eq!(
+            completeness("/* /* */ fn f() {"),
+            Completeness::Incomplete(String::new())
+        );
+        assert_eq!(completeness("let s = c\"{\";"), Completeness::Complete);
         assert_eq!(completeness("}"), Completeness::Invalid);
         assert_eq!(completeness("(]"), Completeness::Invalid);
     }

@@ -31,14 +31,16 @@ pub fn describe(e: &evcxr::Error) -> String {
     }
 }
 
-/// Why the notebook prelude (`:dep hasten`, `:dep hasten_launch`) failed, and what to do.
+/// Why the notebook prelude (`:dep hasten`, `:dep hasten_launch`, `:dep hasten_kernel_io`) failed, and
+/// what to do.
 ///
 /// evcxr resolves the notebook crate offline against hasten's Cargo.lock: every package that lock names
 /// must be in cargo's registry, also those only other platforms build. The usual cause of a failure is
 /// one missing, so the same check runs here on its own and its output comes with the message.
 pub fn prelude_failure(paths: &SessionPaths, e: &evcxr::Error) -> String {
     let mut message = format!(
-        "bringing hasten into scope failed (`:dep hasten` and `:dep hasten_launch` from {}):\n{}",
+        "bringing hasten into scope failed (`:dep hasten`, `:dep hasten_launch` and `:dep hasten_kernel_io` \
+         from {}):\n{}",
         paths.source.display(),
         describe(e)
     );

@@ -80,11 +80,13 @@ fn prelude(paths: &SessionPaths) -> String {
     format!(
         ":dep hasten = {{ path = {runtime:?} }}\n\
          :dep hasten_launch = {{ path = {launcher:?} }}\n\
+         :dep hasten_kernel_io = {{ path = {kernel_io:?} }}\n\
          use hasten::prelude::*;\n\
          use hasten_launch::{{NotebookLauncher, debug_launcher, notebook_launcher}};\n\
-         use hasten_launch::kernel_io::{{clear_output, display}};\n",
+         use hasten_kernel_io::{{clear_output, display}};\n",
         runtime = paths.source.join("runtime").display().to_string(),
         launcher = paths.source.join("launcher").display().to_string(),
+        kernel_io = paths.source.join("kernel").join("io").display().to_string(),
     )
 }
 

@@ -90,7 +90,7 @@ fn prepare_runner() {
     if std::env::var_os("HASTEN_KERNEL_NO_RELAY").is_some() {
         return;
     }
-    if let Err(e) = hasten_launch::kernel_io::capture_runner_output() {
+    if let Err(e) = hasten_kernel_io::capture_runner_output() {
         eprintln!("hasten-kernel runner: output relay unavailable ({e}); output arrives by lines");
     }
 }

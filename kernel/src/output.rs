@@ -1,9 +1,9 @@
-//! The forwarder: turns what the runner writes (decoded with `hasten_launch::kernel_io`) into iopub
+//! The forwarder: turns what the runner writes (decoded with `hasten_kernel_io`) into iopub
 //! messages for the cell that is running, live, and keeps what the kernel needs to report a panic.
 
 use crate::iopub::Publisher;
 use crossbeam_channel::{Receiver, Sender, select};
-use hasten_launch::kernel_io::{KernelLine, parse_line};
+use hasten_kernel_io::{KernelLine, parse_line};
 use jupyter_protocol::{ClearOutput, DisplayData, JupyterMessage, Media, StreamContent};
 use std::sync::{Arc, Mutex};
 

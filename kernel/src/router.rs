@@ -4,7 +4,7 @@
 //! (a history search without `unique` or `n`) be read with the spec's defaults instead of being lost.
 
 use bytes::Bytes;
-use hasten_launch::kernel_io::{from_hex, to_hex};
+use data_encoding::{HEXLOWER, HEXLOWER_PERMISSIVE};
 use jupyter_protocol::{Header, JupyterMessage, JupyterMessageContent};
 use ring::hmac;
 use serde_json::{Value, json};
@@ -126,7 +126,7 @@ impl Router {
         if let Some(key) = &self.key {
             let signature = std::str::from_utf8(signature)
                 .ok()
-                .and_then(from_hex)
+                .and_then(|hex| HEXLOWER_PERMISSIVE.decode(hex.as_bytes()).ok())
                 .ok_or(ReadError::BadSignature)?;
             let signed: Vec<u8> = parts[..4].iter().flat_map(|p| p.iter().copied()).collect();
             hmac::verify(key, &signed, &signature).map_err(|_| ReadError::BadSignature)?;
@@ -177,7 +177,7 @@ impl Router {
                 for part in &parts {
                     ctx.update(part);
                 }
-                to_hex(ctx.sign().as_ref())
+                HEXLOWER.encode(ctx.sign().as_ref())
             }
             None => String::new(),
         };

@@ -98,7 +98,8 @@ pub fn rustc_wrapper(session_dir: &Path) -> i32 {
 /// Paths one kernel works with.
 #[derive(Debug, Clone)]
 pub struct SessionPaths {
-    /// hasten's source tree (the workspace root), whose `runtime/` and `launcher/` notebooks depend on.
+    /// hasten's source tree (the workspace root), whose `runtime/`, `launcher/` and `kernel/io/` notebooks
+    /// depend on.
     pub source: PathBuf,
     /// Cargo's build directory, shared by all kernels (`hasten-kernel warm` fills it).
     pub shared_build: PathBuf,

@@ -6,20 +6,26 @@
 //! processes.
 //!
 //! [`notebook_launcher`] forks workers from a running program (a notebook kernel, a test) and returns
-//! the main rank's result:
+//! the main rank's result. Each worker finds the environment contract set (`RANK`, `WORLD_SIZE`, …),
+//! from which the runtime builds its state (`hasten::Accelerator::new()`, or
+//! `hasten::ProcessGroup::init(&hasten::ProcessState::from_env()?)`); the launcher itself depends on
+//! neither libtorch nor the runtime:
 //!
 //! ```no_run
 //! use hasten_launch::notebook_launcher;
-//! fn training_loop(lr: f64) -> Result<f64, hasten::Error> {
-//!     let state = hasten::ProcessState::from_env()?;
-//!     let mut group = hasten::ProcessGroup::init(&state)?;
-//!     // … train, gather metrics …
-//!     group.wait_for_everyone()?;
-//!     Ok(lr)
+//! fn training_loop(lr: f64) -> Result<f64, std::num::ParseIntError> {
+//!     let rank: usize = std::env::var("RANK").unwrap_or_default().parse()?;
+//!     // … build the Accelerator, train, gather metrics …
+//!     Ok(lr * (rank + 1) as f64)
 //! }
 //! let lr = notebook_launcher(training_loop, 1e-3, 2)?;
 //! # Ok::<(), hasten_launch::LaunchError>(())
 //! ```
+//!
+//! `notebook_launcher` runs inside the notebook's process, which already links libtorch (the cells use
+//! it): it loads libtorch's CUDA half there once (loading initialises no CUDA; the check that CUDA is
+//! still uninitialised follows) so that forked workers inherit it. The `hasten` binary never loads
+//! libtorch.
 //!
 //! The launcher never initialises CUDA: it counts GPUs from the driver's `/proc` entries
 //! ([`visible_gpu_count`]), so workers forked from it can still use their GPU.
@@ -29,7 +35,6 @@ mod cli;
 mod error;
 mod exec;
 mod host;
-pub mod kernel_io;
 mod notebook;
 mod plan;
 mod relay;

@@ -356,7 +356,17 @@ where
         // Anything buffered now would be written twice, once by each process.
         let _ = std::io::stdout().flush();
         let _ = std::io::stderr().flush();
-        // SAFETY: fork; the child only runs the worker body below and leaves through _exit.
+        // SAFETY: fork of a process that may have other threads (a notebook's runner: hasten_kernel_io's
+        // relay thread, libtorch's idle intra-op pool, whatever earlier cells started). Only this thread
+        // exists in the child, so a lock another thread held at this instant would stay held there; what
+        // makes the child safe anyway: CUDA is not initialised (checked before any fork: a forked CUDA
+        // context is unusable); glibc's fork resets malloc's arena locks in the child, so it can
+        // allocate; libtorch registers pthread_atfork handlers that drop its thread pool in the child,
+        // which rebuilds it on first use; stdout and stderr were flushed just above and the relay thread
+        // writes with raw write(2), never through their locks. The child runs only the worker body
+        // below and leaves through _exit, never returning into the parent's code or destructors. Threads
+        // a user's own cell left running while holding a lock are the one case this cannot cover, as
+        // with Python's fork-based notebook_launcher.
         let pid = unsafe { libc::fork() };
         if pid < 0 {
             let source = std::io::Error::last_os_error();

@@ -33,6 +33,7 @@ mod ops;
 mod optim;
 mod random;
 mod report;
+mod shim;
 mod state;
 mod tracking;
 

@@ -188,10 +188,6 @@ pub fn find_executable_batch_size<T, E: OutOfMemory>(
     ExecutableBatchSize::new(starting_batch_size).run(f)
 }
 
-unsafe extern "C" {
-    fn hasten_empty_device_cache() -> i32;
-}
-
 /// Returns the memory libtorch's caching allocator holds but does not use to the device (Accelerate's
 /// `clear_device_cache`; Rust needs no garbage collection: the failed try's tensors are already freed).
 /// Does nothing where CUDA is not in use.
@@ -199,11 +195,7 @@ pub fn empty_device_cache() {
     if matches!(crate::libtorch().cuda, crate::CudaLoad::Loaded)
         && hasten_core::cuda_initialized_in_this_process()
     {
-        // SAFETY: the shim catches every exception and only asks libtorch's device allocator to empty
-        // its cache.
-        unsafe {
-            hasten_empty_device_cache();
-        }
+        crate::shim::empty_device_cache();
     }
 }
 

@@ -6,48 +6,10 @@
 //! path; `fused=True` is the single kernel used here), where tch's loop launches a few kernels per
 //! parameter. Both come through hasten's C++ shim.
 
+use crate::shim;
 use crate::{Error, Result};
 use std::os::raw::c_int;
 use tch::{Kind, Tensor};
-use torch_sys::C_tensor;
-
-unsafe extern "C" {
-    fn hasten_clear_grads(tensors: *mut *mut C_tensor, n: c_int) -> c_int;
-    fn hasten_set_grad(tensor: *mut C_tensor, grad: *mut C_tensor) -> c_int;
-    #[allow(clippy::too_many_arguments)]
-    fn hasten_fused_adamw(
-        params: *mut *mut C_tensor,
-        exp_avgs: *mut *mut C_tensor,
-        exp_avg_sqs: *mut *mut C_tensor,
-        steps: *mut *mut C_tensor,
-        n: c_int,
-        lr: f64,
-        beta1: f64,
-        beta2: f64,
-        weight_decay: f64,
-        eps: f64,
-    ) -> c_int;
-    #[allow(clippy::too_many_arguments)]
-    fn hasten_fused_sgd(
-        params: *mut *mut C_tensor,
-        momenta: *mut *mut C_tensor,
-        n: c_int,
-        lr: f64,
-        momentum: f64,
-        dampening: f64,
-        weight_decay: f64,
-        nesterov: c_int,
-        maximize: c_int,
-        first: c_int,
-    ) -> c_int;
-}
-
-fn pointers(tensors: &[Tensor]) -> Vec<*mut C_tensor> {
-    tensors
-        .iter()
-        .map(|t| t.as_ptr() as *mut C_tensor)
-        .collect()
-}
 
 /// The shim's status of a fused optimizer kernel as a Result (libtorch has printed the cause already).
 fn fused_status(r: c_int, kernel: &str) -> Result<()> {
@@ -61,23 +23,12 @@ fn fused_status(r: c_int, kernel: &str) -> Result<()> {
 
 /// Drops the gradients of `params` (set_to_none).
 pub fn clear_grads(params: &[Tensor]) {
-    let mut ptrs = pointers(params);
-    // SAFETY: valid tensor handles for the duration of the call; the shim catches exceptions.
-    unsafe {
-        hasten_clear_grads(ptrs.as_mut_ptr(), ptrs.len() as c_int);
-    }
+    shim::clear_grads(params);
 }
 
 /// Makes `grad` the gradient of `param` (same shape and dtype).
 pub(crate) fn set_grad(param: &Tensor, grad: &Tensor) -> Result<()> {
-    // SAFETY: two valid tensor handles for the duration of the call; the shim catches exceptions.
-    let r = unsafe {
-        hasten_set_grad(
-            param.as_ptr() as *mut C_tensor,
-            grad.as_ptr() as *mut C_tensor,
-        )
-    };
-    if r != 0 {
+    if shim::set_grad(param, grad) != 0 {
         return Err(Error::DeviceUnavailable {
             detail: "libtorch refused to set a gradient".into(),
         });
@@ -232,25 +183,16 @@ impl AdamW {
 
 impl Optimizer for AdamW {
     fn step(&mut self) -> Result<()> {
-        let mut p = pointers(&self.params);
-        let mut m = pointers(&self.exp_avg);
-        let mut v = pointers(&self.exp_avg_sq);
-        let mut s = pointers(&self.steps);
-        // SAFETY: four lists of valid tensor handles of the same length, alive for the call.
-        let r = unsafe {
-            hasten_fused_adamw(
-                p.as_mut_ptr(),
-                m.as_mut_ptr(),
-                v.as_mut_ptr(),
-                s.as_mut_ptr(),
-                p.len() as c_int,
-                self.lr,
-                self.betas.0,
-                self.betas.1,
-                self.weight_decay,
-                self.eps,
-            )
-        };
+        let r = shim::fused_adamw(
+            &self.params,
+            &self.exp_avg,
+            &self.exp_avg_sq,
+            &self.steps,
+            self.lr,
+            self.betas,
+            self.weight_decay,
+            self.eps,
+        );
         fused_status(r, "AdamW")
     }
 
@@ -361,29 +303,17 @@ impl Sgd {
     }
 
     fn launch(&self, params: &[Tensor], momenta: &[Tensor], first: bool) -> Result<()> {
-        let mut p = pointers(params);
-        let mut m = pointers(momenta);
-        let m_ptr = if m.is_empty() {
-            std::ptr::null_mut()
-        } else {
-            m.as_mut_ptr()
-        };
-        // SAFETY: valid tensor handles alive for the call; `momenta` is as long as `params` whenever the
-        // momentum is non-zero (the only case in which the shim reads it).
-        let r = unsafe {
-            hasten_fused_sgd(
-                p.as_mut_ptr(),
-                m_ptr,
-                p.len() as c_int,
-                self.lr,
-                self.momentum,
-                self.dampening,
-                self.weight_decay,
-                c_int::from(self.nesterov),
-                c_int::from(self.maximize),
-                c_int::from(first),
-            )
-        };
+        let r = shim::fused_sgd(
+            params,
+            momenta,
+            self.lr,
+            self.momentum,
+            self.dampening,
+            self.weight_decay,
+            self.nesterov,
+            self.maximize,
+            first,
+        );
         fused_status(r, "SGD")
     }
 }

@@ -63,11 +63,6 @@ pub fn set_seed(seed: u64, device_specific: bool) -> Result<()> {
     Ok(())
 }
 
-unsafe extern "C" {
-    fn hasten_rng_get_state(device_type: i32, index: i32) -> *mut torch_sys::C_tensor;
-    fn hasten_rng_set_state(device_type: i32, index: i32, state: *mut torch_sys::C_tensor) -> i32;
-}
-
 /// hasten's host generator state: seed (32 bytes), stream (8), word position (16).
 fn host_state() -> Vec<u8> {
     let mut host = host_rng();
@@ -108,15 +103,9 @@ pub(crate) fn torch_state(device: tch::Device) -> Result<tch::Tensor> {
         tch::Device::Cuda(i) => (1, i as i32),
         _ => (0, 0),
     };
-    // SAFETY: returns a new tensor (owned by the Tensor wrapper) or null.
-    let ptr = unsafe { hasten_rng_get_state(device_type, index) };
-    if ptr.is_null() {
-        return Err(crate::Error::DeviceUnavailable {
-            detail: format!("libtorch could not read the {device:?} generator's state"),
-        });
-    }
-    // SAFETY: a fresh at::Tensor* from the shim; the wrapper frees it.
-    Ok(unsafe { tch::Tensor::from_ptr(ptr) })
+    crate::shim::rng_get_state(device_type, index).ok_or_else(|| crate::Error::DeviceUnavailable {
+        detail: format!("libtorch could not read the {device:?} generator's state"),
+    })
 }
 
 /// Sets libtorch's default generator of `device` to `state` (checked: a 1-D uint8 tensor).
@@ -132,15 +121,7 @@ pub(crate) fn set_torch_state(device: tch::Device, name: &str, state: &tch::Tens
         tch::Device::Cuda(i) => (1, i as i32),
         _ => (0, 0),
     };
-    // SAFETY: a valid tensor handle for the duration of the call.
-    let r = unsafe {
-        hasten_rng_set_state(
-            device_type,
-            index,
-            state.as_ptr() as *mut torch_sys::C_tensor,
-        )
-    };
-    if r != 0 {
+    if crate::shim::rng_set_state(device_type, index, state) != 0 {
         return Err(bad("libtorch refused this state (printed above)"));
     }
     Ok(())

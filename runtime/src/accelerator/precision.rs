@@ -6,15 +6,7 @@ use crate::{Error, PrecisionType, Result};
 use std::os::raw::c_int;
 use tch::{Device, Kind, Tensor};
 
-unsafe extern "C" {
-    fn hasten_autocast_is_enabled(device: c_int) -> c_int;
-    fn hasten_autocast_set_enabled(device: c_int, enabled: c_int) -> c_int;
-    fn hasten_autocast_get_dtype(device: c_int) -> c_int;
-    fn hasten_autocast_set_dtype(device: c_int, scalar_type: c_int) -> c_int;
-    fn hasten_autocast_increment_nesting() -> c_int;
-    fn hasten_autocast_decrement_nesting() -> c_int;
-    fn hasten_autocast_clear_cache();
-}
+use crate::shim;
 
 // c10::ScalarType codes.
 const HALF: c_int = 5;
@@ -33,15 +25,12 @@ struct AutocastGuard {
 
 impl Drop for AutocastGuard {
     fn drop(&mut self) {
-        // SAFETY: plain calls into the shim, which catches every exception.
-        unsafe {
-            hasten_autocast_set_enabled(self.device, c_int::from(self.was_enabled));
-            if self.was_dtype >= 0 {
-                hasten_autocast_set_dtype(self.device, self.was_dtype);
-            }
-            if hasten_autocast_decrement_nesting() == 0 {
-                hasten_autocast_clear_cache();
-            }
+        shim::autocast_set_enabled(self.device, self.was_enabled);
+        if self.was_dtype >= 0 {
+            shim::autocast_set_dtype(self.device, self.was_dtype);
+        }
+        if shim::autocast_decrement_nesting() == 0 {
+            shim::autocast_clear_cache();
         }
     }
 }
@@ -55,24 +44,21 @@ pub fn autocast<T>(device: Device, mode: PrecisionType, f: impl FnOnce() -> T) -
         PrecisionType::No | PrecisionType::Fp8 => return Ok(f()),
     };
     let dev = device_code(device);
-    // SAFETY: plain calls into the shim, which catches every exception.
-    let guard = unsafe {
-        let was_enabled = hasten_autocast_is_enabled(dev);
-        let was_dtype = hasten_autocast_get_dtype(dev);
-        if was_enabled < 0
-            || hasten_autocast_set_dtype(dev, dtype) < 0
-            || hasten_autocast_set_enabled(dev, 1) < 0
-        {
-            return Err(Error::DeviceUnavailable {
-                detail: format!("libtorch refused autocast {mode} on {device:?}"),
-            });
-        }
-        hasten_autocast_increment_nesting();
-        AutocastGuard {
-            device: dev,
-            was_enabled: was_enabled == 1,
-            was_dtype,
-        }
+    let was_enabled = shim::autocast_is_enabled(dev);
+    let was_dtype = shim::autocast_get_dtype(dev);
+    if was_enabled < 0
+        || shim::autocast_set_dtype(dev, dtype) < 0
+        || shim::autocast_set_enabled(dev, true) < 0
+    {
+        return Err(Error::DeviceUnavailable {
+            detail: format!("libtorch refused autocast {mode} on {device:?}"),
+        });
+    }
+    shim::autocast_increment_nesting();
+    let guard = AutocastGuard {
+        device: dev,
+        was_enabled: was_enabled == 1,
+        was_dtype,
     };
     let out = f();
     drop(guard);

@@ -19,18 +19,6 @@ use crate::{Error, ProcessGroup, ReduceOp, Result};
 use std::ffi::c_void;
 use std::sync::{Arc, Mutex};
 use tch::Tensor;
-use torch_sys::C_tensor;
-
-unsafe extern "C" {
-    fn hasten_set_grad_ready_hook(
-        tensor: *mut C_tensor,
-        call: extern "C" fn(*mut c_void, i64),
-        drop: extern "C" fn(*mut c_void),
-        ctx: *mut c_void,
-        index: i64,
-    ) -> i32;
-    fn hasten_clear_grad_ready_hook(tensor: *mut C_tensor) -> i32;
-}
 
 /// What the hooks of one model share: the round in progress, if any.
 #[derive(Default)]
@@ -73,17 +61,11 @@ extern "C" fn drop_slot(ctx: *mut c_void) {
 pub(crate) fn register_hooks(params: &[Tensor], slot: &Arc<Slot>) -> bool {
     for (i, p) in params.iter().enumerate() {
         let ctx = Arc::into_raw(slot.clone()) as *mut c_void;
-        // SAFETY: a valid tensor handle; on success the hook owns ctx and releases it through drop_slot.
-        // On failure the shim has dropped it already, or (allocation failure) it leaks one Arc.
-        let r = unsafe {
-            hasten_set_grad_ready_hook(
-                p.as_ptr() as *mut C_tensor,
-                grad_ready,
-                drop_slot,
-                ctx,
-                i as i64,
-            )
-        };
+        // SAFETY: ctx is an Arc<Slot> that the hook owns from now on and releases through drop_slot
+        // (on failure the shim has dropped it already, or, on allocation failure, one Arc leaks);
+        // grad_ready catches panics.
+        let r =
+            unsafe { crate::shim::set_grad_ready_hook(p, grad_ready, drop_slot, ctx, i as i64) };
         if r != 0 {
             clear_hooks(&params[..i]);
             return false;
@@ -95,8 +77,7 @@ pub(crate) fn register_hooks(params: &[Tensor], slot: &Arc<Slot>) -> bool {
 /// Removes the hooks of `params` (a model prepared again, or an Accelerator dropped).
 pub(crate) fn clear_hooks(params: &[Tensor]) {
     for p in params {
-        // SAFETY: a valid tensor handle; the shim catches exceptions.
-        unsafe { hasten_clear_grad_ready_hook(p.as_ptr() as *mut C_tensor) };
+        crate::shim::clear_grad_ready_hook(p);
     }
 }
 

@@ -15,11 +15,6 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
-use torch_sys::C_tensor;
-
-unsafe extern "C" {
-    fn hasten_empty_pinned_bytes(nbytes: i64) -> *mut C_tensor;
-}
 
 /// Bytes a thread moves at a time to a GPU (the size of its pinned staging buffer).
 const CHUNK: u64 = 16 << 20;
@@ -28,11 +23,8 @@ const CHUNK: u64 = 16 << 20;
 /// can pin (it needs CUDA); plain otherwise.
 pub(super) fn host_bytes(len: u64, pinned: bool) -> Tensor {
     if pinned && crate::is_cuda_available() {
-        // SAFETY: the shim returns a heap-allocated at::Tensor (tch's representation) or null.
-        let ptr = unsafe { hasten_empty_pinned_bytes(len as i64) };
-        if !ptr.is_null() {
-            // SAFETY: a fresh at::Tensor* that tch now owns.
-            return unsafe { Tensor::from_ptr(ptr) };
+        if let Some(pinned) = crate::shim::empty_pinned_bytes(len as i64) {
+            return pinned;
         }
     }
     Tensor::empty([len as i64], (Kind::Uint8, Device::Cpu))

@@ -1,23 +1,12 @@
 //! Samplers: which dataset indices come in which order, grouped into batches.
 
-use torch_sys::C_tensor;
-
-unsafe extern "C" {
-    fn hasten_randperm(n: i64, seed: u64) -> *mut C_tensor;
-}
-
 /// `torch.randperm(len, generator=torch.Generator().manual_seed(seed))`: libtorch's own algorithm on a
 /// generator of its own (the global one is untouched), so the order is the one PyTorch draws.
 fn randperm(len: usize, seed: u64) -> Vec<usize> {
     let n = i64::try_from(len).unwrap_or(i64::MAX);
-    // SAFETY: the shim returns a fresh heap-allocated at::Tensor (tch's representation) or null.
-    let ptr = unsafe { hasten_randperm(n, seed) };
-    assert!(
-        !ptr.is_null(),
-        "libtorch could not draw a permutation of {len} indices (see its message above)"
-    );
-    // SAFETY: a fresh at::Tensor* that tch now owns.
-    let perm = unsafe { tch::Tensor::from_ptr(ptr) };
+    let perm = crate::shim::randperm(n, seed).unwrap_or_else(|| {
+        panic!("libtorch could not draw a permutation of {len} indices (see its message above)")
+    });
     Vec::<i64>::try_from(&perm)
         .unwrap_or_default()
         .into_iter()

@@ -35,21 +35,9 @@ pub const DEFAULT_COLLECTIVE_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// The collective timeout from `HASTEN_COLLECTIVE_TIMEOUT` (seconds), else [`DEFAULT_COLLECTIVE_TIMEOUT`].
 pub fn collective_timeout_from_env() -> Result<Duration> {
-    match std::env::var("HASTEN_COLLECTIVE_TIMEOUT") {
-        Err(_) => Ok(DEFAULT_COLLECTIVE_TIMEOUT),
-        Ok(v) => v
-            .trim()
-            .parse::<f64>()
-            .ok()
-            .filter(|s| s.is_finite() && *s > 0.0 && *s <= 1e9)
-            .map(Duration::from_secs_f64)
-            .ok_or(Error::EnvParse {
-                var: "HASTEN_COLLECTIVE_TIMEOUT".into(),
-                value: v,
-                expected: "a positive number of seconds (at most 1e9)",
-            }),
-    }
+    rendezvous::seconds_from_env("HASTEN_COLLECTIVE_TIMEOUT", DEFAULT_COLLECTIVE_TIMEOUT)
 }
+
 use tch::{Device, Tensor};
 
 /// How `all_reduce` combines the ranks' values.

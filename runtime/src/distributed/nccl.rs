@@ -9,7 +9,8 @@
 use super::{Backend, ReduceOp};
 use crate::ops::is_float;
 use crate::{Error, Result};
-use std::ffi::{CStr, CString, c_char, c_int, c_void};
+use hasten_core::dynlib::Loaded;
+use std::ffi::{CStr, c_char, c_int, c_void};
 use std::sync::OnceLock;
 use tch::{Device, Kind, Tensor};
 
@@ -66,22 +67,11 @@ struct Api {
 /// The NCCL library and the CUDA runtime calls it needs, loaded once per process.
 static API: OnceLock<std::result::Result<Api, String>> = OnceLock::new();
 
-unsafe fn symbol<T: Copy>(handle: *mut c_void, name: &str) -> std::result::Result<T, String> {
-    let c = CString::new(name).map_err(|e| e.to_string())?;
-    // SAFETY: dlsym on a handle from dlopen (or RTLD_DEFAULT); T is the symbol's function type.
-    let ptr = unsafe { libc::dlsym(handle, c.as_ptr()) };
-    if ptr.is_null() {
-        return Err(format!("symbol {name} not found"));
-    }
-    // SAFETY: a non-null function pointer of the declared C signature.
-    Ok(unsafe { std::mem::transmute_copy::<*mut c_void, T>(&ptr) })
-}
-
 fn load() -> std::result::Result<Api, String> {
     if !matches!(crate::libtorch().cuda, crate::CudaLoad::Loaded) {
         return Err("libtorch's CUDA backend is not loaded".into());
     }
-    let mut handle = std::ptr::null_mut();
+    let mut nccl = None;
     let mut tried = Vec::new();
     let mut names: Vec<String> = vec!["libnccl.so.2".into(), "libnccl.so".into()];
     if let Some(dir) = crate::libtorch().lib_dir.as_ref() {
@@ -95,35 +85,35 @@ fn load() -> std::result::Result<Api, String> {
         }
     }
     for name in &names {
-        let c = CString::new(name.as_str()).map_err(|e| e.to_string())?;
-        // SAFETY: dlopen with a valid C string; the handle is kept for the life of the process.
-        handle = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
-        if !handle.is_null() {
-            break;
+        match Loaded::open_global(name) {
+            Ok(library) => {
+                nccl = Some(library);
+                break;
+            }
+            Err(reason) => tried.push(reason),
         }
-        tried.push(name.clone());
     }
-    if handle.is_null() {
+    let Some(nccl) = nccl else {
         return Err(format!(
-            "libnccl could not be loaded (tried {})",
-            tried.join(", ")
+            "libnccl could not be loaded ({})",
+            tried.join("; ")
         ));
-    }
-    // SAFETY: symbols looked up with their documented C signatures (nccl.h, cuda_runtime_api.h).
+    };
+    // SAFETY: every field of Api has its function's signature in nccl.h (cudaSetDevice:
+    // cuda_runtime_api.h; libcudart is loaded already, libtorch links it, so the process scope finds it).
     unsafe {
         Ok(Api {
-            get_unique_id: symbol(handle, "ncclGetUniqueId")?,
-            comm_init_rank: symbol(handle, "ncclCommInitRank")?,
-            comm_destroy: symbol(handle, "ncclCommDestroy")?,
-            comm_abort: symbol(handle, "ncclCommAbort")?,
-            all_reduce: symbol(handle, "ncclAllReduce")?,
-            broadcast: symbol(handle, "ncclBroadcast")?,
-            all_gather: symbol(handle, "ncclAllGather")?,
-            reduce_scatter: symbol(handle, "ncclReduceScatter")?,
-            error_string: symbol(handle, "ncclGetErrorString")?,
-            get_version: symbol(handle, "ncclGetVersion")?,
-            // libcudart is loaded already (libtorch links it); RTLD_DEFAULT finds it.
-            cuda_set_device: symbol(libc::RTLD_DEFAULT, "cudaSetDevice")?,
+            get_unique_id: nccl.function("ncclGetUniqueId")?,
+            comm_init_rank: nccl.function("ncclCommInitRank")?,
+            comm_destroy: nccl.function("ncclCommDestroy")?,
+            comm_abort: nccl.function("ncclCommAbort")?,
+            all_reduce: nccl.function("ncclAllReduce")?,
+            broadcast: nccl.function("ncclBroadcast")?,
+            all_gather: nccl.function("ncclAllGather")?,
+            reduce_scatter: nccl.function("ncclReduceScatter")?,
+            error_string: nccl.function("ncclGetErrorString")?,
+            get_version: nccl.function("ncclGetVersion")?,
+            cuda_set_device: Loaded::process().function("cudaSetDevice")?,
         })
     }
 }
@@ -210,9 +200,9 @@ fn nccl_type(kind: Kind) -> Option<c_int> {
 pub(crate) fn unique_id() -> Result<UniqueId> {
     let api = api()?;
     let mut id = UniqueId { internal: [0; 128] };
-    // SAFETY: writes one ncclUniqueId.
     check(
         api,
+        // SAFETY: writes one ncclUniqueId.
         unsafe { (api.get_unique_id)(&mut id) },
         "ncclGetUniqueId",
     )?;
@@ -241,9 +231,9 @@ impl Nccl {
         set_device(device)?;
         trace.mark("cudaSetDevice (context ready)");
         let mut comm: Comm = std::ptr::null_mut();
-        // SAFETY: initialises one communicator; every rank calls it with the same id.
         check(
             api,
+            // SAFETY: initialises one communicator; every rank calls it with the same id.
             unsafe { (api.comm_init_rank)(&mut comm, world as c_int, id, rank as c_int) },
             "ncclCommInitRank",
         )?;
@@ -344,9 +334,9 @@ impl Backend for Nccl {
         shape[0] *= self.world as i64;
         let out = Tensor::f_empty(&shape, (t.kind(), t.device()))
             .map_err(|source| Error::torch("all_gather", source))?;
-        // SAFETY: the output holds world × numel elements of the same dtype on the same device.
         check(
             api,
+            // SAFETY: the output holds world × numel elements of the same dtype on the same device.
             unsafe {
                 (api.all_gather)(
                     t.data_ptr(),
@@ -369,9 +359,9 @@ impl Backend for Nccl {
         shape[0] /= self.world as i64;
         let out = Tensor::f_empty(&shape, (t.kind(), t.device()))
             .map_err(|source| Error::torch("reduce_scatter", source))?;
-        // SAFETY: recvcount = numel / world elements, with a matching output buffer.
         check(
             api,
+            // SAFETY: recvcount = numel / world elements, with a matching output buffer.
             unsafe {
                 (api.reduce_scatter)(
                     t.data_ptr(),

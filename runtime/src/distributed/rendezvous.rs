@@ -19,8 +19,14 @@ pub const DEFAULT_RDZV_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The rendezvous timeout from `HASTEN_RDZV_TIMEOUT`, else [`DEFAULT_RDZV_TIMEOUT`].
 pub fn rdzv_timeout_from_env() -> Result<Duration> {
-    match std::env::var("HASTEN_RDZV_TIMEOUT") {
-        Err(_) => Ok(DEFAULT_RDZV_TIMEOUT),
+    seconds_from_env("HASTEN_RDZV_TIMEOUT", DEFAULT_RDZV_TIMEOUT)
+}
+
+/// A timeout in seconds from `var`, else `default`. Bounded so that no later `Instant + timeout`
+/// can overflow (`1e19` panicked there before).
+pub(super) fn seconds_from_env(var: &str, default: Duration) -> Result<Duration> {
+    match std::env::var(var) {
+        Err(_) => Ok(default),
         Ok(v) => v
             .trim()
             .parse::<f64>()
@@ -28,7 +34,7 @@ pub fn rdzv_timeout_from_env() -> Result<Duration> {
             .filter(|s| s.is_finite() && *s > 0.0 && *s <= 1e9)
             .map(Duration::from_secs_f64)
             .ok_or(Error::EnvParse {
-                var: "HASTEN_RDZV_TIMEOUT".into(),
+                var: var.into(),
                 value: v,
                 expected: "a positive number of seconds (at most 1e9)",
             }),

@@ -5,7 +5,7 @@
 //! stream waits for the last all-reduce before anything reads the averaged gradients.
 
 use crate::{Error, Result};
-use std::ffi::{CString, c_int, c_uint, c_void};
+use std::ffi::{c_int, c_uint, c_void};
 use std::sync::OnceLock;
 
 type Stream = *mut c_void;
@@ -33,15 +33,10 @@ fn load() -> std::result::Result<Api, String> {
     if !matches!(crate::libtorch().cuda, crate::CudaLoad::Loaded) {
         return Err("libtorch's CUDA backend is not loaded".into());
     }
-    fn symbol<T: Copy>(name: &str) -> std::result::Result<T, String> {
-        let c = CString::new(name).map_err(|e| e.to_string())?;
-        // SAFETY: libcudart is loaded (libtorch_cuda links it); RTLD_DEFAULT searches it.
-        let ptr = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c.as_ptr()) };
-        if ptr.is_null() {
-            return Err(format!("CUDA runtime symbol {name} not found"));
-        }
-        // SAFETY: a non-null function pointer of the declared signature (cuda_runtime_api.h).
-        Ok(unsafe { std::mem::transmute_copy::<*mut c_void, T>(&ptr) })
+    // libcudart is loaded already (libtorch_cuda links it): the process's default scope finds it.
+    fn symbol<F: Copy>(name: &str) -> std::result::Result<F, String> {
+        // SAFETY: every field of Api has its function's signature in cuda_runtime_api.h.
+        unsafe { hasten_core::dynlib::Loaded::process().function(name) }
     }
     Ok(Api {
         stream_create: symbol("cudaStreamCreateWithFlags")?,
@@ -85,8 +80,8 @@ impl Mark {
     pub(crate) fn new() -> Result<Self> {
         let api = api()?;
         let mut e = std::ptr::null_mut();
-        // SAFETY: writes one handle.
         check(
+            // SAFETY: writes one handle.
             unsafe { (api.event_create)(&mut e, EVENT_DISABLE_TIMING) },
             "cudaEventCreateWithFlags",
         )?;

@@ -116,14 +116,11 @@ const ACCELERATE_FILES: [(&str, &str); 14] = [
 ];
 
 fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    data_encoding::HEXLOWER.encode(bytes)
 }
 
 fn unhex(text: &str) -> Vec<u8> {
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap())
-        .collect()
+    data_encoding::HEXLOWER.decode(text.as_bytes()).unwrap()
 }
 
 fn cpu(kind: Kind) -> (Kind, Device) {

@@ -11,6 +11,7 @@
 mod config;
 mod constants;
 mod contract;
+pub mod dynlib;
 mod environment;
 mod error;
 mod kinds;

@@ -35,26 +35,20 @@ pub fn cuda_initialized_in_this_process() -> bool {
     else {
         return false;
     };
-    let Ok(c_path) = std::ffi::CString::new(path) else {
+    // The mapped library itself, never loaded anew (RTLD_NOLOAD).
+    let Some(driver) = crate::dynlib::Loaded::already_loaded(path) else {
         return true;
     };
-    // SAFETY: RTLD_NOLOAD only returns a handle to the already-mapped library; cuDeviceGetCount writes
-    // one int and, before cuInit, returns CUDA_ERROR_NOT_INITIALIZED without initialising anything.
-    unsafe {
-        let handle = libc::dlopen(c_path.as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD);
-        if handle.is_null() {
-            return true;
-        }
-        let sym = libc::dlsym(handle, c"cuDeviceGetCount".as_ptr());
-        if sym.is_null() {
-            return true;
-        }
-        let get_count: unsafe extern "C" fn(*mut libc::c_int) -> libc::c_int =
-            std::mem::transmute(sym);
-        let mut n = 0;
-        const CUDA_ERROR_NOT_INITIALIZED: libc::c_int = 3;
-        get_count(&mut n) != CUDA_ERROR_NOT_INITIALIZED
-    }
+    type GetCount = unsafe extern "C" fn(*mut libc::c_int) -> libc::c_int;
+    // SAFETY: cuDeviceGetCount's signature (cuda.h).
+    let Ok(get_count) = (unsafe { driver.function::<GetCount>("cuDeviceGetCount") }) else {
+        return true;
+    };
+    let mut n = 0;
+    const CUDA_ERROR_NOT_INITIALIZED: libc::c_int = 3;
+    // SAFETY: writes one int; before cuInit it returns CUDA_ERROR_NOT_INITIALIZED without initialising
+    // anything.
+    unsafe { get_count(&mut n) != CUDA_ERROR_NOT_INITIALIZED }
 }
 
 /// Removes hasten's shared-memory segments (`/dev/shm/hasten-{port}-{pid}-…`) whose creating process is

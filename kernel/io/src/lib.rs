@@ -11,7 +11,10 @@
 //! lines (`HASTEN_KERNEL out <hex>`) on evcxr's pipe. The kernel decodes them with [`parse_line`].
 //! Both sides live here so the format has one definition.
 //!
-//! Cells use [`display`] and [`clear_output`] for Jupyter's `display_data` and `clear_output`.
+//! Cells use [`display`] and [`clear_output`] for Jupyter's `display_data` and `clear_output`. This
+//! crate is the only part of hasten that knows Jupyter's and evcxr's conventions besides the kernel
+//! itself: the launcher and the runtime stay front-end agnostic, and a notebook depends on this small
+//! crate (libc and data-encoding only) for its display helpers.
 
 use std::io::Write;
 
@@ -85,20 +88,16 @@ fn encode_line(kind: &str, data: &[u8]) -> Vec<u8> {
     line
 }
 
-/// Lower-case hex, as chunk lines (and Jupyter's HMAC signatures) carry bytes.
-pub fn to_hex(data: &[u8]) -> String {
-    data.iter().map(|byte| format!("{byte:02x}")).collect()
+/// Lower-case hex, as chunk lines carry bytes.
+fn to_hex(data: &[u8]) -> String {
+    data_encoding::HEXLOWER.encode(data)
 }
 
 /// The inverse of [`to_hex`]; None for odd lengths or non-hex digits.
-pub fn from_hex(hex: &str) -> Option<Vec<u8>> {
-    if hex.len() % 2 != 0 {
-        return None;
-    }
-    (0..hex.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
-        .collect()
+fn from_hex(hex: &str) -> Option<Vec<u8>> {
+    data_encoding::HEXLOWER_PERMISSIVE
+        .decode(hex.as_bytes())
+        .ok()
 }
 
 /// Shows `data` as a rich output of type `mime` (`text/html`, `text/markdown`, `image/svg+xml`, …) in the

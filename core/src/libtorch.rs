@@ -7,7 +7,6 @@
 //! and GPU hosts: where the CUDA half or its libraries are missing, the load fails, the reason is kept for
 //! `hasten env`, and everything runs on the CPU.
 
-use std::ffi::{CStr, CString};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -101,25 +100,10 @@ fn load_cuda_backend(lib_dir: &Path) -> CudaLoad {
     if !path.exists() {
         return CudaLoad::NotShipped;
     }
-    let Ok(c_path) = CString::new(path.as_os_str().as_encoded_bytes()) else {
-        return CudaLoad::Failed(format!("{} has a NUL byte in its path", path.display()));
-    };
-    // SAFETY: dlopen with a valid C string; the handle is deliberately never closed, since libtorch's
-    // CUDA hooks must stay registered for the life of the process.
-    let handle = unsafe { libc::dlopen(c_path.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
-    if handle.is_null() {
-        // SAFETY: dlerror returns a thread-local C string describing the last failure, or null.
-        let reason = unsafe {
-            let e = libc::dlerror();
-            if e.is_null() {
-                "unknown dlopen error".to_owned()
-            } else {
-                CStr::from_ptr(e).to_string_lossy().into_owned()
-            }
-        };
-        CudaLoad::Failed(reason)
-    } else {
-        CudaLoad::Loaded
+    // Never closed (see dynlib): libtorch's CUDA hooks must stay registered for the life of the process.
+    match crate::dynlib::Loaded::open_global(&path) {
+        Ok(_) => CudaLoad::Loaded,
+        Err(reason) => CudaLoad::Failed(reason),
     }
 }
 

@@ -1,0 +1,285 @@
+//! hasten's C++ shim (`runtime/csrc`), declared once and wrapped safely: the libtorch internals tch does not
+//! expose (autocast on every device type, autograd hooks, fused optimizers, generator states, pinned
+//! memory, the caching allocator). Every C++ entry point catches its exceptions and reports failure as a
+//! status (0 is success, negative or non-zero a failure libtorch has printed) or a null tensor, so the
+//! wrappers below only have to hand over valid handles: they take tch tensors, which stay alive for the
+//! call, and plain values. The rest of the crate calls these wrappers, never `ffi` itself.
+
+use std::ffi::{c_int, c_void};
+use tch::Tensor;
+use torch_sys::C_tensor;
+
+mod ffi {
+    use super::*;
+
+    unsafe extern "C" {
+        pub(super) fn hasten_autocast_is_enabled(device: c_int) -> c_int;
+        pub(super) fn hasten_autocast_set_enabled(device: c_int, enabled: c_int) -> c_int;
+        pub(super) fn hasten_autocast_get_dtype(device: c_int) -> c_int;
+        pub(super) fn hasten_autocast_set_dtype(device: c_int, scalar_type: c_int) -> c_int;
+        pub(super) fn hasten_autocast_increment_nesting() -> c_int;
+        pub(super) fn hasten_autocast_decrement_nesting() -> c_int;
+        pub(super) fn hasten_autocast_clear_cache();
+
+        pub(super) fn hasten_clear_grads(tensors: *mut *mut C_tensor, n: c_int) -> c_int;
+        pub(super) fn hasten_set_grad(tensor: *mut C_tensor, grad: *mut C_tensor) -> c_int;
+        #[allow(clippy::too_many_arguments)]
+        pub(super) fn hasten_fused_adamw(
+            params: *mut *mut C_tensor,
+            exp_avgs: *mut *mut C_tensor,
+            exp_avg_sqs: *mut *mut C_tensor,
+            steps: *mut *mut C_tensor,
+            n: c_int,
+            lr: f64,
+            beta1: f64,
+            beta2: f64,
+            weight_decay: f64,
+            eps: f64,
+        ) -> c_int;
+        #[allow(clippy::too_many_arguments)]
+        pub(super) fn hasten_fused_sgd(
+            params: *mut *mut C_tensor,
+            momenta: *mut *mut C_tensor,
+            n: c_int,
+            lr: f64,
+            momentum: f64,
+            dampening: f64,
+            weight_decay: f64,
+            nesterov: c_int,
+            maximize: c_int,
+            first: c_int,
+        ) -> c_int;
+
+        pub(super) fn hasten_set_grad_ready_hook(
+            tensor: *mut C_tensor,
+            call: extern "C" fn(*mut c_void, i64),
+            drop: extern "C" fn(*mut c_void),
+            ctx: *mut c_void,
+            index: i64,
+        ) -> i32;
+        pub(super) fn hasten_clear_grad_ready_hook(tensor: *mut C_tensor) -> i32;
+
+        pub(super) fn hasten_rng_get_state(device_type: i32, index: i32) -> *mut C_tensor;
+        pub(super) fn hasten_rng_set_state(
+            device_type: i32,
+            index: i32,
+            state: *mut C_tensor,
+        ) -> i32;
+        pub(super) fn hasten_randperm(n: i64, seed: u64) -> *mut C_tensor;
+        pub(super) fn hasten_empty_pinned_bytes(nbytes: i64) -> *mut C_tensor;
+        pub(super) fn hasten_empty_device_cache() -> i32;
+    }
+}
+
+fn handle(t: &Tensor) -> *mut C_tensor {
+    t.as_ptr() as *mut C_tensor
+}
+
+fn handles(tensors: &[Tensor]) -> Vec<*mut C_tensor> {
+    tensors.iter().map(handle).collect()
+}
+
+fn count(tensors: &[Tensor]) -> c_int {
+    c_int::try_from(tensors.len()).unwrap_or(c_int::MAX)
+}
+
+/// A tensor the shim has just created (null: it failed, and libtorch printed why).
+fn owned(ptr: *mut C_tensor) -> Option<Tensor> {
+    // SAFETY: a non-null pointer from the shim is a fresh heap-allocated at::Tensor (tch's
+    // representation) that nothing else owns; tch frees it.
+    (!ptr.is_null()).then(|| unsafe { Tensor::from_ptr(ptr) })
+}
+
+/// Autocast of a device type (0: CPU, 1: CUDA): `torch.is_autocast_enabled(device_type)`; negative on
+/// failure.
+pub(crate) fn autocast_is_enabled(device: c_int) -> c_int {
+    // SAFETY: plain values; the shim catches every exception.
+    unsafe { ffi::hasten_autocast_is_enabled(device) }
+}
+
+/// `torch.set_autocast_enabled(device_type, enabled)`; negative on failure.
+pub(crate) fn autocast_set_enabled(device: c_int, enabled: bool) -> c_int {
+    // SAFETY: plain values; the shim catches every exception.
+    unsafe { ffi::hasten_autocast_set_enabled(device, c_int::from(enabled)) }
+}
+
+/// The autocast dtype of a device type as a c10::ScalarType code; negative on failure.
+pub(crate) fn autocast_get_dtype(device: c_int) -> c_int {
+    // SAFETY: plain values; the shim catches every exception.
+    unsafe { ffi::hasten_autocast_get_dtype(device) }
+}
+
+/// Sets the autocast dtype of a device type (a c10::ScalarType code); negative on failure.
+pub(crate) fn autocast_set_dtype(device: c_int, scalar_type: c_int) -> c_int {
+    // SAFETY: plain values; the shim catches every exception.
+    unsafe { ffi::hasten_autocast_set_dtype(device, scalar_type) }
+}
+
+/// Enters one level of autocast nesting.
+pub(crate) fn autocast_increment_nesting() -> c_int {
+    // SAFETY: no arguments; the shim catches every exception.
+    unsafe { ffi::hasten_autocast_increment_nesting() }
+}
+
+/// Leaves one level of autocast nesting; the levels left.
+pub(crate) fn autocast_decrement_nesting() -> c_int {
+    // SAFETY: no arguments; the shim catches every exception.
+    unsafe { ffi::hasten_autocast_decrement_nesting() }
+}
+
+/// Drops autocast's cache of cast weights (when the outermost autocast ends).
+pub(crate) fn autocast_clear_cache() {
+    // SAFETY: no arguments; the shim catches every exception.
+    unsafe { ffi::hasten_autocast_clear_cache() }
+}
+
+/// Drops the gradients of `tensors` (set_to_none).
+pub(crate) fn clear_grads(tensors: &[Tensor]) -> c_int {
+    let mut ptrs = handles(tensors);
+    // SAFETY: valid tensor handles, alive for the call.
+    unsafe { ffi::hasten_clear_grads(ptrs.as_mut_ptr(), count(tensors)) }
+}
+
+/// Makes `grad` the gradient of `param`; non-zero when libtorch refuses.
+pub(crate) fn set_grad(param: &Tensor, grad: &Tensor) -> c_int {
+    // SAFETY: two valid tensor handles, alive for the call.
+    unsafe { ffi::hasten_set_grad(handle(param), handle(grad)) }
+}
+
+/// One fused AdamW step over parameters with their moments and step counters (four lists of one
+/// length); non-zero when the kernel failed.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn fused_adamw(
+    params: &[Tensor],
+    exp_avgs: &[Tensor],
+    exp_avg_sqs: &[Tensor],
+    steps: &[Tensor],
+    lr: f64,
+    betas: (f64, f64),
+    weight_decay: f64,
+    eps: f64,
+) -> c_int {
+    let n = params.len();
+    assert!(
+        exp_avgs.len() == n && exp_avg_sqs.len() == n && steps.len() == n,
+        "fused AdamW needs one moment pair and step counter per parameter"
+    );
+    let (mut p, mut m, mut v, mut s) = (
+        handles(params),
+        handles(exp_avgs),
+        handles(exp_avg_sqs),
+        handles(steps),
+    );
+    // SAFETY: four lists of valid tensor handles of the same length (checked), alive for the call.
+    unsafe {
+        ffi::hasten_fused_adamw(
+            p.as_mut_ptr(),
+            m.as_mut_ptr(),
+            v.as_mut_ptr(),
+            s.as_mut_ptr(),
+            count(params),
+            lr,
+            betas.0,
+            betas.1,
+            weight_decay,
+            eps,
+        )
+    }
+}
+
+/// One fused SGD step; `momenta` is empty or one buffer per parameter, and must be the latter whenever
+/// `momentum` is non-zero. Non-zero when the kernel failed.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn fused_sgd(
+    params: &[Tensor],
+    momenta: &[Tensor],
+    lr: f64,
+    momentum: f64,
+    dampening: f64,
+    weight_decay: f64,
+    nesterov: bool,
+    maximize: bool,
+    first: bool,
+) -> c_int {
+    assert!(
+        momenta.len() == params.len() || (momenta.is_empty() && momentum == 0.0),
+        "fused SGD with momentum needs one momentum buffer per parameter"
+    );
+    let mut p = handles(params);
+    let mut m = handles(momenta);
+    let m_ptr = if m.is_empty() {
+        std::ptr::null_mut()
+    } else {
+        m.as_mut_ptr()
+    };
+    // SAFETY: valid tensor handles alive for the call; `momenta` is as long as `params` whenever the
+    // shim reads it (non-zero momentum, checked above).
+    unsafe {
+        ffi::hasten_fused_sgd(
+            p.as_mut_ptr(),
+            m_ptr,
+            count(params),
+            lr,
+            momentum,
+            dampening,
+            weight_decay,
+            c_int::from(nesterov),
+            c_int::from(maximize),
+            c_int::from(first),
+        )
+    }
+}
+
+/// Registers a post-accumulate-grad hook on `tensor` that calls `call(ctx, index)` each time its gradient
+/// is ready, and `drop(ctx)` when the hook is removed or the tensor freed. Non-zero when libtorch refuses
+/// (the shim has then called `drop(ctx)` already).
+///
+/// # Safety
+/// `ctx` must stay valid until `drop(ctx)` is called, and `call` and `drop` must accept it; `call` runs on
+/// libtorch's autograd threads and must not unwind.
+pub(crate) unsafe fn set_grad_ready_hook(
+    tensor: &Tensor,
+    call: extern "C" fn(*mut c_void, i64),
+    drop: extern "C" fn(*mut c_void),
+    ctx: *mut c_void,
+    index: i64,
+) -> i32 {
+    // SAFETY: a valid tensor handle; the caller vouches for ctx, call and drop.
+    unsafe { ffi::hasten_set_grad_ready_hook(handle(tensor), call, drop, ctx, index) }
+}
+
+/// Removes the gradient-ready hook of `tensor`, if any (its context is dropped).
+pub(crate) fn clear_grad_ready_hook(tensor: &Tensor) -> i32 {
+    // SAFETY: a valid tensor handle, alive for the call.
+    unsafe { ffi::hasten_clear_grad_ready_hook(handle(tensor)) }
+}
+
+/// The state of libtorch's default generator of a device type (0: CPU, 1: CUDA) and index.
+pub(crate) fn rng_get_state(device_type: i32, index: i32) -> Option<Tensor> {
+    // SAFETY: plain values; the shim returns a fresh tensor or null.
+    owned(unsafe { ffi::hasten_rng_get_state(device_type, index) })
+}
+
+/// Sets libtorch's default generator of a device type and index to `state`; non-zero when refused.
+pub(crate) fn rng_set_state(device_type: i32, index: i32, state: &Tensor) -> i32 {
+    // SAFETY: a valid tensor handle, alive for the call.
+    unsafe { ffi::hasten_rng_set_state(device_type, index, handle(state)) }
+}
+
+/// `torch.randperm(n, generator=torch.Generator().manual_seed(seed))`.
+pub(crate) fn randperm(n: i64, seed: u64) -> Option<Tensor> {
+    // SAFETY: plain values; the shim returns a fresh tensor or null.
+    owned(unsafe { ffi::hasten_randperm(n, seed) })
+}
+
+/// A one-dimensional page-locked byte tensor of `nbytes` (needs CUDA).
+pub(crate) fn empty_pinned_bytes(nbytes: i64) -> Option<Tensor> {
+    // SAFETY: a plain value; the shim returns a fresh tensor or null.
+    owned(unsafe { ffi::hasten_empty_pinned_bytes(nbytes) })
+}
+
+/// Returns the memory libtorch's caching allocator holds but does not use to the device.
+pub(crate) fn empty_device_cache() -> i32 {
+    // SAFETY: no arguments; the shim only asks the device allocator to empty its cache.
+    unsafe { ffi::hasten_empty_device_cache() }
+}
