@@ -137,6 +137,91 @@ pub enum Error {
         missing: Vec<usize>,
     },
 
+    /// `split_batches` with a batch size the processes cannot share evenly (Accelerate's `ValueError`).
+    #[error(
+        "To use {what} in `split_batches` mode, the batch size ({}) needs to be a round multiple of the \
+         number of processes ({num_processes}).",
+        batch_size.map_or_else(|| "of varying batches".to_owned(), |b| b.to_string())
+    )]
+    SplitBatches {
+        /// What was being sharded, as Accelerate names it (e.g. "`BatchSamplerShard`", "a `DataLoader`").
+        what: &'static str,
+        /// The batch size (None: the sampler's batches vary).
+        batch_size: Option<usize>,
+        /// The number of processes.
+        num_processes: usize,
+    },
+
+    /// A shard of data that cannot exist: a process index outside the group, no processes, or an empty
+    /// batch.
+    #[error(
+        "{what}: process {process_index} of {num_processes}{} is not a valid shard",
+        batch_size.map_or_else(String::new, |b| format!(" with batch size {b}"))
+    )]
+    InvalidShard {
+        /// The sharding type (`BatchSamplerShard`, `IterableDatasetShard`).
+        what: &'static str,
+        /// The process index asked for.
+        process_index: usize,
+        /// The number of processes.
+        num_processes: usize,
+        /// The batch size, where the shard has one.
+        batch_size: Option<usize>,
+    },
+
+    /// Tensors that must share their first dimension do not (a `TensorDataset`).
+    #[error(
+        "TensorDataset: every tensor needs the same first dimension ({first_dim}); tensor {index} has shape \
+         {shape:?}"
+    )]
+    DatasetLengths {
+        /// The first tensor's first dimension.
+        first_dim: i64,
+        /// The tensor that differs.
+        index: usize,
+        /// Its shape.
+        shape: Vec<i64>,
+    },
+
+    /// Elements that must share one structure (samples to collate, structures to concatenate) do not.
+    #[error(
+        "{op}: element 0 holds {expected} tensors but element {index} holds {found}; all elements must \
+         share one structure"
+    )]
+    StructureMismatch {
+        /// The operation (`collate`, `concatenate`).
+        op: &'static str,
+        /// Tensors in the first element.
+        expected: usize,
+        /// The element that differs.
+        index: usize,
+        /// Tensors in it.
+        found: usize,
+    },
+
+    /// An operation over a list got an empty one.
+    #[error("{op}: the list is empty")]
+    EmptyInput {
+        /// The operation.
+        op: &'static str,
+    },
+
+    /// A model handle this Accelerator did not hand out (or one from before `free_memory`).
+    #[error("model handle {index} was not prepared by this Accelerator")]
+    UnknownModel {
+        /// The handle's index.
+        index: usize,
+    },
+
+    /// A data loader's worker thread ended before producing a batch (it panicked or its dataset failed).
+    #[error("data loader: worker {worker} stopped before batch {batch}")]
+    DataWorkerStopped {
+        /// The worker.
+        worker: usize,
+        /// The batch it owed.
+        batch: usize,
+    },
+
     /// Debug mode found tensors that differ across ranks (Accelerate's DistributedOperationException).
     #[error("{message}")]
     DistributedOperation {

@@ -458,12 +458,10 @@ impl Accelerator {
     fn shard_options(&self, batch_size: usize) -> Result<ShardOptions> {
         let p = self.num_processes();
         if self.dataloader.split_batches && batch_size > 1 && batch_size % p != 0 {
-            return Err(Error::Collective {
-                op: "prepare_data_loader",
-                detail: format!(
-                    "To use a `DataLoader` in `split_batches` mode, the batch size ({batch_size}) needs \
-                     to be a round multiple of the number of processes ({p})."
-                ),
+            return Err(Error::SplitBatches {
+                what: "a `DataLoader`",
+                batch_size: Some(batch_size),
+                num_processes: p,
             });
         }
         Ok(ShardOptions {
@@ -618,13 +616,9 @@ impl Accelerator {
     }
 
     fn model(&self, model: ModelHandle) -> Result<&ModelEntry> {
-        self.models.get(model.0).ok_or(Error::Collective {
-            op: "model",
-            detail: format!(
-                "model handle {} was not prepared by this Accelerator",
-                model.0
-            ),
-        })
+        self.models
+            .get(model.0)
+            .ok_or(Error::UnknownModel { index: model.0 })
     }
 
     /// Divides fp16 gradients by the loss scale now (before clipping or inspecting them).

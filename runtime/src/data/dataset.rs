@@ -30,16 +30,15 @@ impl TensorDataset {
         let len = tensors
             .first()
             .map_or(0, |t| t.size().first().copied().unwrap_or(0));
-        if let Some(bad) = tensors
+        if let Some((index, bad)) = tensors
             .iter()
-            .find(|t| t.size().first().copied() != Some(len))
+            .enumerate()
+            .find(|(_, t)| t.size().first().copied() != Some(len))
         {
-            return Err(Error::Collective {
-                op: "TensorDataset",
-                detail: format!(
-                    "every tensor needs the same first dimension ({len}); one has shape {:?}",
-                    bad.size()
-                ),
+            return Err(Error::DatasetLengths {
+                first_dim: len,
+                index,
+                shape: bad.size(),
             });
         }
         Ok(TensorDataset {
@@ -102,21 +101,18 @@ impl Collate for Vec<Tensor> {
     type Batch = Vec<Tensor>;
     fn collate(items: Vec<Self>) -> Result<Vec<Tensor>> {
         let width = items.first().map_or(0, Vec::len);
+        if let Some((index, item)) = items.iter().enumerate().find(|(_, i)| i.len() != width) {
+            return Err(Error::StructureMismatch {
+                op: "collate",
+                expected: width,
+                index,
+                found: item.len(),
+            });
+        }
         (0..width)
             .map(|j| {
-                let column: Vec<Tensor> = items
-                    .iter()
-                    .map(|item| {
-                        item.get(j)
-                            .map(Tensor::shallow_clone)
-                            .ok_or_else(|| Error::Collective {
-                                op: "collate",
-                                detail: format!(
-                                    "samples hold different numbers of tensors ({width} expected)"
-                                ),
-                            })
-                    })
-                    .collect::<Result<_>>()?;
+                let column: Vec<Tensor> =
+                    items.iter().map(|item| item[j].shallow_clone()).collect();
                 stack(&column)
             })
             .collect()

@@ -204,9 +204,9 @@ impl<B> Iterator for Batches<B> {
         Some(match &mut self.inner {
             BatchesInner::Inline(f) => f(i),
             BatchesInner::Workers(rx) => rx[i % rx.len()].recv().unwrap_or_else(|_| {
-                Err(crate::Error::Collective {
-                    op: "data loader",
-                    detail: format!("data worker {} stopped before batch {i}", i % rx.len()),
+                Err(crate::Error::DataWorkerStopped {
+                    worker: i % rx.len(),
+                    batch: i,
                 })
             }),
         })

@@ -30,21 +30,18 @@ impl<S: BatchSource> BatchSamplerShard<S> {
         even_batches: bool,
     ) -> Result<Self> {
         if num_processes == 0 || process_index >= num_processes {
-            return Err(Error::Collective {
-                op: "BatchSamplerShard",
-                detail: format!("process {process_index} is not one of {num_processes} processes"),
+            return Err(Error::InvalidShard {
+                what: "BatchSamplerShard",
+                process_index,
+                num_processes,
+                batch_size: None,
             });
         }
         if split_batches && sampler.batch_size().is_none_or(|b| b % num_processes != 0) {
-            let size = sampler
-                .batch_size()
-                .map_or_else(|| "of varying batches".to_owned(), |b| b.to_string());
-            return Err(Error::Collective {
-                op: "BatchSamplerShard",
-                detail: format!(
-                    "To use `BatchSamplerShard` in `split_batches` mode, the batch size ({size}) needs to be \
-                     a round multiple of the number of processes ({num_processes})."
-                ),
+            return Err(Error::SplitBatches {
+                what: "`BatchSamplerShard`",
+                batch_size: sampler.batch_size(),
+                num_processes,
             });
         }
         Ok(BatchSamplerShard {
@@ -254,20 +251,18 @@ where
         split_batches: bool,
     ) -> Result<Self> {
         if num_processes == 0 || process_index >= num_processes || batch_size == 0 {
-            return Err(Error::Collective {
-                op: "IterableDatasetShard",
-                detail: format!(
-                    "process {process_index} of {num_processes} with batch size {batch_size} is not a valid shard"
-                ),
+            return Err(Error::InvalidShard {
+                what: "IterableDatasetShard",
+                process_index,
+                num_processes,
+                batch_size: Some(batch_size),
             });
         }
         if split_batches && batch_size % num_processes != 0 {
-            return Err(Error::Collective {
-                op: "IterableDatasetShard",
-                detail: format!(
-                    "with split_batches the batch size ({batch_size}) must be a round multiple of the number of \
-                     processes ({num_processes})"
-                ),
+            return Err(Error::SplitBatches {
+                what: "`IterableDatasetShard`",
+                batch_size: Some(batch_size),
+                num_processes,
             });
         }
         let (window, per_rank) = if split_batches {

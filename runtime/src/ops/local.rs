@@ -13,20 +13,16 @@ pub(crate) fn torch(op: &'static str) -> impl Fn(tch::TchError) -> Error {
 /// returns its element unchanged.
 pub fn concatenate<T: Nested>(mut data: Vec<T>, dim: i64) -> Result<T> {
     if data.len() <= 1 {
-        return data.pop().ok_or_else(|| Error::Collective {
-            op: "concatenate",
-            detail: "nothing to concatenate (empty list)".into(),
-        });
+        return data.pop().ok_or(Error::EmptyInput { op: "concatenate" });
     }
     let columns: Vec<Vec<&Tensor>> = data.iter().map(|d| tensors_of(d)).collect();
     let width = columns[0].len();
     if let Some((i, c)) = columns.iter().enumerate().find(|(_, c)| c.len() != width) {
-        return Err(Error::Collective {
+        return Err(Error::StructureMismatch {
             op: "concatenate",
-            detail: format!(
-                "element 0 holds {width} tensors but element {i} holds {}; all elements must share one structure",
-                c.len()
-            ),
+            expected: width,
+            index: i,
+            found: c.len(),
         });
     }
     let joined: Vec<Tensor> = (0..width)
@@ -38,9 +34,12 @@ pub fn concatenate<T: Nested>(mut data: Vec<T>, dim: i64) -> Result<T> {
     let first = data.swap_remove(0);
     let mut it = joined.into_iter();
     map_tensors(first, |_| {
-        it.next().ok_or(Error::Collective {
+        // map_tensors visits the tensors tensors_of listed, in that order: one joined tensor each.
+        it.next().ok_or(Error::StructureMismatch {
             op: "concatenate",
-            detail: "structure changed while rebuilding".into(),
+            expected: width,
+            index: 0,
+            found: width + 1,
         })
     })
 }
