@@ -7,7 +7,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn start(env: &[(&str, String)]) -> Child {
-    let mut cmd = Command::new(worker());
+    start_with(Command::new(worker()), env)
+}
+
+/// Starts `cmd` (the worker, with its arguments) as one rank described by `env` alone.
+fn start_with(mut cmd: Command, env: &[(&str, String)]) -> Child {
     for k in [
         "RANK",
         "WORLD_SIZE",
@@ -136,4 +140,50 @@ fn inconsistent_contract_is_refused_before_connecting() {
     let ran = finish(start(&[("RANK", "2".into()), ("WORLD_SIZE", "2".into())]));
     assert_ne!(ran.code, 0);
     ran.expect_stderr("RANK=2 must be less than WORLD_SIZE=2");
+}
+
+/// Ranks whose `HASTEN_SHM_SLOT_MB` differ (one with shared memory off) still agree: rank 0's value is
+/// used by all. Before, a rank with a larger slot mapped past the segment's end and one with 0 left the
+/// others waiting.
+#[test]
+fn ranks_with_different_shared_memory_slots_agree_on_rank_0s() {
+    for (slot0, slot1) in [("1", "64"), ("64", "1"), ("0", "32"), ("32", "0")] {
+        let port = free_port();
+        let children: Vec<Child> = [slot0, slot1]
+            .iter()
+            .enumerate()
+            .map(|(rank, slot)| {
+                let mut env = rank_env(rank, 2, port);
+                env.push(("HASTEN_SHM_SLOT_MB", slot.to_string()));
+                env.push(("HASTEN_COLLECTIVE_TIMEOUT", "20".into()));
+                let mut cmd = Command::new(worker());
+                cmd.arg("--ops");
+                start_with(cmd, &env)
+            })
+            .collect();
+        for (rank, child) in children.into_iter().enumerate() {
+            let ran = finish(child);
+            assert_eq!(ran.code, 0, "slots {slot0}/{slot1}: {}", ran.all());
+            ran.expect_stdout(&format!(
+                "ops checks on rank {rank} (cpu, 2 processes): 9 passed, 0 failed"
+            ));
+        }
+    }
+}
+
+#[test]
+fn an_unusable_shared_memory_slot_is_an_error_naming_the_variable() {
+    let port = free_port();
+    let children: Vec<Child> = (0..2)
+        .map(|rank| {
+            let mut env = rank_env(rank, 2, port);
+            env.push(("HASTEN_SHM_SLOT_MB", "1e9".into()));
+            start(&env)
+        })
+        .collect();
+    for child in children {
+        let ran = finish(child);
+        assert_ne!(ran.code, 0, "{}", ran.all());
+        ran.expect_stderr("HASTEN_SHM_SLOT_MB");
+    }
 }

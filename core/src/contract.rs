@@ -352,11 +352,17 @@ impl EnvContract {
         }
         self.rdzv_port = self.master_port;
         if let Some(raw) = lookup("HASTEN_RDZV_PORT") {
-            self.rdzv_port = raw.trim().parse::<u16>().map_err(|_| Error::EnvParse {
-                var: "HASTEN_RDZV_PORT".to_owned(),
-                value: raw.clone(),
-                expected: "a port number (0-65535)",
-            })?;
+            // Port 0 would have rank 0 listen on a random port the others cannot know.
+            self.rdzv_port = raw
+                .trim()
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| Error::EnvParse {
+                    var: "HASTEN_RDZV_PORT".to_owned(),
+                    value: raw.clone(),
+                    expected: "a port number (1-65535)",
+                })?;
         } else if lookup("TORCHELASTIC_USE_AGENT_STORE")
             .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
         {
@@ -571,6 +577,9 @@ mod tests {
         torchrun.push(("TORCHELASTIC_USE_AGENT_STORE", "True"));
         let c = parse(&torchrun).unwrap();
         assert_eq!((c.master_port, c.rdzv_port), (29400, 29401));
+        let mut zero = torchrun.clone();
+        zero.push(("HASTEN_RDZV_PORT", "0"));
+        assert!(parse(&zero).unwrap_err().to_string().contains("1-65535"));
         torchrun.push(("HASTEN_RDZV_PORT", "31000"));
         assert_eq!(parse(&torchrun).unwrap().rdzv_port, 31000);
         let err = parse(&[

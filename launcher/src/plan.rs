@@ -217,6 +217,9 @@ pub const FOREIGN_CONTRACT_VARS: &[&str] = &[
     "MV2_COMM_WORLD_SIZE",
     // torchrun's agent store lives on MASTER_PORT only under torchrun.
     "TORCHELASTIC_USE_AGENT_STORE",
+    // The launcher chose (and may hold) the rendezvous port: an inherited override would send the ranks
+    // elsewhere.
+    "HASTEN_RDZV_PORT",
 ];
 
 #[cfg(test)]

@@ -35,12 +35,25 @@ impl Drop for Arena {
     }
 }
 
-/// The slot size to use, from `HASTEN_SHM_SLOT_MB` (0 disables shared memory).
-pub(crate) fn slot_bytes_from_env() -> usize {
-    std::env::var("HASTEN_SHM_SLOT_MB")
-        .ok()
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .map_or(DEFAULT_SLOT_BYTES, |mb| mb << 20)
+/// The largest slot `HASTEN_SHM_SLOT_MB` may ask for (MiB): every rank's slot lives in /dev/shm at once.
+const MAX_SLOT_MB: usize = 4096;
+
+/// The slot size to use, from `HASTEN_SHM_SLOT_MB` (0 disables shared memory; at most 4096 MiB).
+pub(crate) fn slot_bytes_from_env() -> Result<usize> {
+    match std::env::var("HASTEN_SHM_SLOT_MB") {
+        Err(_) => Ok(DEFAULT_SLOT_BYTES),
+        Ok(v) => v
+            .trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|mb| *mb <= MAX_SLOT_MB)
+            .map(|mb| mb << 20)
+            .ok_or(Error::EnvParse {
+                var: "HASTEN_SHM_SLOT_MB".into(),
+                value: v,
+                expected: "a whole number of MiB from 0 (no shared memory) to 4096",
+            }),
+    }
 }
 
 /// Unlinks a segment's name when dropped (the mapping stays until every rank unmaps it).
@@ -76,7 +89,9 @@ impl Arena {
         slot_bytes: usize,
         create: bool,
     ) -> std::result::Result<Self, String> {
-        let len = world * slot_bytes;
+        let len = world
+            .checked_mul(slot_bytes)
+            .ok_or_else(|| format!("{world} slots of {slot_bytes} bytes overflow"))?;
         let c = CString::new(name).map_err(|e| e.to_string())?;
         let flags = if create {
             libc::O_RDWR | libc::O_CREAT | libc::O_EXCL
@@ -179,9 +194,24 @@ impl CpuBackend {
     /// Sets up shared memory when every rank is on this host; otherwise (or if anything fails on any
     /// rank) leaves the backend on TCP alone. Every rank takes part, and all end in the same state.
     pub(crate) fn setup_shared_memory(&mut self, port: u16) -> Result<()> {
-        let slot_bytes = slot_bytes_from_env();
-        let hosts = self.all_gather_bytes(&hostname())?;
-        if slot_bytes == 0 || hosts.iter().any(|h| h.is_empty() || *h != hosts[0]) {
+        // Rank 0's slot size is everyone's: ranks whose HASTEN_SHM_SLOT_MB differ would otherwise lay
+        // the segment out differently (wrong data) or map past its end (SIGBUS), and a rank that
+        // disabled it would leave the others waiting in the next step.
+        let mine = slot_bytes_from_env()?;
+        let mut offer = mine.to_le_bytes().to_vec();
+        offer.extend_from_slice(&hostname());
+        let offers = self.all_gather_bytes(&offer)?;
+        let split = |o: &[u8]| -> (usize, Vec<u8>) {
+            let (size, host) = o.split_at(o.len().min(8));
+            let size = usize::from_le_bytes(size.try_into().unwrap_or([0; 8]));
+            (size, host.to_vec())
+        };
+        let (slot_bytes, host0) = split(&offers[0]);
+        let same_host = offers.iter().all(|o| {
+            let (_, h) = split(o);
+            !h.is_empty() && h == host0
+        });
+        if slot_bytes == 0 || !same_host {
             return Ok(());
         }
         let world = self.world_size();
