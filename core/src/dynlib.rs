@@ -64,7 +64,8 @@ impl Loaded {
 /// `dlerror`, which names the file and what is missing, is its source).
 fn describe(e: libloading::Error) -> String {
     use std::error::Error as _;
-    e.source().map_or_else(|| e.to_string(), ToString::to_string)
+    e.source()
+        .map_or_else(|| e.to_string(), ToString::to_string)
 }
 
 #[cfg(test)]
