@@ -351,18 +351,17 @@ impl EnvContract {
             })?;
         }
         self.rdzv_port = self.master_port;
+        let port_var = if lookup("HASTEN_RDZV_PORT").is_some() {
+            "HASTEN_RDZV_PORT"
+        } else {
+            "MASTER_PORT"
+        };
         if let Some(raw) = lookup("HASTEN_RDZV_PORT") {
-            // Port 0 would have rank 0 listen on a random port the others cannot know.
-            self.rdzv_port = raw
-                .trim()
-                .parse::<u16>()
-                .ok()
-                .filter(|p| *p != 0)
-                .ok_or_else(|| Error::EnvParse {
-                    var: "HASTEN_RDZV_PORT".to_owned(),
-                    value: raw.clone(),
-                    expected: "a port number (1-65535)",
-                })?;
+            self.rdzv_port = raw.trim().parse::<u16>().map_err(|_| Error::EnvParse {
+                var: "HASTEN_RDZV_PORT".to_owned(),
+                value: raw.clone(),
+                expected: "a port number (0-65535)",
+            })?;
         } else if lookup("TORCHELASTIC_USE_AGENT_STORE")
             .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
         {
@@ -372,6 +371,14 @@ impl EnvContract {
                 value: self.master_port.to_string(),
                 expected: "a port below 65535 under torchrun (hasten rendezvouses on MASTER_PORT + 1)",
             })?;
+        }
+        // Port 0 would have rank 0 listen on a random port the other ranks cannot know.
+        if self.rdzv_port == 0 && self.world_size > 1 {
+            return Err(Error::EnvParse {
+                var: port_var.to_owned(),
+                value: "0".into(),
+                expected: "a port number from 1 to 65535 when several processes rendezvous",
+            });
         }
         Ok(())
     }
@@ -579,7 +586,11 @@ mod tests {
         assert_eq!((c.master_port, c.rdzv_port), (29400, 29401));
         let mut zero = torchrun.clone();
         zero.push(("HASTEN_RDZV_PORT", "0"));
-        assert!(parse(&zero).unwrap_err().to_string().contains("1-65535"));
+        let err = parse(&zero).unwrap_err().to_string();
+        assert!(
+            err.contains("HASTEN_RDZV_PORT") && err.contains("from 1 to 65535"),
+            "{err}"
+        );
         torchrun.push(("HASTEN_RDZV_PORT", "31000"));
         assert_eq!(parse(&torchrun).unwrap().rdzv_port, 31000);
         let err = parse(&[

@@ -22,9 +22,9 @@ impl Loaded {
     /// (`RTLD_NOW | RTLD_GLOBAL`), as a library other libraries resolve against must be. The error is the
     /// dynamic linker's own message, which names the file and what is missing.
     pub fn open_global(path: impl AsRef<OsStr>) -> Result<Loaded, String> {
-        // SAFETY: loading runs the library's initialisers. hasten loads only libraries of the libtorch
-        // install it runs with (libtorch_cuda, the NCCL that libtorch_cuda itself links), whose
-        // initialisers are made to run in any process that links libtorch.
+        // SAFETY: loading runs the library's initialisers. hasten loads libtorch's own libtorch_cuda and
+        // NCCL (the copy libtorch_cuda already loaded, else the torch install's, else libnccl.so.2 from
+        // the linker's path), libraries whose initialisers are made to run in a process linking libtorch.
         let library = unsafe { Library::open(Some(path.as_ref()), RTLD_NOW | RTLD_GLOBAL) }
             .map_err(describe)?;
         Ok(Loaded(Box::leak(Box::new(library))))
@@ -53,10 +53,21 @@ impl Loaded {
     /// # Safety
     /// `F` must be an `unsafe extern "C" fn` type with the symbol's exact C signature.
     pub unsafe fn function<F: Copy>(self, name: &str) -> Result<F, String> {
-        // SAFETY: the caller vouches for the signature; the library outlives the pointer (never closed).
-        let symbol = unsafe { self.0.get::<F>(name.as_bytes()) }
+        assert_eq!(
+            std::mem::size_of::<F>(),
+            std::mem::size_of::<*mut std::ffi::c_void>(),
+            "a function pointer type"
+        );
+        // SAFETY: looking the address up as a plain pointer; the library is never closed.
+        let address = unsafe { self.0.get::<*mut std::ffi::c_void>(name.as_bytes()) }
             .map_err(|e| format!("symbol {name} not found: {}", describe(e)))?;
-        Ok(*symbol)
+        // dlsym may succeed with a null address (a symbol whose value is 0): never a function.
+        if address.is_null() {
+            return Err(format!("symbol {name} has a null address"));
+        }
+        // SAFETY: a non-null function address of the signature the caller vouches for (F is
+        // pointer-sized, checked above).
+        Ok(unsafe { std::mem::transmute_copy::<*mut std::ffi::c_void, F>(&*address) })
     }
 }
 

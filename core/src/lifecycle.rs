@@ -17,12 +17,36 @@ pub fn mark_distributed_state_initialized() {
     DISTRIBUTED_STATE.store(true, Ordering::SeqCst);
 }
 
+/// libcuda's `cuDeviceGetCount`.
+type GetCount = unsafe extern "C" fn(*mut libc::c_int) -> libc::c_int;
+
 /// True when the CUDA driver has been initialised in this process (by libtorch, cudarc, anything),
 /// found without initialising it: if libcuda is not even mapped, no; otherwise a driver call made before
 /// `cuInit` answers CUDA_ERROR_NOT_INITIALIZED, and any other answer means it was initialised.
 pub fn cuda_initialized_in_this_process() -> bool {
+    // Found once libcuda is mapped (it is never unmapped), so that repeated checks (one per notebook
+    // cell) neither reread /proc nor open the library again.
+    static GET_COUNT: std::sync::OnceLock<GetCount> = std::sync::OnceLock::new();
+    let get_count = match GET_COUNT.get() {
+        Some(f) => *f,
+        None => match driver_get_count() {
+            Ok(Some(f)) => *GET_COUNT.get_or_init(|| f),
+            Ok(None) => return false,
+            Err(()) => return true,
+        },
+    };
+    let mut n = 0;
+    const CUDA_ERROR_NOT_INITIALIZED: libc::c_int = 3;
+    // SAFETY: writes one int; before cuInit it returns CUDA_ERROR_NOT_INITIALIZED without initialising
+    // anything.
+    unsafe { get_count(&mut n) != CUDA_ERROR_NOT_INITIALIZED }
+}
+
+/// libcuda's cuDeviceGetCount if libcuda is mapped (None: it is not, so CUDA cannot be initialised;
+/// Err: it is, but the function cannot be found, so assume it is initialised).
+fn driver_get_count() -> Result<Option<GetCount>, ()> {
     let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
-        return false;
+        return Ok(None);
     };
     let Some(path) = maps
         .lines()
@@ -33,22 +57,14 @@ pub fn cuda_initialized_in_this_process() -> bool {
                 .is_some_and(|n| n.starts_with("libcuda.so"))
         })
     else {
-        return false;
+        return Ok(None);
     };
     // The mapped library itself, never loaded anew (RTLD_NOLOAD).
-    let Some(driver) = crate::dynlib::Loaded::already_loaded(path) else {
-        return true;
-    };
-    type GetCount = unsafe extern "C" fn(*mut libc::c_int) -> libc::c_int;
+    let driver = crate::dynlib::Loaded::already_loaded(path).ok_or(())?;
     // SAFETY: cuDeviceGetCount's signature (cuda.h).
-    let Ok(get_count) = (unsafe { driver.function::<GetCount>("cuDeviceGetCount") }) else {
-        return true;
-    };
-    let mut n = 0;
-    const CUDA_ERROR_NOT_INITIALIZED: libc::c_int = 3;
-    // SAFETY: writes one int; before cuInit it returns CUDA_ERROR_NOT_INITIALIZED without initialising
-    // anything.
-    unsafe { get_count(&mut n) != CUDA_ERROR_NOT_INITIALIZED }
+    unsafe { driver.function("cuDeviceGetCount") }
+        .map(Some)
+        .map_err(|_| ())
 }
 
 /// Removes hasten's shared-memory segments (`/dev/shm/hasten-{port}-{pid}-…`) whose creating process is

@@ -13,28 +13,50 @@ pub enum Completeness {
 
 /// Tracks Rust brackets over rustc's own lexer (`ra_ap_rustc_lexer`, the one evcxr's analysis uses), so
 /// brackets inside strings, chars and comments do not count. Not a parser: rustc has the last word; this
-/// only tells a console whether Enter should run the cell or open a new line.
+/// only tells a console whether Enter should run the cell or open a new line. evcxr's commands (lines
+/// starting with `:`, e.g. `:dep x = { version = '1.0' }`) are not Rust and are left out.
 pub fn completeness(code: &str) -> Completeness {
-    use ra_ap_rustc_lexer::{FrontmatterAllowed, LiteralKind, TokenKind, tokenize};
+    use ra_ap_rustc_lexer::{
+        FrontmatterAllowed, LiteralKind, RawStrError, TokenKind, tokenize, validate_raw_str,
+    };
+    let rust: String = code
+        .lines()
+        .filter(|l| !l.trim_start().starts_with(':'))
+        .collect::<Vec<_>>()
+        .join("\n");
     let mut stack = Vec::new();
-    for token in tokenize(code, FrontmatterAllowed::No) {
-        let unterminated = match token.kind {
-            TokenKind::BlockComment { terminated, .. } => !terminated,
-            TokenKind::Literal { kind, .. } => match kind {
-                LiteralKind::Char { terminated }
-                | LiteralKind::Byte { terminated }
-                | LiteralKind::Str { terminated }
-                | LiteralKind::ByteStr { terminated }
-                | LiteralKind::CStr { terminated } => !terminated,
-                LiteralKind::RawStr { n_hashes }
-                | LiteralKind::RawByteStr { n_hashes }
-                | LiteralKind::RawCStr { n_hashes } => n_hashes.is_none(),
-                LiteralKind::Int { .. } | LiteralKind::Float { .. } => false,
-            },
-            _ => false,
+    let mut at = 0usize;
+    for token in tokenize(&rust, FrontmatterAllowed::No) {
+        let text = &rust[at..at + token.len as usize];
+        at += token.len as usize;
+        // A string or comment that later lines may still close makes the cell incomplete; a char or
+        // byte literal ends at its line (rustc's lexer stops there), so an unclosed one is an error.
+        let raw = |prefix: u32| match validate_raw_str(text, prefix) {
+            Err(RawStrError::NoTerminator { .. }) => Some(Completeness::Incomplete(String::new())),
+            Err(_) => Some(Completeness::Invalid),
+            Ok(()) => None,
         };
-        if unterminated {
-            return Completeness::Incomplete(String::new());
+        let verdict = match token.kind {
+            TokenKind::BlockComment {
+                terminated: false, ..
+            } => Some(Completeness::Incomplete(String::new())),
+            TokenKind::Literal { kind, .. } => match kind {
+                LiteralKind::Str { terminated: false }
+                | LiteralKind::ByteStr { terminated: false }
+                | LiteralKind::CStr { terminated: false } => {
+                    Some(Completeness::Incomplete(String::new()))
+                }
+                LiteralKind::Char { terminated: false }
+                | LiteralKind::Byte { terminated: false } => Some(Completeness::Invalid),
+                LiteralKind::RawStr { n_hashes: None } => raw(1),
+                LiteralKind::RawByteStr { n_hashes: None }
+                | LiteralKind::RawCStr { n_hashes: None } => raw(2),
+                _ => None,
+            },
+            _ => None,
+        };
+        if let Some(verdict) = verdict {
+            return verdict;
         }
         let open = match token.kind {
             TokenKind::OpenParen | TokenKind::OpenBracket | TokenKind::OpenBrace => {
@@ -232,6 +254,14 @@ mod tests {
             Completeness::Incomplete(String::new())
         );
         assert_eq!(completeness("let s = c\"{\";"), Completeness::Complete);
+        // evcxr commands are not Rust: TOML's single quotes must not read as an open char literal.
+        assert_eq!(
+            completeness(":dep regex = { version = '1.0' }\nlet x = 1;"),
+            Completeness::Complete
+        );
+        // A char literal cannot continue on the next line.
+        assert_eq!(completeness("let c = '{"), Completeness::Invalid);
+        assert_eq!(completeness("let s = r#~\"x\"#;"), Completeness::Invalid);
         assert_eq!(completeness("}"), Completeness::Invalid);
         assert_eq!(completeness("(]"), Completeness::Invalid);
     }

@@ -120,6 +120,10 @@ pub fn cache_root() -> PathBuf {
     if let Some(dir) = std::env::var_os("HASTEN_CACHE").filter(|v| !v.is_empty()) {
         return PathBuf::from(dir);
     }
+    // XDG's cache folder first, as install/bootstrap.sh resolves it, so both find the same cache.
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(dir).join("hasten");
+    }
     let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/tmp"), PathBuf::from);
     home.join(".cache").join("hasten")
 }

@@ -1,9 +1,11 @@
 //! hasten's C++ shim (`runtime/csrc`), declared once and wrapped safely: the libtorch internals tch does not
 //! expose (autocast on every device type, autograd hooks, fused optimizers, generator states, pinned
 //! memory, the caching allocator). Every C++ entry point catches its exceptions and reports failure as a
-//! status (0 is success, negative or non-zero a failure libtorch has printed) or a null tensor, so the
-//! wrappers below only have to hand over valid handles: they take tch tensors, which stay alive for the
-//! call, and plain values. The rest of the crate calls these wrappers, never `ffi` itself.
+//! status (0 is success; negative or non-zero a failure, whose message the fused kernels, generator
+//! states and tensor factories print to stderr) or a null tensor, so the wrappers below only have to hand
+//! over valid handles: they take tch tensors, which stay alive for the call, and plain values. The one
+//! argument libtorch trusts without checking, a dtype code, makes its wrapper an `unsafe fn`. The rest of
+//! the crate calls these wrappers, never `ffi` itself.
 
 use std::ffi::{c_int, c_void};
 use tch::Tensor;
@@ -110,8 +112,13 @@ pub(crate) fn autocast_get_dtype(device: c_int) -> c_int {
 }
 
 /// Sets the autocast dtype of a device type (a c10::ScalarType code); negative on failure.
-pub(crate) fn autocast_set_dtype(device: c_int, scalar_type: c_int) -> c_int {
-    // SAFETY: plain values; the shim catches every exception.
+///
+/// # Safety
+/// `scalar_type` must be a valid c10::ScalarType code (libtorch casts it unchecked and indexes its dtype
+/// tables with it): Half (5), BFloat16 (15), or a code [`autocast_get_dtype`] returned.
+pub(crate) unsafe fn autocast_set_dtype(device: c_int, scalar_type: c_int) -> c_int {
+    // SAFETY: a valid dtype code (the caller's contract) and a device type; the shim catches every
+    // exception.
     unsafe { ffi::hasten_autocast_set_dtype(device, scalar_type) }
 }
 

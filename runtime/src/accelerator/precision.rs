@@ -27,7 +27,8 @@ impl Drop for AutocastGuard {
     fn drop(&mut self) {
         shim::autocast_set_enabled(self.device, self.was_enabled);
         if self.was_dtype >= 0 {
-            shim::autocast_set_dtype(self.device, self.was_dtype);
+            // SAFETY: a code autocast_get_dtype returned.
+            unsafe { shim::autocast_set_dtype(self.device, self.was_dtype) };
         }
         if shim::autocast_decrement_nesting() == 0 {
             shim::autocast_clear_cache();
@@ -46,10 +47,14 @@ pub fn autocast<T>(device: Device, mode: PrecisionType, f: impl FnOnce() -> T) -
     let dev = device_code(device);
     let was_enabled = shim::autocast_is_enabled(dev);
     let was_dtype = shim::autocast_get_dtype(dev);
-    if was_enabled < 0
-        || shim::autocast_set_dtype(dev, dtype) < 0
-        || shim::autocast_set_enabled(dev, true) < 0
-    {
+    if was_enabled < 0 {
+        return Err(Error::DeviceUnavailable {
+            detail: format!("libtorch refused autocast {mode} on {device:?}"),
+        });
+    }
+    // SAFETY: dtype is HALF or BFLOAT16, valid c10::ScalarType codes.
+    let set_dtype = unsafe { shim::autocast_set_dtype(dev, dtype) };
+    if set_dtype < 0 || shim::autocast_set_enabled(dev, true) < 0 {
         return Err(Error::DeviceUnavailable {
             detail: format!("libtorch refused autocast {mode} on {device:?}"),
         });

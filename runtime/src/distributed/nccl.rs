@@ -71,11 +71,15 @@ fn load() -> std::result::Result<Api, String> {
     if !matches!(crate::libtorch().cuda, crate::CudaLoad::Loaded) {
         return Err("libtorch's CUDA backend is not loaded".into());
     }
+    // The copy libtorch_cuda already loaded comes first (the NCCL PyTorch itself uses), then the torch
+    // install's (pip's layout: torch/lib/../../nvidia/nccl/lib), then the dynamic linker's search.
+    if let Some(loaded) = Loaded::already_loaded("libnccl.so.2") {
+        return api_of(loaded);
+    }
     let mut nccl = None;
     let mut tried = Vec::new();
-    let mut names: Vec<String> = vec!["libnccl.so.2".into(), "libnccl.so".into()];
+    let mut names: Vec<String> = Vec::new();
     if let Some(dir) = crate::libtorch().lib_dir.as_ref() {
-        // pip's layout: torch/lib/../../nvidia/nccl/lib/libnccl.so.2
         if let Some(site) = dir.parent().and_then(|p| p.parent()) {
             names.push(
                 site.join("nvidia/nccl/lib/libnccl.so.2")
@@ -84,6 +88,7 @@ fn load() -> std::result::Result<Api, String> {
             );
         }
     }
+    names.push("libnccl.so.2".into());
     for name in &names {
         match Loaded::open_global(name) {
             Ok(library) => {
@@ -99,6 +104,11 @@ fn load() -> std::result::Result<Api, String> {
             tried.join("; ")
         ));
     };
+    api_of(nccl)
+}
+
+/// The functions hasten calls, looked up in `nccl`.
+fn api_of(nccl: Loaded) -> std::result::Result<Api, String> {
     // SAFETY: every field of Api has its function's signature in nccl.h (cudaSetDevice:
     // cuda_runtime_api.h; libcudart is loaded already, libtorch links it, so the process scope finds it).
     unsafe {

@@ -197,18 +197,35 @@ impl CpuBackend {
         // Rank 0's slot size is everyone's: ranks whose HASTEN_SHM_SLOT_MB differ would otherwise lay
         // the segment out differently (wrong data) or map past its end (SIGBUS), and a rank that
         // disabled it would leave the others waiting in the next step.
-        let mine = slot_bytes_from_env()?;
-        let mut offer = mine.to_le_bytes().to_vec();
+        // Every rank offers [valid, slot size, hostname] before deciding anything, so that all of them
+        // run the same collectives; rank 0's value decides, other ranks' values are not used.
+        let mine = slot_bytes_from_env();
+        let mut offer = vec![u8::from(mine.is_ok())];
+        offer.extend_from_slice(&mine.as_ref().map_or(0, |s| *s).to_le_bytes());
         offer.extend_from_slice(&hostname());
         let offers = self.all_gather_bytes(&offer)?;
-        let split = |o: &[u8]| -> (usize, Vec<u8>) {
-            let (size, host) = o.split_at(o.len().min(8));
-            let size = usize::from_le_bytes(size.try_into().unwrap_or([0; 8]));
-            (size, host.to_vec())
+        let split = |o: &[u8]| -> (bool, usize, Vec<u8>) {
+            let valid = o.first() == Some(&1);
+            let size = o
+                .get(1..9)
+                .and_then(|b| b.try_into().ok())
+                .map_or(0, usize::from_le_bytes);
+            (valid, size, o.get(9..).unwrap_or_default().to_vec())
         };
-        let (slot_bytes, host0) = split(&offers[0]);
+        let (valid0, slot_bytes, host0) = split(&offers[0]);
+        if !valid0 {
+            return Err(match mine {
+                Err(own) if self.rank() == 0 => own,
+                _ => Error::InvalidValue {
+                    name: "HASTEN_SHM_SLOT_MB".into(),
+                    detail: "rank 0's value is not a whole number of MiB from 0 to 4096 (rank 0's \
+                             value is the one every rank uses)"
+                        .into(),
+                },
+            });
+        }
         let same_host = offers.iter().all(|o| {
-            let (_, h) = split(o);
+            let (_, _, h) = split(o);
             !h.is_empty() && h == host0
         });
         if slot_bytes == 0 || !same_host {

@@ -34,12 +34,13 @@ pub fn concatenate<T: Nested>(mut data: Vec<T>, dim: i64) -> Result<T> {
     let first = data.swap_remove(0);
     let mut it = joined.into_iter();
     map_tensors(first, |_| {
-        // map_tensors visits the tensors tensors_of listed, in that order: one joined tensor each.
-        it.next().ok_or(Error::StructureMismatch {
-            op: "concatenate",
-            expected: width,
-            index: 0,
-            found: width + 1,
+        // map_tensors visits the tensors tensors_of listed, in that order: one joined tensor each. Only a
+        // Nested impl whose two methods disagree can run out.
+        it.next().ok_or_else(|| Error::InvalidValue {
+            name: "Nested impl".into(),
+            detail: format!(
+                "concatenate: map_tensors visits more tensors than the {width} tensors_of lists"
+            ),
         })
     })
 }
