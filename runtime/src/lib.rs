@@ -4,9 +4,20 @@
 //! names, defaults and file formats, so a job, a config file or a checkpoint moves between Python
 //! Accelerate and hasten unchanged.
 //!
-//! This crate holds what every worker process needs: its place in the job ([`ProcessState`], read from
-//! torchrun's, SLURM's or MPI's variables), its device, Accelerate's enums and file names, environment
-//! helpers, seeding and the launch configuration file.
+//! What a worker process needs, in layers:
+//!
+//! - [`Accelerator`]: Accelerate's training facade: `prepare` for models (DDP with gradient buckets
+//!   all-reduced during the backward), optimizers, data loaders and schedulers; mixed precision,
+//!   gradient accumulation and clipping, `save_state`/`load_state`, trackers. README's training loop.
+//! - Data ([`DataLoader`], samplers, `BatchSamplerShard`, `IterableDatasetShard`,
+//!   `skip_first_batches`) with Accelerate's sharding rules, and the collective operations on nested
+//!   data (`gather`, `broadcast`, `reduce`, `pad_across_processes`, …).
+//! - [`ProcessGroup`]: rendezvous over TCP and collectives, on NCCL for GPU tensors and TCP or shared
+//!   memory for CPU ones, with timeouts that name the rank that did not arrive.
+//! - Big-model inference: empty weights, device maps, checkpoint loading by map, CPU and disk offload,
+//!   dispatch ([`load_checkpoint_and_dispatch`], [`dispatch_model`]).
+//! - The job's ground: its place in the job ([`ProcessState`], from torchrun's, SLURM's or MPI's
+//!   variables), devices, Accelerate's enums, file names and config file, seeding.
 //!
 //! ```no_run
 //! use hasten::{ProcessState, set_seed};

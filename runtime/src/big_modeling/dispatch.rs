@@ -1,20 +1,24 @@
-//! Accelerate's `load_checkpoint_and_dispatch`: plan a device map for a `tch` model, then load the
-//! checkpoint by it.
+//! Accelerate's `load_checkpoint_and_dispatch` (plan a device map for a `tch` model, then load the
+//! checkpoint by it), and `dispatch_model`, `cpu_offload` and `disk_offload`, which build the
+//! [`Dispatcher`] (hooks.rs) that runs each block where the map puts it.
 //!
 //! Accelerate then attaches forward hooks that move activations between devices; tch modules have no
 //! hooks, so a hasten model's `forward` moves its input to each block's device itself
 //! ([`device_of`] answers which).
 
-use super::device_map::{DeviceMap, DeviceMapOptions, infer_auto_device_map};
+use super::device_map::{DeviceKey, DeviceMap, DeviceMapOptions, infer_auto_device_map};
+use super::hooks::{Dispatcher, offloaded_entries};
 use super::load::{LoadOptions, LoadReport, device_key_of, load_checkpoint_in_model, tch_device};
 use super::memory::{MaxMemory, get_balanced_memory, get_max_memory};
+use super::offload_format::{offload_state_dict, placeholder, read_offload_index};
 use super::ordered_json::python_list;
 use super::skeleton::ModelSkeleton;
+use super::var_store::natural_cmp;
 use crate::{Error, Result};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use tch::{Device, Kind, nn::VarStore};
+use tch::{Device, Kind, Tensor, nn::VarStore};
 
 /// How to place the model (Accelerate's `device_map` argument).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -182,6 +186,84 @@ pub fn load_checkpoint_and_dispatch(
     )?;
     report.warnings.extend(map_warnings);
     Ok((device_map, report))
+}
+
+/// Accelerate's `dispatch_model`: runs `vs`'s modules by `map` (as `load_checkpoint_and_dispatch` or
+/// `infer_auto_device_map` made it). `offload_folder` holds the disk-offloaded weights; `main_device`
+/// (default: the first GPU of the map, else the CPU) runs the offloaded blocks and receives outputs.
+pub fn dispatch_model(
+    vs: &VarStore,
+    map: DeviceMap,
+    offload_folder: Option<&Path>,
+    main_device: Option<Device>,
+) -> Result<Dispatcher> {
+    let folder = match offload_folder {
+        Some(folder) => {
+            let (index_path, index) = read_offload_index(folder)?;
+            Some((folder.to_owned(), index_path, offloaded_entries(vs, index)))
+        }
+        None if map.iter().any(|(_, d)| *d == DeviceKey::Disk) => {
+            let disk: Vec<&str> = map
+                .iter()
+                .filter(|(_, d)| *d == DeviceKey::Disk)
+                .map(|(m, _)| m.as_str())
+                .collect();
+            return Err(Error::InvalidValue {
+                name: "offload_folder".into(),
+                detail: format!(
+                    "We need an `offload_dir` to dispatch this model according to this `device_map`, \
+                     the following submodules need to be offloaded: {}.",
+                    disk.join(", ")
+                ),
+            });
+        }
+        None => None,
+    };
+    let first_gpu = map.iter().find_map(|(_, d)| match d {
+        DeviceKey::Gpu(i) => Some(Device::Cuda(*i)),
+        _ => None,
+    });
+    Ok(Dispatcher::new(
+        vs,
+        map,
+        main_device.or(first_gpu).unwrap_or(Device::Cpu),
+        folder,
+    ))
+}
+
+/// Accelerate's `cpu_offload`: every weight stays on the CPU and comes to `execution_device` for the
+/// forward of the block using it.
+pub fn cpu_offload(vs: &VarStore, execution_device: Device) -> Result<Dispatcher> {
+    dispatch_model(
+        vs,
+        vec![(String::new(), DeviceKey::Cpu)],
+        None,
+        Some(execution_device),
+    )
+}
+
+/// Accelerate's `disk_offload`: writes every weight of `vs` to `folder` (unless its index already
+/// lists them), leaves shape-only placeholders in the model, and reads each block's weights for its
+/// forward only. A var store keeps no registration order, so `index.json` lists the tensors by name,
+/// numbers compared as numbers (Accelerate: state-dict order).
+pub fn disk_offload(vs: &VarStore, folder: &Path, execution_device: Device) -> Result<Dispatcher> {
+    if !folder.join("index.json").is_file() {
+        let mut state: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+        state.sort_by(|(a, _), (b, _)| natural_cmp(a, b));
+        offload_state_dict(folder, &state)?;
+    }
+    let _guard = tch::no_grad_guard();
+    for (_, mut var) in vs.variables() {
+        let placeholder = placeholder(&var.size(), var.kind());
+        var.f_set_data(&placeholder)
+            .map_err(|e| Error::torch("disk_offload", e))?;
+    }
+    dispatch_model(
+        vs,
+        vec![(String::new(), DeviceKey::Disk)],
+        Some(folder),
+        Some(execution_device),
+    )
 }
 
 #[cfg(test)]

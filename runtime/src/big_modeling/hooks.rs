@@ -1,4 +1,4 @@
-//! Accelerate's dispatch hooks, for tch models: [`dispatch_model`] returns a [`Dispatcher`] that runs
+//! Accelerate's dispatch hooks, for tch models: `dispatch_model` (in dispatch.rs) returns a [`Dispatcher`] that runs
 //! each block of a model where the device map puts it. For a block on a GPU it moves the input there; for
 //! a block offloaded to the CPU or the disk it brings the block's weights to the execution device for
 //! that call only (Accelerate's `AlignDevicesHook` with offload), and releases them afterwards.
@@ -13,11 +13,9 @@
 
 use super::device_map::{DeviceKey, DeviceMap};
 use super::load::device_key_of;
-use super::offload_format::{
-    OffloadIndex, offload_state_dict, offloaded_file, placeholder, read_offload_index,
-};
+use super::offload_format::{OffloadIndex, offloaded_file};
 use super::read::{ReadJob, Target, host_tensor, read_all, reader_threads};
-use super::var_store::{find_tied_parameters, natural_cmp};
+use super::var_store::find_tied_parameters;
 use crate::{Error, Result};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -30,9 +28,9 @@ type Weights = Vec<(String, Tensor)>;
 /// The offloaded variables: (variable, its name in `index.json`, its entry). A tied parameter the index
 /// does not list (a checkpoint holds one name of a tied group) is read from the entry of a name tied to
 /// it, so a module holding only the alias (an `lm_head` tied to the embedding) runs with real weights.
-type Entries = Vec<(String, String, serde_json::Value)>;
+pub(super) type Entries = Vec<(String, String, serde_json::Value)>;
 
-fn offloaded_entries(vs: &VarStore, index: OffloadIndex) -> Entries {
+pub(super) fn offloaded_entries(vs: &VarStore, index: OffloadIndex) -> Entries {
     let mut entries: Entries = index
         .into_iter()
         .map(|(name, entry)| (name.clone(), name, entry))
@@ -79,85 +77,6 @@ impl std::fmt::Debug for Dispatcher {
     }
 }
 
-/// Accelerate's `dispatch_model`: runs `vs`'s modules by `map` (as `load_checkpoint_and_dispatch` or
-/// `infer_auto_device_map` made it). `offload_folder` holds the disk-offloaded weights; `main_device`
-/// (default: the first GPU of the map, else the CPU) runs the offloaded blocks and receives outputs.
-pub fn dispatch_model(
-    vs: &VarStore,
-    map: DeviceMap,
-    offload_folder: Option<&Path>,
-    main_device: Option<Device>,
-) -> Result<Dispatcher> {
-    let folder = match offload_folder {
-        Some(folder) => {
-            let (index_path, index) = read_offload_index(folder)?;
-            Some((folder.to_owned(), index_path, offloaded_entries(vs, index)))
-        }
-        None if map.iter().any(|(_, d)| *d == DeviceKey::Disk) => {
-            let disk: Vec<&str> = map
-                .iter()
-                .filter(|(_, d)| *d == DeviceKey::Disk)
-                .map(|(m, _)| m.as_str())
-                .collect();
-            return Err(Error::InvalidValue {
-                name: "offload_folder".into(),
-                detail: format!(
-                    "We need an `offload_dir` to dispatch this model according to this `device_map`, \
-                     the following submodules need to be offloaded: {}.",
-                    disk.join(", ")
-                ),
-            });
-        }
-        None => None,
-    };
-    let first_gpu = map.iter().find_map(|(_, d)| match d {
-        DeviceKey::Gpu(i) => Some(Device::Cuda(*i)),
-        _ => None,
-    });
-    Ok(Dispatcher {
-        variables: vs.variables(),
-        main: main_device.or(first_gpu).unwrap_or(Device::Cpu),
-        map,
-        folder,
-        prefetch: Mutex::new(None),
-    })
-}
-
-/// Accelerate's `cpu_offload`: every weight stays on the CPU and comes to `execution_device` for the
-/// forward of the block using it.
-pub fn cpu_offload(vs: &VarStore, execution_device: Device) -> Result<Dispatcher> {
-    dispatch_model(
-        vs,
-        vec![(String::new(), DeviceKey::Cpu)],
-        None,
-        Some(execution_device),
-    )
-}
-
-/// Accelerate's `disk_offload`: writes every weight of `vs` to `folder` (unless its index already
-/// lists them), leaves shape-only placeholders in the model, and reads each block's weights for its
-/// forward only. A var store keeps no registration order, so `index.json` lists the tensors by name,
-/// numbers compared as numbers (Accelerate: state-dict order).
-pub fn disk_offload(vs: &VarStore, folder: &Path, execution_device: Device) -> Result<Dispatcher> {
-    if !folder.join("index.json").is_file() {
-        let mut state: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
-        state.sort_by(|(a, _), (b, _)| natural_cmp(a, b));
-        offload_state_dict(folder, &state)?;
-    }
-    let _guard = tch::no_grad_guard();
-    for (_, mut var) in vs.variables() {
-        let placeholder = placeholder(&var.size(), var.kind());
-        var.f_set_data(&placeholder)
-            .map_err(|e| Error::torch("disk_offload", e))?;
-    }
-    dispatch_model(
-        vs,
-        vec![(String::new(), DeviceKey::Disk)],
-        Some(folder),
-        Some(execution_device),
-    )
-}
-
 fn under(name: &str, module: &str) -> bool {
     module.is_empty()
         || name == module
@@ -165,6 +84,23 @@ fn under(name: &str, module: &str) -> bool {
 }
 
 impl Dispatcher {
+    /// A dispatcher over `vs`'s variables by `map`, running offloaded blocks on `main`; `folder` holds
+    /// the offload folder, its index file and the entries of the offloaded variables.
+    pub(super) fn new(
+        vs: &VarStore,
+        map: DeviceMap,
+        main: Device,
+        folder: Option<(PathBuf, PathBuf, Entries)>,
+    ) -> Dispatcher {
+        Dispatcher {
+            variables: vs.variables(),
+            map,
+            main,
+            folder,
+            prefetch: Mutex::new(None),
+        }
+    }
+
     /// The device that receives outputs and runs offloaded blocks.
     pub fn main_device(&self) -> Device {
         self.main
@@ -387,6 +323,7 @@ impl Module for DispatchedSequential {
 
 #[cfg(test)]
 mod tests {
+    use super::super::dispatch::{cpu_offload, disk_offload, dispatch_model};
     use super::*;
     use crate::layers;
     use crate::{LoadOptions, load_checkpoint_in_model};

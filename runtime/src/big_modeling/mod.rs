@@ -1,5 +1,7 @@
-//! Big-model inference (in progress): sizes, model skeletons, device maps, memory estimates, loading by
-//! device map and disk offload; dispatch (running a model across devices) follows.
+//! Accelerate's big-model inference: model skeletons (shapes without memory), module sizes and memory
+//! estimates, device maps (`infer_auto_device_map`, balanced memory, checks), checkpoint loading by
+//! device map with CPU and disk offload in Accelerate's offload format, and dispatch: running a model
+//! whose blocks sit on several GPUs, the CPU and disk, with hooks that move weights in before each block.
 
 mod describe;
 mod device_map;
@@ -26,12 +28,13 @@ pub use device_map::{
     infer_auto_device_map,
 };
 pub use dispatch::{
-    DeviceMapSpec, DispatchOptions, check_device_map, device_of, load_checkpoint_and_dispatch,
+    DeviceMapSpec, DispatchOptions, check_device_map, cpu_offload, device_of, disk_offload,
+    dispatch_model, load_checkpoint_and_dispatch,
 };
 pub use estimate::{
     calculate_maximum_sizes, convert_bytes, estimate_memory_table, estimate_training_usage,
 };
-pub use hooks::{DispatchedSequential, Dispatcher, cpu_offload, disk_offload, dispatch_model};
+pub use hooks::{DispatchedSequential, Dispatcher};
 pub use load::{
     LoadOptions, LoadReport, device_key_of, load_checkpoint_in_model, load_state_dict,
     set_module_tensor_to_device,
