@@ -148,27 +148,36 @@ fn inconsistent_contract_is_refused_before_connecting() {
 #[test]
 fn ranks_with_different_shared_memory_slots_agree_on_rank_0s() {
     for (slot0, slot1) in [("1", "64"), ("64", "1"), ("0", "32"), ("32", "0")] {
-        let port = free_port();
-        let children: Vec<Child> = [slot0, slot1]
+        let timeout = [("HASTEN_COLLECTIVE_TIMEOUT", "20")];
+        for (rank, ran) in two_ranks_with_slots([slot0, slot1], &["--ops"], &timeout)
             .iter()
             .enumerate()
-            .map(|(rank, slot)| {
-                let mut env = rank_env(rank, 2, port);
-                env.push(("HASTEN_SHM_SLOT_MB", slot.to_string()));
-                env.push(("HASTEN_COLLECTIVE_TIMEOUT", "20".into()));
-                let mut cmd = Command::new(worker());
-                cmd.arg("--ops");
-                start_with(cmd, &env)
-            })
-            .collect();
-        for (rank, child) in children.into_iter().enumerate() {
-            let ran = finish(child);
+        {
             assert_eq!(ran.code, 0, "slots {slot0}/{slot1}: {}", ran.all());
             ran.expect_stdout(&format!(
                 "ops checks on rank {rank} (cpu, 2 processes): 9 passed, 0 failed"
             ));
         }
     }
+}
+
+/// Two ranks of one job started through the environment alone, rank r with `HASTEN_SHM_SLOT_MB` =
+/// `slots[r]`, the worker given `args`, both with `env` added; what each did.
+fn two_ranks_with_slots(slots: [&str; 2], args: &[&str], env: &[(&str, &str)]) -> Vec<Ran> {
+    let port = free_port();
+    let children: Vec<Child> = slots
+        .iter()
+        .enumerate()
+        .map(|(rank, slot)| {
+            let mut vars = rank_env(rank, 2, port);
+            vars.push(("HASTEN_SHM_SLOT_MB", slot.to_string()));
+            vars.extend(env.iter().map(|(k, v)| (*k, v.to_string())));
+            let mut cmd = Command::new(worker());
+            cmd.args(args);
+            start_with(cmd, &vars)
+        })
+        .collect();
+    children.into_iter().map(finish).collect()
 }
 
 /// An unusable value on rank 0 is an error on every rank, naming the variable; on another rank it is
@@ -180,18 +189,7 @@ fn an_unusable_shared_memory_slot_is_an_error_naming_the_variable() {
         ("1e9", "32", true),
         ("32", "1e9", false),
     ] {
-        let port = free_port();
-        let children: Vec<Child> = [slot0, slot1]
-            .iter()
-            .enumerate()
-            .map(|(rank, slot)| {
-                let mut env = rank_env(rank, 2, port);
-                env.push(("HASTEN_SHM_SLOT_MB", slot.to_string()));
-                start(&env)
-            })
-            .collect();
-        for child in children {
-            let ran = finish(child);
+        for ran in two_ranks_with_slots([slot0, slot1], &[], &[]) {
             if fails {
                 assert_ne!(ran.code, 0, "{slot0}/{slot1}: {}", ran.all());
                 ran.expect_stderr("HASTEN_SHM_SLOT_MB");
