@@ -340,15 +340,27 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn dispatched_blocks_match_the_plain_model_and_weights_leave_again() {
-        let dir = tempfile::tempdir().unwrap();
-        let reference = VarStore::new(Device::Cpu);
+    /// What [`offloaded`] sets up.
+    struct Offloaded {
+        vs: VarStore,
+        model: Vec<(String, Box<dyn Module>)>,
+        map: DeviceMap,
+        offload: PathBuf,
+        x: Tensor,
+        expected: Tensor,
+    }
+
+    /// The test blocks saved as a float32 checkpoint in `dir`, then built empty and loaded with blocks 1
+    /// and 3 on disk in `dir/offload` (with `dtype`, as Accelerate's `dtype` argument); an input in that
+    /// dtype and the plain model's output for it.
+    fn offloaded(dir: &Path, dtype: Option<Kind>) -> Offloaded {
+        let mut reference = VarStore::new(Device::Cpu);
         let plain = blocks(&reference);
-        reference
-            .save(dir.path().join("model.safetensors"))
-            .unwrap();
-        let x = Tensor::randn([3, 8], (Kind::Float, Device::Cpu));
+        reference.save(dir.join("model.safetensors")).unwrap();
+        if dtype == Some(Kind::Double) {
+            reference.double();
+        }
+        let x = Tensor::randn([3, 8], (dtype.unwrap_or(Kind::Float), Device::Cpu));
         let expected = plain
             .iter()
             .fold(x.shallow_clone(), |x, (_, b)| b.forward(&x));
@@ -361,17 +373,39 @@ mod tests {
             ("2".into(), DeviceKey::Cpu),
             ("3".into(), DeviceKey::Disk),
         ];
-        let offload = dir.path().join("offload");
+        let offload = dir.join("offload");
         load_checkpoint_in_model(
             &vs,
-            dir.path(),
+            dir,
             &LoadOptions {
                 device_map: Some(map.clone()),
+                dtype,
                 offload_folder: Some(offload.clone()),
                 ..Default::default()
             },
         )
         .unwrap();
+        Offloaded {
+            vs,
+            model,
+            map,
+            offload,
+            x,
+            expected,
+        }
+    }
+
+    #[test]
+    fn dispatched_blocks_match_the_plain_model_and_weights_leave_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let Offloaded {
+            vs,
+            model,
+            map,
+            offload,
+            x,
+            expected,
+        } = offloaded(dir.path(), None);
         let dispatcher = dispatch_model(&vs, map, Some(&offload), None).unwrap();
         assert_eq!(dispatcher.execution_device("3"), Device::Cpu);
         let seq = DispatchedSequential::new(dispatcher, model);
@@ -395,37 +429,14 @@ mod tests {
         // As in Accelerate, with a dtype the disk keeps the checkpoint's float32 and the placeholder has
         // the dtype; the weights are cast when they are brought over for a forward.
         let dir = tempfile::tempdir().unwrap();
-        let mut reference = VarStore::new(Device::Cpu);
-        let plain = blocks(&reference);
-        reference
-            .save(dir.path().join("model.safetensors"))
-            .unwrap();
-        reference.double();
-        let x = Tensor::randn([3, 8], (Kind::Double, Device::Cpu));
-        let expected = plain
-            .iter()
-            .fold(x.shallow_clone(), |x, (_, b)| b.forward(&x));
-
-        let vs = VarStore::new(Device::Cpu);
-        let model = layers::init_empty_weights(|| blocks(&vs));
-        let map: DeviceMap = vec![
-            ("0".into(), DeviceKey::Cpu),
-            ("1".into(), DeviceKey::Disk),
-            ("2".into(), DeviceKey::Cpu),
-            ("3".into(), DeviceKey::Disk),
-        ];
-        let offload = dir.path().join("offload");
-        load_checkpoint_in_model(
-            &vs,
-            dir.path(),
-            &LoadOptions {
-                device_map: Some(map.clone()),
-                dtype: Some(Kind::Double),
-                offload_folder: Some(offload.clone()),
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let Offloaded {
+            vs,
+            model,
+            map,
+            offload,
+            x,
+            expected,
+        } = offloaded(dir.path(), Some(Kind::Double));
         let index = std::fs::read_to_string(offload.join("index.json")).unwrap();
         assert!(
             index.contains("\"float32\"") && !index.contains("float64"),
