@@ -18,6 +18,41 @@ use std::time::Instant;
 
 const BLOCKS: i64 = 24;
 
+/// Bytes this process has had read from storage so far (`read_bytes` of /proc/self/io: page faults
+/// and read-ahead included, page-cache hits not), or 0 where the kernel does not say.
+fn storage_read_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/io")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("read_bytes:").map(|v| v.trim().parse().ok()))
+                .flatten()
+        })
+        .unwrap_or(0)
+}
+
+/// Samples [`storage_read_bytes`] every 100 ms on a thread until the returned flag is set; the thread
+/// returns (seconds, MB read since the start) pairs, so a log shows whether the disk was busy all along.
+fn io_timeline() -> (
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    std::thread::JoinHandle<Vec<(f64, u64)>>,
+) {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    let start = Instant::now();
+    let base = storage_read_bytes();
+    let handle = std::thread::spawn(move || {
+        let mut samples = Vec::new();
+        while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            let mb = (storage_read_bytes() - base) >> 20;
+            samples.push(((start.elapsed().as_secs_f64() * 10.0).round() / 10.0, mb));
+        }
+        samples
+    });
+    (stop, handle)
+}
+
 /// Model width and hidden size: 4096 and 16384, or smaller through BENCH_D / BENCH_H (smoke tests on
 /// machines without a big GPU).
 fn dims() -> (i64, i64) {
@@ -134,6 +169,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // load_checkpoint_and_dispatch (reading GPU memory to plan), so whether there are GPUs is read from
     // the driver's /proc entries, which starts nothing.
     let _ = hasten::libtorch();
+    let (stop_timeline, timeline) = io_timeline();
+    let read_before = storage_read_bytes();
     let t = Instant::now();
     let gpu = hasten_launch::visible_gpu_count() > 0;
     let vs = nn::VarStore::new(Device::Cpu);
@@ -191,6 +228,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let model = DispatchedSequential::new(dispatcher, blocks);
     sync_all();
     let load_s = t.elapsed().as_secs_f64();
+    let read_mb = (storage_read_bytes() - read_before) >> 20;
+    stop_timeline.store(true, std::sync::atomic::Ordering::Relaxed);
+    let timeline = timeline.join().unwrap_or_default();
     // Seeded, so the load and offload runs give the same output (a check that offloading is exact).
     hasten::tch::manual_seed(0);
     let x = Tensor::randn([4, 128, d], (Kind::BFloat16, main_device));
@@ -220,6 +260,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "loaded": report.loaded.len(),
         "offloaded": report.offloaded.len(),
         "mean_abs_out": checksum,
+        "storage_read_mb": read_mb,
+        "storage_read_mb_timeline": timeline,
     }));
     let _ = std::fs::remove_dir_all(&offload);
     Ok(())
