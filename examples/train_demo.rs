@@ -7,7 +7,7 @@
 //! - on every GPU, in bf16:       `hasten launch --mixed_precision bf16 train_demo`
 //! - from a running program:      `train_demo --notebook 2` (calls `notebook_launcher` on itself)
 
-use hasten::tch::nn::{self, Module};
+use hasten::tch::nn;
 use hasten::tch::{Device, Kind, Tensor};
 use hasten::{Accelerator, DataLoader, Schedule, TensorDataset};
 use serde::{Deserialize, Serialize};
@@ -22,7 +22,7 @@ struct Config {
 }
 
 /// Four interleaved spiral arms in the plane (the same points on every rank: a fixed seed).
-fn spirals(n: i64, seed: i64) -> hasten::Result<TensorDataset> {
+fn spirals(n: i64, seed: i64) -> hasten::Result<TensorDataset<(Tensor, Tensor)>> {
     hasten::tch::manual_seed(seed);
     let labels = Tensor::randint(4, [n], (Kind::Int64, Device::Cpu));
     let r = Tensor::rand([n], (Kind::Float, Device::Cpu)) * 0.9 + 0.1;
@@ -30,7 +30,7 @@ fn spirals(n: i64, seed: i64) -> hasten::Result<TensorDataset> {
         + &r * 4.0
         + Tensor::randn([n], (Kind::Float, Device::Cpu)) * 0.2;
     let x = Tensor::stack(&[&r * theta.cos(), &r * theta.sin()], 1);
-    TensorDataset::new(vec![x, labels])
+    TensorDataset::from_tensors((x, labels))
 }
 
 fn training_loop(cfg: Config) -> hasten::Result<f64> {
@@ -52,16 +52,18 @@ fn training_loop(cfg: Config) -> hasten::Result<f64> {
     let test = acc.prepare_data_loader(DataLoader::new(spirals(2000, 2)?, 256))?;
 
     hasten::set_seed(cfg.seed, false)?;
-    let mut vs = nn::VarStore::new(acc.device());
+    let vs = nn::VarStore::new(acc.device());
     let root = vs.root();
-    let model = nn::seq()
+    let net = nn::seq()
         .add(nn::linear(&root / "fc1", 2, 128, Default::default()))
         .add_fn(|x| x.relu())
         .add(nn::linear(&root / "fc2", 128, 128, Default::default()))
         .add_fn(|x| x.relu())
         .add(nn::linear(&root / "fc3", 128, 4, Default::default()));
-    let handle = acc.prepare_model(&mut vs)?;
-    let mut opt = acc.prepare_optimizer(hasten::AdamW::new(&vs, cfg.lr), cfg.lr);
+    // The prepared model owns the network and its variables: same weights on every rank, gradients
+    // averaged in the backward, its forward under mixed precision with fp32 logits.
+    let model = acc.prepare_model(net, vs)?;
+    let mut opt = acc.prepare_optimizer(hasten::AdamW::new(model.var_store(), cfg.lr));
     let mut sched = acc.prepare_scheduler(
         Schedule::Cosine {
             warmup: total / 10,
@@ -77,29 +79,24 @@ fn training_loop(cfg: Config) -> hasten::Result<f64> {
         let mut loss_sum = 0.0;
         let mut batches = 0;
         for batch in train.iter()? {
-            let batch = batch?;
-            acc.accumulate(|acc| -> hasten::Result<()> {
-                // Under mixed precision, with the logits back in fp32 (Accelerate's prepared forward).
-                let logits = acc.forward(|| model.forward(&batch[0]))?;
-                let loss = logits.cross_entropy_for_logits(&batch[1]);
-                acc.backward(&loss)?;
-                if acc.sync_gradients() {
-                    acc.clip_grad_norm_(handle, 1.0, 2.0)?;
-                }
-                opt.step()?;
-                sched.step();
-                opt.zero_grad();
-                loss_sum += loss.double_value(&[]);
-                batches += 1;
-                Ok(())
-            })?;
+            let (x, y) = batch?;
+            acc.accumulate(); // this micro-batch; gradients sync every `accumulation_steps`
+            let loss = model.forward(&x)?.cross_entropy_for_logits(&y);
+            acc.backward(&loss)?;
+            if acc.sync_gradients() {
+                acc.clip_grad_norm_(&model, 1.0, 2.0)?;
+            }
+            opt.step()?; // only on synchronising micro-batches; skipped on fp16 overflow
+            sched.step();
+            opt.zero_grad();
+            loss_sum += loss.double_value(&[]);
+            batches += 1;
         }
         let (mut correct, mut seen) = (0i64, 0i64);
         for batch in test.iter()? {
-            let batch = batch?;
-            let predictions = hasten::tch::no_grad(|| model.forward(&batch[0]).argmax(-1, false));
-            let (predictions, labels) =
-                acc.gather_for_metrics((predictions, batch[1].shallow_clone()))?;
+            let (x, labels) = batch?;
+            let predictions = hasten::tch::no_grad(|| model.forward(&x))?.argmax(-1, false);
+            let (predictions, labels) = acc.gather_for_metrics((predictions, labels))?;
             correct += predictions
                 .eq_tensor(&labels)
                 .sum(Kind::Int64)

@@ -16,23 +16,23 @@ fn first_step(t0: f64) -> Result<f64, hasten::Error> {
     let mut acc = Accelerator::builder().build()?;
     let device = acc.device();
     let built = report::now() - t0;
-    let mut vs = nn::VarStore::new(device);
+    let vs = nn::VarStore::new(device);
     let root = vs.root();
     let (a, b, c) = (
         layers::linear(&(&root / "0"), 784, 512, true),
         layers::linear(&(&root / "2"), 512, 512, true),
         layers::linear(&(&root / "4"), 512, 10, true),
     );
-    let model = nn::seq()
+    let net = nn::seq()
         .add_fn(move |x| a.forward(x).relu())
         .add_fn(move |x| b.forward(x).relu())
         .add_fn(move |x| c.forward(x));
-    acc.prepare_model(&mut vs)?;
-    let mut opt = acc.prepare_optimizer(hasten::Sgd::new(&vs, 1e-2), 1e-2);
+    let model = acc.prepare_model(net, vs)?;
+    let mut opt = acc.prepare_optimizer(hasten::Sgd::new(model.var_store(), 1e-2));
     let prepared = report::now() - t0;
     let x = Tensor::randn([128, 784], (Kind::Float, device));
     let y = Tensor::randint(10, [128], (Kind::Int64, device));
-    let loss = model.forward(&x).cross_entropy_for_logits(&y);
+    let loss = model.forward(&x)?.cross_entropy_for_logits(&y);
     acc.backward(&loss)?;
     opt.step()?;
     if let Device::Cuda(i) = device {
@@ -44,7 +44,7 @@ fn first_step(t0: f64) -> Result<f64, hasten::Error> {
     let mut group = acc.group();
     // A gradient bucket this large never goes over TCP (see distributed/lazy.rs): with NCCL in the
     // group, the step's all-reduce went through it.
-    let grad_bytes: usize = vs.trainable_variables().iter().map(|t| t.numel() * 4).sum();
+    let grad_bytes: usize = model.parameters().iter().map(|t| t.numel() * 4).sum();
     let uses_nccl = group.uses_nccl();
     group.all_reduce(&mut phases, ReduceOp::Max)?;
     drop(group);

@@ -12,7 +12,7 @@
 #[path = "report.rs"]
 mod report;
 
-use hasten::tch::nn::{self, Module, OptimizerConfig};
+use hasten::tch::nn::{self, Module};
 use hasten::tch::{Cuda, Device, Kind, Tensor};
 use hasten::{Accelerator, PrecisionType, layers};
 use serde_json::json;
@@ -95,8 +95,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build()?;
     let device = acc.device();
     hasten::tch::manual_seed(0);
-    let mut vs = nn::VarStore::new(device);
-    let model = if is_m {
+    let vs = nn::VarStore::new(device);
+    let net = if is_m {
         model_m(&vs.root(), tch_layers)
     } else {
         model_s(&vs.root(), tch_layers)
@@ -148,15 +148,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     } else {
         x
     };
-    let handle = acc.prepare_model(&mut vs)?;
-    let _ = handle;
+    let model = acc.prepare_model(net, vs)?;
+    let vs = model.var_store();
     let lr = if is_m { 1e-4 } else { 1e-2 };
     let mut opt = if is_m {
-        acc.prepare_optimizer(hasten::AdamW::new(&vs, lr), lr)
+        acc.prepare_optimizer(hasten::AdamW::new(vs, lr))
     } else if tch_opt {
-        acc.prepare_optimizer(nn::Sgd::default().build(&vs, lr)?, lr)
+        acc.prepare_optimizer(hasten::TchOptimizer::build(nn::Sgd::default(), vs, lr)?)
     } else {
-        acc.prepare_optimizer(hasten::Sgd::new(&vs, lr), lr)
+        acc.prepare_optimizer(hasten::Sgd::new(vs, lr))
     };
     let warmup: usize = arg(&args, "--warmup")
         .and_then(|s| s.parse().ok())
@@ -174,11 +174,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             start = Instant::now();
         }
         opt.zero_grad();
+        // Under bf16 for M, with the output back in fp32 (the prepared model's forward).
         let loss = if is_m {
-            let out = acc.autocast(|| model.forward(&x))?.to_kind(Kind::Float);
-            out.mse_loss(&y, hasten::tch::Reduction::Mean)
+            model
+                .forward(&x)?
+                .mse_loss(&y, hasten::tch::Reduction::Mean)
         } else {
-            model.forward(&x).cross_entropy_for_logits(&y)
+            model.forward(&x)?.cross_entropy_for_logits(&y)
         };
         acc.backward(&loss)?;
         opt.step()?;

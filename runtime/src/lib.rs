@@ -51,8 +51,8 @@ mod tracking;
 pub use accelerator::{
     ACCELERATOR_STATE_NAME, AcceleratedOptimizer, AcceleratedScheduler, Accelerator,
     AcceleratorBuilder, AutocastKwargs, DataLoaderConfiguration, DistributedDataParallelKwargs,
-    GradScaler, GradScalerKwargs, GradientAccumulationPlugin, InitProcessGroupKwargs, ModelHandle,
-    ProjectConfiguration, Schedule, Splittable, autocast,
+    GradScaler, GradScalerKwargs, GradientAccumulationPlugin, InitProcessGroupKwargs,
+    PreparedModel, ProjectConfiguration, Schedule, Splittable, autocast,
 };
 pub use big_modeling::{
     DeviceKey, DeviceMap, DeviceMapOptions, DeviceMapSpec, DispatchOptions, DispatchedSequential,
@@ -85,7 +85,7 @@ pub use memory::{
 pub use data::{
     BatchSampler, BatchSamplerShard, BatchSource, Batches, Collate, DataLoader, DataLoaderShard,
     Dataset, FixedBatches, IterableDataLoader, IterableDataLoaderShard, IterableDataset,
-    IterableDatasetShard, Sampler, ShardBatches, ShardOptions, TensorDataset,
+    IterableDatasetShard, Sampler, ShardBatches, ShardOptions, TensorDataset, TensorTuple,
 };
 pub use device::{
     GpuInfo, MatmulCheck, cuda_device_count, cuda_devices, is_bf16_available, is_cuda_available,
@@ -106,7 +106,7 @@ pub use ops::{
     Layout, Nested, Reduction, concatenate, convert_to_fp32, listify, listify_tensor, map_tensors,
     send_to_device, slice_tensors, tensors_of,
 };
-pub use optim::{AdamW, Optimizer, Sgd, clear_grads};
+pub use optim::{AdamW, Optimizer, Sgd, TchOptimizer, clear_grads};
 pub use random::{HostRng, host_rng, rng_states, set_rng_states, set_seed};
 pub use report::env_report;
 pub use state::{GradientState, GradientStateHandle, ProcessState};
@@ -136,9 +136,9 @@ pub mod prelude {
         AcceleratedOptimizer, AcceleratedScheduler, Accelerator, AdamW, AutocastKwargs, Collate,
         DataLoader, DataLoaderConfiguration, Dataset, DistributedDataParallelKwargs,
         DistributedType, GradScalerKwargs, GradientAccumulationPlugin, IterableDataLoader,
-        IterableDataset, LogValue, LoggerType, PrecisionType, ProcessGroup, ProcessState,
-        ProjectConfiguration, Reduction, Schedule, Sgd, TensorDataset, layers, log_values,
-        set_seed, tch,
+        IterableDataset, LogValue, LoggerType, PrecisionType, PreparedModel, ProcessGroup,
+        ProcessState, ProjectConfiguration, Reduction, Schedule, Sgd, TchOptimizer, TensorDataset,
+        layers, log_values, set_seed, tch,
     };
     pub use tch::nn::{self, Module, ModuleT, OptimizerConfig};
     pub use tch::{Device, IndexOp, Kind, Tensor};

@@ -42,6 +42,8 @@ pub trait Optimizer: Send {
     fn step(&mut self) -> Result<()>;
     /// Drops the gradients.
     fn zero_grad(&mut self);
+    /// The learning rate it was built with (or last set).
+    fn lr(&self) -> f64;
     /// Sets the learning rate.
     fn set_lr(&mut self, lr: f64);
     /// The parameters it updates.
@@ -103,22 +105,53 @@ fn copy_state(pairs: Vec<(Tensor, &Tensor)>) -> Result<()> {
     })
 }
 
-impl Optimizer for tch::nn::Optimizer {
+/// A tch optimizer (`nn::Adam`, `nn::Sgd`, `nn::RmsProp`, …) with the learning rate it was built with,
+/// which libtorch does not give back: `TchOptimizer::build(nn::Adam::default(), &vs, 1e-3)?`.
+pub struct TchOptimizer {
+    inner: tch::nn::Optimizer,
+    lr: f64,
+}
+
+impl TchOptimizer {
+    /// Builds `config` over `vs`'s trainable variables with learning rate `lr`.
+    pub fn build(
+        config: impl tch::nn::OptimizerConfig,
+        vs: &tch::nn::VarStore,
+        lr: f64,
+    ) -> Result<Self> {
+        let inner = config
+            .build(vs, lr)
+            .map_err(|e| Error::torch("building the optimizer", e))?;
+        Ok(TchOptimizer { inner, lr })
+    }
+
+    /// The tch optimizer.
+    pub fn inner(&self) -> &tch::nn::Optimizer {
+        &self.inner
+    }
+}
+
+impl Optimizer for TchOptimizer {
     fn step(&mut self) -> Result<()> {
-        tch::nn::Optimizer::step(self);
+        self.inner.step();
         Ok(())
     }
 
     fn zero_grad(&mut self) {
-        clear_grads(&self.trainable_variables());
+        clear_grads(&self.inner.trainable_variables());
+    }
+
+    fn lr(&self) -> f64 {
+        self.lr
     }
 
     fn set_lr(&mut self, lr: f64) {
-        tch::nn::Optimizer::set_lr(self, lr);
+        self.inner.set_lr(lr);
+        self.lr = lr;
     }
 
     fn params(&self) -> Vec<Tensor> {
-        self.trainable_variables()
+        self.inner.trainable_variables()
     }
 }
 
@@ -198,6 +231,10 @@ impl Optimizer for AdamW {
 
     fn zero_grad(&mut self) {
         clear_grads(&self.params);
+    }
+
+    fn lr(&self) -> f64 {
+        self.lr
     }
 
     fn set_lr(&mut self, lr: f64) {
@@ -359,6 +396,10 @@ impl Optimizer for Sgd {
         clear_grads(&self.params);
     }
 
+    fn lr(&self) -> f64 {
+        self.lr
+    }
+
     fn set_lr(&mut self, lr: f64) {
         self.lr = lr;
     }
@@ -480,8 +521,9 @@ mod tests {
         resumes_exactly(|vs| Box::new(AdamW::new(vs, 0.01)));
         resumes_exactly(|vs| Box::new(Sgd::new(vs, 0.05).momentum(0.9).nesterov(true)));
         let (vs, _) = tiny_model(1);
-        let mut tch_sgd = nn::Sgd::default().build(&vs, 0.1).unwrap();
+        let mut tch_sgd = TchOptimizer::build(nn::Sgd::default(), &vs, 0.1).unwrap();
         assert!(Optimizer::state_dict(&tch_sgd).is_none());
+        assert_eq!(tch_sgd.lr(), 0.1);
         assert!(tch_sgd.load_state_dict(&[]).is_err());
     }
 
@@ -559,7 +601,7 @@ mod tests {
     fn zero_grad_drops_gradients() {
         let vs = nn::VarStore::new(Device::Cpu);
         let w = vs.root().ones("w", &[3]);
-        let mut opt = nn::Sgd::default().build(&vs, 0.1).unwrap();
+        let mut opt = TchOptimizer::build(nn::Sgd::default(), &vs, 0.1).unwrap();
         w.sum(Kind::Float).backward();
         assert!(w.grad().defined());
         Optimizer::zero_grad(&mut opt);

@@ -9,8 +9,8 @@
 use hasten::tch::nn::{self, Module, OptimizerConfig};
 use hasten::tch::{Device, Kind, Tensor};
 use hasten::{
-    Accelerator, DataLoader, DistributedDataParallelKwargs, GradientAccumulationPlugin, ReduceOp,
-    Schedule, TensorDataset,
+    Accelerator, DataLoader, DistributedDataParallelKwargs, GradientAccumulationPlugin,
+    PreparedModel, ReduceOp, Schedule, TchOptimizer, TensorDataset,
 };
 
 #[path = "training/crash.rs"]
@@ -75,13 +75,13 @@ fn max_rel_diff(a: &[(String, Tensor)], b: &nn::VarStore) -> f64 {
 }
 
 /// The prepared model's weights equal the reference's within 1e-5 (relative), or `what` and the difference.
-fn same_weights(
+fn same_weights<M>(
     acc: &Accelerator,
-    handle: hasten::ModelHandle,
+    model: &PreparedModel<M>,
     reference: &nn::VarStore,
     what: &str,
 ) -> Check {
-    let diff = max_rel_diff(&acc.unwrap_model(handle).map_err(err)?, reference);
+    let diff = max_rel_diff(&acc.unwrap_model(model), reference);
     if diff > 1e-5 {
         return Err(format!("{what} by {diff:.2e} (relative)"));
     }
@@ -94,20 +94,15 @@ fn ddp(acc: &mut Accelerator, unused: bool) -> Check {
     let (p, r) = (acc.num_processes() as i64, acc.process_index() as i64);
     let global = 12;
     let (x, y) = data(global * 5);
-    let mut vs = nn::VarStore::new(acc.device());
+    let vs = nn::VarStore::new(acc.device());
     // Different initial weights per rank: prepare must make them equal.
     hasten::tch::manual_seed(100 + r);
-    let model = mlp(&vs.root());
+    let net = mlp(&vs.root());
     let spare = unused.then(|| vs.root().var("spare", &[3], nn::Init::Const(1.0)));
-    let handle = acc.prepare_model(&mut vs).map_err(err)?;
-    let initial = acc
-        .unwrap_model(handle)
-        .map_err(err)?
-        .into_iter()
-        .map(|(n, t)| (n, t.copy()))
-        .collect::<Vec<_>>();
-    let opt = nn::Sgd::default().build(&vs, 0.1).map_err(err)?;
-    let mut opt = acc.prepare_optimizer(opt, 0.1);
+    let model = acc.prepare_model(net, vs).map_err(err)?;
+    let initial = weights_of(acc, &model);
+    let opt = TchOptimizer::build(nn::Sgd::default(), model.var_store(), 0.1).map_err(err)?;
+    let mut opt = acc.prepare_optimizer(opt);
     let (ref_vs, ref_model) = reference(&initial)?;
     let mut ref_opt = nn::Sgd::default().build(&ref_vs, 0.1).map_err(err)?;
     let share = global / p;
@@ -119,6 +114,7 @@ fn ddp(acc: &mut Accelerator, unused: bool) -> Check {
         opt.zero_grad();
         let loss = model
             .forward(&mine)
+            .map_err(err)?
             .mse_loss(&my_targets, hasten::tch::Reduction::Mean);
         acc.backward(&loss).map_err(err)?;
         opt.step().map_err(err)?;
@@ -140,7 +136,7 @@ fn ddp(acc: &mut Accelerator, unused: bool) -> Check {
     }
     same_weights(
         acc,
-        handle,
+        &model,
         &ref_vs,
         "DDP parameters differ from the single-process run",
     )
@@ -152,43 +148,36 @@ fn accumulate(acc: &mut Accelerator) -> Check {
     let n = acc.gradient_accumulation_steps() as i64;
     let micro = 2;
     let (x, y) = data(micro * n * p);
-    let mut vs = nn::VarStore::new(acc.device());
-    let model = mlp(&vs.root());
-    let handle = acc.prepare_model(&mut vs).map_err(err)?;
-    let initial = acc
-        .unwrap_model(handle)
-        .map_err(err)?
-        .into_iter()
-        .map(|(n, t)| (n, t.copy()))
-        .collect::<Vec<_>>();
-    let opt = nn::Sgd::default().build(&vs, 0.05).map_err(err)?;
-    let mut opt = acc.prepare_optimizer(opt, 0.05);
+    let vs = nn::VarStore::new(acc.device());
+    let net = mlp(&vs.root());
+    let model = acc.prepare_model(net, vs).map_err(err)?;
+    let initial = weights_of(acc, &model);
+    let opt = TchOptimizer::build(nn::Sgd::default(), model.var_store(), 0.05).map_err(err)?;
+    let mut opt = acc.prepare_optimizer(opt);
     let mut syncs = Vec::new();
     for k in 0..n {
         // Rank r's micro-batch k: rows of the global batch, interleaved so every rank sees distinct data.
         let start = (k * p + r) * micro;
         let (xb, yb) = (x.narrow(0, start, micro), y.narrow(0, start, micro));
-        acc.accumulate(|acc| -> Check {
-            syncs.push(acc.sync_gradients());
-            let loss = model
-                .forward(&xb)
-                .mse_loss(&yb, hasten::tch::Reduction::Mean);
-            acc.backward(&loss).map_err(err)?;
-            if !acc.sync_gradients() && p > 1 {
-                // Not synchronised yet: ranks hold different gradients.
-                let local = vs.trainable_variables()[0]
-                    .grad()
-                    .sum(Kind::Float)
-                    .double_value(&[]);
-                let all = acc.group().all_gather_object(&local).map_err(err)?;
-                if all.windows(2).all(|w| w[0] == w[1]) {
-                    return Err("gradients were synchronised on an accumulation step".into());
-                }
+        syncs.push(acc.accumulate());
+        let loss = model
+            .forward(&xb)
+            .map_err(err)?
+            .mse_loss(&yb, hasten::tch::Reduction::Mean);
+        acc.backward(&loss).map_err(err)?;
+        if !acc.sync_gradients() && p > 1 {
+            // Not synchronised yet: ranks hold different gradients.
+            let local = model.parameters()[0]
+                .grad()
+                .sum(Kind::Float)
+                .double_value(&[]);
+            let all = acc.group().all_gather_object(&local).map_err(err)?;
+            if all.windows(2).all(|w| w[0] == w[1]) {
+                return Err("gradients were synchronised on an accumulation step".into());
             }
-            opt.step().map_err(err)?;
-            opt.zero_grad();
-            Ok(())
-        })?;
+        }
+        opt.step().map_err(err)?;
+        opt.zero_grad();
     }
     let want: Vec<bool> = (1..=n).map(|k| k == n).collect();
     if syncs != want {
@@ -206,7 +195,7 @@ fn accumulate(acc: &mut Accelerator) -> Check {
     ref_opt.step();
     same_weights(
         acc,
-        handle,
+        &model,
         &ref_vs,
         &format!("the accumulated run differs from one {n}x batch"),
     )
@@ -229,22 +218,19 @@ fn dataloader_end(acc: &mut Accelerator) -> Check {
     // 20 samples, batch 2 per rank, 2 ranks: 5 batches per rank; accumulation 2.
     let p = acc.num_processes() as i64;
     let dl = loader(acc, 10 * p, 2)?;
-    let mut vs = nn::VarStore::new(acc.device());
-    let model = mlp(&vs.root());
-    acc.prepare_model(&mut vs).map_err(err)?;
-    let opt = nn::Sgd::default().build(&vs, 0.01).map_err(err)?;
-    let mut opt = acc.prepare_optimizer(opt, 0.01);
+    let vs = nn::VarStore::new(acc.device());
+    let net = mlp(&vs.root());
+    let model = acc.prepare_model(net, vs).map_err(err)?;
+    let opt = TchOptimizer::build(nn::Sgd::default(), model.var_store(), 0.01).map_err(err)?;
+    let mut opt = acc.prepare_optimizer(opt);
     let mut pattern = Vec::new();
     for batch in dl.iter().map_err(err)? {
         let batch = batch.map_err(err)?;
-        acc.accumulate(|acc| -> Check {
-            pattern.push(acc.sync_gradients());
-            let loss = model.forward(&batch[0]).sum(Kind::Float);
-            acc.backward(&loss).map_err(err)?;
-            opt.step().map_err(err)?;
-            opt.zero_grad();
-            Ok(())
-        })?;
+        pattern.push(acc.accumulate());
+        let loss = model.forward(&batch[0]).map_err(err)?.sum(Kind::Float);
+        acc.backward(&loss).map_err(err)?;
+        opt.step().map_err(err)?;
+        opt.zero_grad();
     }
     if pattern != [false, true, false, true, true] {
         return Err(format!(
@@ -257,11 +243,11 @@ fn dataloader_end(acc: &mut Accelerator) -> Check {
 /// The scheduler steps num_processes times per optimizer step, and never on accumulation steps.
 fn scheduler(acc: &mut Accelerator) -> Check {
     let p = acc.num_processes();
-    let mut vs = nn::VarStore::new(acc.device());
-    let model = mlp(&vs.root());
-    acc.prepare_model(&mut vs).map_err(err)?;
-    let opt = nn::Sgd::default().build(&vs, 1.0).map_err(err)?;
-    let mut opt = acc.prepare_optimizer(opt, 1.0);
+    let vs = nn::VarStore::new(acc.device());
+    let net = mlp(&vs.root());
+    let model = acc.prepare_model(net, vs).map_err(err)?;
+    let opt = TchOptimizer::build(nn::Sgd::default(), model.var_store(), 1.0).map_err(err)?;
+    let mut opt = acc.prepare_optimizer(opt);
     let mut sched = acc.prepare_scheduler(
         Schedule::Linear {
             warmup: 0,
@@ -271,14 +257,12 @@ fn scheduler(acc: &mut Accelerator) -> Check {
     );
     let x = Tensor::ones([2, 8], (Kind::Float, acc.device()));
     for _ in 0..6 {
-        acc.accumulate(|acc| -> Check {
-            acc.backward(&model.forward(&x).sum(Kind::Float))
-                .map_err(err)?;
-            opt.step().map_err(err)?;
-            sched.step();
-            opt.zero_grad();
-            Ok(())
-        })?;
+        acc.accumulate();
+        let loss = model.forward(&x).map_err(err)?.sum(Kind::Float);
+        acc.backward(&loss).map_err(err)?;
+        opt.step().map_err(err)?;
+        sched.step();
+        opt.zero_grad();
     }
     let steps = acc.gradient_accumulation_steps();
     let want = 6 / steps * p;
@@ -295,16 +279,12 @@ fn scheduler(acc: &mut Accelerator) -> Check {
     Ok(())
 }
 
-fn weights_of(
-    acc: &Accelerator,
-    handle: hasten::ModelHandle,
-) -> Result<Vec<(String, Tensor)>, String> {
-    Ok(acc
-        .unwrap_model(handle)
-        .map_err(err)?
+/// A copy of a prepared model's variables.
+fn weights_of<M>(acc: &Accelerator, model: &PreparedModel<M>) -> Vec<(String, Tensor)> {
+    acc.unwrap_model(model)
         .into_iter()
         .map(|(n, t)| (n, t.copy()))
-        .collect())
+        .collect()
 }
 
 fn identical(a: &[(String, Tensor)], b: &[(String, Tensor)], what: &str) -> Check {
@@ -327,10 +307,10 @@ fn checkpoint(acc: &mut Accelerator, project: &std::path::Path) -> Check {
         x.narrow(0, r * 6, 6).to_device(device),
         y.narrow(0, r * 6, 6).to_device(device),
     );
-    let mut vs = nn::VarStore::new(device);
-    let model = mlp(&vs.root());
-    let handle = acc.prepare_model(&mut vs).map_err(err)?;
-    let mut opt = acc.prepare_optimizer(hasten::AdamW::new(&vs, 0.01), 0.01);
+    let vs = nn::VarStore::new(device);
+    let net = mlp(&vs.root());
+    let model = acc.prepare_model(net, vs).map_err(err)?;
+    let mut opt = acc.prepare_optimizer(hasten::AdamW::new(model.var_store(), 0.01));
     let mut sched = acc.prepare_scheduler(
         Schedule::Linear {
             warmup: 2,
@@ -342,7 +322,7 @@ fn checkpoint(acc: &mut Accelerator, project: &std::path::Path) -> Check {
         |acc: &mut Accelerator, sched: &mut hasten::AcceleratedScheduler, steps: usize| -> Check {
             for _ in 0..steps {
                 opt.zero_grad();
-                let out = model.forward(&mine).dropout(0.3, true);
+                let out = model.forward(&mine).map_err(err)?.dropout(0.3, true);
                 let loss = out.mse_loss(&targets, hasten::tch::Reduction::Mean);
                 acc.backward(&loss).map_err(err)?;
                 opt.step().map_err(err)?;
@@ -354,9 +334,9 @@ fn checkpoint(acc: &mut Accelerator, project: &std::path::Path) -> Check {
         train(acc, &mut sched, 2)?;
         acc.save_state(None).map_err(err)?;
     }
-    let saved = weights_of(acc, handle)?;
+    let saved = weights_of(acc, &model);
     train(acc, &mut sched, 3)?;
-    let continued = weights_of(acc, handle)?;
+    let continued = weights_of(acc, &model);
     let (lr, steps) = (sched.lr(), sched.last_step());
     let dir = acc.load_state(None).map_err(err)?;
     let checkpoints = project.join("checkpoints");
@@ -371,14 +351,10 @@ fn checkpoint(acc: &mut Accelerator, project: &std::path::Path) -> Check {
             acc.project_config().iteration
         ));
     }
-    identical(
-        &weights_of(acc, handle)?,
-        &saved,
-        "weights after load_state",
-    )?;
+    identical(&weights_of(acc, &model), &saved, "weights after load_state")?;
     train(acc, &mut sched, 3)?;
     identical(
-        &weights_of(acc, handle)?,
+        &weights_of(acc, &model),
         &continued,
         "weights after resuming",
     )?;
@@ -403,7 +379,7 @@ fn checkpoint(acc: &mut Accelerator, project: &std::path::Path) -> Check {
         .open(&weights)
         .and_then(|f| f.set_len(len / 2))
         .map_err(err)?;
-    let before = weights_of(acc, handle)?;
+    let before = weights_of(acc, &model);
     match acc.load_state(Some(&bad)) {
         Err(e) if e.to_string().contains("model.safetensors") => {}
         other => return Err(format!("a truncated model.safetensors loaded as {other:?}")),
@@ -416,7 +392,7 @@ fn checkpoint(acc: &mut Accelerator, project: &std::path::Path) -> Check {
         other => return Err(format!("a checkpoint of 2 models loaded as {other:?}")),
     }
     identical(
-        &weights_of(acc, handle)?,
+        &weights_of(acc, &model),
         &before,
         "weights after failed loads",
     )

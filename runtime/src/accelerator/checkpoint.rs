@@ -117,6 +117,11 @@ fn numbered_checkpoints(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(found.into_iter().map(|(_, _, p)| p).collect())
 }
 
+/// A prepared model's bookkeeping, even if a thread panicked while holding it.
+fn lock_entry(entry: &std::sync::Mutex<ModelEntry>) -> std::sync::MutexGuard<'_, ModelEntry> {
+    entry.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Checks that the saved weights of a model match its variables, naming the first difference.
 fn check_weights(path: &Path, saved: &[(String, Tensor)], entry: &ModelEntry) -> Result<()> {
     for (name, var) in &entry.named {
@@ -236,7 +241,7 @@ impl Accelerator {
             } else {
                 numbered("model", i, "safetensors")
             };
-            write_tensors(&entry.named, &dir.join(name))?;
+            write_tensors(&lock_entry(entry).named, &dir.join(name))?;
         }
         let mut optimizers = Vec::new();
         for (i, link) in self.optimizers.iter().enumerate() {
@@ -369,7 +374,7 @@ impl Accelerator {
                 numbered("model", i, "safetensors")
             });
             let saved = read_tensors(&path)?;
-            check_weights(&path, &saved, entry)?;
+            check_weights(&path, &saved, &lock_entry(entry))?;
             weights.push(saved);
         }
         let mut opt_states = Vec::new();
@@ -437,7 +442,7 @@ impl Accelerator {
         }
         tch::no_grad(|| -> Result<()> {
             for (saved, entry) in weights.iter().zip(&self.models) {
-                for (name, var) in &entry.named {
+                for (name, var) in &lock_entry(entry).named {
                     if let Some((_, t)) = saved.iter().find(|(n, _)| n == name) {
                         var.shallow_clone()
                             .f_copy_(t)

@@ -9,11 +9,6 @@ use crate::{Error, ProcessGroup, Result};
 use std::sync::Arc;
 use tch::Tensor;
 
-/// A model prepared by an [`Accelerator`](crate::Accelerator): pass it to `no_sync`,
-/// `prepare_optimizer`, `clip_grad_norm_`, `unwrap_model`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct ModelHandle(pub(crate) usize);
-
 /// What the Accelerator keeps of a prepared model.
 pub(crate) struct ModelEntry {
     /// Every variable by name (shallow handles on the VarStore's tensors), for saving and unwrapping.

@@ -2,13 +2,15 @@
 //!
 //! Split by concern: `config` (plugins and kwargs), `ddp` (parameter broadcast, gradient buckets),
 //! `precision` (autocast, gradient scaler), `optimizer` (optimizer and scheduler wrappers), `utilities`
-//! (gather_for_metrics, split_between_processes, triggers, saving…); this file holds the object, its
-//! builder, `prepare` and the step logic (backward, accumulate, no_sync, clipping).
+//! (gather_for_metrics, split_between_processes, triggers, saving…), `model` (the prepared model the
+//! user owns); this file holds the object, its builder, `prepare` and the step logic (backward,
+//! accumulate, no_sync, clipping).
 
 mod checkpoint;
 mod config;
 mod ddp;
 mod durable;
+mod model;
 mod optimizer;
 mod precision;
 mod reducer;
@@ -20,7 +22,7 @@ pub use config::{
     AutocastKwargs, DataLoaderConfiguration, DistributedDataParallelKwargs,
     GradientAccumulationPlugin, InitProcessGroupKwargs, ProjectConfiguration,
 };
-pub use ddp::ModelHandle;
+pub use model::PreparedModel;
 pub use optimizer::{AcceleratedOptimizer, AcceleratedScheduler, Schedule};
 pub use precision::{GradScaler, GradScalerKwargs, autocast};
 pub use utilities::Splittable;
@@ -254,7 +256,8 @@ pub struct Accelerator {
     project: ProjectConfiguration,
     scaler: Option<Arc<Mutex<GradScaler>>>,
     skipped: Arc<AtomicBool>,
-    models: Vec<ModelEntry>,
+    /// Each prepared model's gradient bookkeeping, shared with the [`PreparedModel`] the user holds.
+    models: Vec<Arc<Mutex<ModelEntry>>>,
     optimizers: Vec<OptimizerLink>,
     /// Each prepared scheduler's step count and learning-rate cell.
     schedulers: Vec<(Arc<AtomicUsize>, Arc<Mutex<f64>>)>,
@@ -395,28 +398,41 @@ impl Accelerator {
         self.dataloader = config;
     }
 
-    /// Prepares a model: moves its variables to this process's device, makes them equal on every rank
-    /// (rank 0's), and registers its parameters for gradient averaging.
-    pub fn prepare_model(&mut self, vs: &mut tch::nn::VarStore) -> Result<ModelHandle> {
+    /// Prepares a model (Accelerate's `prepare(model)`): `module` built over `vs`, which moves to this
+    /// process's device; every rank starts from rank 0's variables, and their gradients are averaged in
+    /// the backward. The returned model owns both and runs its forward under this Accelerator's mixed
+    /// precision with fp32 outputs ([`PreparedModel::forward`]).
+    pub fn prepare_model<M>(
+        &mut self,
+        module: M,
+        mut vs: tch::nn::VarStore,
+    ) -> Result<PreparedModel<M>> {
         if vs.device() != self.state.device {
             vs.set_device(self.state.device);
         }
-        ddp::broadcast_variables(&mut self.group(), vs, self.ddp.broadcast_buffers)?;
+        ddp::broadcast_variables(&mut self.group(), &vs, self.ddp.broadcast_buffers)?;
         let cap = (self.ddp.bucket_cap_mb * 1024.0 * 1024.0) as usize;
-        let mut entry = ModelEntry::new(vs, cap.max(1));
+        let mut entry = ModelEntry::new(&vs, cap.max(1));
         entry.hook(&self.group());
-        self.models.push(entry);
-        Ok(ModelHandle(self.models.len() - 1))
+        let entry = Arc::new(Mutex::new(entry));
+        self.models.push(entry.clone());
+        let precision = model::ForwardPrecision {
+            device: self.state.device,
+            mixed_precision: self.mixed_precision,
+            enabled: self.autocast.enabled,
+        };
+        Ok(PreparedModel::new(module, vs, entry, precision))
     }
 
-    /// Wraps an optimizer (a tch `nn::Optimizer`, or hasten's fused [`crate::AdamW`]) built over a prepared
-    /// model's variables with learning rate `lr`.
+    /// Wraps an optimizer (hasten's fused [`crate::AdamW`] or [`crate::Sgd`], a tch optimizer through
+    /// [`crate::TchOptimizer`], or any [`crate::Optimizer`]) built over a prepared model's variables. Its
+    /// learning rate is the one it was built with.
     pub fn prepare_optimizer(
         &mut self,
         opt: impl crate::Optimizer + 'static,
-        lr: f64,
     ) -> AcceleratedOptimizer {
         let params = opt.params();
+        let lr = opt.lr();
         let prepared = AcceleratedOptimizer::new(
             Box::new(opt),
             params,
@@ -544,17 +560,6 @@ impl Accelerator {
         autocast(self.state.device, self.mixed_precision, f)
     }
 
-    /// Runs a model's forward as Accelerate's prepared model does: under this Accelerator's mixed precision,
-    /// with every fp16/bf16 tensor of the output converted to fp32 (`convert_outputs_to_fp32`), so losses
-    /// and metrics are computed in full precision. `acc.forward(|| model.forward(&x))?`.
-    pub fn forward<T: Nested>(&self, f: impl FnOnce() -> T) -> Result<T> {
-        let out = self.autocast(f)?;
-        if self.mixed_precision == PrecisionType::No || !self.autocast.enabled {
-            return Ok(out);
-        }
-        crate::convert_to_fp32(out)
-    }
-
     /// Backpropagates `loss`: divided by the accumulation steps, scaled under fp16, and followed, on
     /// synchronising steps, by averaging every prepared model's gradients across ranks.
     pub fn backward(&mut self, loss: &Tensor) -> Result<()> {
@@ -574,8 +579,13 @@ impl Accelerator {
         if !sync {
             return loss.f_backward().map_err(torch);
         }
-        let mut entries: Vec<&mut ModelEntry> =
-            self.models.iter_mut().filter(|m| !m.no_sync).collect();
+        let mut guards: Vec<std::sync::MutexGuard<'_, ModelEntry>> = self
+            .models
+            .iter()
+            .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()))
+            .filter(|m| !m.no_sync)
+            .collect();
+        let mut entries: Vec<&mut ModelEntry> = guards.iter_mut().map(|g| &mut **g).collect();
         ddp::backward_with_averaging(
             &mut lock_group(&self.group),
             &mut entries,
@@ -585,47 +595,39 @@ impl Accelerator {
         )
     }
 
-    /// Accelerate's `accumulate`: counts this micro-batch, decides whether it synchronises (every
-    /// `gradient_accumulation_steps`, and at the end of the data loader), and runs `body`. Gradients of
-    /// every prepared model are averaged only on synchronising steps.
-    pub fn accumulate<R>(&mut self, body: impl FnOnce(&mut Self) -> R) -> R {
-        {
-            let mut g = self.gradient.lock();
-            if g.sync_with_dataloader && g.end_of_dataloader {
-                self.step = 0;
-                g.sync_gradients = true;
-            } else {
-                self.step += 1;
-                g.sync_gradients = self.step % g.num_steps.max(1) == 0;
-            }
+    /// Accelerate's `accumulate`, called at the start of each micro-batch: counts it and decides whether
+    /// it synchronises (every `gradient_accumulation_steps`, and at the end of the data loader), which
+    /// it returns (also [`sync_gradients`](Self::sync_gradients)). Gradients are averaged, and the
+    /// prepared optimizers and schedulers step, only on synchronising micro-batches.
+    pub fn accumulate(&mut self) -> bool {
+        let mut g = self.gradient.lock();
+        if g.sync_with_dataloader && g.end_of_dataloader {
+            self.step = 0;
+            g.sync_gradients = true;
+        } else {
+            self.step += 1;
+            g.sync_gradients = self.step % g.num_steps.max(1) == 0;
         }
-        body(self)
+        g.sync_gradients
     }
 
     /// Runs `body` without averaging `model`'s gradients in its backward passes (DDP's `no_sync`).
-    pub fn no_sync<R>(&mut self, model: ModelHandle, body: impl FnOnce(&mut Self) -> R) -> R {
-        let previous = self.models.get(model.0).is_some_and(|m| m.no_sync);
-        if let Some(m) = self.models.get_mut(model.0) {
-            m.no_sync = true;
-        }
+    pub fn no_sync<M, R>(
+        &mut self,
+        model: &PreparedModel<M>,
+        body: impl FnOnce(&mut Self) -> R,
+    ) -> R {
+        let previous = std::mem::replace(&mut model.entry().no_sync, true);
         let out = body(self);
-        if let Some(m) = self.models.get_mut(model.0) {
-            m.no_sync = previous;
-        }
+        model.entry().no_sync = previous;
         out
     }
 
-    fn model(&self, model: ModelHandle) -> Result<&ModelEntry> {
-        self.models
-            .get(model.0)
-            .ok_or(Error::UnknownModel { index: model.0 })
-    }
-
     /// Divides fp16 gradients by the loss scale now (before clipping or inspecting them).
-    pub fn unscale_gradients(&mut self, model: ModelHandle) -> Result<()> {
+    pub fn unscale_gradients<M>(&mut self, model: &PreparedModel<M>) -> Result<()> {
         if let Some(scaler) = &self.scaler {
-            let params: Vec<Tensor> = self
-                .model(model)?
+            let params: Vec<Tensor> = model
+                .entry()
                 .params
                 .iter()
                 .map(Tensor::shallow_clone)
@@ -640,16 +642,16 @@ impl Accelerator {
 
     /// Clips the gradients' total `norm_type` norm to `max_norm` (unscaling first) and returns the total
     /// norm before clipping, as `torch.nn.utils.clip_grad_norm_`.
-    pub fn clip_grad_norm_(
+    pub fn clip_grad_norm_<M>(
         &mut self,
-        model: ModelHandle,
+        model: &PreparedModel<M>,
         max_norm: f64,
         norm_type: f64,
     ) -> Result<f64> {
         self.unscale_gradients(model)?;
         let torch = |e| Error::torch("clip_grad_norm_", e);
-        let grads: Vec<Tensor> = self
-            .model(model)?
+        let grads: Vec<Tensor> = model
+            .entry()
             .params
             .iter()
             .map(Tensor::grad)
@@ -694,10 +696,10 @@ impl Accelerator {
     }
 
     /// Clamps every gradient element to `[-clip_value, clip_value]` (unscaling first).
-    pub fn clip_grad_value_(&mut self, model: ModelHandle, clip_value: f64) -> Result<()> {
+    pub fn clip_grad_value_<M>(&mut self, model: &PreparedModel<M>, clip_value: f64) -> Result<()> {
         self.unscale_gradients(model)?;
         tch::no_grad(|| {
-            for p in &self.model(model)?.params {
+            for p in &model.entry().params {
                 let g = p.grad();
                 if g.defined() {
                     g.shallow_clone()
@@ -710,18 +712,14 @@ impl Accelerator {
         })
     }
 
-    /// A prepared model's variables by name (Accelerate's `unwrap_model` / `get_state_dict`): the same
-    /// tensors the VarStore holds, free of any wrapper.
-    pub fn unwrap_model(&self, model: ModelHandle) -> Result<Vec<(String, Tensor)>> {
-        Ok(self
-            .model(model)?
-            .named
-            .iter()
-            .map(|(n, t)| (n.clone(), t.shallow_clone()))
-            .collect())
+    /// A prepared model's variables by name (Accelerate's `unwrap_model(model).state_dict()`): the same
+    /// tensors the VarStore holds, free of any wrapper. See also [`PreparedModel::into_inner`].
+    pub fn unwrap_model<M>(&self, model: &PreparedModel<M>) -> Vec<(String, Tensor)> {
+        model.state_dict()
     }
 
     /// Forgets every prepared model and resets the accumulation counter (Accelerate's `free_memory`).
+    /// The [`PreparedModel`]s stay usable; their gradients are no longer averaged or saved.
     pub fn free_memory(&mut self) {
         self.models.clear();
         self.step = 0;
@@ -738,20 +736,47 @@ mod tests {
 
     #[test]
     fn forward_autocasts_and_returns_fp32_outputs() {
-        let acc = Accelerator::builder()
+        let mut acc = Accelerator::builder()
             .cpu(true)
             .mixed_precision(PrecisionType::Bf16)
             .build()
             .unwrap();
-        let w = Tensor::ones([4, 4], (tch::Kind::Float, Device::Cpu));
+        let vs = tch::nn::VarStore::new(Device::Cpu);
+        let w = vs.root().ones("w", &[4, 4]);
+        let model = acc.prepare_model(w, vs).unwrap();
         let x = Tensor::ones([2, 4], (tch::Kind::Float, Device::Cpu));
         // The matmul runs in bf16 under autocast; the caller gets fp32 back, the int tensor untouched.
-        let inner = acc.autocast(|| x.matmul(&w)).unwrap();
+        let inner = acc.autocast(|| x.matmul(model.module())).unwrap();
         assert_eq!(inner.kind(), tch::Kind::BFloat16);
-        let (y, ids) = acc
-            .forward(|| (x.matmul(&w), Tensor::from_slice(&[1i64, 2])))
+        let (y, ids) = model
+            .call(|w| (x.matmul(w), Tensor::from_slice(&[1i64, 2])))
             .unwrap();
         assert_eq!((y.kind(), ids.kind()), (tch::Kind::Float, tch::Kind::Int64));
         assert_eq!(y.double_value(&[0, 0]), 4.0);
+        // The plain module is the model as built: no autocast.
+        assert_eq!(x.matmul(model.module()).kind(), tch::Kind::Float);
+    }
+
+    #[test]
+    fn a_prepared_model_is_owned_and_outlives_free_memory() {
+        let mut acc = Accelerator::builder().cpu(true).build().unwrap();
+        let vs = tch::nn::VarStore::new(Device::Cpu);
+        let net = tch::nn::linear(vs.root() / "fc", 3, 2, Default::default());
+        let model = acc.prepare_model(net, vs).unwrap();
+        let names: Vec<String> = model.state_dict().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names, ["fc.bias", "fc.weight"]);
+        // The optimizer's learning rate is the one it was built with: given once.
+        let opt = acc.prepare_optimizer(crate::Sgd::new(model.var_store(), 0.25));
+        assert_eq!(opt.lr(), 0.25);
+        // no_sync marks the model for the body only.
+        acc.no_sync(&model, |_| assert!(model.entry().no_sync));
+        assert!(!model.entry().no_sync);
+        // accumulate returns whether this micro-batch synchronises.
+        assert!(acc.accumulate());
+        acc.free_memory();
+        let x = Tensor::ones([4, 3], (tch::Kind::Float, Device::Cpu));
+        assert_eq!(model.forward(&x).unwrap().size(), [4, 2]);
+        let (_, vs) = model.into_inner();
+        assert_eq!(vs.trainable_variables().len(), 2);
     }
 }

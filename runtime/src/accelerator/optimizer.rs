@@ -249,14 +249,13 @@ impl AcceleratedScheduler {
 mod tests {
     use super::*;
     use crate::accelerator::precision::GradScalerKwargs;
-    use tch::nn::OptimizerConfig;
     use tch::{Device, Kind};
 
     #[test]
     fn an_overflowing_fp16_step_is_skipped_and_the_scale_backs_off() {
         let vs = tch::nn::VarStore::new(Device::Cpu);
         let w = vs.root().ones("w", &[3]);
-        let opt = tch::nn::Sgd::default().build(&vs, 0.1).unwrap();
+        let opt = crate::TchOptimizer::build(tch::nn::Sgd::default(), &vs, 0.1).unwrap();
         let scaler = Arc::new(Mutex::new(GradScaler::new(
             GradScalerKwargs::default(),
             Device::Cpu,

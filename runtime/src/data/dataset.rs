@@ -18,15 +18,68 @@ pub trait Dataset: Send + Sync {
 }
 
 /// Tensors whose first dimension indexes the samples: `(inputs, targets)` with `inputs[i]`, `targets[i]`
-/// as sample `i` (PyTorch's `TensorDataset`).
-pub struct TensorDataset {
+/// as sample `i` (PyTorch's `TensorDataset`). Built from a tuple, its samples and batches are that tuple
+/// (`TensorDataset::from_tensors((x, y))?` gives `(Tensor, Tensor)` batches: `let (x, y) = batch?;`);
+/// built from a `Vec` with [`TensorDataset::new`], they are `Vec<Tensor>`.
+pub struct TensorDataset<T = Vec<Tensor>> {
     tensors: Vec<Tensor>,
     len: usize,
+    item: std::marker::PhantomData<fn() -> T>,
 }
 
-impl TensorDataset {
-    /// A dataset over `tensors`, which must share their first dimension.
+/// What a [`TensorDataset`]'s samples are: a `Vec` of tensors or a tuple of one to four.
+pub trait TensorTuple: Send + Sized + 'static {
+    /// The tensors, in order.
+    fn into_tensors(self) -> Vec<Tensor>;
+    /// One sample from one row of each tensor, in order (as many as `into_tensors` gave).
+    fn from_rows(rows: Vec<Tensor>) -> Self;
+}
+
+impl TensorTuple for Vec<Tensor> {
+    fn into_tensors(self) -> Vec<Tensor> {
+        self
+    }
+    fn from_rows(rows: Vec<Tensor>) -> Self {
+        rows
+    }
+}
+
+macro_rules! tensor_tuple {
+    ($($name:ident),+) => {
+        impl TensorTuple for ($(tensor_tuple!(@t $name),)+) {
+            fn into_tensors(self) -> Vec<Tensor> {
+                #[allow(non_snake_case)]
+                let ($($name,)+) = self;
+                vec![$($name),+]
+            }
+            fn from_rows(rows: Vec<Tensor>) -> Self {
+                let mut rows = rows.into_iter();
+                ($(tensor_tuple!(@next rows $name),)+)
+            }
+        }
+    };
+    (@t $name:ident) => { Tensor };
+    (@next $rows:ident $name:ident) => {
+        $rows.next().expect("a TensorDataset row has one tensor per column")
+    };
+}
+tensor_tuple!(A);
+tensor_tuple!(A, B);
+tensor_tuple!(A, B, C);
+tensor_tuple!(A, B, C, D);
+
+impl TensorDataset<Vec<Tensor>> {
+    /// A dataset over `tensors`, which must share their first dimension; samples are `Vec<Tensor>`.
     pub fn new(tensors: Vec<Tensor>) -> Result<Self> {
+        Self::from_tensors(tensors)
+    }
+}
+
+impl<T: TensorTuple> TensorDataset<T> {
+    /// A dataset over `tensors` (a tuple, or a `Vec`), which must share their first dimension; samples
+    /// and batches have the same shape as `tensors`.
+    pub fn from_tensors(tensors: T) -> Result<Self> {
+        let tensors = tensors.into_tensors();
         let len = tensors
             .first()
             .map_or(0, |t| t.size().first().copied().unwrap_or(0));
@@ -44,6 +97,7 @@ impl TensorDataset {
         Ok(TensorDataset {
             tensors,
             len: usize::try_from(len).unwrap_or(0),
+            item: std::marker::PhantomData,
         })
     }
 }
@@ -51,17 +105,17 @@ impl TensorDataset {
 // SAFETY: the tensors are never mutated after construction; `get` only makes views (`select`), and
 // libtorch's tensor handles are atomically reference-counted, so reads from several data workers at once
 // are safe. tch marks Tensor Send but not Sync only because it cannot know a tensor is read-only.
-unsafe impl Sync for TensorDataset {}
+unsafe impl<T> Sync for TensorDataset<T> {}
 
-impl Dataset for TensorDataset {
-    type Item = Vec<Tensor>;
+impl<T: TensorTuple> Dataset for TensorDataset<T> {
+    type Item = T;
 
     fn len(&self) -> usize {
         self.len
     }
 
-    fn get(&self, index: usize) -> Vec<Tensor> {
-        self.tensors.iter().map(|t| t.get(index as i64)).collect()
+    fn get(&self, index: usize) -> T {
+        T::from_rows(self.tensors.iter().map(|t| t.get(index as i64)).collect())
     }
 }
 
@@ -140,6 +194,27 @@ collate_tuples!((A: 0, B: 1), (A: 0, B: 1, C: 2), (A: 0, B: 1, C: 2, D: 3));
 mod tests {
     use super::*;
     use tch::Device;
+
+    #[test]
+    fn a_tensor_dataset_built_from_a_tuple_gives_tuples() {
+        let x = Tensor::arange(12, (Kind::Float, Device::Cpu)).view([6, 2]);
+        let y = Tensor::arange(6, (Kind::Int64, Device::Cpu));
+        let ds = TensorDataset::from_tensors((x, y)).unwrap();
+        let (xs, ys) = ds.get(4);
+        assert_eq!((xs.size(), ys.int64_value(&[])), (vec![2], 4));
+        let loader = crate::DataLoader::new(ds, 4);
+        let batches: Vec<(Tensor, Tensor)> = loader.iter().map(|b| b.unwrap()).collect();
+        assert_eq!(batches.len(), 2);
+        assert_eq!(batches[1].0.size(), [2, 2]);
+        assert_eq!(Vec::<i64>::try_from(&batches[1].1).unwrap(), vec![4, 5]);
+        let three = TensorDataset::from_tensors((
+            Tensor::ones([3], (Kind::Float, Device::Cpu)),
+            Tensor::ones([3, 2], (Kind::Float, Device::Cpu)),
+            Tensor::ones([4], (Kind::Float, Device::Cpu)),
+        ));
+        let err = three.err().unwrap().to_string();
+        assert!(err.contains("same first dimension"), "{err}");
+    }
 
     #[test]
     fn tensor_dataset_and_default_collation() {

@@ -8,7 +8,7 @@ mod loader;
 mod sampler;
 mod shard;
 
-pub use dataset::{Collate, Dataset, TensorDataset};
+pub use dataset::{Collate, Dataset, TensorDataset, TensorTuple};
 pub(crate) use dispatch::Coordination;
 pub use iterable::{IterableDataLoader, IterableDataLoaderShard, IterableDataset};
 pub use loader::{Batches, DataLoader, DataLoaderShard, ShardBatches, ShardOptions};

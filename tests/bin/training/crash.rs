@@ -36,9 +36,10 @@ pub fn accelerator(dir: &Path, mode: &str) -> hasten::Result<Accelerator> {
 
 pub fn save_loop(dir: &Path, mode: &str) -> Result<(), String> {
     let mut acc = accelerator(dir, mode).map_err(|e| e.to_string())?;
-    let mut vs = nn::VarStore::new(Device::Cpu);
+    let vs = nn::VarStore::new(Device::Cpu);
     model(&vs);
-    acc.prepare_model(&mut vs).map_err(|e| e.to_string())?;
+    let model = acc.prepare_model((), vs).map_err(|e| e.to_string())?;
+    let vs = model.var_store();
     let target = dir.join("ckpt");
     for i in 0u64.. {
         hasten::tch::no_grad(|| {
@@ -62,9 +63,10 @@ pub fn save_loop(dir: &Path, mode: &str) -> Result<(), String> {
 #[allow(dead_code)]
 pub fn load_after_kill(dir: &Path, mode: &str) -> Result<f64, String> {
     let mut acc = accelerator(dir, mode).map_err(|e| e.to_string())?;
-    let mut vs = nn::VarStore::new(Device::Cpu);
+    let vs = nn::VarStore::new(Device::Cpu);
     model(&vs);
-    acc.prepare_model(&mut vs).map_err(|e| e.to_string())?;
+    let model = acc.prepare_model((), vs).map_err(|e| e.to_string())?;
+    let vs = model.var_store();
     let input = (mode == "same").then(|| dir.join("ckpt"));
     acc.load_state(input.as_deref())
         .map_err(|e| e.to_string())?;
