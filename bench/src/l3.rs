@@ -41,13 +41,12 @@ fn first_step(t0: f64) -> Result<f64, hasten::Error> {
     let done = report::now() - t0;
     // The slowest rank decides: the max over ranks of each phase's end.
     let mut phases = Tensor::from_slice(&[entered, built, prepared, done]);
-    let mut group = acc.group();
+    let group = acc.group();
     // A gradient bucket this large never goes over TCP (see distributed/lazy.rs): with NCCL in the
     // group, the step's all-reduce went through it.
     let grad_bytes: usize = model.parameters().iter().map(|t| t.numel() * 4).sum();
     let uses_nccl = group.uses_nccl();
     group.all_reduce(&mut phases, ReduceOp::Max)?;
-    drop(group);
     let p = Vec::<f64>::try_from(&phases).unwrap_or_default();
     if acc.is_main_process() {
         report::emit(json!({

@@ -93,7 +93,7 @@ pub use device::{
     is_xpu_available, matmul_check, select_device,
 };
 pub use distributed::{
-    DEFAULT_COLLECTIVE_TIMEOUT, DEFAULT_RDZV_TIMEOUT, ProcessGroup, ReduceOp,
+    DEFAULT_COLLECTIVE_TIMEOUT, DEFAULT_RDZV_TIMEOUT, Group, ProcessGroup, ReduceOp,
     collective_timeout_from_env, nccl_version, rdzv_timeout_from_env,
 };
 pub use hasten_core::{

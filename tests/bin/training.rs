@@ -485,10 +485,15 @@ fn metrics_iterable(acc: &mut Accelerator, dispatched: bool) -> Check {
             dl.dispatches()
         ));
     }
+    // The group handle is kept across the loader's steps, which run their own collectives on the same
+    // group (a lock guard kept like this made the process wait on itself).
+    let group = acc.group().clone();
     let mut seen = Vec::new();
+    let mut steps = 0usize;
     for batch in dl.iter().map_err(err)? {
         let all = acc.gather_for_metrics(batch.map_err(err)?).map_err(err)?;
         seen.extend(Vec::<i64>::try_from(&all).map_err(err)?);
+        steps += group.all_gather_object(&1usize).map_err(err)?.len();
     }
     let mut sorted = seen.clone();
     sorted.sort_unstable();
@@ -497,6 +502,9 @@ fn metrics_iterable(acc: &mut Accelerator, dispatched: bool) -> Check {
             "gathered {} labels {seen:?}, want each of 0..21 once",
             seen.len()
         ));
+    }
+    if steps % acc.num_processes() != 0 || steps == 0 {
+        return Err(format!("{steps} answers to the per-step all_gather_object"));
     }
     Ok(())
 }

@@ -214,7 +214,7 @@ impl AcceleratorBuilder {
         });
         Ok(Accelerator {
             state,
-            group: Arc::new(Mutex::new(group)),
+            group: crate::Group::new(group),
             gradient,
             mixed_precision,
             dataloader: self.dataloader,
@@ -238,16 +238,11 @@ impl AcceleratorBuilder {
     }
 }
 
-/// The group, even if a thread panicked while holding it (a collective's state is per call).
-fn lock_group(group: &Mutex<ProcessGroup>) -> std::sync::MutexGuard<'_, ProcessGroup> {
-    group.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// Accelerate's `Accelerator`: prepares models, optimizers, schedulers and data loaders for the job this
 /// process belongs to, and runs the step logic (backward, accumulation, mixed precision, clipping).
 pub struct Accelerator {
     state: ProcessState,
-    group: Arc<Mutex<ProcessGroup>>,
+    group: crate::Group,
     gradient: GradientStateHandle,
     mixed_precision: PrecisionType,
     dataloader: DataLoaderConfiguration,
@@ -360,10 +355,11 @@ impl Accelerator {
         &self.state
     }
 
-    /// The process group, for collectives not wrapped here (shared with dispatching data loaders, so
-    /// it is behind a lock; do not hold it across a call that uses the Accelerator).
-    pub fn group(&self) -> std::sync::MutexGuard<'_, ProcessGroup> {
-        lock_group(&self.group)
+    /// The process group, for collectives not wrapped here. It is shared with the data loaders this
+    /// Accelerator prepared, and each of its methods locks it for that one operation, so it can be
+    /// kept (or cloned) across a loader's steps.
+    pub fn group(&self) -> &crate::Group {
+        &self.group
     }
 
     /// The shared gradient state.
@@ -410,10 +406,10 @@ impl Accelerator {
         if vs.device() != self.state.device {
             vs.set_device(self.state.device);
         }
-        ddp::broadcast_variables(&mut self.group(), &vs, self.ddp.broadcast_buffers)?;
+        ddp::broadcast_variables(&mut self.group.lock(), &vs, self.ddp.broadcast_buffers)?;
         let cap = (self.ddp.bucket_cap_mb * 1024.0 * 1024.0) as usize;
         let mut entry = ModelEntry::new(&vs, cap.max(1));
-        entry.hook(&self.group());
+        entry.hook(&self.group.lock());
         let entry = Arc::new(Mutex::new(entry));
         self.models.push(entry.clone());
         let precision = model::ForwardPrecision {
@@ -587,7 +583,7 @@ impl Accelerator {
             .collect();
         let mut entries: Vec<&mut ModelEntry> = guards.iter_mut().map(|g| &mut **g).collect();
         ddp::backward_with_averaging(
-            &mut lock_group(&self.group),
+            &mut self.group.lock(),
             &mut entries,
             self.ddp.find_unused_parameters,
             self.overlap,

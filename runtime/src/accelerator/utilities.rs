@@ -170,7 +170,7 @@ impl Accelerator {
     /// host generator, libtorch's CPU generator and (on GPUs) rank 0's GPU generator copied onto each
     /// rank's own GPU.
     pub fn synchronize_rng_states(&mut self) -> Result<()> {
-        crate::random::synchronize_rng_states(&mut self.group())
+        crate::random::synchronize_rng_states(&mut self.group.lock())
     }
 }
 

@@ -5,11 +5,10 @@
 
 use super::loader::ShardOptions;
 use crate::{
-    Error, GradientStateHandle, Layout, Nested, ProcessGroup, RNGType, Result, concatenate,
+    Error, GradientStateHandle, Group, Layout, Nested, RNGType, Result, concatenate,
     send_to_device, slice_tensors, tensors_of,
 };
 use serde::{Deserialize, Serialize};
-use std::sync::{Arc, Mutex};
 use tch::Tensor;
 
 /// How a prepared loader works with the other processes, beyond taking its shard.
@@ -19,14 +18,14 @@ pub(crate) enum Coordination {
     #[default]
     Alone,
     /// Process 0 reads the data and dispatches its batches through the group.
-    Dispatch(Arc<Mutex<ProcessGroup>>),
+    Dispatch(Group),
     /// These generators are copied from process 0 each time an epoch starts (`rng_types`).
-    SyncRng(Arc<Mutex<ProcessGroup>>, Vec<RNGType>),
+    SyncRng(Group, Vec<RNGType>),
 }
 
 impl Coordination {
     /// The group batches are dispatched through, if they are.
-    pub(crate) fn dispatch_group(&self) -> Option<&Arc<Mutex<ProcessGroup>>> {
+    pub(crate) fn dispatch_group(&self) -> Option<&Group> {
         match self {
             Coordination::Dispatch(group) => Some(group),
             _ => None,
@@ -36,8 +35,7 @@ impl Coordination {
     /// What happens on every process when an epoch of a (not dispatching) loader starts.
     pub(crate) fn start_epoch(&self) -> Result<()> {
         if let Coordination::SyncRng(group, types) = self {
-            let mut group = group.lock().unwrap_or_else(|e| e.into_inner());
-            crate::random::synchronize_rng_types(&mut group, types)?;
+            crate::random::synchronize_rng_types(&mut group.lock(), types)?;
         }
         Ok(())
     }
@@ -76,7 +74,7 @@ fn assemble<B: Nested>(layout: &Layout, tensors: Vec<Tensor>) -> Result<B> {
 pub(crate) struct Dispatch<I, B> {
     /// Process 0's batches (none elsewhere).
     source: Option<I>,
-    group: Arc<Mutex<ProcessGroup>>,
+    group: Group,
     options: ShardOptions,
     drop_last: bool,
     gradient_state: GradientStateHandle,
@@ -94,7 +92,7 @@ pub(crate) struct Dispatch<I, B> {
 impl<I: Iterator<Item = Result<B>>, B: Nested> Dispatch<I, B> {
     pub(crate) fn new(
         source: Option<I>,
-        group: Arc<Mutex<ProcessGroup>>,
+        group: Group,
         options: ShardOptions,
         drop_last: bool,
         gradient_state: GradientStateHandle,
@@ -174,7 +172,7 @@ impl<I: Iterator<Item = Result<B>>, B: Nested> Dispatch<I, B> {
         } else {
             (Message::Stop, None)
         };
-        let mut group = self.group.lock().unwrap_or_else(|e| e.into_inner());
+        let mut group = self.group.lock();
         let mut messages = vec![message];
         group.broadcast_object_list(&mut messages, 0)?;
         match messages.pop() {

@@ -11,6 +11,7 @@ mod cpu;
 mod lazy;
 mod nccl;
 mod rendezvous;
+mod shared;
 mod shm;
 mod stream;
 mod watchdog;
@@ -20,6 +21,7 @@ pub(crate) use shm::hostname;
 pub(crate) use stream::CommStream;
 
 pub use nccl::nccl_version;
+pub use shared::Group;
 
 pub use rendezvous::{DEFAULT_RDZV_TIMEOUT, rdzv_timeout_from_env};
 
