@@ -1,7 +1,8 @@
 # hasten's two set-up commands. Both run install/bootstrap.sh first (idempotent, cached outside the clone).
 #   make demo   2-process training run through `hasten launch` (CPU, or GPUs where present), then installs
 #               the Jupyter kernel and runs notebooks/quickstart.ipynb through it
-#   make test   formatting, lints, docs, then every test (Rust, then the kernel's Jupyter tests)
+#   make test   formatting, lints, docs, then every test (Rust, its doc examples, then the kernel's
+#               Jupyter tests)
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
 ENV = source "$$(./install/bootstrap.sh)"
@@ -29,5 +30,6 @@ test:
 	RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet; \
 	cargo build --workspace --bins --examples --locked; \
 	cargo nextest run --workspace --locked --no-fail-fast; \
+	cargo test --workspace --doc --locked --quiet; \
 	"$$CARGO_TARGET_DIR/debug/hasten-kernel" warm; \
 	"$$HASTEN_PYTHON" -m pytest tests/kernel -q

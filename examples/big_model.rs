@@ -6,9 +6,11 @@
 //!
 //! `big_model [FOLDER]` (default: a fresh temporary folder). Exit status 1 when the outputs differ.
 
+use hasten::big_modeling::{
+    DeviceKey, DeviceMapSpec, DispatchOptions, DispatchedSequential, ModelSkeleton,
+};
 use hasten::layers;
 use hasten::tch::{Device, Kind, Tensor, nn, nn::Module, nn::VarStore};
-use hasten::{DeviceKey, DeviceMapSpec, DispatchOptions, DispatchedSequential, ModelSkeleton};
 use std::path::PathBuf;
 
 const WIDTH: i64 = 256;
@@ -60,10 +62,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let skeleton = ModelSkeleton::from_var_store(&vs, &class_refs);
 
     // Room for three blocks on GPU 0 (when there is one) and three on the CPU; the rest goes to disk.
-    println!("CUDA available: {}", hasten::is_cuda_available());
+    println!("CUDA available: {}", hasten::utils::is_cuda_available());
     let block = (WIDTH * WIDTH + WIDTH) as u64 * 4;
     let mut max_memory = vec![(DeviceKey::Cpu, 3 * block)];
-    if hasten::is_cuda_available() {
+    if hasten::utils::is_cuda_available() {
         max_memory.insert(0, (DeviceKey::Gpu(0), 3 * block));
     }
     let offload = folder.join("offload");

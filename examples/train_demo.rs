@@ -7,9 +7,10 @@
 //! - on every GPU, in bf16:       `hasten launch --mixed_precision bf16 train_demo`
 //! - from a running program:      `train_demo --notebook 2` (calls `notebook_launcher` on itself)
 
+use hasten::data::{DataLoader, TensorDataset};
 use hasten::tch::nn;
 use hasten::tch::{Device, Kind, Tensor};
-use hasten::{Accelerator, DataLoader, Schedule, TensorDataset};
+use hasten::{Accelerator, Schedule};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -63,7 +64,7 @@ fn training_loop(cfg: Config) -> hasten::Result<f64> {
     // The prepared model owns the network and its variables: same weights on every rank, gradients
     // averaged in the backward, its forward under mixed precision with fp32 logits.
     let model = acc.prepare_model(net, vs)?;
-    let mut opt = acc.prepare_optimizer(hasten::AdamW::new(model.var_store(), cfg.lr));
+    let mut opt = acc.prepare_optimizer(hasten::optim::AdamW::new(model.var_store(), cfg.lr));
     let mut sched = acc.prepare_scheduler(
         Schedule::Cosine {
             warmup: total / 10,

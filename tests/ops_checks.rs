@@ -316,7 +316,7 @@ fn distinct_gpus(g: &mut ProcessGroup, c: &Ctx) -> Check {
     let Device::Cuda(index) = c.device else {
         return Err(format!("a rank using NCCL computes on {:?}", c.device));
     };
-    let gpus = hasten::cuda_devices().map_err(err)?;
+    let gpus = hasten::utils::cuda_devices().map_err(err)?;
     let mine = gpus
         .get(index)
         .ok_or_else(|| format!("cuda:{index} is not among the {} visible GPUs", gpus.len()))?;

@@ -7,11 +7,12 @@
 #[path = "report.rs"]
 mod report;
 
+use hasten::big_modeling::{
+    DeviceKey, DeviceMapSpec, DispatchOptions, DispatchedSequential, ModelSkeleton,
+};
+use hasten::layers;
 use hasten::tch::nn::{self, Module};
 use hasten::tch::{Cuda, Device, Kind, Tensor};
-use hasten::{
-    DeviceKey, DeviceMapSpec, DispatchOptions, DispatchedSequential, ModelSkeleton, layers,
-};
 use serde_json::json;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -118,10 +119,10 @@ fn block(p: &nn::Path) -> Box<dyn Module> {
 }
 
 fn sync_all() {
-    if !hasten::is_cuda_available() {
+    if !hasten::utils::is_cuda_available() {
         return;
     }
-    for i in 0..hasten::cuda_device_count() {
+    for i in 0..hasten::utils::cuda_device_count() {
         Cuda::synchronize(i as i64);
     }
 }
@@ -139,7 +140,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if mode == "h2d" {
         // The bus's ceiling: 1 GiB host → GPU 0 from pageable and from page-locked memory. (hasten first:
         // it loads libtorch's CUDA half, which tch's pin_memory needs.)
-        assert!(hasten::is_cuda_available(), "h2d needs a GPU");
+        assert!(hasten::utils::is_cuda_available(), "h2d needs a GPU");
         let host = Tensor::ones([1 << 30], (Kind::Uint8, Device::Cpu));
         let pinned = host.pin_memory(Device::Cuda(0));
         for (what, src) in [("pageable", &host), ("pinned", &pinned)] {
@@ -156,7 +157,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if mode == "maxmem" {
         // What planning costs before the first read: CUDA brought up on every GPU to ask for free memory.
         let t = Instant::now();
-        let memory = hasten::get_max_memory()?;
+        let memory = hasten::big_modeling::get_max_memory()?;
         report::emit(
             json!({"part": "get_max_memory", "s": t.elapsed().as_secs_f64(), "devices": memory.len()}),
         );
@@ -219,7 +220,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         counts
     };
     let folder = (mode == "offload").then_some(offload.as_path());
-    let main_device = if gpu && hasten::is_cuda_available() {
+    let main_device = if gpu && hasten::utils::is_cuda_available() {
         Device::Cuda(0)
     } else {
         Device::Cpu

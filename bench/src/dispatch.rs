@@ -9,8 +9,9 @@
 #[path = "report.rs"]
 mod report;
 
+use hasten::data::{IterableDataLoader, IterableDataset};
 use hasten::tch::{Device, Kind, Tensor};
-use hasten::{Accelerator, DataLoaderConfiguration, IterableDataLoader, IterableDataset};
+use hasten::{Accelerator, DataLoaderConfiguration};
 use serde_json::json;
 use std::time::Instant;
 

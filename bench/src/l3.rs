@@ -28,7 +28,7 @@ fn first_step(t0: f64) -> Result<f64, hasten::Error> {
         .add_fn(move |x| b.forward(x).relu())
         .add_fn(move |x| c.forward(x));
     let model = acc.prepare_model(net, vs)?;
-    let mut opt = acc.prepare_optimizer(hasten::Sgd::new(model.var_store(), 1e-2));
+    let mut opt = acc.prepare_optimizer(hasten::optim::Sgd::new(model.var_store(), 1e-2));
     let prepared = report::now() - t0;
     let x = Tensor::randn([128, 784], (Kind::Float, device));
     let y = Tensor::randint(10, [128], (Kind::Int64, device));

@@ -152,11 +152,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let vs = model.var_store();
     let lr = if is_m { 1e-4 } else { 1e-2 };
     let mut opt = if is_m {
-        acc.prepare_optimizer(hasten::AdamW::new(vs, lr))
+        acc.prepare_optimizer(hasten::optim::AdamW::new(vs, lr))
     } else if tch_opt {
-        acc.prepare_optimizer(hasten::TchOptimizer::build(nn::Sgd::default(), vs, lr)?)
+        acc.prepare_optimizer(hasten::optim::TchOptimizer::build(
+            nn::Sgd::default(),
+            vs,
+            lr,
+        )?)
     } else {
-        acc.prepare_optimizer(hasten::Sgd::new(vs, lr))
+        acc.prepare_optimizer(hasten::optim::Sgd::new(vs, lr))
     };
     let warmup: usize = arg(&args, "--warmup")
         .and_then(|s| s.parse().ok())

@@ -390,7 +390,7 @@ impl ClusterConfig {
 
 /// Writes a basic config for a machine with `num_gpus` GPUs to `save_location` (default:
 /// [`default_config_file`]), as `accelerate config default` does, and returns its path. Refuses to replace
-/// an existing file. (`hasten::write_basic_config` counts the GPUs itself.)
+/// an existing file. (`hasten::utils::write_basic_config` counts the GPUs itself.)
 pub fn write_basic_config_for(
     mixed_precision: PrecisionType,
     save_location: Option<&Path>,

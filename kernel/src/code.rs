@@ -120,7 +120,7 @@ fn debug_magic(args: &str) -> Magic {
         "off" | "0" | "false" | "no" => false,
         "" => {
             return Magic::Code(
-                "println!(\"debug mode is {}\", if hasten::debug_mode_from_env().unwrap_or(false) { \"on\" } else { \"off\" });"
+                "println!(\"debug mode is {}\", if hasten::utils::debug_mode_from_env().unwrap_or(false) { \"on\" } else { \"off\" });"
                     .to_owned(),
             );
         }

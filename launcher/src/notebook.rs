@@ -198,7 +198,7 @@ impl NotebookLauncher {
             return Err(LaunchError::Invalid(
                 "CUDA has been initialized in this process before notebook_launcher could fork its workers, \
                  and forked workers cannot use a CUDA context inherited from their parent. Keep every CUDA \
-                 call (tensors on a GPU, hasten::is_cuda_available, cuda_devices, …) inside the training \
+                 call (tensors on a GPU, hasten::utils::is_cuda_available, cuda_devices, …) inside the training \
                  function, then restart the kernel."
                     .into(),
             ));

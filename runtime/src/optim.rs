@@ -61,7 +61,7 @@ pub trait Optimizer: Send {
         Err(Error::InvalidValue {
             name: "optimizer".into(),
             detail: "this optimizer's state cannot be restored (tch's optimizers keep it inside libtorch; \
-                     hasten::AdamW and hasten::Sgd can)"
+                     hasten::optim::AdamW and hasten::optim::Sgd can)"
                 .into(),
         })
     }

@@ -298,11 +298,11 @@ mod tests {
     fn device_specific_adds_the_rank() {
         set_seed(43, false).unwrap();
         let plain = draw();
-        crate::patch_environment([("RANK", "1"), ("WORLD_SIZE", "2")], || {
+        crate::utils::patch_environment([("RANK", "1"), ("WORLD_SIZE", "2")], || {
             set_seed(42, true).unwrap();
         });
         assert_eq!(draw(), plain);
-        crate::patch_environment([("RANK", "x"), ("WORLD_SIZE", "2")], || {
+        crate::utils::patch_environment([("RANK", "x"), ("WORLD_SIZE", "2")], || {
             assert!(set_seed(42, true).unwrap_err().to_string().contains("RANK"));
         });
     }

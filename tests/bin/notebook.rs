@@ -168,7 +168,10 @@ fn main() {
             }
         }
         "refuse-cuda" => {
-            println!("cuda available here: {}", hasten::is_cuda_available());
+            println!(
+                "cuda available here: {}",
+                hasten::utils::is_cuda_available()
+            );
             match notebook_launcher(|()| Ok::<_, String>(()), (), 2) {
                 Err(e) => {
                     eprintln!("refused: {e}");

@@ -6,11 +6,13 @@
 //! (`rng_types: [torch]`), `rng_types_default`,
 //! `tracking PROJECT_DIR` (TensorBoard plus a custom tracker that logs on every rank). Prints `training check MODE: ok` or `... FAILED: why` and exits non-zero on failure.
 
+use hasten::data::{DataLoader, TensorDataset};
+use hasten::optim::TchOptimizer;
 use hasten::tch::nn::{self, Module, OptimizerConfig};
 use hasten::tch::{Device, Kind, Tensor};
 use hasten::{
-    Accelerator, DataLoader, DistributedDataParallelKwargs, GradientAccumulationPlugin,
-    PreparedModel, ReduceOp, Schedule, TchOptimizer, TensorDataset,
+    Accelerator, DistributedDataParallelKwargs, GradientAccumulationPlugin, PreparedModel,
+    ReduceOp, Schedule,
 };
 
 #[path = "training/crash.rs"]
@@ -205,7 +207,7 @@ fn loader(
     acc: &mut Accelerator,
     n: i64,
     batch: usize,
-) -> Result<hasten::DataLoaderShard<TensorDataset, Vec<Tensor>>, String> {
+) -> Result<hasten::data::DataLoaderShard<TensorDataset, Vec<Tensor>>, String> {
     let labels = Tensor::arange(n, (Kind::Int64, Device::Cpu));
     let features = labels.to_kind(Kind::Float).unsqueeze(1).repeat([1, 8]);
     let ds = TensorDataset::new(vec![features, labels]).map_err(err)?;
@@ -310,7 +312,7 @@ fn checkpoint(acc: &mut Accelerator, project: &std::path::Path) -> Check {
     let vs = nn::VarStore::new(device);
     let net = mlp(&vs.root());
     let model = acc.prepare_model(net, vs).map_err(err)?;
-    let mut opt = acc.prepare_optimizer(hasten::AdamW::new(model.var_store(), 0.01));
+    let mut opt = acc.prepare_optimizer(hasten::optim::AdamW::new(model.var_store(), 0.01));
     let mut sched = acc.prepare_scheduler(
         Schedule::Linear {
             warmup: 2,
@@ -384,7 +386,7 @@ fn checkpoint(acc: &mut Accelerator, project: &std::path::Path) -> Check {
         Err(e) if e.to_string().contains("model.safetensors") => {}
         other => return Err(format!("a truncated model.safetensors loaded as {other:?}")),
     }
-    let state = bad.join(hasten::ACCELERATOR_STATE_NAME);
+    let state = bad.join(hasten::accelerator::ACCELERATOR_STATE_NAME);
     let text = std::fs::read_to_string(&state).map_err(err)?;
     std::fs::write(&state, text.replace("\"models\": 1", "\"models\": 2")).map_err(err)?;
     match acc.load_state(Some(&bad)) {
@@ -405,7 +407,7 @@ fn rng(acc: &mut Accelerator) -> Check {
     // On a GPU the GPU's generator draws too.
     let gpu = acc.device();
     let draw = || {
-        let host = hasten::host_rng().next_u32() as f32;
+        let host = hasten::random::host_rng().next_u32() as f32;
         Tensor::cat(
             &[
                 Tensor::randn([3], (Kind::Float, Device::Cpu)),
@@ -467,7 +469,7 @@ fn metrics(acc: &mut Accelerator) -> Check {
 /// The same for an iterable dataset of known length, its batches dispatched from process 0 or not.
 fn metrics_iterable(acc: &mut Accelerator, dispatched: bool) -> Check {
     struct Labels;
-    impl hasten::IterableDataset for Labels {
+    impl hasten::data::IterableDataset for Labels {
         type Item = i64;
         fn iter(&self, _epoch: u64) -> Box<dyn Iterator<Item = i64> + Send + '_> {
             Box::new(0..21)
@@ -477,7 +479,7 @@ fn metrics_iterable(acc: &mut Accelerator, dispatched: bool) -> Check {
         }
     }
     let dl = acc
-        .prepare_iterable_data_loader(hasten::IterableDataLoader::new(Labels, 4))
+        .prepare_iterable_data_loader(hasten::data::IterableDataLoader::new(Labels, 4))
         .map_err(err)?;
     if dl.dispatches() != dispatched {
         return Err(format!(
@@ -566,7 +568,7 @@ fn dispatch(acc: &mut Accelerator) -> Check {
                 detail: "unreadable record 13".into(),
             });
         }
-        <Vec<Tensor> as hasten::Collate>::collate(items)
+        <Vec<Tensor> as hasten::data::Collate>::collate(items)
     });
     let dl = acc.prepare_data_loader(failing).map_err(err)?;
     let outcome: Result<Vec<_>, _> = dl.iter().map_err(err)?.collect();
@@ -650,7 +652,7 @@ fn main() {
                 ..Default::default()
             })
         }
-        "rng_types" => builder.rng_types(vec![hasten::RNGType::Torch]),
+        "rng_types" => builder.rng_types(vec![hasten::utils::RNGType::Torch]),
         "tracking" => {
             let dir = std::path::PathBuf::from(std::env::args().nth(2).unwrap_or_default());
             let rank = std::env::var("RANK").unwrap_or_default();
@@ -660,8 +662,8 @@ fn main() {
                     ..Default::default()
                 })
                 .log_with(vec![
-                    hasten::LoggerType::Tensorboard,
-                    hasten::LoggerType::Wandb,
+                    hasten::utils::LoggerType::Tensorboard,
+                    hasten::utils::LoggerType::Wandb,
                 ])
                 .tracker(tracking::LinesTracker::new(
                     dir.join(format!("custom_rank{rank}.txt")),

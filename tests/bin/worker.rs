@@ -72,7 +72,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     }
     if show_listen_fd {
         // Set, and naming a descriptor that is open in this process.
-        let inherited = std::env::var(hasten::RDZV_LISTEN_FD_VAR)
+        let inherited = std::env::var(hasten::utils::RDZV_LISTEN_FD_VAR)
             .ok()
             .and_then(|v| v.parse::<i32>().ok())
             // SAFETY: F_GETFD only reads the descriptor's flags.
@@ -83,7 +83,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     if cuda_elems > 0 {
         // One NCCL collective first, so a failure below strikes a launched NCCL operation (not the
         // communicator's creation).
-        let device = hasten::select_device(state.local_process_index(), false, 1);
+        let device = hasten::utils::select_device(state.local_process_index(), false, 1);
         let mut warm = Tensor::ones([cuda_elems], (Kind::Float, device));
         group.all_reduce(&mut warm, ReduceOp::Sum)?;
         println!(
@@ -130,7 +130,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let mut t = Tensor::from_slice(&[rank as f32 + 1.0]).to_kind(Kind::Float);
     if cuda_elems > 0 {
         // On this rank's GPU, so the all-reduce goes through NCCL.
-        let device = hasten::select_device(state.local_process_index(), false, 1);
+        let device = hasten::utils::select_device(state.local_process_index(), false, 1);
         t = t.to_device(device).repeat([cuda_elems]);
     }
     group.all_reduce(&mut t, ReduceOp::Sum)?;

@@ -297,7 +297,7 @@ def test_magics_launch_and_switch_debug_mode(kernel):
     assert "ACCELERATE_DEBUG_MODE=1" in stdout_of(outputs)
     code = (
         "fn report(_: ()) -> Result<bool, String> {\n"
-        "    let on = hasten::debug_mode_from_env().map_err(|e| e.to_string())?;\n"
+        "    let on = hasten::utils::debug_mode_from_env().map_err(|e| e.to_string())?;\n"
         '    println!("debug {on}");\n'
         "    Ok(on)\n"
         "}"

@@ -258,8 +258,8 @@ impl Accelerator {
                 None => {
                     eprintln!(
                         "hasten: warning: optimizer {i}'s state cannot be read (tch's optimizers keep it \
-                         inside libtorch); only its learning rate is saved. hasten::AdamW and \
-                         hasten::Sgd save theirs."
+                         inside libtorch); only its learning rate is saved. hasten::optim::AdamW and \
+                         hasten::optim::Sgd save theirs."
                     );
                     false
                 }

@@ -420,8 +420,8 @@ impl Accelerator {
         Ok(PreparedModel::new(module, vs, entry, precision))
     }
 
-    /// Wraps an optimizer (hasten's fused [`crate::AdamW`] or [`crate::Sgd`], a tch optimizer through
-    /// [`crate::TchOptimizer`], or any [`crate::Optimizer`]) built over a prepared model's variables. Its
+    /// Wraps an optimizer (hasten's fused [`crate::optim::AdamW`] or [`crate::optim::Sgd`], a tch optimizer through
+    /// [`crate::optim::TchOptimizer`], or any [`crate::Optimizer`]) built over a prepared model's variables. Its
     /// learning rate is the one it was built with.
     pub fn prepare_optimizer(
         &mut self,
@@ -762,7 +762,7 @@ mod tests {
         let names: Vec<String> = model.state_dict().into_iter().map(|(n, _)| n).collect();
         assert_eq!(names, ["fc.bias", "fc.weight"]);
         // The optimizer's learning rate is the one it was built with: given once.
-        let opt = acc.prepare_optimizer(crate::Sgd::new(model.var_store(), 0.25));
+        let opt = acc.prepare_optimizer(crate::optim::Sgd::new(model.var_store(), 0.25));
         assert_eq!(opt.lr(), 0.25);
         // no_sync marks the model for the body only.
         acc.no_sync(&model, |_| assert!(model.entry().no_sync));

@@ -25,7 +25,8 @@ pub(crate) struct ForwardPrecision {
 ///
 /// ```no_run
 /// use hasten::tch::nn;
-/// use hasten::{Accelerator, AdamW};
+/// use hasten::Accelerator;
+/// use hasten::optim::AdamW;
 ///
 /// let mut acc = Accelerator::new()?;
 /// let vs = nn::VarStore::new(acc.device());

@@ -255,7 +255,7 @@ mod tests {
     fn an_overflowing_fp16_step_is_skipped_and_the_scale_backs_off() {
         let vs = tch::nn::VarStore::new(Device::Cpu);
         let w = vs.root().ones("w", &[3]);
-        let opt = crate::TchOptimizer::build(tch::nn::Sgd::default(), &vs, 0.1).unwrap();
+        let opt = crate::optim::TchOptimizer::build(tch::nn::Sgd::default(), &vs, 0.1).unwrap();
         let scaler = Arc::new(Mutex::new(GradScaler::new(
             GradScalerKwargs::default(),
             Device::Cpu,

@@ -100,7 +100,7 @@ impl Accelerator {
     }
 
     /// Logs `values` at `step` to every tracker (main process only, as Accelerate). Build the values with
-    /// [`crate::log_values`]: `accelerator.log(&log_values([("loss", 0.5), ("lr", 1e-3)]), Some(step))`.
+    /// [`crate::tracking::log_values`]: `accelerator.log(&log_values([("loss", 0.5), ("lr", 1e-3)]), Some(step))`.
     pub fn log(&mut self, values: &[(String, LogValue)], step: Option<u64>) -> Result<()> {
         let is_main = self.is_main_process();
         for t in self.trackers.iter_mut() {

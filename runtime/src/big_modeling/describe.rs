@@ -601,10 +601,10 @@ mod tests {
         assert_eq!((sizes[""], sizes.get("embed")), (672, None));
         let map = crate::infer_auto_device_map(
             &skeleton,
-            &crate::DeviceMapOptions {
+            &crate::big_modeling::DeviceMapOptions {
                 max_memory: vec![
-                    (crate::DeviceKey::Gpu(0), 400),
-                    (crate::DeviceKey::Gpu(1), 10_000),
+                    (crate::big_modeling::DeviceKey::Gpu(0), 400),
+                    (crate::big_modeling::DeviceKey::Gpu(1), 10_000),
                 ],
                 no_split_module_classes: no_split,
                 ..Default::default()

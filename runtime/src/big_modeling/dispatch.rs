@@ -270,7 +270,7 @@ pub fn disk_offload(vs: &VarStore, folder: &Path, execution_device: Device) -> R
 mod tests {
     use super::super::var_store::natural_cmp;
     use super::*;
-    use crate::{DeviceKey, find_tied_parameters, retie_parameters};
+    use crate::big_modeling::{DeviceKey, find_tied_parameters, retie_parameters};
     use tch::{Tensor, nn};
 
     #[test]

@@ -325,8 +325,9 @@ impl Module for DispatchedSequential {
 mod tests {
     use super::super::dispatch::{cpu_offload, disk_offload, dispatch_model};
     use super::*;
+    use crate::big_modeling::LoadOptions;
     use crate::layers;
-    use crate::{LoadOptions, load_checkpoint_in_model};
+    use crate::load_checkpoint_in_model;
     use tch::Kind;
 
     fn blocks(vs: &VarStore) -> Vec<(String, Box<dyn Module>)> {
@@ -443,7 +444,7 @@ mod tests {
             "{index}"
         );
         assert_eq!(vs.variables()["3.weight"].kind(), Kind::Double);
-        let folder = crate::OffloadFolder::open(&offload).unwrap();
+        let folder = crate::big_modeling::OffloadFolder::open(&offload).unwrap();
         let kind = folder
             .with_module_on(&vs, "3", Device::Cpu, || vs.variables()["3.weight"].kind())
             .unwrap();

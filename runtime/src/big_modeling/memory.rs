@@ -403,7 +403,8 @@ mod tests {
 
     #[test]
     fn maps_from_balanced_memory() {
-        use crate::{DeviceMapOptions, infer_auto_device_map};
+        use crate::big_modeling::DeviceMapOptions;
+        use crate::infer_auto_device_map;
         let model = model_m();
         let no_split = vec!["Block".to_owned()];
         let map_for = |memory: &[(&str, &str)]| {

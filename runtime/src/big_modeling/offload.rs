@@ -119,7 +119,8 @@ impl OffloadFolder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{DeviceKey, LoadOptions, dispatch_model, load_checkpoint_in_model};
+    use crate::big_modeling::{DeviceKey, LoadOptions};
+    use crate::{dispatch_model, load_checkpoint_in_model};
     use tch::{Kind, nn, nn::Module};
 
     #[test]

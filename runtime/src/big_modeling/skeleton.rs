@@ -108,7 +108,7 @@ impl ModelSkeleton {
     /// sizes and device maps, but is not in the state dict, so [`check_device_map`] does not ask for a
     /// device for it.
     ///
-    /// [`check_device_map`]: crate::check_device_map
+    /// [`check_device_map`]: crate::big_modeling::check_device_map
     pub fn non_persistent_buffer(mut self, name: &str, shape: &[i64], kind: Kind) -> Self {
         self.non_persistent.insert(name.to_owned());
         self.buffer(name, shape, kind)

@@ -3,5 +3,5 @@
 
 fn main() {
     let check = std::env::args().skip(1).any(|a| a == "--check");
-    print!("{}", hasten::env_report(check));
+    print!("{}", hasten::utils::env_report(check));
 }

@@ -31,9 +31,9 @@ fn main() -> ExitCode {
     let name = model.to_string_lossy().into_owned();
     let is_description = name.ends_with(".json") && !name.ends_with(".index.json");
     let loaded = if is_description {
-        hasten::ModelSkeleton::from_json_description(&model)
+        hasten::big_modeling::ModelSkeleton::from_json_description(&model)
     } else {
-        hasten::ModelSkeleton::from_safetensors(&model).map(|s| (s, Vec::new()))
+        hasten::big_modeling::ModelSkeleton::from_safetensors(&model).map(|s| (s, Vec::new()))
     };
     match loaded {
         Ok((skeleton, no_split)) => {
@@ -41,7 +41,7 @@ fn main() -> ExitCode {
             let title = format!("Memory Usage for loading `{name}`");
             println!(
                 "{}",
-                hasten::estimate_memory_table(&skeleton, &no_split, &title, &dtypes)
+                hasten::big_modeling::estimate_memory_table(&skeleton, &no_split, &title, &dtypes)
             );
             ExitCode::SUCCESS
         }

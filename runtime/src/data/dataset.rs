@@ -202,7 +202,7 @@ mod tests {
         let ds = TensorDataset::from_tensors((x, y)).unwrap();
         let (xs, ys) = ds.get(4);
         assert_eq!((xs.size(), ys.int64_value(&[])), (vec![2], 4));
-        let loader = crate::DataLoader::new(ds, 4);
+        let loader = crate::data::DataLoader::new(ds, 4);
         let batches: Vec<(Tensor, Tensor)> = loader.iter().map(|b| b.unwrap()).collect();
         assert_eq!(batches.len(), 2);
         assert_eq!(batches[1].0.size(), [2, 2]);

@@ -405,17 +405,17 @@ macro_rules! nested_struct {
                     })?, )+
                 })
             }
-            fn layout(&self) -> $crate::Result<$crate::Layout> {
-                Ok($crate::Layout::Entries(vec![
+            fn layout(&self) -> $crate::Result<$crate::ops::Layout> {
+                Ok($crate::ops::Layout::Entries(vec![
                     $( (stringify!($field).to_owned(), $crate::Nested::layout(&self.$field)?), )+
                 ]))
             }
             fn from_layout(
-                layout: &$crate::Layout,
+                layout: &$crate::ops::Layout,
                 make: &mut dyn FnMut(&[i64], $crate::tch::Kind) -> $crate::Result<$crate::tch::Tensor>,
             ) -> $crate::Result<Self> {
                 let field = |name: &str| match layout {
-                    $crate::Layout::Entries(entries) => entries
+                    $crate::ops::Layout::Entries(entries) => entries
                         .iter()
                         .find(|(k, _)| k == name)
                         .map(|(_, l)| l.clone())

@@ -101,7 +101,7 @@ impl ProcessState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ContractSource;
+    use crate::utils::ContractSource;
 
     fn contract(rank: usize, world: usize, local_rank: usize, local_world: usize) -> EnvContract {
         EnvContract {
@@ -145,7 +145,7 @@ mod tests {
 
     #[test]
     fn from_env_reads_the_flags() {
-        crate::patch_environment(
+        crate::utils::patch_environment(
             [
                 ("RANK", "1"),
                 ("WORLD_SIZE", "2"),
@@ -160,7 +160,7 @@ mod tests {
                 assert_eq!(s.distributed_type, DistributedType::MultiCpu);
             },
         );
-        crate::patch_environment([("ACCELERATE_USE_CPU", "sometimes")], || {
+        crate::utils::patch_environment([("ACCELERATE_USE_CPU", "sometimes")], || {
             let err = ProcessState::from_env().unwrap_err().to_string();
             assert!(err.contains("ACCELERATE_USE_CPU"), "{err}");
         });

@@ -4,8 +4,9 @@
 //! tests/python/oracle/oracle_loaders.py).
 
 use super::{Check, err};
+use hasten::data::{DataLoader, TensorDataset};
 use hasten::tch::{Device, Kind, Tensor};
-use hasten::{Accelerator, DataLoader, DataLoaderConfiguration, TensorDataset};
+use hasten::{Accelerator, DataLoaderConfiguration};
 
 type Batches = Vec<Vec<i64>>;
 
@@ -85,7 +86,7 @@ fn want(p: usize, rank: usize) -> Option<Want> {
 
 struct Labels;
 
-impl hasten::IterableDataset for Labels {
+impl hasten::data::IterableDataset for Labels {
     type Item = i64;
     fn iter(&self, _epoch: u64) -> Box<dyn Iterator<Item = i64> + Send + '_> {
         Box::new(0..21)
@@ -149,7 +150,7 @@ pub fn loaders(acc: &mut Accelerator) -> Check {
         (true, &w.iter_dispatch, &w.iter_dispatch_skip1),
     ] {
         with_dispatch(acc, dispatch);
-        let loader = || hasten::IterableDataLoader::new(Labels, 4);
+        let loader = || hasten::data::IterableDataLoader::new(Labels, 4);
         let dl = acc.prepare_iterable_data_loader(loader()).map_err(err)?;
         let len = dl.len().ok_or("a sized iterable loader has a length")?;
         let got = dl

@@ -19,7 +19,7 @@ impl LinesTracker {
     }
 }
 
-impl hasten::GeneralTracker for LinesTracker {
+impl hasten::tracking::GeneralTracker for LinesTracker {
     fn name(&self) -> &str {
         "lines"
     }
@@ -30,7 +30,7 @@ impl hasten::GeneralTracker for LinesTracker {
 
     fn store_init_configuration(
         &mut self,
-        values: &[(String, hasten::LogValue)],
+        values: &[(String, hasten::tracking::LogValue)],
     ) -> hasten::Result<()> {
         self.lines.push(format!("config {}", values.len()));
         Ok(())
@@ -38,7 +38,7 @@ impl hasten::GeneralTracker for LinesTracker {
 
     fn log(
         &mut self,
-        values: &[(String, hasten::LogValue)],
+        values: &[(String, hasten::tracking::LogValue)],
         step: Option<u64>,
     ) -> hasten::Result<()> {
         self.lines.push(format!("step {step:?}: {values:?}"));
@@ -63,7 +63,7 @@ impl hasten::GeneralTracker for LinesTracker {
 /// Logs a short run to TensorBoard and the custom tracker; `tests/training.rs` reads the event files back
 /// with TensorBoard's own reader.
 pub fn tracking(acc: &mut Accelerator) -> Check {
-    use hasten::{LogValue, TensorBoardTracker, log_values};
+    use hasten::tracking::{LogValue, TensorBoardTracker, log_values};
     let config = log_values([
         ("lr", LogValue::from(0.01)),
         ("epochs", 3.into()),

@@ -1,7 +1,9 @@
 //! Loading, offloading and their errors, on small VarStores.
 
 use super::*;
-use crate::{load_offloaded_weight, load_offloaded_weights, offload_weight, save_offload_index};
+use crate::big_modeling::{
+    load_offloaded_weight, load_offloaded_weights, offload_weight, save_offload_index,
+};
 use serde_json::{Value, json};
 use tch::nn;
 

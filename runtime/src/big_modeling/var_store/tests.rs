@@ -2,7 +2,8 @@
 //! Expected values: Accelerate 1.15.0 (tests/python/oracle/oracle_bigmodel_tied.py, oracle_bigmodel_devmap.py).
 
 use super::*;
-use crate::{DeviceKey, DeviceMapOptions, infer_auto_device_map, parse_device_key};
+use crate::big_modeling::{DeviceKey, DeviceMapOptions, parse_device_key};
+use crate::infer_auto_device_map;
 use std::collections::BTreeMap;
 use tch::{Device, Kind, nn};
 

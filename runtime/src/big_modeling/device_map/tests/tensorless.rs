@@ -5,7 +5,7 @@ use super::*;
 fn mem(entries: &[(&str, u64)]) -> Vec<(DeviceKey, u64)> {
     entries
         .iter()
-        .map(|(d, m)| (crate::parse_device_key(d).unwrap(), *m))
+        .map(|(d, m)| (crate::big_modeling::parse_device_key(d).unwrap(), *m))
         .collect()
 }
 
@@ -342,7 +342,9 @@ fn a_split_module_drops_its_direct_buffers() {
             ..Default::default()
         },
     );
-    let err = crate::check_device_map(&c, &map).unwrap_err().to_string();
+    let err = crate::big_modeling::check_device_map(&c, &map)
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains(
             "The device_map provided does not give any device for the following parameters: mod.scale"
@@ -397,7 +399,7 @@ fn check(model: &ModelSkeleton, keys: &[&str]) -> (Vec<String>, Option<String>) 
         .iter()
         .map(|k| ((*k).to_owned(), DeviceKey::Cpu))
         .collect();
-    match crate::check_device_map(model, &map) {
+    match crate::big_modeling::check_device_map(model, &map) {
         Ok(warnings) => (warnings, None),
         Err(e) => {
             let warnings = crate::big_modeling::dispatch::unknown_keys_warning(model, &map)
@@ -520,7 +522,7 @@ fn check_device_map_warns_for_every_key_that_is_not_a_module() {
         ])
     );
     assert_eq!(
-        crate::check_device_map(&m, &auto).unwrap(),
+        crate::big_modeling::check_device_map(&m, &auto).unwrap(),
         warn("['p', 'np_buf']")
     );
 }
