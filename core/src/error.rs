@@ -206,11 +206,13 @@ pub enum Error {
         op: &'static str,
     },
 
-    /// A model handle this Accelerator did not hand out (or one from before `free_memory`).
-    #[error("model handle {index} was not prepared by this Accelerator")]
+    /// An Accelerator operation was given a model another Accelerator prepared.
+    #[error("{op}: this model ({variables} variables) was prepared by another Accelerator")]
     UnknownModel {
-        /// The handle's index.
-        index: usize,
+        /// The operation.
+        op: &'static str,
+        /// How many variables the model has, to tell which one it is.
+        variables: usize,
     },
 
     /// A data loader's worker thread ended before producing a batch (it panicked or its dataset failed).

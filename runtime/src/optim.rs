@@ -1,4 +1,5 @@
-//! Optimizers as the Accelerator drives them: tch's (any `nn::Optimizer`), and fused AdamW and SGD.
+//! Optimizers as the Accelerator drives them: tch's (through [`TchOptimizer`], which keeps the learning
+//! rate libtorch does not give back), and fused AdamW and SGD.
 //!
 //! Two things PyTorch users get by default and tch does not: `zero_grad` drops gradients instead of
 //! zero-filling them (set_to_none, PyTorch's default since 2.0: the next backward writes instead of
@@ -128,6 +129,13 @@ impl TchOptimizer {
     /// The tch optimizer.
     pub fn inner(&self) -> &tch::nn::Optimizer {
         &self.inner
+    }
+
+    /// The tch optimizer, mutably: per-group learning rates, weight decay or momentum
+    /// (`set_lr_group`, `set_weight_decay_group`, …). Set the learning rate itself through
+    /// [`Optimizer::set_lr`], which this type remembers.
+    pub fn inner_mut(&mut self) -> &mut tch::nn::Optimizer {
+        &mut self.inner
     }
 }
 

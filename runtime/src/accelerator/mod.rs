@@ -38,6 +38,13 @@ use std::sync::{Arc, Mutex, Weak};
 use tch::{Device, Tensor};
 
 /// What the Accelerator keeps of a prepared optimizer, for `save_state`/`load_state`.
+/// A model this Accelerator prepared, as its backward sees it: the gradient bookkeeping, and whether the
+/// user still holds the [`PreparedModel`] (a dropped model is no longer averaged).
+struct ModelLink {
+    entry: Arc<Mutex<ModelEntry>>,
+    alive: Weak<()>,
+}
+
 struct OptimizerLink {
     opt: Weak<Mutex<Box<dyn crate::Optimizer>>>,
     lr: Arc<Mutex<f64>>,
@@ -224,6 +231,7 @@ impl AcceleratorBuilder {
             scaler,
             skipped: Arc::new(AtomicBool::new(false)),
             models: Vec::new(),
+            averaged: Vec::new(),
             optimizers: Vec::new(),
             schedulers: Vec::new(),
             overlap: reducer::overlap_from_env(),
@@ -251,8 +259,11 @@ pub struct Accelerator {
     project: ProjectConfiguration,
     scaler: Option<Arc<Mutex<GradScaler>>>,
     skipped: Arc<AtomicBool>,
-    /// Each prepared model's gradient bookkeeping, shared with the [`PreparedModel`] the user holds.
+    /// The prepared models `save_state` writes, in order (Accelerate's `_models`; `free_memory` clears it).
     models: Vec<Arc<Mutex<ModelEntry>>>,
+    /// Every model this Accelerator prepared that the user still holds: the backward averages their
+    /// gradients (after `free_memory` too, as a DDP-wrapped module keeps doing in PyTorch).
+    averaged: Vec<ModelLink>,
     optimizers: Vec<OptimizerLink>,
     /// Each prepared scheduler's step count and learning-rate cell.
     schedulers: Vec<(Arc<AtomicUsize>, Arc<Mutex<f64>>)>,
@@ -411,13 +422,18 @@ impl Accelerator {
         let mut entry = ModelEntry::new(&vs, cap.max(1));
         entry.hook(&self.group.lock());
         let entry = Arc::new(Mutex::new(entry));
+        let alive = Arc::new(());
         self.models.push(entry.clone());
+        self.averaged.push(ModelLink {
+            entry: entry.clone(),
+            alive: Arc::downgrade(&alive),
+        });
         let precision = model::ForwardPrecision {
             device: self.state.device,
             mixed_precision: self.mixed_precision,
             enabled: self.autocast.enabled,
         };
-        Ok(PreparedModel::new(module, vs, entry, precision))
+        Ok(PreparedModel::new(module, vs, entry, alive, precision))
     }
 
     /// Wraps an optimizer (hasten's fused [`crate::optim::AdamW`] or [`crate::optim::Sgd`], a tch optimizer through
@@ -575,10 +591,11 @@ impl Accelerator {
         if !sync {
             return loss.f_backward().map_err(torch);
         }
+        self.averaged.retain(|m| m.alive.strong_count() > 0);
         let mut guards: Vec<std::sync::MutexGuard<'_, ModelEntry>> = self
-            .models
+            .averaged
             .iter()
-            .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()))
+            .map(|m| m.entry.lock().unwrap_or_else(|e| e.into_inner()))
             .filter(|m| !m.no_sync)
             .collect();
         let mut entries: Vec<&mut ModelEntry> = guards.iter_mut().map(|g| &mut **g).collect();
@@ -597,7 +614,7 @@ impl Accelerator {
     /// prepared optimizers and schedulers step, only on synchronising micro-batches.
     pub fn accumulate(&mut self) -> bool {
         let mut g = self.gradient.lock();
-        if g.sync_with_dataloader && g.end_of_dataloader {
+        if g.sync_with_dataloader && g.at_end_of_dataloader() {
             self.step = 0;
             g.sync_gradients = true;
         } else {
@@ -607,20 +624,44 @@ impl Accelerator {
         g.sync_gradients
     }
 
-    /// Runs `body` without averaging `model`'s gradients in its backward passes (DDP's `no_sync`).
+    /// Runs `body` without averaging `model`'s gradients in its backward passes (DDP's `no_sync`). The
+    /// model synchronises as before once `body` returns or panics (a notebook cell that panicked
+    /// leaves the model as it was).
     pub fn no_sync<M, R>(
         &mut self,
         model: &PreparedModel<M>,
         body: impl FnOnce(&mut Self) -> R,
     ) -> R {
+        /// Puts the previous flag back when dropped, on return and on unwinding alike.
+        struct Restore<'a>(&'a Mutex<ModelEntry>, bool);
+        impl Drop for Restore<'_> {
+            fn drop(&mut self) {
+                self.0.lock().unwrap_or_else(|e| e.into_inner()).no_sync = self.1;
+            }
+        }
         let previous = std::mem::replace(&mut model.entry().no_sync, true);
-        let out = body(self);
-        model.entry().no_sync = previous;
-        out
+        let _restore = Restore(&model.entry, previous);
+        body(self)
+    }
+
+    /// An error unless this Accelerator prepared `model` (and the user still holds it).
+    fn check_prepared<M>(&self, op: &'static str, model: &PreparedModel<M>) -> Result<()> {
+        if self
+            .averaged
+            .iter()
+            .any(|m| Arc::ptr_eq(&m.entry, &model.entry))
+        {
+            return Ok(());
+        }
+        Err(Error::UnknownModel {
+            op,
+            variables: model.entry().named.len(),
+        })
     }
 
     /// Divides fp16 gradients by the loss scale now (before clipping or inspecting them).
     pub fn unscale_gradients<M>(&mut self, model: &PreparedModel<M>) -> Result<()> {
+        self.check_prepared("unscale_gradients", model)?;
         if let Some(scaler) = &self.scaler {
             let params: Vec<Tensor> = model
                 .entry()
@@ -714,15 +755,15 @@ impl Accelerator {
         model.state_dict()
     }
 
-    /// Forgets every prepared model and resets the accumulation counter (Accelerate's `free_memory`).
-    /// The [`PreparedModel`]s stay usable; their gradients are no longer averaged or saved.
+    /// Accelerate's `free_memory`: forgets the prepared models, optimizers and schedulers (`save_state`
+    /// no longer writes them) and resets the accumulation counter. As in PyTorch, where the user's
+    /// DDP-wrapped module keeps averaging, a [`PreparedModel`] still held is still averaged in the
+    /// backward; dropping it ends that.
     pub fn free_memory(&mut self) {
         self.models.clear();
+        self.optimizers.clear();
+        self.schedulers.clear();
         self.step = 0;
-        *self.gradient.lock() = GradientState {
-            num_steps: self.gradient.get().num_steps,
-            ..GradientState::default()
-        };
     }
 }
 
@@ -764,8 +805,13 @@ mod tests {
         // The optimizer's learning rate is the one it was built with: given once.
         let opt = acc.prepare_optimizer(crate::optim::Sgd::new(model.var_store(), 0.25));
         assert_eq!(opt.lr(), 0.25);
-        // no_sync marks the model for the body only.
+        // no_sync marks the model for the body only, and a panicking body puts the flag back too.
         acc.no_sync(&model, |_| assert!(model.entry().no_sync));
+        assert!(!model.entry().no_sync);
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            acc.no_sync(&model, |_| panic!("in the body"))
+        }));
+        assert!(panicked.is_err());
         assert!(!model.entry().no_sync);
         // accumulate returns whether this micro-batch synchronises.
         assert!(acc.accumulate());
@@ -774,5 +820,73 @@ mod tests {
         assert_eq!(model.forward(&x).unwrap().size(), [4, 2]);
         let (_, vs) = model.into_inner();
         assert_eq!(vs.trainable_variables().len(), 2);
+    }
+
+    #[test]
+    fn models_from_elsewhere_are_refused_and_dropped_ones_are_no_longer_averaged() {
+        let build = || {
+            let vs = tch::nn::VarStore::new(Device::Cpu);
+            let net = tch::nn::linear(vs.root() / "fc", 3, 2, Default::default());
+            (net, vs)
+        };
+        let mut acc = Accelerator::builder().cpu(true).build().unwrap();
+        let mut other = Accelerator::builder().cpu(true).build().unwrap();
+        let (net, vs) = build();
+        let theirs = other.prepare_model(net, vs).unwrap();
+        let err = acc.clip_grad_norm_(&theirs, 1.0, 2.0).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::UnknownModel {
+                    op: "unscale_gradients",
+                    variables: 2
+                }
+            ),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("prepared by another Accelerator"),
+            "{err}"
+        );
+        let (net, vs) = build();
+        let mine = acc.prepare_model(net, vs).unwrap();
+        let x = Tensor::ones([4, 3], (tch::Kind::Float, Device::Cpu));
+        acc.backward(&mine.forward(&x).unwrap().sum(tch::Kind::Float))
+            .unwrap();
+        assert_eq!(acc.averaged.len(), 1);
+        drop(mine);
+        let (net, vs) = build();
+        let next = acc.prepare_model(net, vs).unwrap();
+        acc.backward(&next.forward(&x).unwrap().sum(tch::Kind::Float))
+            .unwrap();
+        assert_eq!(acc.averaged.len(), 1, "the dropped model is still averaged");
+    }
+
+    #[test]
+    fn outputs_are_fp32_even_with_autocast_disabled_and_loaders_end_inside_them() {
+        let mut acc = Accelerator::builder()
+            .cpu(true)
+            .mixed_precision(PrecisionType::Bf16)
+            .autocast_kwargs(AutocastKwargs { enabled: false })
+            .build()
+            .unwrap();
+        let vs = tch::nn::VarStore::new(Device::Cpu);
+        let w = vs.root().ones("w", &[2, 2]).to_kind(tch::Kind::BFloat16);
+        let model = acc.prepare_model(w, vs).unwrap();
+        let x = Tensor::ones([1, 2], (tch::Kind::BFloat16, Device::Cpu));
+        // No autocast: the matmul runs in the inputs' bf16; the output comes back as fp32.
+        assert_eq!(
+            model.call(|w| x.matmul(w)).unwrap().kind(),
+            tch::Kind::Float
+        );
+        // A loader that has finished no longer counts as "at its end": accumulation goes on.
+        let mut g = acc.gradient.lock();
+        g.num_steps = 2;
+        g.end_of_dataloader = true;
+        g.in_dataloader = false;
+        drop(g);
+        assert!(!acc.accumulate(), "a finished loader forced a sync");
+        acc.gradient.lock().in_dataloader = true;
+        assert!(acc.accumulate(), "the last batch of a loader did not sync");
     }
 }

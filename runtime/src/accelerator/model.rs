@@ -41,6 +41,9 @@ pub struct PreparedModel<M> {
     module: M,
     vs: VarStore,
     pub(crate) entry: Arc<Mutex<ModelEntry>>,
+    /// The Accelerator holds a weak link to this: once the model is dropped, its backward stops
+    /// averaging the model's gradients.
+    _alive: Arc<()>,
     precision: ForwardPrecision,
 }
 
@@ -49,26 +52,34 @@ impl<M> PreparedModel<M> {
         module: M,
         vs: VarStore,
         entry: Arc<Mutex<ModelEntry>>,
+        alive: Arc<()>,
         precision: ForwardPrecision,
     ) -> Self {
         PreparedModel {
             module,
             vs,
             entry,
+            _alive: alive,
             precision,
         }
     }
 
     /// Runs `f` over the module as Accelerate's prepared model runs its forward: under the Accelerator's
     /// mixed precision (fp16/bf16 autocast), with every fp16/bf16 tensor of the output converted to fp32
-    /// (`convert_outputs_to_fp32`), so losses and metrics are computed in full precision. For modules
-    /// whose forward is not [`Module::forward`]: `model.call(|m| m.forward_with_mask(&x, &mask))?`.
+    /// (`convert_outputs_to_fp32`), so losses and metrics are computed in full precision. With
+    /// `AutocastKwargs { enabled: false }` the forward runs without autocast and its outputs are still
+    /// converted, as in Accelerate. For modules whose forward is not [`Module::forward`]:
+    /// `model.call(|m| m.forward_with_mask(&x, &mask))?`.
     pub fn call<T: Nested>(&self, f: impl FnOnce(&M) -> T) -> Result<T> {
         let p = self.precision;
-        if p.mixed_precision == PrecisionType::No || !p.enabled {
+        if p.mixed_precision == PrecisionType::No {
             return Ok(f(&self.module));
         }
-        let out = autocast(p.device, p.mixed_precision, || f(&self.module))?;
+        let out = if p.enabled {
+            autocast(p.device, p.mixed_precision, || f(&self.module))?
+        } else {
+            f(&self.module)
+        };
         crate::convert_to_fp32(out)
     }
 
@@ -120,8 +131,8 @@ impl<M> PreparedModel<M> {
             .collect()
     }
 
-    /// The module and its VarStore, unprepared (Accelerate's `unwrap_model`). The Accelerator keeps
-    /// averaging the variables' gradients until `free_memory`.
+    /// The module and its VarStore, unprepared (Accelerate's `unwrap_model`): the Accelerator no longer
+    /// averages their gradients.
     pub fn into_inner(self) -> (M, VarStore) {
         (self.module, self.vs)
     }

@@ -5,7 +5,7 @@ use super::precision::GradScaler;
 use crate::optim::Optimizer;
 use crate::{GradientStateHandle, Result};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use tch::Tensor;
 
 /// The optimizer, shared with the Accelerator that prepared it (for `save_state`/`load_state`).
@@ -100,9 +100,11 @@ impl AcceleratedOptimizer {
         *self.lr.lock().unwrap_or_else(|e| e.into_inner()) = lr;
     }
 
-    /// The wrapped optimizer (locked while the guard lives).
-    pub fn inner(&self) -> MutexGuard<'_, Box<dyn Optimizer>> {
-        self.opt.lock().unwrap_or_else(|e| e.into_inner())
+    /// Runs `f` on the wrapped optimizer. (A closure rather than a lock guard: `save_state` and
+    /// `load_state` reach the optimizer too, and a guard kept across them would make the process wait on
+    /// itself.)
+    pub fn with_inner<R>(&self, f: impl FnOnce(&mut dyn Optimizer) -> R) -> R {
+        f(self.opt.lock().unwrap_or_else(|e| e.into_inner()).as_mut())
     }
 
     pub(crate) fn shared(&self) -> SharedOptimizer {

@@ -19,8 +19,8 @@ impl Accelerator {
     pub fn gather_for_metrics<T: Nested>(&mut self, data: T) -> Result<T> {
         let gathered = self.group().gather(data)?;
         let g = self.gradient.get();
-        if g.end_of_dataloader && g.remainder > 0 {
-            return slice_tensors(gathered, 0..g.remainder);
+        if g.at_end_of_dataloader() && g.active_remainder() > 0 {
+            return slice_tensors(gathered, 0..g.active_remainder());
         }
         Ok(gathered)
     }
@@ -32,8 +32,8 @@ impl Accelerator {
     ) -> Result<Vec<T>> {
         let mut all = self.group().gather_object(items)?;
         let g = self.gradient.get();
-        if g.end_of_dataloader && g.remainder > 0 {
-            all.truncate(g.remainder as usize);
+        if g.at_end_of_dataloader() && g.active_remainder() > 0 {
+            all.truncate(g.active_remainder() as usize);
         }
         Ok(all)
     }

@@ -8,13 +8,16 @@ use crate::ops::Reduction;
 use crate::{Nested, ReduceOp, Result};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use std::cell::RefCell;
+use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tch::Tensor;
 
 /// A shared [`ProcessGroup`] (what [`crate::Accelerator::group`] gives): cloning it is cheap, and each
 /// method locks the group for that one operation only, so holding a `Group` never blocks a prepared
-/// data loader (which runs its own collectives on it). The methods are [`ProcessGroup`]'s.
+/// data loader (which runs its own collectives on it). The methods are [`ProcessGroup`]'s. As with any
+/// process group, issue collectives from one thread, in the same order on every rank.
 #[derive(Clone)]
 pub struct Group {
     inner: Arc<Mutex<ProcessGroup>>,
@@ -31,6 +34,41 @@ impl std::fmt::Debug for Group {
     }
 }
 
+thread_local! {
+    /// The groups this thread holds locked, by address.
+    static HELD: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A locked [`Group`]: the process group, until dropped.
+pub(crate) struct GroupGuard<'a> {
+    guard: MutexGuard<'a, ProcessGroup>,
+    key: usize,
+}
+
+impl Deref for GroupGuard<'_> {
+    type Target = ProcessGroup;
+    fn deref(&self) -> &ProcessGroup {
+        &self.guard
+    }
+}
+
+impl DerefMut for GroupGuard<'_> {
+    fn deref_mut(&mut self) -> &mut ProcessGroup {
+        &mut self.guard
+    }
+}
+
+impl Drop for GroupGuard<'_> {
+    fn drop(&mut self) {
+        HELD.with(|held| {
+            let mut held = held.borrow_mut();
+            if let Some(i) = held.iter().rposition(|k| *k == self.key) {
+                held.remove(i);
+            }
+        });
+    }
+}
+
 impl Group {
     /// Shares `group`.
     pub fn new(group: ProcessGroup) -> Self {
@@ -40,13 +78,26 @@ impl Group {
     }
 
     /// The group, locked until the guard drops (even if a thread panicked while holding it: a
-    /// collective's state is per call).
-    pub(crate) fn lock(&self) -> MutexGuard<'_, ProcessGroup> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    /// collective's state is per call). Locking it again on the same thread (a `Group` method, or an
+    /// Accelerator call that communicates, inside [`Group::with`]) panics with a message that says so,
+    /// instead of waiting forever on itself.
+    pub(crate) fn lock(&self) -> GroupGuard<'_> {
+        let key = Arc::as_ptr(&self.inner) as usize;
+        if HELD.with(|held| held.borrow().contains(&key)) {
+            panic!(
+                "the process group is already locked by this thread: inside Group::with, use the \
+                 ProcessGroup it passes, not the Accelerator, a data loader or another Group handle"
+            );
+        }
+        let guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        HELD.with(|held| held.borrow_mut().push(key));
+        GroupGuard { guard, key }
     }
 
     /// Runs `f` with the group locked, for several operations in a row that no other thread may
-    /// interleave with. Do not iterate a prepared data loader inside `f`: it needs the group too.
+    /// interleave with. Inside `f`, use only the group it passes: anything else that communicates
+    /// (the Accelerator's collectives, `backward`, a prepared data loader) needs the same lock, and
+    /// panics saying so.
     pub fn with<R>(&self, f: impl FnOnce(&mut ProcessGroup) -> R) -> R {
         f(&mut self.lock())
     }
@@ -163,5 +214,27 @@ impl Group {
     ) -> Result<T> {
         self.lock()
             .pad_across_processes(data, dim, pad_index, pad_first)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn locking_the_group_again_inside_with_panics_with_a_clear_message() {
+        let state = crate::ProcessState::from_env().unwrap();
+        let group = Group::new(ProcessGroup::init(&state).unwrap());
+        assert_eq!(group.with(|g| g.world_size()), 1);
+        let again = group.clone();
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            group.with(|_| again.barrier())
+        }));
+        let message = outcome.unwrap_err();
+        let text = message.downcast_ref::<&str>().copied().unwrap_or_default();
+        assert!(text.contains("already locked by this thread"), "{text}");
+        // The lock and the record of it were released on the way out: the group works again.
+        group.barrier().unwrap();
+        assert_eq!(group.rank(), 0);
     }
 }

@@ -26,6 +26,24 @@ pub struct GradientState {
     pub adjust_scheduler: bool,
 }
 
+impl GradientState {
+    /// True on the last batch of a data loader being iterated (Accelerate's `end_of_dataloader`
+    /// property): outside a loader it is false, whatever the last loader left.
+    pub fn at_end_of_dataloader(&self) -> bool {
+        self.in_dataloader && self.end_of_dataloader
+    }
+
+    /// The real samples of the active loader's last global batch (Accelerate's `remainder`
+    /// property): -1 outside a loader.
+    pub fn active_remainder(&self) -> i64 {
+        if self.in_dataloader {
+            self.remainder
+        } else {
+            -1
+        }
+    }
+}
+
 impl Default for GradientState {
     fn default() -> Self {
         GradientState {
