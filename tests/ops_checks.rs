@@ -259,7 +259,17 @@ fn debug_mode(g: &mut ProcessGroup, c: &Ctx) -> Check {
             ("gather", g.gather(t.shallow_clone()).map(drop)),
         ] {
             match outcome {
-                Err(Error::DistributedOperation { message }) => {
+                Err(e @ Error::RankShapeMismatch { .. }) => {
+                    if let Error::RankShapeMismatch { shapes, .. } = &e {
+                        // The shapes as data: rank 0's and rank 1's tensors.
+                        if shapes.len() != c.p
+                            || shapes[0] != [vec![1, 5]]
+                            || shapes[1] != [vec![1, 2, 5]]
+                        {
+                            return Err(format!("{op}: per-rank shapes {shapes:?}"));
+                        }
+                    }
+                    let message = e.to_string();
                     for needle in [
                         "Cannot apply desired operation due to shape mismatches".to_owned(),
                         format!("Operation: `hasten::ops::{op}`"),
@@ -281,7 +291,7 @@ fn debug_mode(g: &mut ProcessGroup, c: &Ctx) -> Check {
                 op: "pad_across_processes",
                 source,
             }) => {
-                if !matches!(*source, Error::DistributedOperation { .. }) {
+                if !matches!(*source, Error::RankShapeMismatch { .. }) {
                     return Err(format!("pad chained the wrong error: {source}"));
                 }
             }
@@ -299,8 +309,9 @@ fn debug_mode(g: &mut ProcessGroup, c: &Ctx) -> Check {
                 c.mine()
             };
             match g.gather(wrong) {
-                Err(Error::DistributedOperation { message })
-                    if message.contains("process 1 passed one on cpu") => {}
+                Err(Error::RankDeviceMismatch {
+                    rank: 1, ref found, ..
+                }) if found == "cpu" => {}
                 other => return Err(format!("a CPU tensor on a GPU run gave {other:?}")),
             }
         }

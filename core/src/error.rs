@@ -224,11 +224,32 @@ pub enum Error {
         batch: usize,
     },
 
-    /// Debug mode found tensors that differ across ranks (Accelerate's DistributedOperationException).
-    #[error("{message}")]
-    DistributedOperation {
-        /// The report, one line per process.
-        message: String,
+    /// Debug mode found tensors whose shapes differ across ranks (Accelerate's
+    /// DistributedOperationException, with its message).
+    #[error("{}", shape_mismatch_message(operation, shapes))]
+    RankShapeMismatch {
+        /// The operation, as Accelerate names it (`hasten::ops::gather`, …).
+        operation: String,
+        /// Every rank's tensor shapes, by rank.
+        shapes: Vec<Vec<Vec<i64>>>,
+    },
+
+    /// Debug mode found a tensor on another device type than the one the processes compute on
+    /// (Accelerate's DistributedOperationException, with its message).
+    #[error(
+        "One or more of the tensors passed to {operation} were not on the {expected} while the process is \
+         configured for {expected} (process {rank} passed one on {found}). Please move it to the {expected} \
+         before calling {operation}."
+    )]
+    RankDeviceMismatch {
+        /// The operation, as Accelerate names it.
+        operation: String,
+        /// The device type the processes compute on (`cuda`, `cpu`).
+        expected: String,
+        /// The first rank that passed a tensor elsewhere.
+        rank: usize,
+        /// Where that tensor was.
+        found: String,
     },
 
     /// An operation failed inside another one (Accelerate's chained_operation).
@@ -270,6 +291,31 @@ pub enum Error {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+}
+
+/// Accelerate's shape-mismatch report: the operation, then one line per process with its shapes (one
+/// tensor's shape alone, several as a list).
+fn shape_mismatch_message(operation: &str, shapes: &[Vec<Vec<i64>>]) -> String {
+    let text = |tensors: &Vec<Vec<i64>>| match tensors.as_slice() {
+        [one] => format!("{one:?}"),
+        many => format!(
+            "[{}]",
+            many.iter()
+                .map(|s| format!("{s:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
+    let lines: Vec<String> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| format!("Process {i}: {}", text(s)))
+        .collect();
+    format!(
+        "Cannot apply desired operation due to shape mismatches. All shapes across devices must be valid.\
+         \n\nOperation: `{operation}`\nInput shapes:\n  - {}",
+        lines.join("\n  - ")
+    )
 }
 
 fn describe_missing(missing: &[usize]) -> String {
@@ -323,5 +369,24 @@ impl Error {
             path: path.into(),
             source,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rank_shape_mismatches_print_like_accelerate() {
+        let e = Error::RankShapeMismatch {
+            operation: "hasten::ops::gather".into(),
+            shapes: vec![vec![vec![1, 5]], vec![vec![1], vec![2, 3]]],
+        };
+        assert_eq!(
+            e.to_string(),
+            "Cannot apply desired operation due to shape mismatches. All shapes across devices must be \
+             valid.\n\nOperation: `hasten::ops::gather`\nInput shapes:\n  - Process 0: [1, 5]\n  - \
+             Process 1: [[1], [2, 3]]"
+        );
     }
 }

@@ -47,14 +47,6 @@ fn device_type(d: Device) -> &'static str {
     }
 }
 
-fn shapes_text(shapes: &[Vec<i64>]) -> String {
-    let fmt = |s: &Vec<i64>| format!("{s:?}");
-    match shapes {
-        [one] => fmt(one),
-        many => format!("[{}]", many.iter().map(fmt).collect::<Vec<_>>().join(", ")),
-    }
-}
-
 impl ProcessGroup {
     /// Debug mode's check before a collective: gathers every rank's tensor shapes and device types and
     /// fails on every rank, listing each process, when they disagree. Does nothing unless debug mode is
@@ -74,27 +66,18 @@ impl ProcessGroup {
         let expected = device_type(self.state().device);
         for (rank, (_, devs)) in all.iter().enumerate() {
             if let Some(found) = devs.iter().find(|d| d.as_str() != expected) {
-                return Err(Error::DistributedOperation {
-                    message: format!(
-                        "One or more of the tensors passed to {operation} were not on the {expected} while the process \
-                         is configured for {expected} (process {rank} passed one on {found}). Please move it to the \
-                         {expected} before calling {operation}."
-                    ),
+                return Err(Error::RankDeviceMismatch {
+                    operation,
+                    expected: expected.to_owned(),
+                    rank,
+                    found: found.clone(),
                 });
             }
         }
         if all.iter().any(|(s, _)| *s != all[0].0) {
-            let lines: Vec<String> = all
-                .iter()
-                .enumerate()
-                .map(|(i, (s, _))| format!("Process {i}: {}", shapes_text(s)))
-                .collect();
-            return Err(Error::DistributedOperation {
-                message: format!(
-                    "Cannot apply desired operation due to shape mismatches. All shapes across devices must be valid.\
-                     \n\nOperation: `{operation}`\nInput shapes:\n  - {}",
-                    lines.join("\n  - ")
-                ),
+            return Err(Error::RankShapeMismatch {
+                operation,
+                shapes: all.into_iter().map(|(s, _)| s).collect(),
             });
         }
         Ok(())
@@ -220,10 +203,12 @@ impl ProcessGroup {
         pad_first: bool,
     ) -> Result<T> {
         map_tensors(data, |t| self.pad_one(t, dim, pad_index, pad_first)).map_err(|e| match e {
-            Error::DistributedOperation { .. } => Error::ChainedOperation {
-                op: "pad_across_processes",
-                source: Box::new(e),
-            },
+            Error::RankShapeMismatch { .. } | Error::RankDeviceMismatch { .. } => {
+                Error::ChainedOperation {
+                    op: "pad_across_processes",
+                    source: Box::new(e),
+                }
+            }
             other => other,
         })
     }
@@ -284,11 +269,5 @@ mod tests {
         assert_eq!("MEAN".parse::<Reduction>().unwrap(), Reduction::Mean);
         assert_eq!("none".parse::<Reduction>().unwrap(), Reduction::None);
         assert!("avg".parse::<Reduction>().is_err());
-    }
-
-    #[test]
-    fn shapes_print_like_accelerate() {
-        assert_eq!(shapes_text(&[vec![1, 5]]), "[1, 5]");
-        assert_eq!(shapes_text(&[vec![1], vec![2, 3]]), "[[1], [2, 3]]");
     }
 }
