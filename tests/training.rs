@@ -96,6 +96,11 @@ fn save_state_and_load_state_resume_exactly() {
 }
 
 #[test]
+fn an_unused_parameter_without_find_unused_parameters_is_an_error_naming_it() {
+    check("ddp_unused_refused");
+}
+
+#[test]
 fn synchronize_rng_states_copies_rank_0s_generators() {
     check("rng");
 }

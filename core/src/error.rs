@@ -206,6 +206,19 @@ pub enum Error {
         op: &'static str,
     },
 
+    /// A parameter received no gradient in a backward that averages gradients, while
+    /// `find_unused_parameters` is off (PyTorch's DDP refuses this too).
+    #[error(
+        "parameter {parameter} received no gradient on rank {rank} in this backward; if some parameters \
+         are unused, set DistributedDataParallelKwargs::find_unused_parameters"
+    )]
+    UnusedParameter {
+        /// The parameter's name in its VarStore.
+        parameter: String,
+        /// This rank.
+        rank: usize,
+    },
+
     /// An Accelerator operation was given a model another Accelerator prepared.
     #[error("{op}: this model ({variables} variables) was prepared by another Accelerator")]
     UnknownModel {

@@ -144,6 +144,32 @@ fn ddp(acc: &mut Accelerator, unused: bool) -> Check {
     )
 }
 
+/// Without find_unused_parameters, a parameter no loss uses is an error naming it and the rank, on
+/// every rank (PyTorch's DDP refuses it too).
+fn unused_refused(acc: &mut Accelerator) -> Check {
+    let vs = nn::VarStore::new(acc.device());
+    let net = mlp(&vs.root());
+    let _spare = vs.root().var("spare", &[3], nn::Init::Const(1.0));
+    let model = acc.prepare_model(net, vs).map_err(err)?;
+    let (x, y) = data(4);
+    let loss = model
+        .forward(&x.to_device(acc.device()))
+        .map_err(err)?
+        .mse_loss(&y.to_device(acc.device()), hasten::tch::Reduction::Mean);
+    match acc.backward(&loss) {
+        Err(hasten::Error::UnusedParameter { parameter, rank })
+            if parameter == "spare" && rank == acc.process_index() =>
+        {
+            Ok(())
+        }
+        Err(e) if acc.num_processes() == 1 => Err(format!("one process refused: {e}")),
+        Ok(()) if acc.num_processes() == 1 => Ok(()),
+        other => Err(format!(
+            "an unused parameter without find_unused_parameters gave {other:?}"
+        )),
+    }
+}
+
 /// N accumulated micro-batches equal one N-times batch; gradients stay local until the sync step.
 fn accumulate(acc: &mut Accelerator) -> Check {
     let (p, r) = (acc.num_processes() as i64, acc.process_index() as i64);
@@ -634,12 +660,14 @@ fn main() {
                 ..GradientAccumulationPlugin::default()
             })
         }
-        "ddp_buckets" | "ddp_unused" => builder.ddp_kwargs(DistributedDataParallelKwargs {
-            // 100 bytes: one bucket per parameter, so buckets complete one by one during the backward.
-            bucket_cap_mb: 100.0 / (1024.0 * 1024.0),
-            find_unused_parameters: mode == "ddp_unused",
-            ..DistributedDataParallelKwargs::default()
-        }),
+        "ddp_buckets" | "ddp_unused" | "ddp_unused_refused" => {
+            builder.ddp_kwargs(DistributedDataParallelKwargs {
+                // 100 bytes: one bucket per parameter, so buckets complete one by one during the backward.
+                bucket_cap_mb: 100.0 / (1024.0 * 1024.0),
+                find_unused_parameters: mode == "ddp_unused",
+                ..DistributedDataParallelKwargs::default()
+            })
+        }
         "checkpoint" => builder.project_config(hasten::ProjectConfiguration {
             project_dir: std::env::args().nth(2).map(Into::into),
             automatic_checkpoint_naming: true,
@@ -677,6 +705,7 @@ fn main() {
         .and_then(|mut acc| match mode.as_str() {
             "ddp" | "ddp_buckets" => ddp(&mut acc, false),
             "ddp_unused" => ddp(&mut acc, true),
+            "ddp_unused_refused" => unused_refused(&mut acc),
             "rng" => rng(&mut acc),
             "checkpoint" => {
                 let project = std::env::args().nth(2).unwrap_or_default();

@@ -226,13 +226,9 @@ impl Round {
                 } else {
                     // SAFETY: the caller owns the group (the backward is over).
                     let rank = unsafe { &*self.group }.rank();
-                    Err(Error::Collective {
-                        op: "gradient all-reduce",
-                        detail: format!(
-                            "parameter {} received no gradient on rank {rank} in this backward; if some \
-                             parameters are unused, set DistributedDataParallelKwargs::find_unused_parameters",
-                            names.get(i).map(String::as_str).unwrap_or("?"),
-                        ),
+                    Err(Error::UnusedParameter {
+                        parameter: names.get(i).cloned().unwrap_or_else(|| "?".into()),
+                        rank,
                     })
                 };
                 if let Err(e) = outcome {
