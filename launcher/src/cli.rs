@@ -132,17 +132,46 @@ pub fn load_config_file(named: Option<&PathBuf>) -> Result<Option<ClusterConfig>
                     path.display()
                 )));
             }
-            Ok(Some(ClusterConfig::from_file(path)?))
+            let cfg = ClusterConfig::from_file(path)?;
+            refuse_unsupported(&cfg, path)?;
+            Ok(Some(cfg))
         }
         None => {
             let default = hasten_core::default_config_file();
             if default.is_file() {
-                Ok(Some(ClusterConfig::from_file(&default)?))
+                let cfg = ClusterConfig::from_file(&default)?;
+                refuse_unsupported(&cfg, &default)?;
+                Ok(Some(cfg))
             } else {
                 Ok(None)
             }
         }
     }
+}
+
+/// A config file asking for a distribution hasten does not run (DeepSpeed, FSDP, Megatron-LM, XLA,
+/// other accelerators) is an error naming the file and the key: launching it would otherwise train as
+/// plain DDP, every rank holding the whole model, its gradients and its optimizer state.
+pub fn refuse_unsupported(cfg: &ClusterConfig, path: &std::path::Path) -> Result<()> {
+    use hasten_core::DistributedType as D;
+    let instead = "hasten runs distributed_type NO, MULTI_CPU and MULTI_GPU (DDP); for a model that does \
+                   not fit on one GPU, use Python Accelerate until hasten's sharded training lands";
+    let refuse = |what: String| {
+        Err(LaunchError::Invalid(format!(
+            "the config file {} asks for {what}, which hasten does not run (it would train as plain DDP \
+             instead): {instead}",
+            path.display()
+        )))
+    };
+    match cfg.distributed_type {
+        D::No | D::MultiCpu | D::MultiGpu => {}
+        D::Deepspeed => return refuse("DeepSpeed (distributed_type: DEEPSPEED)".into()),
+        D::Fsdp => return refuse("FSDP (distributed_type: FSDP)".into()),
+        other => return refuse(format!("distributed_type: {other}")),
+    }
+    // As in Accelerate, the deepspeed_config and fsdp_config sections count only under their
+    // distributed_type (`accelerate launch` derives use_deepspeed / use_fsdp from it alone).
+    Ok(())
 }
 
 /// Host facts the merge depends on, passed in so the merge stays pure.
@@ -407,6 +436,35 @@ mod tests {
             err.contains(&format!("--main_process_port {busy}")),
             "{err}"
         );
+    }
+
+    #[test]
+    fn deepspeed_and_fsdp_configs_are_refused_naming_the_file_and_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        for (kind, said) in [
+            ("DEEPSPEED", "distributed_type: DEEPSPEED"),
+            ("FSDP", "distributed_type: FSDP"),
+            ("XLA", "distributed_type: XLA"),
+        ] {
+            let path = dir.path().join(format!("{kind}.yaml"));
+            std::fs::write(
+                &path,
+                format!("compute_environment: LOCAL_MACHINE\ndistributed_type: {kind}\nnum_processes: 2\n"),
+            )
+            .unwrap();
+            let err = load_config_file(Some(&path)).unwrap_err().to_string();
+            for needle in [said, &path.display().to_string(), "plain DDP", "MULTI_GPU"] {
+                assert!(err.contains(needle), "{kind}: {err} lacks {needle}");
+            }
+        }
+        // Sections under another distributed_type are ignored, as `accelerate launch` ignores them.
+        let path = dir.path().join("gpu.yaml");
+        std::fs::write(
+            &path,
+            "compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_processes: 2\nfsdp_config:\n  fsdp_version: 2\n",
+        )
+        .unwrap();
+        assert!(load_config_file(Some(&path)).unwrap().is_some());
     }
 
     #[test]

@@ -158,6 +158,23 @@ impl AcceleratorBuilder {
 
     /// Reads the environment contract, joins the process group and builds the Accelerator.
     pub fn build(self) -> Result<Accelerator> {
+        // Set by `accelerate launch` for DeepSpeed and FSDP configs: running on would be plain DDP,
+        // every rank holding the whole model, gradients and optimizer state.
+        for (var, what) in [
+            ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"),
+            ("ACCELERATE_USE_FSDP", "FSDP"),
+        ] {
+            if crate::parse_flag_from_env(var, false)? {
+                return Err(Error::InvalidValue {
+                    name: var.into(),
+                    detail: format!(
+                        "{what} is asked for, which hasten does not run (it would train as plain DDP \
+                         instead); launch with distributed_type MULTI_GPU (DDP), or use Python Accelerate \
+                         for a model that does not fit on one GPU"
+                    ),
+                });
+            }
+        }
         let env_mode = match std::env::var(crate::MIXED_PRECISION_VAR) {
             Ok(v) if !v.trim().is_empty() => Some(v.parse::<PrecisionType>()?),
             _ => None,
@@ -888,5 +905,24 @@ mod tests {
         assert!(!acc.accumulate(), "a finished loader forced a sync");
         acc.gradient.lock().in_dataloader = true;
         assert!(acc.accumulate(), "the last batch of a loader did not sync");
+    }
+
+    #[test]
+    fn deepspeed_or_fsdp_from_accelerate_launch_is_refused() {
+        for var in ["ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"] {
+            crate::utils::patch_environment([(var, "true")], || {
+                let Err(err) = Accelerator::builder().cpu(true).build() else {
+                    panic!("{var}=true built an Accelerator");
+                };
+                assert!(
+                    matches!(&err, Error::InvalidValue { name, .. } if name == var),
+                    "{err}"
+                );
+                assert!(err.to_string().contains("plain DDP"), "{err}");
+            });
+        }
+        crate::utils::patch_environment([("ACCELERATE_USE_FSDP", "false")], || {
+            Accelerator::builder().cpu(true).build().unwrap();
+        });
     }
 }
