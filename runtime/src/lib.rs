@@ -48,6 +48,7 @@ pub mod data;
 mod device;
 pub mod distributed;
 pub mod layers;
+mod log;
 pub mod memory;
 pub mod ops;
 pub mod optim;

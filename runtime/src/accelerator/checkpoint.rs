@@ -59,7 +59,11 @@ fn rotate_checkpoints(base: &Path, newest: &Path, limit: usize) -> Result<()> {
     // total_limit 0 keeps only the new one, as in Accelerate (which counts one more than there is).
     let excess = (older.len() + 1).saturating_sub(limit).min(older.len());
     if excess > 0 {
-        eprintln!("hasten: deleting {excess} checkpoints to make room for new checkpoint.");
+        crate::log::event!(
+            info,
+            target: "hasten::checkpoint",
+            "hasten: deleting {excess} checkpoints to make room for new checkpoint."
+        );
     }
     for old in &older[..excess] {
         std::fs::remove_dir_all(old).map_err(|e| Error::io("deleting", old, e))?;
@@ -256,7 +260,9 @@ impl Accelerator {
                     true
                 }
                 None => {
-                    eprintln!(
+                    crate::log::event!(
+                        warn,
+                        target: "hasten::checkpoint",
                         "hasten: warning: optimizer {i}'s state cannot be read (tch's optimizers keep it \
                          inside libtorch); only its learning rate is saved. hasten::optim::AdamW and \
                          hasten::optim::Sgd save theirs."
@@ -320,7 +326,9 @@ impl Accelerator {
                     if candidate.join(ACCELERATOR_STATE_NAME).is_file() {
                         break candidate;
                     }
-                    eprintln!(
+                    crate::log::event!(
+                        warn,
+                        target: "hasten::checkpoint",
                         "hasten: warning: {} is not a complete checkpoint (no {ACCELERATOR_STATE_NAME}); \
                          loading an older one",
                         candidate.display()
@@ -426,7 +434,11 @@ impl Accelerator {
         let rng = match read_tensors(&rng_path) {
             Ok(t) => Some(t),
             Err(e) => {
-                eprintln!("hasten: warning: could not load random states: {e}");
+                crate::log::event!(
+                    warn,
+                    target: "hasten::checkpoint",
+                    "hasten: warning: could not load random states: {e}"
+                );
                 None
             }
         };

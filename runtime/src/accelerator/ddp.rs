@@ -199,17 +199,17 @@ pub(crate) fn backward_with_averaging(
         }
     }
     outcome?;
-    let trace = crate::parse_flag_from_env("HASTEN_TRACE_DDP", false).unwrap_or(false);
     let mut result = Ok(());
     for ((round, _), entry) in rounds.into_iter().zip(entries.iter()) {
         if let Some(round) = round {
             match tch::no_grad(|| round.finish(find_unused, &entry.names)) {
-                Ok(during) if trace => eprintln!(
+                Ok(during) => crate::log::event!(
+                    debug,
+                    target: "hasten::ddp",
                     "hasten trace: rank {} backward: {during} of {} buckets all-reduced during the backward",
                     group.rank(),
                     entry.buckets.len()
                 ),
-                Ok(_) => {}
                 Err(e) if result.is_ok() => result = Err(e),
                 Err(_) => {}
             }

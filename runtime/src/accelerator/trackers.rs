@@ -49,7 +49,9 @@ pub(super) fn plan(
             }
             other => {
                 if is_main {
-                    eprintln!(
+                    crate::log::event!(
+                        warn,
+                        target: "hasten::tracking",
                         "hasten: warning: log_with `{other}` skipped: hasten writes TensorBoard natively; \
                          for {other}, pass a GeneralTracker of your own to AcceleratorBuilder::tracker"
                     );

@@ -151,11 +151,11 @@ pub fn infer_auto_device_map(model: &ModelSkeleton, opts: &DeviceMapOptions) -> 
         &placement.used,
         opts,
     ) {
-        eprintln!("hasten: warning: {warning}");
+        crate::log::event!(warn, target: "hasten::big_modeling", "hasten: warning: {warning}");
     }
     if opts.verbose {
         if let Some(info) = insufficient_memory_info(&placement.minimum) {
-            eprintln!("hasten: info: {info}");
+            crate::log::event!(info, target: "hasten::big_modeling", "hasten: info: {info}");
         }
     }
     if !opts.keep_unclean {

@@ -179,7 +179,11 @@ impl<B: Send + 'static> Batches<B> {
                         }
                     });
                 if let Err(e) = spawned {
-                    eprintln!("hasten: could not start data worker {w}: {e}");
+                    crate::log::event!(
+                        warn,
+                        target: "hasten::data",
+                        "hasten: could not start data worker {w}: {e}"
+                    );
                 }
                 rx
             })

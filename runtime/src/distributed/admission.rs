@@ -176,7 +176,11 @@ impl<'a> Gate<'a> {
             match self.outcomes.try_recv() {
                 Ok(Outcome::Admitted(greeting)) => return Ok(Some(greeting)),
                 Ok(Outcome::Refused(from, why)) => {
-                    eprintln!("hasten: rank 0 refused a connection from {from}: {why}");
+                    crate::log::event!(
+                        warn,
+                        target: "hasten::distributed",
+                        "hasten: rank 0 refused a connection from {from}: {why}"
+                    );
                     continue;
                 }
                 Err(_) => {}

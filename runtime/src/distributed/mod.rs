@@ -67,30 +67,30 @@ pub(crate) trait Backend: Send {
     fn reduce_scatter(&mut self, t: &Tensor, op: ReduceOp) -> Result<Tensor>;
 }
 
-/// `HASTEN_TRACE_INIT=1`: each rank prints how long each step of joining the group took, to stderr.
+/// How long each step of joining the group took: debug events of target `hasten::init` (shown by
+/// hasten's fallback subscriber with `HASTEN_TRACE_INIT=1`).
 #[derive(Clone, Copy)]
 pub(crate) struct Trace {
     rank: usize,
-    start: Option<std::time::Instant>,
+    start: std::time::Instant,
 }
 
 impl Trace {
     fn from_env(rank: usize) -> Self {
-        let on = crate::parse_flag_from_env("HASTEN_TRACE_INIT", false).unwrap_or(false);
         Trace {
             rank,
-            start: on.then(std::time::Instant::now),
+            start: std::time::Instant::now(),
         }
     }
 
     pub(crate) fn mark(&self, step: &str) {
-        if let Some(start) = self.start {
-            eprintln!(
-                "hasten trace: rank {} {step} at {:.1} ms",
-                self.rank,
-                start.elapsed().as_secs_f64() * 1e3
-            );
-        }
+        crate::log::event!(
+            debug,
+            target: "hasten::init",
+            "hasten trace: rank {} {step} at {:.1} ms",
+            self.rank,
+            self.start.elapsed().as_secs_f64() * 1e3
+        );
     }
 }
 
