@@ -222,6 +222,7 @@ impl AcceleratorBuilder {
             tracker_plan,
             trackers: Vec::new(),
             trigger: false,
+            custom: Vec::new(),
         })
     }
 }

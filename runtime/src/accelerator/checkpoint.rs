@@ -18,6 +18,7 @@ use crate::{Error, Result, SAFE_WEIGHTS_NAME};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use tch::Tensor;
 
 /// The JSON file with the scalar state.
@@ -119,6 +120,21 @@ fn numbered_checkpoints(dir: &Path) -> Result<Vec<PathBuf>> {
     };
     found.sort();
     Ok(found.into_iter().map(|(_, _, p)| p).collect())
+}
+
+/// The file of the `i`-th object registered for checkpointing.
+fn custom_name(i: usize) -> String {
+    format!("custom_checkpoint_{i}.safetensors")
+}
+
+/// What [`Accelerator::register_for_checkpointing`] takes: an object whose state is named tensors
+/// (Accelerate asks for `state_dict` and `load_state_dict`). Numbers go in as 0-d tensors.
+pub trait Checkpointable: Send {
+    /// The state to save.
+    fn state_dict(&self) -> Result<Vec<(String, Tensor)>>;
+    /// Restores what `state_dict` returned. Check every tensor before changing anything: an error
+    /// must leave the object as it was (`load_state` reports it naming the file).
+    fn load_state_dict(&mut self, state: &[(String, Tensor)]) -> Result<()>;
 }
 
 /// A prepared model's bookkeeping, even if a thread panicked while holding it.
@@ -238,7 +254,24 @@ impl Accelerator {
         Ok(dir)
     }
 
+    /// Accelerate's `register_for_checkpointing`: `save_state` also saves `object` (as
+    /// `custom_checkpoint_{i}.safetensors`, `i` counting registrations) and `load_state` restores it.
+    /// The Accelerator keeps a shared handle; the caller keeps using its own.
+    pub fn register_for_checkpointing<T: Checkpointable + 'static>(
+        &mut self,
+        object: Arc<Mutex<T>>,
+    ) {
+        self.custom.push(object);
+    }
+
     fn write_shared_files(&mut self, dir: &Path) -> Result<()> {
+        for (i, object) in self.custom.iter().enumerate() {
+            let state = object
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .state_dict()?;
+            write_tensors(&state, &dir.join(custom_name(i)))?;
+        }
         for (i, entry) in self.models.iter().enumerate() {
             let name = if i == 0 {
                 SAFE_WEIGHTS_NAME.to_owned()
@@ -289,6 +322,7 @@ impl Accelerator {
         let state = json!({
             "format": FORMAT,
             "models": self.models.len(),
+            "custom_objects": self.custom.len(),
             "optimizers": optimizers,
             "schedulers": schedulers,
             "scaler": scaler,
@@ -360,8 +394,11 @@ impl Accelerator {
             as usize;
         let saved_opts = state["optimizers"].as_array().cloned().unwrap_or_default();
         let saved_scheds = state["schedulers"].as_array().cloned().unwrap_or_default();
+        // Checkpoints from before register_for_checkpointing have no key: none registered then.
+        let saved_custom = state["custom_objects"].as_u64().unwrap_or(0) as usize;
         for (key, saved, prepared) in [
             ("models", saved_models, self.models.len()),
+            ("custom_objects", saved_custom, self.custom.len()),
             ("optimizers", saved_opts.len(), self.optimizers.len()),
             ("schedulers", saved_scheds.len(), self.schedulers.len()),
         ] {
@@ -384,6 +421,11 @@ impl Accelerator {
             let saved = read_tensors(&path)?;
             check_weights(&path, &saved, &lock_entry(entry))?;
             weights.push(saved);
+        }
+        let mut custom_states = Vec::new();
+        for i in 0..saved_custom {
+            let path = dir.join(custom_name(i));
+            custom_states.push((read_tensors(&path)?, path));
         }
         let mut opt_states = Vec::new();
         for (i, saved) in saved_opts.iter().enumerate() {
@@ -442,7 +484,8 @@ impl Accelerator {
                 None
             }
         };
-        // 2. Apply: optimizers first (each checks its own tensors before copying), then the rest.
+        // 2. Apply: optimizers and registered objects first (each checks its own tensors before
+        // changing anything), then the rest.
         for ((lr, tensors, path), link) in opt_states.iter().zip(&self.optimizers) {
             if let (Some(tensors), Some(opt)) = (tensors, link.opt.upgrade()) {
                 opt.lock()
@@ -451,6 +494,13 @@ impl Accelerator {
                     .map_err(|e| bad(path, e.to_string()))?;
             }
             *link.lr.lock().unwrap_or_else(|e| e.into_inner()) = *lr;
+        }
+        for ((tensors, path), object) in custom_states.iter().zip(&self.custom) {
+            object
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .load_state_dict(tensors)
+                .map_err(|e| bad(path, e.to_string()))?;
         }
         tch::no_grad(|| -> Result<()> {
             for (saved, entry) in weights.iter().zip(&self.models) {
@@ -611,5 +661,79 @@ mod tests {
         // hasten continues after the loaded checkpoint (Accelerate keeps its iteration at 0, so its next
         // save fails on the existing checkpoint_0; see README).
         assert_eq!(fresh.project_config().iteration, 11);
+    }
+
+    /// A user object with a step count and a running mean, for register_for_checkpointing.
+    struct Meter {
+        steps: i64,
+        mean: f64,
+    }
+
+    impl Checkpointable for Meter {
+        fn state_dict(&self) -> Result<Vec<(String, Tensor)>> {
+            Ok(vec![
+                ("steps".into(), Tensor::from(self.steps)),
+                ("mean".into(), Tensor::from(self.mean)),
+            ])
+        }
+        fn load_state_dict(&mut self, state: &[(String, Tensor)]) -> Result<()> {
+            let get = |name: &str| {
+                state
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map(|(_, t)| t.shallow_clone())
+                    .ok_or_else(|| Error::InvalidValue {
+                        name: name.into(),
+                        detail: "missing from the meter's state".into(),
+                    })
+            };
+            let (steps, mean) = (get("steps")?, get("mean")?);
+            self.steps = steps.int64_value(&[]);
+            self.mean = mean.double_value(&[]);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn registered_objects_are_saved_and_restored_and_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut acc = Accelerator::builder().cpu(true).build().unwrap();
+        let meter = Arc::new(Mutex::new(Meter {
+            steps: 7,
+            mean: 0.25,
+        }));
+        acc.register_for_checkpointing(meter.clone());
+        let saved = acc.save_state(Some(&dir.path().join("ckpt"))).unwrap();
+        assert!(saved.join("custom_checkpoint_0.safetensors").is_file());
+        *meter.lock().unwrap() = Meter {
+            steps: 9,
+            mean: 1.5,
+        };
+        acc.load_state(Some(&saved)).unwrap();
+        let m = meter.lock().unwrap();
+        assert_eq!((m.steps, m.mean), (7, 0.25));
+        drop(m);
+        // A second registration: the checkpoint holds one object, this Accelerator two.
+        acc.register_for_checkpointing(Arc::new(Mutex::new(Meter {
+            steps: 0,
+            mean: 0.0,
+        })));
+        let err = acc.load_state(Some(&saved)).unwrap_err().to_string();
+        assert!(
+            err.contains("custom_objects") && err.contains("has 1"),
+            "{err}"
+        );
+        // A damaged object file is an error naming it, and the object keeps its state.
+        let mut fresh = Accelerator::builder().cpu(true).build().unwrap();
+        let other = Arc::new(Mutex::new(Meter {
+            steps: 3,
+            mean: 3.0,
+        }));
+        fresh.register_for_checkpointing(other.clone());
+        let file = saved.join("custom_checkpoint_0.safetensors");
+        std::fs::write(&file, b"not safetensors").unwrap();
+        let err = fresh.load_state(Some(&saved)).unwrap_err().to_string();
+        assert!(err.contains("custom_checkpoint_0.safetensors"), "{err}");
+        assert_eq!(other.lock().unwrap().steps, 3);
     }
 }

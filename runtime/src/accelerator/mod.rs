@@ -23,7 +23,7 @@ mod trackers;
 mod utilities;
 
 pub use builder::AcceleratorBuilder;
-pub use checkpoint::ACCELERATOR_STATE_NAME;
+pub use checkpoint::{ACCELERATOR_STATE_NAME, Checkpointable};
 pub use config::{
     AutocastKwargs, DataLoaderConfiguration, DistributedDataParallelKwargs,
     GradientAccumulationPlugin, InitProcessGroupKwargs, ProjectConfiguration,
@@ -88,6 +88,8 @@ pub struct Accelerator {
     /// Trackers started by `init_trackers`.
     trackers: Vec<Box<dyn crate::GeneralTracker>>,
     trigger: bool,
+    /// Objects registered for checkpointing, in order.
+    custom: Vec<Arc<Mutex<dyn Checkpointable>>>,
 }
 
 impl Accelerator {
