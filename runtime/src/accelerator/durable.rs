@@ -60,32 +60,14 @@ pub(crate) fn publish(dir: &Path) -> Result<()> {
 
 /// Swaps two folders atomically (Linux's renameat2 with RENAME_EXCHANGE).
 fn exchange(a: &Path, b: &Path) -> Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = |p: &Path| {
-        std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| Error::InvalidValue {
-            name: "checkpoint folder".into(),
-            detail: format!("{} holds a NUL byte", p.display()),
-        })
-    };
-    let (ca, cb) = (c(a)?, c(b)?);
-    // SAFETY: two valid C strings naming paths relative to the current directory (or absolute).
-    let r = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            ca.as_ptr(),
-            libc::AT_FDCWD,
-            cb.as_ptr(),
-            libc::RENAME_EXCHANGE,
-        )
-    };
-    if r != 0 {
-        return Err(Error::io(
+    use rustix::fs::{CWD, RenameFlags, renameat_with};
+    renameat_with(CWD, a, CWD, b, RenameFlags::EXCHANGE).map_err(|e| {
+        Error::io(
             "exchanging the new checkpoint with",
             b,
-            std::io::Error::last_os_error(),
-        ));
-    }
-    Ok(())
+            std::io::Error::from(e),
+        )
+    })
 }
 
 #[cfg(test)]

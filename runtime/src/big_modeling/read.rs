@@ -349,16 +349,13 @@ pub(super) fn start_readahead(files: Vec<std::path::PathBuf>) {
                         return;
                     }
                     let step = READAHEAD_STEP.min(budget);
-                    use std::os::fd::AsRawFd;
-                    // SAFETY: an advisory call on an open descriptor; a range past the end is allowed.
-                    unsafe {
-                        libc::posix_fadvise(
-                            file.as_raw_fd(),
-                            at as libc::off_t,
-                            step as libc::off_t,
-                            libc::POSIX_FADV_WILLNEED,
-                        )
-                    };
+                    // Advice only: a failure loses the head start, nothing else.
+                    let _ = rustix::fs::fadvise(
+                        &file,
+                        at,
+                        std::num::NonZeroU64::new(step),
+                        rustix::fs::Advice::WillNeed,
+                    );
                     at += step;
                     budget -= step;
                 }

@@ -8,7 +8,6 @@
 //! `/dev/shm` fails at set-up rather than with SIGBUS later, and unlinked as soon as all ranks hold it.
 
 use crate::{Error, Result};
-use std::ffi::CString;
 use tch::{Device, Kind, Tensor};
 
 /// Bytes of one rank's slot; larger tensors go through in chunks. `HASTEN_SHM_SLOT_MB` overrides it.
@@ -28,10 +27,9 @@ unsafe impl Send for Arena {}
 
 impl Drop for Arena {
     fn drop(&mut self) {
-        // SAFETY: unmapping our own mapping once.
-        unsafe {
-            libc::munmap(self.base.cast(), self.len);
-        }
+        // SAFETY: unmapping our own mapping, once; no view of it outlives the Arena (views are made
+        // per collective and dropped before it ends).
+        let _ = unsafe { rustix::mm::munmap(self.base.cast(), self.len) };
     }
 }
 
@@ -69,16 +67,11 @@ impl Drop for Unlink {
 
 /// A name unique to this job on this host.
 pub(crate) fn segment_name(port: u16) -> String {
-    // SAFETY: getpid has no preconditions.
-    let pid = unsafe { libc::getpid() };
+    let pid = std::process::id();
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos());
     format!("/hasten-{port}-{pid}-{nanos}")
-}
-
-fn os_err(what: &str) -> String {
-    format!("{what}: {}", std::io::Error::last_os_error())
 }
 
 impl Arena {
@@ -92,57 +85,46 @@ impl Arena {
         let len = world
             .checked_mul(slot_bytes)
             .ok_or_else(|| format!("{world} slots of {slot_bytes} bytes overflow"))?;
-        let c = CString::new(name).map_err(|e| e.to_string())?;
+        use rustix::fs::{FallocateFlags, Mode, fallocate};
+        use rustix::mm::{MapFlags, ProtFlags, mmap};
+        use rustix::shm::{self, OFlags};
         let flags = if create {
-            libc::O_RDWR | libc::O_CREAT | libc::O_EXCL
+            OFlags::RDWR | OFlags::CREATE | OFlags::EXCL
         } else {
-            libc::O_RDWR
+            OFlags::RDWR
         };
-        // SAFETY: plain POSIX calls on a descriptor we own and close below.
-        unsafe {
-            let fd = libc::shm_open(c.as_ptr(), flags, 0o600);
-            if fd < 0 {
-                return Err(os_err(&format!("shm_open {name}")));
+        let fd = shm::open(name, flags, Mode::from_raw_mode(0o600))
+            .map_err(|e| format!("shm_open {name}: {e}"))?;
+        if create {
+            if let Err(e) = fallocate(&fd, FallocateFlags::empty(), 0, len as u64) {
+                let _ = shm::unlink(name);
+                return Err(format!("reserving {len} bytes in /dev/shm: {e}"));
             }
-            if create {
-                let r = libc::posix_fallocate(fd, 0, len as libc::off_t);
-                if r != 0 {
-                    libc::close(fd);
-                    libc::shm_unlink(c.as_ptr());
-                    return Err(format!(
-                        "reserving {len} bytes in /dev/shm: {}",
-                        std::io::Error::from_raw_os_error(r)
-                    ));
-                }
-            }
-            let base = libc::mmap(
+        }
+        // SAFETY: a new shared mapping of `len` bytes of a segment that size (reserved above, or by
+        // the rank that created it before this one was told its name), at an address the kernel picks.
+        let base = unsafe {
+            mmap(
                 std::ptr::null_mut(),
                 len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::SHARED,
+                &fd,
                 0,
-            );
-            libc::close(fd);
-            if base == libc::MAP_FAILED {
-                return Err(os_err("mmap"));
-            }
-            Ok(Arena {
-                base: base.cast(),
-                len,
-                slot_bytes,
-            })
+            )
         }
+        .map_err(|e| format!("mmap: {e}"))?;
+        Ok(Arena {
+            base: base.cast(),
+            len,
+            slot_bytes,
+        })
     }
 
     /// Removes the segment's name (the mapping lives on until every rank unmaps it).
     pub(crate) fn unlink(name: &str) {
-        if let Ok(c) = CString::new(name) {
-            // SAFETY: unlinking a name; errors (already gone) do not matter.
-            unsafe {
-                libc::shm_unlink(c.as_ptr());
-            }
-        }
+        // Errors (already gone) do not matter.
+        let _ = rustix::shm::unlink(name);
     }
 
     /// A 1-d tensor over `numel` elements of `kind` in `slot`, starting `offset` elements in.
@@ -180,14 +162,7 @@ use super::ReduceOp;
 use super::cpu::CpuBackend;
 
 pub(crate) fn hostname() -> Vec<u8> {
-    let mut buf = [0u8; 256];
-    // SAFETY: gethostname writes at most buf.len() bytes.
-    let r = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
-    if r != 0 {
-        return Vec::new();
-    }
-    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
-    buf[..end].to_vec()
+    rustix::system::uname().nodename().to_bytes().to_vec()
 }
 
 impl CpuBackend {
