@@ -89,9 +89,10 @@ pub fn sweep_stale_shm_segments() -> usize {
         else {
             continue;
         };
-        // SAFETY: kill with signal 0 only asks whether the process exists.
-        let gone = unsafe { libc::kill(pid, 0) } == -1
-            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        // Signal 0 only asks whether the process exists.
+        let gone = rustix::process::Pid::from_raw(pid).is_some_and(|pid| {
+            rustix::process::test_kill_process(pid) == Err(rustix::io::Errno::SRCH)
+        });
         if gone && std::fs::remove_file(entry.path()).is_ok() {
             removed += 1;
         }

@@ -132,21 +132,12 @@ pub fn run_program(
 /// it ends, e.g. `kill -9` of the launcher), so no rank outlives its job. A launcher already gone before
 /// this ran is caught by comparing the parent. Async-signal-safe.
 pub(crate) fn die_with_parent(parent: libc::pid_t) -> std::io::Result<()> {
-    // SAFETY: prctl with PR_SET_PDEATHSIG and a signal number; getppid has no preconditions.
-    unsafe {
-        if libc::prctl(
-            libc::PR_SET_PDEATHSIG,
-            libc::SIGKILL as libc::c_ulong,
-            0,
-            0,
-            0,
-        ) == -1
-        {
-            return Err(std::io::Error::last_os_error());
-        }
-        if libc::getppid() != parent {
-            libc::_exit(1);
-        }
+    use rustix::process::{Pid, Signal, getppid, set_parent_process_death_signal};
+    // Both are plain system calls (rustix's Linux backend), so this stays async-signal-safe.
+    set_parent_process_death_signal(Some(Signal::KILL))?;
+    if Pid::as_raw(getppid()) != parent {
+        // SAFETY: ends this freshly forked child at once, running nothing of the parent's state.
+        unsafe { libc::_exit(1) };
     }
     Ok(())
 }

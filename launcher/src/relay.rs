@@ -237,14 +237,14 @@ const PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Whether `pipe` has data (or its end) within `wait`.
 fn readable_within(pipe: &File, wait: std::time::Duration) -> bool {
-    use std::os::fd::AsRawFd;
-    let mut fd = libc::pollfd {
-        fd: pipe.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
+    use rustix::event::{PollFd, PollFlags, Timespec, poll};
+    let mut fds = [PollFd::new(pipe, PollFlags::IN)];
+    let timeout = Timespec {
+        tv_sec: wait.as_secs() as _,
+        tv_nsec: wait.subsec_nanos() as _,
     };
-    // SAFETY: polls one descriptor this thread owns; an error reads as "readable" so the read reports it.
-    unsafe { libc::poll(&mut fd, 1, wait.as_millis() as i32) != 0 }
+    // An error reads as "readable", so the read that follows reports it.
+    !matches!(poll(&mut fds, Some(&timeout)), Ok(0))
 }
 
 /// Starts a thread that reads `pipe` and forwards each piece of output to `tx`, waiting while the

@@ -5,6 +5,7 @@ use crate::relay::{
     End, Event, LinePrefix, OutputSink, QUEUE_DEPTH, Stream, spawn_reader, spawn_status_reader,
 };
 use crate::{LaunchError, Result};
+use rustix::process::{Pid, Signal, WaitOptions};
 use std::collections::VecDeque;
 use std::fs::File;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -38,11 +39,10 @@ enum Exit {
 }
 
 impl Exit {
-    fn from_status(status: libc::c_int) -> Exit {
-        if libc::WIFSIGNALED(status) {
-            Exit::Signal(libc::WTERMSIG(status))
-        } else {
-            Exit::Code(libc::WEXITSTATUS(status))
+    fn from_status(status: rustix::process::WaitStatus) -> Exit {
+        match status.terminating_signal() {
+            Some(signal) => Exit::Signal(signal),
+            None => Exit::Code(status.exit_status().unwrap_or(0)),
         }
     }
 
@@ -110,10 +110,28 @@ fn describe(exit: Exit, panic: &PanicNote) -> String {
     }
 }
 
-fn signal_group(pid: libc::pid_t, sig: libc::c_int) {
-    // SAFETY: kill(2) on the worker's process group (negative pid); errors (already gone) are harmless.
-    unsafe {
-        libc::kill(-pid, sig);
+/// Sends `sig` to the worker's process group; errors (already gone) are harmless.
+fn signal_group(pid: libc::pid_t, sig: Signal) {
+    if let Some(pid) = Pid::from_raw(pid) {
+        let _ = rustix::process::kill_process_group(pid, sig);
+    }
+}
+
+/// Waits for our child `pid` to end (`wait`) or only asks whether it has: `Ok(Some(exit))` once it
+/// has, `Ok(None)` while it runs, `Err` when it is not our child (any more).
+fn reap(pid: libc::pid_t, wait: bool) -> std::io::Result<Option<Exit>> {
+    let Some(pid) = Pid::from_raw(pid) else {
+        return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
+    };
+    let options = if wait {
+        WaitOptions::empty()
+    } else {
+        WaitOptions::NOHANG
+    };
+    match rustix::process::waitpid(Some(pid), options) {
+        Ok(Some((_, status))) => Ok(Some(Exit::from_status(status))),
+        Ok(None) => Ok(None),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -121,14 +139,10 @@ fn signal_group(pid: libc::pid_t, sig: libc::c_int) {
 /// abandoned half-way (a rank failed to start).
 pub(crate) fn kill_and_reap(pids: &[libc::pid_t]) {
     for &pid in pids {
-        signal_group(pid, libc::SIGKILL);
+        signal_group(pid, Signal::KILL);
     }
     for &pid in pids {
-        let mut status = 0;
-        // SAFETY: waitpid on our own child.
-        unsafe {
-            libc::waitpid(pid, &mut status, 0);
-        }
+        let _ = reap(pid, true);
     }
 }
 
@@ -233,18 +247,16 @@ pub(crate) fn supervise(
             if exits[i].is_some() {
                 continue;
             }
-            let mut status = 0;
-            // SAFETY: non-blocking waitpid on our own child.
-            let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
-            if r == pid {
-                let exit = Exit::from_status(status);
-                exits[i] = Some(exit);
-                if !exit.success() && first_failure.is_none() && term_sent.is_none() {
-                    first_failure = Some((i, exit));
+            match reap(pid, false) {
+                Ok(Some(exit)) => {
+                    exits[i] = Some(exit);
+                    if !exit.success() && first_failure.is_none() && term_sent.is_none() {
+                        first_failure = Some((i, exit));
+                    }
                 }
-            } else if r < 0 {
+                Ok(None) => {}
                 // Not our child any more (reaped elsewhere): treat it as gone.
-                exits[i] = Some(Exit::Code(0));
+                Err(_) => exits[i] = Some(Exit::Code(0)),
             }
         }
 
@@ -255,7 +267,7 @@ pub(crate) fn supervise(
         if must_stop && term_sent.is_none() {
             for (i, &pid) in pids.iter().enumerate() {
                 if exits[i].is_none() {
-                    signal_group(pid, libc::SIGTERM);
+                    signal_group(pid, Signal::TERM);
                 }
             }
             term_sent = Some(Instant::now());
@@ -264,7 +276,7 @@ pub(crate) fn supervise(
             if !killed && t.elapsed() >= GRACE {
                 for (i, &pid) in pids.iter().enumerate() {
                     if exits[i].is_none() {
-                        signal_group(pid, libc::SIGKILL);
+                        signal_group(pid, Signal::KILL);
                     }
                 }
                 killed = true;
@@ -303,11 +315,7 @@ pub(crate) fn supervise(
             .name("hasten-reaper".into())
             .spawn(move || {
                 for pid in exiting {
-                    let mut status = 0;
-                    // SAFETY: blocking waitpid on our own child.
-                    unsafe {
-                        libc::waitpid(pid, &mut status, 0);
-                    }
+                    let _ = reap(pid, true);
                 }
             })
             .map(drop)
@@ -315,7 +323,7 @@ pub(crate) fn supervise(
     }
     // Leftover processes in the workers' groups (grandchildren) go too.
     for &pid in &pids {
-        signal_group(pid, libc::SIGKILL);
+        signal_group(pid, Signal::KILL);
     }
 
     if let Some((i, exit)) = first_failure {
