@@ -37,9 +37,9 @@ pub enum LaunchError {
     #[error("interrupted: every rank was stopped")]
     Interrupted,
 
-    /// An error from the runtime (config file, environment).
+    /// The configuration file or the process environment is wrong (`hasten_core`'s errors).
     #[error(transparent)]
-    Runtime(#[from] hasten_core::Error),
+    Setup(#[from] hasten_core::Error),
 
     /// An operating-system call failed.
     #[error("{op}: {source}")]

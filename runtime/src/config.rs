@@ -13,5 +13,9 @@ pub fn write_basic_config(
     mixed_precision: PrecisionType,
     save_location: Option<&Path>,
 ) -> Result<PathBuf> {
-    crate::write_basic_config_for(mixed_precision, save_location, crate::cuda_device_count())
+    Ok(crate::write_basic_config_for(
+        mixed_precision,
+        save_location,
+        crate::cuda_device_count(),
+    )?)
 }

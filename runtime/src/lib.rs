@@ -47,6 +47,7 @@ mod config;
 pub mod data;
 mod device;
 pub mod distributed;
+mod error;
 pub mod layers;
 mod log;
 pub mod memory;
@@ -71,7 +72,8 @@ pub use big_modeling::{
     load_checkpoint_in_model,
 };
 pub use distributed::{Group, ProcessGroup, ReduceOp};
-pub use hasten_core::{DistributedType, Error, PrecisionType, Result};
+pub use error::{Error, Result};
+pub use hasten_core::{DistributedType, PrecisionType};
 pub use layers::{init_empty_weights, init_on_device};
 pub use memory::find_executable_batch_size;
 pub use ops::{Nested, Reduction};

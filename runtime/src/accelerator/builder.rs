@@ -147,11 +147,15 @@ impl AcceleratorBuilder {
             .or(env_mode)
             .unwrap_or(PrecisionType::No);
         let env_steps = match std::env::var("ACCELERATE_GRADIENT_ACCUMULATION_STEPS") {
-            Ok(v) => Some(v.trim().parse::<usize>().map_err(|_| Error::EnvParse {
-                var: "ACCELERATE_GRADIENT_ACCUMULATION_STEPS".into(),
-                value: v,
-                expected: "a positive integer",
-            })?),
+            Ok(v) => Some(
+                v.trim()
+                    .parse::<usize>()
+                    .map_err(|_| hasten_core::Error::EnvParse {
+                        var: "ACCELERATE_GRADIENT_ACCUMULATION_STEPS".into(),
+                        value: v,
+                        expected: "a positive integer",
+                    })?,
+            ),
             Err(_) => None,
         };
         let accumulation = self.accumulation.unwrap_or(GradientAccumulationPlugin {

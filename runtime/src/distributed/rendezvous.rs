@@ -33,10 +33,13 @@ pub(super) fn seconds_from_env(var: &str, default: Duration) -> Result<Duration>
             .ok()
             .filter(|s| s.is_finite() && *s > 0.0 && *s <= 1e9)
             .map(Duration::from_secs_f64)
-            .ok_or(Error::EnvParse {
-                var: var.into(),
-                value: v,
-                expected: "a positive number of seconds (at most 1e9)",
+            .ok_or_else(|| {
+                hasten_core::Error::EnvParse {
+                    var: var.into(),
+                    value: v,
+                    expected: "a positive number of seconds (at most 1e9)",
+                }
+                .into()
             }),
     }
 }
@@ -136,10 +139,13 @@ fn inherited_listener(port: u16) -> Option<TcpListener> {
 /// MASTER_ADDR names (the loopback interface when that is loopback), not every interface.
 fn bind_address(c: &EnvContract) -> Result<std::net::IpAddr> {
     if let Ok(v) = std::env::var("HASTEN_RDZV_BIND") {
-        return v.trim().parse().map_err(|_| Error::EnvParse {
-            var: "HASTEN_RDZV_BIND".into(),
-            value: v,
-            expected: "an IP address of this machine (0.0.0.0 for every interface)",
+        return v.trim().parse().map_err(|_| {
+            hasten_core::Error::EnvParse {
+                var: "HASTEN_RDZV_BIND".into(),
+                value: v,
+                expected: "an IP address of this machine (0.0.0.0 for every interface)",
+            }
+            .into()
         });
     }
     let addrs = resolve(&c.master_addr, c.rdzv_port)?;

@@ -46,10 +46,13 @@ pub(crate) fn slot_bytes_from_env() -> Result<usize> {
             .ok()
             .filter(|mb| *mb <= MAX_SLOT_MB)
             .map(|mb| mb << 20)
-            .ok_or(Error::EnvParse {
-                var: "HASTEN_SHM_SLOT_MB".into(),
-                value: v,
-                expected: "a whole number of MiB from 0 (no shared memory) to 4096",
+            .ok_or_else(|| {
+                hasten_core::Error::EnvParse {
+                    var: "HASTEN_SHM_SLOT_MB".into(),
+                    value: v,
+                    expected: "a whole number of MiB from 0 (no shared memory) to 4096",
+                }
+                .into()
             }),
     }
 }

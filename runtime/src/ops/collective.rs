@@ -29,11 +29,12 @@ impl std::str::FromStr for Reduction {
             "sum" => Ok(Reduction::Sum),
             "max" => Ok(Reduction::Max),
             "none" => Ok(Reduction::None),
-            _ => Err(Error::UnknownVariant {
+            _ => Err(hasten_core::Error::UnknownVariant {
                 kind: "Reduction",
                 value: s.to_owned(),
                 expected: "mean, sum, max, none".into(),
-            }),
+            }
+            .into()),
         }
     }
 }
