@@ -7,6 +7,7 @@ use crate::output::{self, CellContext, FlushRequest};
 use crate::session::SessionPaths;
 use evcxr::{CommandContext, CompilationError, EvalContext, EvalOutputs};
 use jupyter_protocol::JupyterMessage;
+use rustix::process::{Pid, Signal};
 use std::collections::BTreeMap;
 use std::process::Child;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -150,11 +151,11 @@ impl Engine {
     pub fn interrupt(&self) {
         // Set before the signal: the cell may end (and read the flag) as soon as the runner dies.
         self.interrupted.store(true, Ordering::SeqCst);
-        self.signal(libc::SIGINT);
+        self.signal(Signal::INT);
     }
 
     /// Sends `signal` to the runner, if it is running.
-    pub fn signal(&self, signal: libc::c_int) {
+    pub fn signal(&self, signal: Signal) {
         let runner = self
             .runner
             .lock()
@@ -162,9 +163,9 @@ impl Engine {
             .clone();
         if let Some(child) = runner {
             let pid = child.lock().unwrap_or_else(|e| e.into_inner()).id();
-            // SAFETY: kill(2) on the runner's pid.
-            unsafe {
-                libc::kill(pid as libc::pid_t, signal);
+            // A runner that has already ended has nothing left to stop.
+            if let Some(pid) = i32::try_from(pid).ok().and_then(Pid::from_raw) {
+                let _ = rustix::process::kill_process(pid, signal);
             }
         }
     }

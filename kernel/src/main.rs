@@ -74,12 +74,16 @@ impl Where {
 /// In the runner process, before evcxr takes over: die with the kernel, let SIGINT interrupt (the
 /// kernel may run with SIGINT ignored, which exec would pass on), and route output through the relay.
 fn prepare_runner() {
-    // SAFETY: prctl/signal/getppid on this process only.
+    use rustix::process::{Signal, getppid, set_parent_process_death_signal};
+    // Without it an orphaned runner would outlive a killed kernel; with it, a kernel already gone (the
+    // parent is init) means there is nothing to run for.
+    let _ = set_parent_process_death_signal(Some(Signal::TERM));
+    if getppid().is_none_or(|p| p.is_init()) {
+        std::process::exit(0);
+    }
+    // SAFETY: the runner is single-threaded here (before evcxr starts); rustix has no signal-disposition
+    // wrapper, and setting the environment races with no other thread.
     unsafe {
-        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-        if libc::getppid() == 1 {
-            libc::_exit(0);
-        }
         libc::signal(libc::SIGINT, libc::SIG_DFL);
         // evcxr asks for backtraces; in a notebook they are frames of evcxr's own machinery around a
         // one-line message. HASTEN_KERNEL_BACKTRACE=1 keeps them.

@@ -62,7 +62,7 @@ pub async fn serve(info: ConnectionInfo, paths: SessionPaths) -> Result<()> {
         _ = term.recv() => {}
     }
     // A launch in progress stops its ranks on SIGTERM; otherwise the runner just ends.
-    kernel.engine.signal(libc::SIGTERM);
+    kernel.engine.signal(rustix::process::Signal::TERM);
     Ok(())
 }
 

@@ -47,10 +47,8 @@ pub fn rustc_wrapper(session_dir: &Path) -> i32 {
             return 2;
         }
     };
-    // SAFETY: flock on a file this process opened; released when the process exits.
-    unsafe {
-        libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX);
-    }
+    // Released when the process exits. Not taking it only loses the serialisation it gives: go on.
+    let _ = rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive);
     let status = match std::process::Command::new(rustc).args(rest).status() {
         Ok(s) => s,
         Err(e) => {
@@ -227,13 +225,8 @@ fn take_slot(dir: &Path) -> Result<(usize, std::fs::File)> {
             .write(true)
             .open(&path)
             .with_context(|| format!("opening {}", path.display()))?;
-        // SAFETY: flock on a file we just opened.
-        let taken = unsafe {
-            libc::flock(
-                std::os::fd::AsRawFd::as_raw_fd(&file),
-                libc::LOCK_EX | libc::LOCK_NB,
-            )
-        } == 0;
+        let taken =
+            rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_ok();
         if taken {
             return Ok((slot, file));
         }
@@ -254,8 +247,9 @@ fn remove_stale_sessions(sessions: &Path) {
             .file_name()
             .to_str()
             .and_then(|name| name.parse::<i32>().ok())
-            // SAFETY: kill with signal 0 only checks that the process exists.
-            .is_some_and(|pid| unsafe { libc::kill(pid, 0) } == 0);
+            .and_then(rustix::process::Pid::from_raw)
+            // Signal 0 only checks that the process exists.
+            .is_some_and(|pid| rustix::process::test_kill_process(pid).is_ok());
         if !alive {
             let _ = std::fs::remove_dir_all(entry.path());
         }

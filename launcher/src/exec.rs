@@ -48,14 +48,15 @@ fn spawn_all(
             // Rank 0 inherits the reserved listener across exec (other ranks lose it: close-on-exec).
             cmd.env(hasten_core::RDZV_LISTEN_FD_VAR, fd.to_string());
         }
-        // SAFETY: fcntl, prctl and getppid are async-signal-safe, as code between fork and exec must be.
+        let parent = rustix::process::getpid();
+        // SAFETY: fcntl, prctl and getppid (plain system calls through rustix's Linux backend) are
+        // async-signal-safe, as code between fork and exec must be.
         unsafe {
-            let parent = libc::getpid();
             cmd.pre_exec(move || {
                 if let Some(fd) = inherit {
-                    if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
-                        return Err(std::io::Error::last_os_error());
-                    }
+                    // SAFETY: the listener stays open in this child until exec; borrowed only here.
+                    let fd = std::os::fd::BorrowedFd::borrow_raw(fd);
+                    rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::empty())?;
                 }
                 die_with_parent(parent)
             });
@@ -131,11 +132,11 @@ pub fn run_program(
 /// In a freshly forked rank: dies with the launcher (SIGKILL when the launcher's thread that started
 /// it ends, e.g. `kill -9` of the launcher), so no rank outlives its job. A launcher already gone before
 /// this ran is caught by comparing the parent. Async-signal-safe.
-pub(crate) fn die_with_parent(parent: libc::pid_t) -> std::io::Result<()> {
-    use rustix::process::{Pid, Signal, getppid, set_parent_process_death_signal};
+pub(crate) fn die_with_parent(parent: rustix::process::Pid) -> std::io::Result<()> {
+    use rustix::process::{Signal, getppid, set_parent_process_death_signal};
     // Both are plain system calls (rustix's Linux backend), so this stays async-signal-safe.
     set_parent_process_death_signal(Some(Signal::KILL))?;
-    if Pid::as_raw(getppid()) != parent {
+    if getppid() != Some(parent) {
         // SAFETY: ends this freshly forked child at once, running nothing of the parent's state.
         unsafe { libc::_exit(1) };
     }

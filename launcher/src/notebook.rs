@@ -13,7 +13,7 @@ use serde::{Serialize, de::DeserializeOwned};
 use std::fmt::Display;
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::{FromRawFd, RawFd};
+use std::os::fd::{OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Accelerate's `notebook_launcher` options, as a builder. Every setter names Accelerate's default.
@@ -313,23 +313,19 @@ where
         .ok_or_else(|| LaunchError::Invalid("the main rank returned no value".into()))
 }
 
-fn pipe() -> Result<(RawFd, RawFd)> {
-    let mut fds = [0 as RawFd; 2];
-    // SAFETY: pipe2 fills two descriptors; O_CLOEXEC keeps them out of any program a worker executes.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(LaunchError::Os {
-            op: "creating a pipe",
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    Ok((fds[0], fds[1]))
+/// A pipe's (read, write) ends; close-on-exec keeps them out of any program a worker executes.
+fn pipe() -> Result<(OwnedFd, OwnedFd)> {
+    rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC).map_err(|e| LaunchError::Os {
+        op: "creating a pipe",
+        source: e.into(),
+    })
 }
 
+/// Closes a descriptor this process owns but holds only by number (the inherited rendezvous listener,
+/// stdout, stderr).
 fn close(fd: RawFd) {
-    // SAFETY: closing a descriptor we own.
-    unsafe {
-        libc::close(fd);
-    }
+    // SAFETY: the caller owns `fd` and nothing uses it afterwards.
+    unsafe { rustix::io::close(fd) }
 }
 
 /// Forks one worker per rank of the plan, each with pipes for its stdout, its stderr and its status
@@ -347,8 +343,7 @@ where
     E: Display,
 {
     let mut workers: Vec<Worker> = Vec::new();
-    // SAFETY: getpid has no preconditions.
-    let parent = unsafe { libc::getpid() };
+    let parent = rustix::process::getpid();
     for rank_plan in &launch_plan.ranks {
         let out = pipe()?;
         let err = pipe()?;
@@ -387,24 +382,16 @@ where
                 args.clone(),
             );
         }
-        close(out.1);
-        close(err.1);
-        close(status.1);
-        // SAFETY: we own the three read ends from here on.
-        let (stdout, stderr, status) = unsafe {
-            (
-                File::from_raw_fd(out.0),
-                File::from_raw_fd(err.0),
-                File::from_raw_fd(status.0),
-            )
-        };
+        // The write ends are the child's now (dropping them closes the parent's copies); the read ends
+        // are the supervisor's.
+        drop((out.1, err.1, status.1));
         workers.push(Worker {
             rank: rank_plan.rank,
             local_rank: rank_plan.local_rank,
             pid,
-            stdout,
-            stderr,
-            status: Some(status),
+            stdout: File::from(out.0),
+            stderr: File::from(err.0),
+            status: Some(File::from(status.0)),
         });
     }
     Ok(workers)
@@ -414,9 +401,9 @@ where
 /// return into the parent's code, never run its destructors).
 fn child<A, T, E, F>(
     rank_plan: &RankPlan,
-    [out, err, status]: [RawFd; 3],
+    [out, err, status]: [OwnedFd; 3],
     listen_fd: Option<RawFd>,
-    parent: libc::pid_t,
+    parent: rustix::process::Pid,
     function: &F,
     args: A,
 ) -> !
@@ -425,21 +412,26 @@ where
     T: Serialize,
     E: Display,
 {
-    // SAFETY: in the freshly forked, single-threaded child: own process group (so the supervisor can stop
-    // everything this rank starts), default signal dispositions, and the pipes as stdout/stderr.
+    // In the freshly forked, single-threaded child: its own process group (so the supervisor can stop
+    // everything this rank starts), death with the launching process (e.g. a kernel killed with -9) as
+    // exec'd ranks have, and the pipes as stdout/stderr. A failure here would leave a rank the
+    // supervisor cannot stop or hear: end at once instead (the supervisor reports the exit).
+    let set_up = rustix::process::setpgid(None, None)
+        .and_then(|()| rustix::stdio::dup2_stdout(&out))
+        .and_then(|()| rustix::stdio::dup2_stderr(&err))
+        .map_err(std::io::Error::from)
+        .and_then(|()| crate::exec::die_with_parent(parent));
+    if set_up.is_err() {
+        // SAFETY: leaves the child at once, running nothing of the parent's state.
+        unsafe { libc::_exit(1) }
+    }
+    drop((out, err));
+    // SAFETY: single-threaded child: resetting dispositions (rustix has no sigaction wrapper) and the
+    // environment races with no other thread.
     unsafe {
-        libc::setpgid(0, 0);
-        // Die with the launching process (e.g. a kernel killed with -9), as exec'd ranks do.
-        if crate::exec::die_with_parent(parent).is_err() {
-            libc::_exit(1);
-        }
         for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
             libc::signal(sig, libc::SIG_DFL);
         }
-        libc::dup2(out, 1);
-        libc::dup2(err, 2);
-        close(out);
-        close(err);
         for var in FOREIGN_CONTRACT_VARS {
             std::env::remove_var(var);
         }
@@ -456,6 +448,7 @@ where
             }
         }
     }
+    let mut status = File::from(status);
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| function(args)));
     let code = match outcome {
         Ok(Ok(value)) => {
@@ -468,9 +461,7 @@ where
             match encoded {
                 Ok(bytes) => {
                     report.extend_from_slice(&bytes);
-                    // SAFETY: we own the write end of the status pipe.
-                    let mut pipe = unsafe { File::from_raw_fd(status) };
-                    match pipe.write_all(&report) {
+                    match status.write_all(&report) {
                         Ok(()) => 0,
                         Err(e) => {
                             eprintln!("rank {} could not report its result: {e}", rank_plan.rank);
@@ -500,7 +491,7 @@ where
     // has finished tearing down.
     close(1);
     close(2);
-    close(status);
+    drop(status);
     // SAFETY: leave without unwinding into the parent's stack or running its atexit handlers.
     unsafe { libc::_exit(code) }
 }

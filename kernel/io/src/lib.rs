@@ -17,6 +17,7 @@
 //! crate (libc and data-encoding only) for its display helpers.
 
 use std::io::Write;
+use std::os::fd::OwnedFd;
 
 /// Prefix of every line this module adds to evcxr's pipe.
 pub const LINE_PREFIX: &str = "HASTEN_KERNEL ";
@@ -232,30 +233,22 @@ pub fn encode_stderr(bytes: &[u8]) -> Vec<u8> {
 pub fn capture_runner_output() -> std::io::Result<()> {
     let _ = std::io::stdout().flush();
     let _ = std::io::stderr().flush();
-    // SAFETY: plain fd syscalls on descriptors this function owns or that the process always has.
-    let (out, err, proto) = unsafe {
-        let proto = libc::fcntl(1, libc::F_DUPFD_CLOEXEC, 3);
-        if proto < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let mut out = [0; 2];
-        let mut err = [0; 2];
-        if libc::pipe2(out.as_mut_ptr(), libc::O_CLOEXEC) != 0
-            || libc::pipe2(err.as_mut_ptr(), libc::O_CLOEXEC) != 0
-        {
-            return Err(std::io::Error::last_os_error());
-        }
-        if libc::dup2(out[1], 1) < 0 || libc::dup2(err[1], 2) < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        libc::close(out[1]);
-        libc::close(err[1]);
-        for fd in [out[0], err[0]] {
-            let flags = libc::fcntl(fd, libc::F_GETFL);
-            libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
-        }
-        (out[0], err[0], proto)
-    };
+    use rustix::fs::{OFlags, fcntl_getfl, fcntl_setfl};
+    use rustix::pipe::{PipeFlags, pipe_with};
+    // The original stdout (evcxr's pipe) becomes the protocol channel; new pipes take stdout's and
+    // stderr's places. All three live as long as the process (the exit handler still uses them), hence
+    // 'static.
+    let proto = rustix::io::fcntl_dupfd_cloexec(rustix::stdio::stdout(), 3)?;
+    let (out, out_w) = pipe_with(PipeFlags::CLOEXEC)?;
+    let (err, err_w) = pipe_with(PipeFlags::CLOEXEC)?;
+    rustix::stdio::dup2_stdout(&out_w)?;
+    rustix::stdio::dup2_stderr(&err_w)?;
+    drop((out_w, err_w));
+    for fd in [&out, &err] {
+        fcntl_setfl(fd, fcntl_getfl(fd)? | OFlags::NONBLOCK)?;
+    }
+    let [out, err, proto]: [&'static OwnedFd; 3] =
+        [out, err, proto].map(|fd| &*Box::leak(Box::new(fd)));
     *RELAY.lock().unwrap_or_else(|e| e.into_inner()) = Some(Relay {
         splitter: StdoutSplitter::default(),
         out,
@@ -278,39 +271,36 @@ pub fn capture_runner_output() -> std::io::Result<()> {
 /// The relay's state; the thread and the exit handler take turns through the lock.
 struct Relay {
     splitter: StdoutSplitter,
-    out: i32,
-    err: i32,
-    proto: i32,
+    out: &'static OwnedFd,
+    err: &'static OwnedFd,
+    proto: &'static OwnedFd,
     buf: Vec<u8>,
 }
 
 static RELAY: std::sync::Mutex<Option<Relay>> = std::sync::Mutex::new(None);
 
-fn write_all_fd(fd: i32, mut data: &[u8]) {
+/// Writes all of `data` with write(2) itself, never through a std lock (the exit handler and a forked
+/// worker must not wait on one); gives up on an error other than EINTR.
+fn write_all_fd(fd: &OwnedFd, mut data: &[u8]) {
     while !data.is_empty() {
-        // SAFETY: writing from a live slice to a descriptor this process owns.
-        let n = unsafe { libc::write(fd, data.as_ptr().cast(), data.len()) };
-        if n < 0 {
-            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return;
+        match rustix::io::write(fd, data) {
+            Ok(n) => data = &data[n..],
+            Err(rustix::io::Errno::INTR) => {}
+            Err(_) => return,
         }
-        data = &data[n as usize..];
     }
 }
 
 /// Reads one non-blocking descriptor until it is empty; false once it is closed.
-fn read_available(fd: i32, buf: &mut [u8], mut each: impl FnMut(&[u8])) -> bool {
+fn read_available(fd: &OwnedFd, buf: &mut [u8], mut each: impl FnMut(&[u8])) -> bool {
     loop {
-        // SAFETY: reading into a live buffer.
-        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-        if n > 0 {
-            each(&buf[..n as usize]);
-            continue;
+        match rustix::io::read(fd, &mut *buf) {
+            Ok(0) => return false,
+            Ok(n) => each(&buf[..n]),
+            Err(rustix::io::Errno::INTR) => {}
+            // EAGAIN: empty for now; any other error: treated as still open, as before.
+            Err(_) => return true,
         }
-        // 0: closed; <0: EAGAIN (empty) or an error.
-        return n != 0;
     }
 }
 
@@ -355,33 +345,27 @@ extern "C" fn drain_at_exit() {
     }
 }
 
-fn relay_loop(out: i32, err: i32) {
+fn relay_loop(out: &'static OwnedFd, err: &'static OwnedFd) {
+    use rustix::event::{PollFd, PollFlags, poll};
     let mut err_open = true;
     loop {
-        let mut fds = [
-            libc::pollfd {
-                fd: out,
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: if err_open { err } else { -1 },
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: polling two descriptors this process owns.
-        if unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) } < 0 {
+        let mut fds = vec![PollFd::new(out, PollFlags::IN)];
+        if err_open {
+            fds.push(PollFd::new(err, PollFlags::IN));
+        }
+        if poll(&mut fds, None).is_err() {
             continue;
         }
+        let out_ready = !fds[0].revents().is_empty();
+        let err_ready = fds.get(1).is_some_and(|fd| !fd.revents().is_empty());
         let mut guard = RELAY.lock().unwrap_or_else(|e| e.into_inner());
         let Some(relay) = guard.as_mut() else {
             return;
         };
-        if err_open && fds[1].revents != 0 {
+        if err_ready {
             err_open = relay.pump_stderr();
         }
-        if fds[0].revents != 0 && !relay.pump_stdout() {
+        if out_ready && !relay.pump_stdout() {
             return;
         }
     }
