@@ -235,3 +235,41 @@ fn trackers_log_to_tensorboard_and_custom_trackers() {
     // Only rank 0 wrote: the run, its hparams folder and the two curves.
     assert_eq!(runs.len(), 4, "{:?}", runs.keys().collect::<Vec<_>>());
 }
+
+/// README's loop with FSDP switched on by the environment alone (as `hasten launch` sets it for
+/// `distributed_type: FSDP`), on `ranks` processes.
+fn fsdp_check(ranks: &[usize], env: &[(&str, &str)]) {
+    let mut env = env.to_vec();
+    env.push(("ACCELERATE_USE_FSDP", "true"));
+    for &n in ranks {
+        let ran = run_mode(n, "fsdp", &[], &env);
+        ran.expect_stdout("fsdp holds");
+    }
+}
+
+#[test]
+fn fsdp_full_shard_matches_one_process_with_uneven_shards_on_2_3_and_4_ranks() {
+    fsdp_check(&[2, 3, 4], &[("FSDP_VERSION", "2")]);
+}
+
+#[test]
+fn fsdp_shard_grad_op_and_per_block_units_match_one_process() {
+    fsdp_check(
+        &[2, 3],
+        &[
+            ("FSDP_VERSION", "2"),
+            ("FSDP_RESHARD_AFTER_FORWARD", "false"),
+            ("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP"),
+            ("FSDP_TRANSFORMER_CLS_TO_WRAP", "fc1,fc2"),
+        ],
+    );
+    // FSDP1's names for the same thing.
+    fsdp_check(
+        &[2],
+        &[
+            ("FSDP_SHARDING_STRATEGY", "SHARD_GRAD_OP"),
+            ("FSDP_AUTO_WRAP_POLICY", "SIZE_BASED_WRAP"),
+            ("FSDP_MIN_NUM_PARAMS", "50"),
+        ],
+    );
+}

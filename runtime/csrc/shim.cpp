@@ -323,3 +323,42 @@ int hasten_empty_device_cache() {
 }
 
 }  // extern "C"
+
+// Freeing and re-allocating a tensor's storage in place, for sharded data parallelism: a parameter's
+// unsharded buffer is released after the forward and filled again before the backward. Autograd saved
+// views of the parameters during the forward; they share the storage's StorageImpl, so refilling that
+// same StorageImpl (rather than allocating a new tensor) keeps them valid. PyTorch's FSDP does the same
+// with `untyped_storage().resize_()`, which tch does not expose.
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/StorageImpl.h>
+
+extern "C" {
+
+// Gives `tensor`'s storage `nbytes` bytes: 0 frees them (the tensor keeps its sizes and must not be read
+// until it has bytes again); otherwise fresh, uninitialised bytes from the storage's own allocator.
+int hasten_storage_resize(at::Tensor* tensor, int64_t nbytes) {
+  try {
+    c10::StorageImpl* storage = tensor->storage().unsafeGetStorageImpl();
+    if (nbytes == 0) {
+      storage->set_data_ptr_noswap(at::DataPtr(nullptr, storage->device()));
+      storage->set_nbytes(0);
+      return 0;
+    }
+    c10::Allocator* allocator = storage->allocator();
+    if (allocator == nullptr) {
+      fprintf(stderr, "hasten_storage_resize: the storage has no allocator\n");
+      return -1;
+    }
+    c10::OptionalDeviceGuard guard(storage->device());
+    storage->set_data_ptr_noswap(allocator->allocate(nbytes));
+    storage->set_nbytes(nbytes);
+    return 0;
+  } catch (const std::exception& e) {
+    fprintf(stderr, "hasten_storage_resize: %s\n", e.what());
+    return -1;
+  } catch (...) {
+    return -1;
+  }
+}
+
+}  // extern "C"

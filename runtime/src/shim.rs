@@ -70,6 +70,7 @@ mod ffi {
         pub(super) fn hasten_randperm(n: i64, seed: u64) -> *mut C_tensor;
         pub(super) fn hasten_empty_pinned_bytes(nbytes: i64) -> *mut C_tensor;
         pub(super) fn hasten_empty_device_cache() -> i32;
+        pub(super) fn hasten_storage_resize(tensor: *mut C_tensor, nbytes: i64) -> i32;
     }
 }
 
@@ -289,4 +290,16 @@ pub(crate) fn empty_pinned_bytes(nbytes: i64) -> Option<Tensor> {
 pub(crate) fn empty_device_cache() -> i32 {
     // SAFETY: no arguments; the shim only asks the device allocator to empty its cache.
     unsafe { ffi::hasten_empty_device_cache() }
+}
+
+/// Gives `tensor`'s storage `nbytes` fresh bytes, or frees them with 0, in place: every view of that
+/// storage (autograd's saved ones included) sees the change. Non-zero on failure (libtorch's message
+/// went to stderr).
+///
+/// # Safety
+/// After freeing, nothing may read or write `tensor` or any view of its storage until it has bytes
+/// again; after re-allocating, the bytes are uninitialised until written.
+pub(crate) unsafe fn storage_resize(tensor: &Tensor, nbytes: i64) -> i32 {
+    // SAFETY: a valid tensor handle, alive for the call; the caller keeps the storage unused while freed.
+    unsafe { ffi::hasten_storage_resize(handle(tensor), nbytes) }
 }

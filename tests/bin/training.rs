@@ -4,7 +4,8 @@
 //! `dataloader_end`, `scheduler`, `metrics`, `metrics_iterable` (dispatched from process 0, the default),
 //! `metrics_iterable_shard` (each rank reads), `dispatch` (map-style, dispatched), `checkpoint PROJECT_DIR`, `rng`, `rng_types`
 //! (`rng_types: [torch]`), `rng_types_default`,
-//! `tracking PROJECT_DIR` (TensorBoard plus a custom tracker that logs on every rank). Prints `training check MODE: ok` or `... FAILED: why` and exits non-zero on failure.
+//! `tracking PROJECT_DIR` (TensorBoard plus a custom tracker that logs on every rank), `fsdp` (under the
+//! `FSDP_*` environment the test sets). Prints `training check MODE: ok` or `... FAILED: why` and exits non-zero on failure.
 
 use hasten::data::{DataLoader, TensorDataset};
 use hasten::optim::TchOptimizer;
@@ -17,6 +18,8 @@ use hasten::{
 
 #[path = "training/crash.rs"]
 mod crash;
+#[path = "training/fsdp.rs"]
+mod fsdp;
 #[path = "training/loaders.rs"]
 mod loaders;
 #[path = "training/tracking.rs"]
@@ -654,6 +657,7 @@ fn main() {
     let builder = Accelerator::builder().cpu(!gpu);
     let builder = match mode.as_str() {
         "accumulate" => builder.gradient_accumulation_steps(3),
+        "fsdp" => builder.gradient_accumulation_steps(2),
         "dataloader_end" | "scheduler" => {
             builder.gradient_accumulation_plugin(GradientAccumulationPlugin {
                 num_steps: 2,
@@ -713,6 +717,7 @@ fn main() {
             }
             "tracking" => tracking::tracking(&mut acc),
             "accumulate" => accumulate(&mut acc),
+            "fsdp" => fsdp::fsdp(&mut acc),
             "dataloader_end" => dataloader_end(&mut acc),
             "scheduler" => scheduler(&mut acc),
             "metrics" => metrics(&mut acc),

@@ -1,6 +1,7 @@
 //! The Accelerator's builder: every setting, from the caller or the environment contract, checked and
 //! turned into an [`Accelerator`] that has joined its process group.
 
+use super::fsdp::FullyShardedDataParallelPlugin;
 use super::{
     Accelerator, AutocastKwargs, DataLoaderConfiguration, DistributedDataParallelKwargs,
     GradScaler, GradScalerKwargs, GradientAccumulationPlugin, InitProcessGroupKwargs,
@@ -31,6 +32,7 @@ pub struct AcceleratorBuilder {
     pub(super) log_with: Vec<LoggerType>,
     pub(super) custom_trackers: Vec<crate::tracking::CustomTracker>,
     pub(super) step_scheduler_with_optimizer: Option<bool>,
+    pub(super) fsdp: Option<FullyShardedDataParallelPlugin>,
 }
 
 impl AcceleratorBuilder {
@@ -113,6 +115,14 @@ impl AcceleratorBuilder {
         self
     }
 
+    /// Shards models across the processes (Accelerate's `fsdp_plugin`; default: none, or the plugin the
+    /// `FSDP_*` variables describe when `ACCELERATE_USE_FSDP` is set, as `hasten launch` sets them for a
+    /// config with `distributed_type: FSDP`). It takes effect when more than one process trains.
+    pub fn fsdp_plugin(mut self, plugin: FullyShardedDataParallelPlugin) -> Self {
+        self.fsdp = Some(plugin);
+        self
+    }
+
     /// Whether the scheduler steps with the optimizer (default true).
     pub fn step_scheduler_with_optimizer(mut self, on: bool) -> Self {
         self.step_scheduler_with_optimizer = Some(on);
@@ -121,22 +131,26 @@ impl AcceleratorBuilder {
 
     /// Reads the environment contract, joins the process group and builds the Accelerator.
     pub fn build(self) -> Result<Accelerator> {
-        // Set by `accelerate launch` for DeepSpeed and FSDP configs: running on would be plain DDP,
-        // every rank holding the whole model, gradients and optimizer state.
-        for (var, what) in [
-            ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"),
-            ("ACCELERATE_USE_FSDP", "FSDP"),
-        ] {
-            if crate::parse_flag_from_env(var, false)? {
-                return Err(Error::InvalidValue {
-                    name: var.into(),
-                    detail: format!(
-                        "{what} is asked for, which hasten does not run (it would train as plain DDP \
-                         instead); launch with distributed_type MULTI_GPU (DDP), or use Python Accelerate \
-                         for a model that does not fit on one GPU"
-                    ),
-                });
+        // Set by `accelerate launch` for DeepSpeed configs: running on would be plain DDP, every rank
+        // holding the whole model, gradients and optimizer state.
+        if crate::parse_flag_from_env("ACCELERATE_USE_DEEPSPEED", false)? {
+            return Err(Error::InvalidValue {
+                name: "ACCELERATE_USE_DEEPSPEED".into(),
+                detail: "DeepSpeed is asked for, which hasten does not run (it would train as plain DDP \
+                         instead); for sharded training use FSDP (distributed_type FSDP, or \
+                         AcceleratorBuilder::fsdp_plugin)"
+                    .into(),
+            });
+        }
+        let fsdp = match self.fsdp {
+            Some(plugin) => Some(plugin),
+            None if crate::parse_flag_from_env("ACCELERATE_USE_FSDP", false)? => {
+                Some(FullyShardedDataParallelPlugin::from_env()?)
             }
+            None => None,
+        };
+        if let Some(plugin) = &fsdp {
+            plugin.check_supported()?;
         }
         let env_mode = match std::env::var(crate::MIXED_PRECISION_VAR) {
             Ok(v) if !v.trim().is_empty() => Some(v.parse::<PrecisionType>()?),
@@ -172,6 +186,19 @@ impl AcceleratorBuilder {
                          use bf16"
                     .into(),
             });
+        }
+        // As in Accelerate, the plugin applies to distributed runs only.
+        let fsdp = fsdp.filter(|_| state.use_distributed());
+        if fsdp.is_some() {
+            state.distributed_type = crate::DistributedType::Fsdp;
+            if mixed_precision == PrecisionType::Fp16 {
+                return Err(Error::InvalidValue {
+                    name: "mixed_precision".into(),
+                    detail: "fp16 with FSDP needs a loss scaler that agrees across shards, which hasten \
+                             does not have yet: use bf16"
+                        .into(),
+                });
+            }
         }
         if mixed_precision == PrecisionType::Fp16 && !state.device.is_cuda() {
             return Err(Error::DeviceUnavailable {
@@ -227,6 +254,7 @@ impl AcceleratorBuilder {
             trackers: Vec::new(),
             trigger: false,
             custom: Vec::new(),
+            fsdp,
         })
     }
 }

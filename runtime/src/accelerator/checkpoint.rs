@@ -190,6 +190,7 @@ impl Accelerator {
     /// name atomically too), so the folder holds the previous checkpoint or the new one, whole; old
     /// checkpoints go only after the new one is in place.
     pub fn save_state(&mut self, output_dir: Option<&Path>) -> Result<PathBuf> {
+        self.refuse_sharded("save_state")?;
         let (dir, rotate) = if self.project.automatic_checkpoint_naming {
             let project = self
                 .project
@@ -340,6 +341,7 @@ impl Accelerator {
     /// latest `checkpoint_{n}` of automatic checkpoint naming is used (and the iteration continues after
     /// it). Everything is checked before anything changes. Returns the folder.
     pub fn load_state(&mut self, input_dir: Option<&Path>) -> Result<PathBuf> {
+        self.refuse_sharded("load_state")?;
         let dir = match input_dir {
             Some(d) if d.is_dir() => d.to_owned(),
             Some(d) => return Err(bad(d, "the checkpoint folder does not exist")),
@@ -537,6 +539,27 @@ impl Accelerator {
             }
         }
         Ok(dir)
+    }
+}
+
+impl Accelerator {
+    /// Checkpoints of sharded models are not written yet: an error rather than a checkpoint holding
+    /// one rank's shards as if they were the model.
+    fn refuse_sharded(&self, op: &'static str) -> Result<()> {
+        if self
+            .models
+            .iter()
+            .any(|m| m.lock().unwrap_or_else(|e| e.into_inner()).fsdp.is_some())
+        {
+            return Err(Error::InvalidValue {
+                name: op.into(),
+                detail: "checkpoints of FSDP-sharded models are not supported by hasten yet; \
+                         Accelerator::get_state_dict gathers the whole model (on every rank) to save it \
+                         yourself"
+                    .into(),
+            });
+        }
+        Ok(())
     }
 }
 

@@ -28,6 +28,8 @@ pub(crate) struct ModelEntry {
     /// The stream the buckets' NCCL all-reduces run on, for CUDA models.
     pub comm: Option<CommStream>,
     pub no_sync: bool,
+    /// The model's sharding, under FSDP (then the fields above for averaging stay unused).
+    pub fsdp: Option<super::fsdp::ShardedModel>,
 }
 
 impl ModelEntry {
@@ -60,6 +62,7 @@ impl ModelEntry {
             hooks: None,
             comm: None,
             no_sync: false,
+            fsdp: None,
         }
     }
 

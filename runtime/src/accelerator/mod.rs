@@ -14,6 +14,7 @@ mod collectives;
 mod config;
 mod ddp;
 mod durable;
+pub mod fsdp;
 mod model;
 mod optimizer;
 mod precision;
@@ -28,6 +29,7 @@ pub use config::{
     AutocastKwargs, DataLoaderConfiguration, DistributedDataParallelKwargs,
     GradientAccumulationPlugin, InitProcessGroupKwargs, ProjectConfiguration,
 };
+pub use fsdp::FullyShardedDataParallelPlugin;
 pub use model::PreparedModel;
 pub use optimizer::{AcceleratedOptimizer, AcceleratedScheduler, Schedule};
 pub use precision::{GradScaler, GradScalerKwargs, autocast};
@@ -90,6 +92,8 @@ pub struct Accelerator {
     trigger: bool,
     /// Objects registered for checkpointing, in order.
     custom: Vec<Arc<Mutex<dyn Checkpointable>>>,
+    /// Sharded data parallelism, when on and more than one process trains.
+    fsdp: Option<FullyShardedDataParallelPlugin>,
 }
 
 impl Accelerator {
@@ -229,10 +233,29 @@ impl Accelerator {
         if vs.device() != self.state.device {
             vs.set_device(self.state.device);
         }
-        ddp::broadcast_variables(&mut self.group.lock(), &vs, self.ddp.broadcast_buffers)?;
+        let sharded = self.fsdp.as_ref().filter(|p| p.shards());
+        // FSDP starts every rank from the main process's weights, buffers included (Accelerate's
+        // sync_module_states / cpu_ram_efficient_loading broadcast them).
+        let buffers = self.ddp.broadcast_buffers || sharded.is_some();
+        ddp::broadcast_variables(&mut self.group.lock(), &vs, buffers)?;
         let cap = (self.ddp.bucket_cap_mb * 1024.0 * 1024.0) as usize;
         let mut entry = ModelEntry::new(&vs, cap.max(1));
-        entry.hook(&self.group.lock());
+        match sharded {
+            Some(plugin) => {
+                let named: Vec<(String, tch::Tensor)> = entry
+                    .names
+                    .iter()
+                    .cloned()
+                    .zip(entry.params.iter().map(tch::Tensor::shallow_clone))
+                    .collect();
+                entry.fsdp = Some(fsdp::ShardedModel::new(
+                    plugin.units(named)?,
+                    self.group.clone(),
+                    plugin.sharding_strategy == fsdp::ShardingStrategy::FullShard,
+                )?);
+            }
+            None => entry.hook(&self.group.lock()),
+        }
         let entry = Arc::new(Mutex::new(entry));
         let alive = Arc::new(());
         self.models.push(entry.clone());

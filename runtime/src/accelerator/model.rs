@@ -70,7 +70,23 @@ impl<M> PreparedModel<M> {
     /// `AutocastKwargs { enabled: false }` the forward runs without autocast and its outputs are still
     /// converted, as in Accelerate. For modules whose forward is not [`Module::forward`]:
     /// `model.call(|m| m.forward_with_mask(&x, &mask))?`.
+    ///
+    /// Under FSDP the forward first gathers the parameters (every rank must run it, as in PyTorch) and,
+    /// with FULL_SHARD, frees them again afterwards; the backward gathers them once more.
     pub fn call<T: Nested>(&self, f: impl FnOnce(&M) -> T) -> Result<T> {
+        if let Some(sharded) = self.entry().fsdp.as_mut() {
+            sharded.unshard()?;
+        }
+        let out = self.run(f);
+        if let Some(sharded) = self.entry().fsdp.as_mut()
+            && sharded.reshard_after_forward
+        {
+            sharded.reshard()?;
+        }
+        out
+    }
+
+    fn run<T: Nested>(&self, f: impl FnOnce(&M) -> T) -> Result<T> {
         let p = self.precision;
         if p.mixed_precision == PrecisionType::No {
             return Ok(f(&self.module));

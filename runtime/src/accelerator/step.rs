@@ -24,24 +24,63 @@ impl Accelerator {
                 .scale_loss(&loss)?;
         }
         let sync = state.sync_gradients || (state.sync_each_batch && self.state.use_distributed());
-        if !sync {
-            return loss.f_backward().map_err(torch);
-        }
         self.averaged.retain(|m| m.alive.strong_count() > 0);
-        let mut guards: Vec<std::sync::MutexGuard<'_, ModelEntry>> = self
+        // Sharded models gather their parameters for the backward (FULL_SHARD freed them after the
+        // forward) and reduce-scatter the gradients after it.
+        let sharded: Vec<Arc<Mutex<ModelEntry>>> = self
             .averaged
             .iter()
-            .map(|m| m.entry.lock().unwrap_or_else(|e| e.into_inner()))
-            .filter(|m| !m.no_sync)
+            .filter(|m| {
+                m.entry
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .fsdp
+                    .is_some()
+            })
+            .map(|m| m.entry.clone())
             .collect();
-        let mut entries: Vec<&mut ModelEntry> = guards.iter_mut().map(|g| &mut **g).collect();
-        ddp::backward_with_averaging(
-            &mut self.group.lock(),
-            &mut entries,
-            self.ddp.find_unused_parameters,
-            self.overlap,
-            || loss.f_backward().map_err(torch),
-        )
+        for entry in &sharded {
+            if let Some(s) = entry
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .fsdp
+                .as_mut()
+            {
+                s.unshard()?;
+            }
+        }
+        let outcome = if sync {
+            let mut guards: Vec<std::sync::MutexGuard<'_, ModelEntry>> = self
+                .averaged
+                .iter()
+                .map(|m| m.entry.lock().unwrap_or_else(|e| e.into_inner()))
+                .filter(|m| !m.no_sync && m.fsdp.is_none())
+                .collect();
+            let mut entries: Vec<&mut ModelEntry> = guards.iter_mut().map(|g| &mut **g).collect();
+            ddp::backward_with_averaging(
+                &mut self.group.lock(),
+                &mut entries,
+                self.ddp.find_unused_parameters,
+                self.overlap,
+                || loss.f_backward().map_err(torch),
+            )
+        } else {
+            loss.f_backward().map_err(torch)
+        };
+        for entry in &sharded {
+            let mut entry = entry.lock().unwrap_or_else(|e| e.into_inner());
+            let model_sync = sync && !entry.no_sync;
+            if let Some(s) = entry.fsdp.as_mut() {
+                if outcome.is_ok() {
+                    s.reduce_gradients(model_sync)?;
+                } else {
+                    // A failed backward leaves no gradients to average; the parameters go back to
+                    // their shards so the model stays usable.
+                    s.reshard()?;
+                }
+            }
+        }
+        outcome
     }
 
     /// Accelerate's `accumulate`, called at the start of each micro-batch: counts it and decides whether
@@ -123,6 +162,26 @@ impl Accelerator {
     ) -> Result<f64> {
         self.unscale_gradients(model)?;
         let torch = |e| Error::torch("clip_grad_norm_", e);
+        if let Some(sharded) = model.entry().fsdp.as_ref() {
+            // Every rank holds a piece of each gradient: the norm is over all of them (collective).
+            let total_norm = sharded.total_grad_norm(norm_type)?;
+            let coef = max_norm / (total_norm + 1e-6);
+            if coef < 1.0 {
+                tch::no_grad(|| -> Result<()> {
+                    for p in sharded.parameters() {
+                        let g = p.grad();
+                        if g.defined() {
+                            g.shallow_clone()
+                                .f_mul_scalar_(coef)
+                                .map(drop)
+                                .map_err(torch)?;
+                        }
+                    }
+                    Ok(())
+                })?;
+            }
+            return Ok(total_norm);
+        }
         let grads: Vec<Tensor> = model
             .entry()
             .params
@@ -170,6 +229,15 @@ impl Accelerator {
 
     /// Clamps every gradient element to `[-clip_value, clip_value]` (unscaling first).
     pub fn clip_grad_value_<M>(&mut self, model: &PreparedModel<M>, clip_value: f64) -> Result<()> {
+        if model.entry().fsdp.is_some() {
+            return Err(Error::InvalidValue {
+                name: "clip_grad_value_".into(),
+                detail:
+                    "DeepSpeed and FSDP  do not support `clip_grad_value_`. Use `clip_grad_norm_` \
+                         instead."
+                        .into(),
+            });
+        }
         self.unscale_gradients(model)?;
         tch::no_grad(|| {
             for p in &model.entry().params {
@@ -183,6 +251,29 @@ impl Accelerator {
             }
             Ok(())
         })
+    }
+
+    /// The model's whole state by name (Accelerate's `get_state_dict`): under FSDP every parameter
+    /// gathered from its shards (collective: every rank calls it) as copies; otherwise the VarStore's
+    /// tensors, as [`PreparedModel::state_dict`].
+    pub fn get_state_dict<M>(&self, model: &PreparedModel<M>) -> Result<Vec<(String, Tensor)>> {
+        let mut entry = model.entry();
+        let Some(sharded) = entry.fsdp.as_mut() else {
+            drop(entry);
+            return Ok(model.state_dict());
+        };
+        let full = sharded.full_parameters()?;
+        Ok(entry
+            .named
+            .iter()
+            .map(|(name, t)| {
+                let value = full
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map_or_else(|| t.shallow_clone(), |(_, v)| v.shallow_clone());
+                (name.clone(), value)
+            })
+            .collect())
     }
 
     /// A prepared model's variables by name (Accelerate's `unwrap_model(model).state_dict()`): the same

@@ -123,20 +123,30 @@ fn outputs_are_fp32_even_with_autocast_disabled_and_loaders_end_inside_them() {
 }
 
 #[test]
-fn deepspeed_or_fsdp_from_accelerate_launch_is_refused() {
-    for var in ["ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"] {
-        crate::utils::patch_environment([(var, "true")], || {
-            let Err(err) = Accelerator::builder().cpu(true).build() else {
-                panic!("{var}=true built an Accelerator");
-            };
-            assert!(
-                matches!(&err, Error::InvalidValue { name, .. } if name == var),
-                "{err}"
-            );
-            assert!(err.to_string().contains("plain DDP"), "{err}");
-        });
-    }
-    crate::utils::patch_environment([("ACCELERATE_USE_FSDP", "false")], || {
-        Accelerator::builder().cpu(true).build().unwrap();
+fn deepspeed_from_accelerate_launch_is_refused_and_fsdp_alone_is_ignored() {
+    crate::utils::patch_environment([("ACCELERATE_USE_DEEPSPEED", "true")], || {
+        let Err(err) = Accelerator::builder().cpu(true).build() else {
+            panic!("ACCELERATE_USE_DEEPSPEED=true built an Accelerator");
+        };
+        assert!(
+            matches!(&err, Error::InvalidValue { name, .. } if name == "ACCELERATE_USE_DEEPSPEED"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("plain DDP"), "{err}");
     });
+    // As in Accelerate, the FSDP plugin applies only when several processes train; a bad setting is
+    // still an error naming it.
+    crate::utils::patch_environment([("ACCELERATE_USE_FSDP", "true")], || {
+        let acc = Accelerator::builder().cpu(true).build().unwrap();
+        assert_eq!(acc.distributed_type(), crate::DistributedType::No);
+    });
+    crate::utils::patch_environment(
+        [("ACCELERATE_USE_FSDP", "true"), ("FSDP_VERSION", "3")],
+        || {
+            let Err(err) = Accelerator::builder().cpu(true).build() else {
+                panic!("FSDP_VERSION=3 built an Accelerator");
+            };
+            assert!(err.to_string().contains("FSDP_VERSION"), "{err}");
+        },
+    );
 }

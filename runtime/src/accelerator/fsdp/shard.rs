@@ -1,0 +1,422 @@
+//! The sharding mechanism: each unit's parameters, flattened and concatenated, are split into one
+//! equal chunk per rank (the last one padded). Between steps every parameter tensor holds only its
+//! piece of this rank's chunk, so the optimizer — any [`crate::Optimizer`], tch's included, since it
+//! holds the same tensors — creates and updates state for the local piece alone. A forward gathers the
+//! chunks into the unit's unsharded buffer and points the parameters at their views of it; after the
+//! backward the gradients are reduce-scattered back to their owners and the parameters return to their
+//! pieces.
+//!
+//! The parameter tensors keep their identity throughout (`set_data` swaps what they point at), so the
+//! user's module, the VarStore and the optimizer never see a different tensor. The unsharded buffer
+//! keeps one storage for the model's life: freeing it empties that storage in place and gathering fills
+//! it again, so the views autograd saved during a forward are valid again when their backward runs.
+
+use crate::distributed::Group;
+use crate::{Error, ReduceOp, Result};
+use tch::{Kind, Tensor};
+
+/// One unit: parameters gathered and freed together, with their flat shard.
+pub(crate) struct Unit {
+    /// The unit's VarStore path prefix ("" for the model's root).
+    pub name: String,
+    params: Vec<Tensor>,
+    names: Vec<String>,
+    shapes: Vec<Vec<i64>>,
+    offsets: Vec<i64>,
+    numels: Vec<i64>,
+    /// Elements per rank (the unit's total, rounded up to a multiple of the world size, divided by it).
+    chunk: i64,
+    /// This rank's chunk.
+    shard: Tensor,
+    /// Every rank's chunk, gathered; its storage has no bytes while the unit is sharded.
+    full: Tensor,
+    /// Unsharded gradients of backwards that did not synchronise (gradient accumulation), added to the
+    /// next synchronising one's before the reduce-scatter.
+    held_grads: Option<Tensor>,
+    /// Sharded gradients the parameters still had when the unit was gathered (not zeroed after a step),
+    /// added to the next reduce-scatter's result, as PyTorch accumulates into an existing `.grad`.
+    held_shard_grads: Option<Tensor>,
+    /// Which parameters got a gradient on this rank since the last synchronisation.
+    used: Vec<bool>,
+}
+
+impl Unit {
+    fn piece(&self, i: usize, rank: i64) -> (i64, i64) {
+        let start = rank * self.chunk;
+        let lo = self.offsets[i].max(start);
+        let hi = (self.offsets[i] + self.numels[i]).min(start + self.chunk);
+        if hi <= lo {
+            (0, 0)
+        } else {
+            (lo - start, hi - lo)
+        }
+    }
+
+    fn bytes(&self, world: i64) -> i64 {
+        self.chunk * world * self.shard.kind().elt_size_in_bytes() as i64
+    }
+}
+
+/// A model's units and whether they are gathered now.
+pub(crate) struct ShardedModel {
+    pub units: Vec<Unit>,
+    group: Group,
+    rank: i64,
+    world: i64,
+    /// FULL_SHARD: free the unsharded parameters after each forward and gather them again for the
+    /// backward. SHARD_GRAD_OP: keep them from the forward through the backward.
+    pub reshard_after_forward: bool,
+    gathered: bool,
+}
+
+fn torch(op: &'static str) -> impl Fn(tch::TchError) -> Error {
+    move |e| Error::torch(op, e)
+}
+
+fn resize(t: &Tensor, nbytes: i64, unit: &str) -> Result<()> {
+    // SAFETY: only the unit's `full` buffer is resized; while it has no bytes every parameter points at
+    // its shard piece instead, and the views autograd saved are read only in a backward, which gathers
+    // first.
+    if unsafe { crate::shim::storage_resize(t, nbytes) } != 0 {
+        return Err(Error::DeviceUnavailable {
+            detail: format!(
+                "FSDP unit {unit:?}: libtorch could not {} its unsharded buffer ({nbytes} bytes)",
+                if nbytes == 0 { "free" } else { "allocate" }
+            ),
+        });
+    }
+    Ok(())
+}
+
+impl ShardedModel {
+    /// Shards `units` (each a list of named parameters, equal on every rank) across the group's ranks:
+    /// from here on every parameter holds only its piece.
+    pub(crate) fn new(
+        units: Vec<(String, super::Named)>,
+        group: Group,
+        reshard_after_forward: bool,
+    ) -> Result<Self> {
+        let (rank, world) = (group.rank() as i64, group.world_size() as i64);
+        let mut out = Vec::with_capacity(units.len());
+        for (name, named) in units {
+            if named.is_empty() {
+                continue;
+            }
+            let kind = named[0].1.kind();
+            if let Some((other, t)) = named.iter().find(|(_, t)| t.kind() != kind) {
+                return Err(Error::InvalidValue {
+                    name: "FSDP unit".into(),
+                    detail: format!(
+                        "unit {name:?} mixes dtypes: {other} is {:?}, {} is {kind:?}; FSDP flattens a \
+                         unit into one buffer, so its parameters need one dtype",
+                        t.kind(),
+                        named[0].0
+                    ),
+                });
+            }
+            let device = named[0].1.device();
+            let shapes: Vec<Vec<i64>> = named.iter().map(|(_, t)| t.size()).collect();
+            let numels: Vec<i64> = shapes.iter().map(|s| s.iter().product()).collect();
+            let mut offsets = Vec::with_capacity(numels.len());
+            let mut total = 0;
+            for n in &numels {
+                offsets.push(total);
+                total += n;
+            }
+            let chunk = (total + world - 1) / world;
+            let (shard, full) = tch::no_grad(|| -> Result<(Tensor, Tensor)> {
+                let flat: Vec<Tensor> = named
+                    .iter()
+                    .map(|(_, t)| t.detach().reshape([-1]))
+                    .collect();
+                let mut flat = Tensor::f_cat(&flat, 0).map_err(torch("FSDP sharding"))?;
+                if chunk * world > total {
+                    let pad = Tensor::f_zeros([chunk * world - total], (kind, device))
+                        .map_err(torch("FSDP sharding"))?;
+                    flat = Tensor::f_cat(&[flat, pad], 0).map_err(torch("FSDP sharding"))?;
+                }
+                let shard = flat.narrow(0, rank * chunk, chunk).copy();
+                let full = Tensor::f_empty([chunk * world], (kind, device))
+                    .map_err(torch("FSDP sharding"))?;
+                Ok((shard, full))
+            })?;
+            let (names, params): (Vec<String>, Vec<Tensor>) = named.into_iter().unzip();
+            let count = shapes.len();
+            let unit = Unit {
+                name,
+                params,
+                names,
+                shapes,
+                offsets,
+                numels,
+                chunk,
+                shard,
+                full,
+                held_grads: None,
+                held_shard_grads: None,
+                used: vec![false; count],
+            };
+            out.push(unit);
+        }
+        let mut model = ShardedModel {
+            units: out,
+            group,
+            rank,
+            world,
+            reshard_after_forward,
+            gathered: true,
+        };
+        for unit in &model.units {
+            crate::optim::clear_grads(&unit.params);
+        }
+        model.reshard()?;
+        Ok(model)
+    }
+
+    /// Points every parameter at its piece of this rank's chunk and frees the unsharded buffers.
+    pub(crate) fn reshard(&mut self) -> Result<()> {
+        if !self.gathered {
+            return Ok(());
+        }
+        for unit in &self.units {
+            for (i, p) in unit.params.iter().enumerate() {
+                let (lo, len) = unit.piece(i, self.rank);
+                p.shallow_clone()
+                    .f_set_data(&unit.shard.narrow(0, lo, len))
+                    .map_err(torch("FSDP reshard"))?;
+            }
+            resize(&unit.full, 0, &unit.name)?;
+        }
+        self.gathered = false;
+        Ok(())
+    }
+
+    /// Gathers every unit's chunks into its unsharded buffer and points the parameters at their views
+    /// of it (collective: every rank calls it in the same order). Sharded gradients still on the
+    /// parameters are kept aside and added to the next reduce-scatter's result.
+    pub(crate) fn unshard(&mut self) -> Result<()> {
+        if self.gathered {
+            return Ok(());
+        }
+        let world = self.world;
+        for unit in &mut self.units {
+            let grads: Vec<Tensor> = unit.params.iter().map(Tensor::grad).collect();
+            if grads.iter().any(Tensor::defined) {
+                let held = tch::no_grad(|| unit_shard_grads(unit, &grads, self.rank))?;
+                unit.held_shard_grads = Some(match unit.held_shard_grads.take() {
+                    Some(h) => h.f_add(&held).map_err(torch("FSDP unshard"))?,
+                    None => held,
+                });
+                crate::optim::clear_grads(&unit.params);
+            }
+            resize(&unit.full, unit.bytes(world), &unit.name)?;
+            let gathered = self
+                .group
+                .all_gather_cat(&unit.shard)
+                .map_err(|e| chained("FSDP all-gather", e))?;
+            tch::no_grad(|| unit.full.shallow_clone().f_copy_(&gathered))
+                .map_err(torch("FSDP unshard"))?;
+            for (i, p) in unit.params.iter().enumerate() {
+                let view = unit
+                    .full
+                    .f_narrow(0, unit.offsets[i], unit.numels[i])
+                    .and_then(|v| v.f_view(unit.shapes[i].as_slice()))
+                    .map_err(torch("FSDP unshard"))?;
+                p.shallow_clone()
+                    .f_set_data(&view)
+                    .map_err(torch("FSDP unshard"))?;
+            }
+        }
+        self.gathered = true;
+        Ok(())
+    }
+
+    /// After a backward (the parameters gathered): takes the unsharded gradients off the parameters and,
+    /// when `sync`, averages them across ranks with a reduce-scatter into each parameter's piece, which
+    /// becomes its gradient once the parameters are resharded. Without `sync` (accumulation) they are
+    /// kept, unsharded, for the next synchronising backward. A parameter no rank gave a gradient keeps
+    /// none (the optimizer skips it, as PyTorch's FSDP2 leaves it); one only some ranks used counts as
+    /// zeros on the others, as hasten's DDP with `find_unused_parameters` counts it.
+    pub(crate) fn reduce_gradients(&mut self, sync: bool) -> Result<()> {
+        let world = self.world;
+        let mut flats = Vec::with_capacity(self.units.len());
+        for unit in &mut self.units {
+            let flat = tch::no_grad(|| -> Result<Tensor> {
+                let kind = unit.shard.kind();
+                let device = unit.shard.device();
+                let mut parts = Vec::with_capacity(unit.params.len() + 1);
+                for (i, p) in unit.params.iter().enumerate() {
+                    let g = p.grad();
+                    parts.push(if g.defined() {
+                        unit.used[i] = true;
+                        g.f_reshape([-1]).map_err(torch("FSDP reduce-scatter"))?
+                    } else {
+                        Tensor::f_zeros([unit.numels[i]], (kind, device))
+                            .map_err(torch("FSDP reduce-scatter"))?
+                    });
+                }
+                let total: i64 = unit.numels.iter().sum();
+                if unit.chunk * world > total {
+                    parts.push(
+                        Tensor::f_zeros([unit.chunk * world - total], (kind, device))
+                            .map_err(torch("FSDP reduce-scatter"))?,
+                    );
+                }
+                let mut flat = Tensor::f_cat(&parts, 0).map_err(torch("FSDP reduce-scatter"))?;
+                if let Some(held) = unit.held_grads.take() {
+                    flat = flat.f_add(&held).map_err(torch("FSDP reduce-scatter"))?;
+                }
+                Ok(flat)
+            })?;
+            crate::optim::clear_grads(&unit.params);
+            flats.push(flat);
+        }
+        if !sync {
+            for (unit, flat) in self.units.iter_mut().zip(flats) {
+                unit.held_grads = Some(flat);
+            }
+            return self.reshard();
+        }
+        let used = self.used_anywhere()?;
+        let mut reduced = Vec::with_capacity(flats.len());
+        for (unit, flat) in self.units.iter_mut().zip(flats) {
+            let mut r = self
+                .group
+                .reduce_scatter(&flat, ReduceOp::Mean)
+                .map_err(|e| chained("FSDP reduce-scatter", e))?;
+            if let Some(held) = unit.held_shard_grads.take() {
+                r = r.f_add(&held).map_err(torch("FSDP reduce-scatter"))?;
+            }
+            reduced.push(r);
+        }
+        self.reshard()?;
+        let mut used = used.into_iter();
+        for (unit, r) in self.units.iter_mut().zip(reduced) {
+            for (i, p) in unit.params.iter().enumerate() {
+                if used.next().unwrap_or(true) {
+                    let (lo, len) = unit.piece(i, self.rank);
+                    crate::optim::set_grad(p, &r.narrow(0, lo, len))?;
+                }
+            }
+            unit.used.fill(false);
+        }
+        Ok(())
+    }
+
+    /// Whether each parameter (units in order) got a gradient on any rank since the last
+    /// synchronisation (one small all-reduce).
+    fn used_anywhere(&self) -> Result<Vec<bool>> {
+        let flags: Vec<f32> = self
+            .units
+            .iter()
+            .flat_map(|u| u.used.iter().map(|&b| if b { 1.0 } else { 0.0 }))
+            .collect();
+        let device = self
+            .units
+            .first()
+            .map_or(tch::Device::Cpu, |u| u.shard.device());
+        let mut t = Tensor::from_slice(&flags).to_device(device);
+        self.group
+            .all_reduce(&mut t, ReduceOp::Max)
+            .map_err(|e| chained("FSDP reduce-scatter", e))?;
+        let flags = Vec::<f32>::try_from(t.to_device(tch::Device::Cpu))
+            .map_err(torch("FSDP reduce-scatter"))?;
+        Ok(flags.into_iter().map(|f| f > 0.0).collect())
+    }
+
+    /// Every parameter's full value by name, gathered (collective), leaving the model as it was.
+    pub(crate) fn full_parameters(&mut self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::new();
+        for unit in &self.units {
+            let gathered = self
+                .group
+                .all_gather_cat(&unit.shard)
+                .map_err(|e| chained("FSDP state dict", e))?;
+            for (i, name) in unit.names.iter().enumerate() {
+                let t = gathered
+                    .f_narrow(0, unit.offsets[i], unit.numels[i])
+                    .and_then(|v| v.f_view(unit.shapes[i].as_slice()))
+                    .map_err(torch("FSDP state dict"))?
+                    .copy();
+                out.push((name.clone(), t));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The sum over every rank's gradient pieces of `|g|^norm_type` (or their maximum for an infinite
+    /// norm), all-reduced: the total gradient norm PyTorch's FSDP2 clip_grad_norm_ computes over
+    /// sharded gradients.
+    pub(crate) fn total_grad_norm(&self, norm_type: f64) -> Result<f64> {
+        let t = torch("clip_grad_norm_");
+        let device = self
+            .units
+            .first()
+            .map_or(tch::Device::Cpu, |u| u.shard.device());
+        let mut local = Tensor::f_zeros([], (Kind::Double, device)).map_err(&t)?;
+        for unit in &self.units {
+            for p in &unit.params {
+                let g = p.grad();
+                if !g.defined() || g.numel() == 0 {
+                    continue;
+                }
+                let g = g.f_to_kind(Kind::Double).map_err(&t)?;
+                let part = if norm_type.is_infinite() {
+                    g.f_abs().and_then(|a| a.f_max()).map_err(&t)?
+                } else {
+                    g.f_abs()
+                        .and_then(|a| a.f_pow_tensor_scalar(norm_type))
+                        .and_then(|a| a.f_sum(Kind::Double))
+                        .map_err(&t)?
+                };
+                local = if norm_type.is_infinite() {
+                    local.f_maximum(&part).map_err(&t)?
+                } else {
+                    local.f_add(&part).map_err(&t)?
+                };
+            }
+        }
+        let op = if norm_type.is_infinite() {
+            ReduceOp::Max
+        } else {
+            ReduceOp::Sum
+        };
+        self.group
+            .all_reduce(&mut local, op)
+            .map_err(|e| chained("clip_grad_norm_", e))?;
+        let total = local.double_value(&[]);
+        Ok(if norm_type.is_infinite() {
+            total
+        } else {
+            total.powf(1.0 / norm_type)
+        })
+    }
+
+    /// The parameters of every unit (the tensors the user's module holds).
+    pub(crate) fn parameters(&self) -> impl Iterator<Item = &Tensor> {
+        self.units.iter().flat_map(|u| u.params.iter())
+    }
+}
+
+/// The sharded gradients on a unit's parameters, laid out as the unit's chunk (zeros where a parameter
+/// has none).
+fn unit_shard_grads(unit: &Unit, grads: &[Tensor], rank: i64) -> Result<Tensor> {
+    let out = Tensor::f_zeros([unit.chunk], (unit.shard.kind(), unit.shard.device()))
+        .map_err(torch("FSDP unshard"))?;
+    for (i, g) in grads.iter().enumerate() {
+        let (lo, len) = unit.piece(i, rank);
+        if g.defined() && len > 0 {
+            out.narrow(0, lo, len)
+                .f_copy_(&g.reshape([-1]))
+                .map_err(torch("FSDP unshard"))?;
+        }
+    }
+    Ok(out)
+}
+
+fn chained(op: &'static str, e: Error) -> Error {
+    Error::ChainedOperation {
+        op,
+        source: Box::new(e),
+    }
+}

@@ -1,0 +1,129 @@
+use super::*;
+use tch::{Device, Kind};
+
+fn named(names: &[(&str, i64)]) -> Vec<(String, Tensor)> {
+    names
+        .iter()
+        .map(|(n, k)| {
+            (
+                (*n).to_owned(),
+                Tensor::zeros([*k], (Kind::Float, Device::Cpu)),
+            )
+        })
+        .collect()
+}
+
+fn unit_names(
+    plugin: &FullyShardedDataParallelPlugin,
+    params: &[(&str, i64)],
+) -> Vec<(String, Vec<String>)> {
+    plugin
+        .units(named(params))
+        .unwrap()
+        .into_iter()
+        .map(|(u, members)| (u, members.into_iter().map(|(n, _)| n).collect()))
+        .collect()
+}
+
+const MODEL: [(&str, i64); 6] = [
+    ("embed.weight", 100),
+    ("blocks.0.fc.weight", 40),
+    ("blocks.0.fc.bias", 4),
+    ("blocks.1.fc.weight", 40),
+    ("blocks.1.fc.bias", 4),
+    ("head.weight", 8),
+];
+
+#[test]
+fn no_wrap_is_one_unit() {
+    let units = unit_names(&FullyShardedDataParallelPlugin::default(), &MODEL);
+    assert_eq!(units.len(), 1);
+    assert_eq!(units[0].0, "");
+    assert_eq!(units[0].1.len(), 6);
+}
+
+#[test]
+fn transformer_wrap_makes_a_unit_per_matching_path_and_names_a_pattern_that_matches_nothing() {
+    let plugin = FullyShardedDataParallelPlugin {
+        auto_wrap_policy: AutoWrapPolicy::TransformerBasedWrap(vec!["blocks.*".into()]),
+        ..Default::default()
+    };
+    let units = unit_names(&plugin, &MODEL);
+    let names: Vec<&str> = units.iter().map(|(u, _)| u.as_str()).collect();
+    assert_eq!(names, ["", "blocks.0", "blocks.1"]);
+    assert_eq!(units[0].1, ["embed.weight", "head.weight"]);
+    assert_eq!(units[1].1, ["blocks.0.fc.weight", "blocks.0.fc.bias"]);
+    let missing = FullyShardedDataParallelPlugin {
+        auto_wrap_policy: AutoWrapPolicy::TransformerBasedWrap(vec!["layers.*".into()]),
+        ..Default::default()
+    };
+    let e = missing.units(named(&MODEL)).unwrap_err().to_string();
+    assert!(
+        e.contains("Could not find the transformer layer class layers.*"),
+        "{e}"
+    );
+}
+
+#[test]
+fn size_wrap_wraps_every_module_over_the_threshold() {
+    let plugin = FullyShardedDataParallelPlugin {
+        auto_wrap_policy: AutoWrapPolicy::SizeBasedWrap(43),
+        ..Default::default()
+    };
+    let units = unit_names(&plugin, &MODEL);
+    let names: Vec<&str> = units.iter().map(|(u, _)| u.as_str()).collect();
+    // embed (100), blocks (88), blocks.0 and blocks.1 (44 each), blocks.0.fc, blocks.1.fc (44): each
+    // parameter goes to the deepest.
+    assert_eq!(names, ["embed", "blocks.0.fc", "blocks.1.fc", ""]);
+}
+
+#[test]
+fn the_environment_describes_the_plugin_as_accelerate_reads_it() {
+    let p = crate::utils::patch_environment(
+        [
+            ("FSDP_VERSION", "2"),
+            ("FSDP_RESHARD_AFTER_FORWARD", "false"),
+            ("FSDP_AUTO_WRAP_POLICY", "transformer_based_wrap"),
+            ("FSDP_TRANSFORMER_CLS_TO_WRAP", "blocks.*,head"),
+        ],
+        FullyShardedDataParallelPlugin::from_env,
+    )
+    .unwrap();
+    assert_eq!(p.sharding_strategy, ShardingStrategy::ShardGradOp);
+    assert_eq!(
+        p.auto_wrap_policy,
+        AutoWrapPolicy::TransformerBasedWrap(vec!["blocks.*".into(), "head".into()])
+    );
+    assert_eq!(p.state_dict_type, StateDictType::ShardedStateDict);
+    let e = crate::utils::patch_environment(
+        [
+            ("FSDP_VERSION", "2"),
+            ("FSDP_RESHARD_AFTER_FORWARD", "FULL_SHARD"),
+        ],
+        FullyShardedDataParallelPlugin::from_env,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("This is not supported with FSDP2, please set to a `bool`"),
+        "{e}"
+    );
+    let p = crate::utils::patch_environment(
+        [("FSDP_SHARDING_STRATEGY", "2")],
+        FullyShardedDataParallelPlugin::from_env,
+    )
+    .unwrap();
+    assert_eq!(
+        (p.fsdp_version, p.sharding_strategy),
+        (1, ShardingStrategy::ShardGradOp)
+    );
+    assert_eq!(p.state_dict_type, StateDictType::FullStateDict);
+    let e = crate::utils::patch_environment(
+        [("FSDP_OFFLOAD_PARAMS", "true")],
+        FullyShardedDataParallelPlugin::from_env,
+    )
+    .unwrap()
+    .check_supported()
+    .unwrap_err();
+    assert!(e.to_string().contains("FSDP_OFFLOAD_PARAMS"), "{e}");
+}

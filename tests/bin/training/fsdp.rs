@@ -1,0 +1,186 @@
+//! `fsdp`: README's training loop with FSDP switched on by the environment alone (what `hasten launch`
+//! sets for `distributed_type: FSDP`): losses and final parameters equal one process training on the
+//! whole batch, with accumulation (2 micro-batches), clipping, AdamW and an unused parameter; each rank
+//! holds about 1/N of the parameters, gradients and optimizer state.
+
+use super::{Check, data, err, mlp};
+use hasten::Accelerator;
+use hasten::optim::{AdamW, Optimizer};
+use hasten::tch::nn::{self, Module};
+use hasten::tch::{Device, Kind, Tensor};
+
+const STEPS: i64 = 4;
+const MICRO: i64 = 2;
+const MAX_NORM: f64 = 0.5;
+
+/// One process's reference: the same model and AdamW on the whole batch, clipped the same way.
+struct Reference {
+    vs: nn::VarStore,
+    model: nn::Sequential,
+    opt: AdamW,
+}
+
+impl Reference {
+    fn new(weights: &[(String, Tensor)]) -> Result<Self, String> {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let model = mlp(&vs.root());
+        let _spare = vs.root().var("spare", &[3], nn::Init::Const(1.0));
+        hasten::tch::no_grad(|| -> Check {
+            let vars = vs.variables();
+            for (name, w) in weights {
+                let v = vars
+                    .get(name)
+                    .ok_or_else(|| format!("no variable {name}"))?;
+                v.shallow_clone().copy_(w);
+            }
+            Ok(())
+        })?;
+        let opt = AdamW::new(&vs, 1e-2);
+        Ok(Reference { vs, model, opt })
+    }
+
+    /// One optimizer step on `x`/`y`; returns the loss and the gradients' total norm before clipping.
+    fn step(&mut self, x: &Tensor, y: &Tensor) -> Result<(f64, f64), String> {
+        self.opt.zero_grad();
+        let loss = self
+            .model
+            .forward(x)
+            .mse_loss(y, hasten::tch::Reduction::Mean);
+        loss.backward();
+        let grads: Vec<Tensor> = self
+            .vs
+            .trainable_variables()
+            .iter()
+            .map(Tensor::grad)
+            .filter(Tensor::defined)
+            .collect();
+        let total = grads
+            .iter()
+            .map(|g| g.square().sum(Kind::Double).double_value(&[]))
+            .sum::<f64>()
+            .sqrt();
+        let coef = MAX_NORM / (total + 1e-6);
+        if coef < 1.0 {
+            hasten::tch::no_grad(|| {
+                for g in &grads {
+                    let _ = g.shallow_clone().f_mul_scalar_(coef);
+                }
+            });
+        }
+        self.opt.step().map_err(err)?;
+        Ok((loss.double_value(&[]), total))
+    }
+}
+
+fn numel(tensors: &[Tensor]) -> i64 {
+    tensors.iter().map(|t| t.numel() as i64).sum()
+}
+
+pub fn fsdp(acc: &mut Accelerator) -> Check {
+    let (p, r) = (acc.num_processes() as i64, acc.process_index() as i64);
+    if acc.distributed_type() != hasten::DistributedType::Fsdp {
+        return Err(format!(
+            "distributed_type is {:?}, not FSDP",
+            acc.distributed_type()
+        ));
+    }
+    let global = 6 * p;
+    let (x, y) = data(global * MICRO * STEPS);
+    let vs = nn::VarStore::new(acc.device());
+    // Different initial weights per rank: prepare must start every rank from the main process's.
+    hasten::tch::manual_seed(200 + r);
+    let net = mlp(&vs.root());
+    let _spare = vs.root().var("spare", &[3], nn::Init::Const(1.0));
+    let full_numel = numel(&vs.trainable_variables());
+    let model = acc.prepare_model(net, vs).map_err(err)?;
+    let initial = acc.get_state_dict(&model).map_err(err)?;
+    let local = numel(&model.parameters());
+    let opt = AdamW::new(model.var_store(), 1e-2);
+    let mut opt = acc.prepare_optimizer(opt);
+    let mut reference = Reference::new(&initial)?;
+    let share = global / p;
+    for step in 0..STEPS {
+        let mut losses = Vec::new();
+        let mut norm = None;
+        for k in 0..MICRO {
+            let start = (step * MICRO + k) * global + r * share;
+            let (xb, yb) = (x.narrow(0, start, share), y.narrow(0, start, share));
+            acc.accumulate();
+            let loss = model
+                .forward(&xb)
+                .map_err(err)?
+                .mse_loss(&yb, hasten::tch::Reduction::Mean);
+            losses.push(loss.double_value(&[]));
+            acc.backward(&loss).map_err(err)?;
+            if acc.sync_gradients() {
+                let grads: Vec<Tensor> = model.parameters().iter().map(Tensor::grad).collect();
+                if grads
+                    .iter()
+                    .any(|g| g.defined() && g.numel() as i64 > local)
+                {
+                    return Err("a gradient is larger than this rank's shard".into());
+                }
+                norm = Some(acc.clip_grad_norm_(&model, MAX_NORM, 2.0).map_err(err)?);
+            }
+            opt.step().map_err(err)?;
+            opt.zero_grad();
+        }
+        let mean: f64 = losses.iter().sum::<f64>() / MICRO as f64;
+        let all = acc.group().all_gather_object(&mean).map_err(err)?;
+        let loss = all.iter().sum::<f64>() / p as f64;
+        let rows = x.narrow(0, step * MICRO * global, MICRO * global);
+        let targets = y.narrow(0, step * MICRO * global, MICRO * global);
+        let (want, want_norm) = reference.step(&rows, &targets)?;
+        if ((loss - want) / want).abs() > 1e-5 {
+            return Err(format!(
+                "step {step}: loss {loss} under FSDP, {want} on one process"
+            ));
+        }
+        // The norm covers every rank's shard of every gradient: it checks the averaged gradients
+        // themselves, which AdamW's updates alone would hardly show (they do not depend on scale).
+        let norm = norm.ok_or("no synchronising micro-batch")?;
+        if ((norm - want_norm) / want_norm).abs() > 1e-5 {
+            return Err(format!(
+                "step {step}: gradient norm {norm} under FSDP, {want_norm} on one process"
+            ));
+        }
+    }
+    let state = opt.with_inner(|o| o.state_dict()).unwrap_or_default();
+    let state_numel: i64 = state
+        .iter()
+        .filter(|(n, _)| !n.ends_with(".step"))
+        .map(|(_, t)| t.numel() as i64)
+        .sum();
+    // Every element lives on one rank; each unit's share is its total divided by N, rounded up (the
+    // test's models have at most 3 units, so at most 3 elements of padding per rank).
+    let locals = acc.group().all_gather_object(&local).map_err(err)?;
+    if locals.iter().sum::<i64>() != full_numel
+        || locals.iter().any(|&l| l > full_numel / p + 3)
+        || state_numel != 2 * local
+    {
+        return Err(format!(
+            "ranks hold {locals:?} parameter elements of {full_numel} (rank {r}: {state_numel} \
+             optimizer-state elements)"
+        ));
+    }
+    let trained = acc.get_state_dict(&model).map_err(err)?;
+    let vars = reference.vs.variables();
+    for (name, t) in &trained {
+        let want = vars
+            .get(name)
+            .ok_or_else(|| format!("no variable {name}"))?;
+        let diff = (t - want).abs().max().double_value(&[])
+            / want.abs().max().double_value(&[]).max(1e-12);
+        if diff > 1e-5 {
+            return Err(format!(
+                "{name} differs from the one-process run by {diff:.2e} (relative)"
+            ));
+        }
+    }
+    println!(
+        "rank {r}: fsdp holds {local} of {full_numel} parameters ({:.3} of the model), optimizer state \
+         {state_numel}",
+        local as f64 / full_numel as f64
+    );
+    Ok(())
+}
