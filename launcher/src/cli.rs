@@ -84,6 +84,14 @@ pub struct LaunchArgs {
     /// Multi-GPU training (the default whenever GPUs are visible; accepted for Accelerate compatibility).
     #[arg(long = "multi_gpu", visible_alias = "multi-gpu")]
     pub multi_gpu: bool,
+    /// Sharded data parallelism (FSDP): the workers get ACCELERATE_USE_FSDP=true and the `--fsdp_*`
+    /// settings as their FSDP_* variables (also from a config file with `distributed_type: FSDP` and its
+    /// `fsdp_config`).
+    #[arg(long = "use_fsdp", visible_alias = "use-fsdp")]
+    pub use_fsdp: bool,
+    /// The `--fsdp_*` settings.
+    #[command(flatten)]
+    pub fsdp: FsdpArgs,
     /// Debug mode in the workers (ACCELERATE_DEBUG_MODE=true): shapes are checked across ranks.
     #[arg(long)]
     pub debug: bool,
@@ -122,6 +130,195 @@ pub struct LaunchArgs {
     pub args: Vec<OsString>,
 }
 
+/// Accelerate's `--fsdp_*` flags. Each given one is exported to the workers as its FSDP_* variable
+/// (`--fsdp_transformer_layer_cls_to_wrap` as FSDP_TRANSFORMER_CLS_TO_WRAP), where the runtime's
+/// FullyShardedDataParallelPlugin reads it; a value the plugin does not accept is its error, naming the
+/// variable.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct FsdpArgs {
+    /// 1 or 2 (default 1, as Accelerate).
+    #[arg(
+        long = "fsdp_version",
+        visible_alias = "fsdp-version",
+        value_name = "V"
+    )]
+    pub fsdp_version: Option<String>,
+    /// FSDP1's strategy: FULL_SHARD, SHARD_GRAD_OP, NO_SHARD, HYBRID_SHARD, HYBRID_SHARD_ZERO2 (or 1–5).
+    #[arg(
+        long = "fsdp_sharding_strategy",
+        visible_alias = "fsdp-sharding-strategy",
+        value_name = "S"
+    )]
+    pub fsdp_sharding_strategy: Option<String>,
+    /// FSDP2: free the parameters after each forward (true) or keep them until the backward (false).
+    #[arg(
+        long = "fsdp_reshard_after_forward",
+        visible_alias = "fsdp-reshard-after-forward",
+        value_name = "B"
+    )]
+    pub fsdp_reshard_after_forward: Option<String>,
+    /// NO_WRAP, TRANSFORMER_BASED_WRAP or SIZE_BASED_WRAP.
+    #[arg(
+        long = "fsdp_auto_wrap_policy",
+        visible_alias = "fsdp-auto-wrap-policy",
+        value_name = "P"
+    )]
+    pub fsdp_auto_wrap_policy: Option<String>,
+    /// Blocks to wrap: VarStore path patterns, comma-separated (`blocks.*`).
+    #[arg(
+        long = "fsdp_transformer_layer_cls_to_wrap",
+        visible_alias = "fsdp-transformer-layer-cls-to-wrap",
+        value_name = "PATTERNS"
+    )]
+    pub fsdp_transformer_layer_cls_to_wrap: Option<String>,
+    /// SIZE_BASED_WRAP's threshold in parameters.
+    #[arg(
+        long = "fsdp_min_num_params",
+        visible_alias = "fsdp-min-num-params",
+        value_name = "N"
+    )]
+    pub fsdp_min_num_params: Option<String>,
+    /// Offload parameters and optimizer state to the CPU.
+    #[arg(
+        long = "fsdp_offload_params",
+        visible_alias = "fsdp-offload-params",
+        value_name = "B"
+    )]
+    pub fsdp_offload_params: Option<String>,
+    /// FULL_STATE_DICT or SHARDED_STATE_DICT.
+    #[arg(
+        long = "fsdp_state_dict_type",
+        visible_alias = "fsdp-state-dict-type",
+        value_name = "T"
+    )]
+    pub fsdp_state_dict_type: Option<String>,
+    /// Recompute each block's activations in the backward.
+    #[arg(
+        long = "fsdp_activation_checkpointing",
+        visible_alias = "fsdp-activation-checkpointing",
+        value_name = "B"
+    )]
+    pub fsdp_activation_checkpointing: Option<String>,
+    /// Load the weights on the main process only.
+    #[arg(
+        long = "fsdp_cpu_ram_efficient_loading",
+        visible_alias = "fsdp-cpu-ram-efficient-loading",
+        value_name = "B"
+    )]
+    pub fsdp_cpu_ram_efficient_loading: Option<String>,
+    /// FSDP1 only (ignored under version 2, as in Accelerate).
+    #[arg(
+        long = "fsdp_backward_prefetch",
+        visible_alias = "fsdp-backward-prefetch",
+        value_name = "P"
+    )]
+    pub fsdp_backward_prefetch: Option<String>,
+    /// FSDP1 only (an error under version 2, as in Accelerate).
+    #[arg(
+        long = "fsdp_forward_prefetch",
+        visible_alias = "fsdp-forward-prefetch",
+        value_name = "B"
+    )]
+    pub fsdp_forward_prefetch: Option<String>,
+    /// FSDP1 only (ignored under version 2).
+    #[arg(
+        long = "fsdp_use_orig_params",
+        visible_alias = "fsdp-use-orig-params",
+        value_name = "B"
+    )]
+    pub fsdp_use_orig_params: Option<String>,
+    /// FSDP1 only (ignored under version 2; hasten starts every rank from the main process's weights).
+    #[arg(
+        long = "fsdp_sync_module_states",
+        visible_alias = "fsdp-sync-module-states",
+        value_name = "B"
+    )]
+    pub fsdp_sync_module_states: Option<String>,
+}
+
+/// The `fsdp_config` keys (without their `fsdp_` prefix) and the variables they become.
+const FSDP_KEYS: [(&str, &str); 15] = [
+    ("version", "FSDP_VERSION"),
+    ("sharding_strategy", "FSDP_SHARDING_STRATEGY"),
+    ("reshard_after_forward", "FSDP_RESHARD_AFTER_FORWARD"),
+    ("auto_wrap_policy", "FSDP_AUTO_WRAP_POLICY"),
+    (
+        "transformer_layer_cls_to_wrap",
+        "FSDP_TRANSFORMER_CLS_TO_WRAP",
+    ),
+    ("min_num_params", "FSDP_MIN_NUM_PARAMS"),
+    ("offload_params", "FSDP_OFFLOAD_PARAMS"),
+    ("state_dict_type", "FSDP_STATE_DICT_TYPE"),
+    ("activation_checkpointing", "FSDP_ACTIVATION_CHECKPOINTING"),
+    (
+        "cpu_ram_efficient_loading",
+        "FSDP_CPU_RAM_EFFICIENT_LOADING",
+    ),
+    ("backward_prefetch", "FSDP_BACKWARD_PREFETCH"),
+    ("forward_prefetch", "FSDP_FORWARD_PREFETCH"),
+    ("use_orig_params", "FSDP_USE_ORIG_PARAMS"),
+    ("sync_module_states", "FSDP_SYNC_MODULE_STATES"),
+    ("ignored_modules", "FSDP_IGNORED_MODULES"),
+];
+
+impl FsdpArgs {
+    fn get(&self, key: &str) -> Option<&String> {
+        match key {
+            "version" => self.fsdp_version.as_ref(),
+            "sharding_strategy" => self.fsdp_sharding_strategy.as_ref(),
+            "reshard_after_forward" => self.fsdp_reshard_after_forward.as_ref(),
+            "auto_wrap_policy" => self.fsdp_auto_wrap_policy.as_ref(),
+            "transformer_layer_cls_to_wrap" => self.fsdp_transformer_layer_cls_to_wrap.as_ref(),
+            "min_num_params" => self.fsdp_min_num_params.as_ref(),
+            "offload_params" => self.fsdp_offload_params.as_ref(),
+            "state_dict_type" => self.fsdp_state_dict_type.as_ref(),
+            "activation_checkpointing" => self.fsdp_activation_checkpointing.as_ref(),
+            "cpu_ram_efficient_loading" => self.fsdp_cpu_ram_efficient_loading.as_ref(),
+            "backward_prefetch" => self.fsdp_backward_prefetch.as_ref(),
+            "forward_prefetch" => self.fsdp_forward_prefetch.as_ref(),
+            "use_orig_params" => self.fsdp_use_orig_params.as_ref(),
+            "sync_module_states" => self.fsdp_sync_module_states.as_ref(),
+            _ => None,
+        }
+    }
+}
+
+/// A config value as `accelerate launch` passes it on: YAML booleans lowercased, lists joined by
+/// commas (as FSDP_TRANSFORMER_CLS_TO_WRAP holds them).
+fn config_value(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Array(items) => {
+            items.iter().map(config_value).collect::<Vec<_>>().join(",")
+        }
+        other => other.to_string(),
+    }
+}
+
+/// The variables that switch FSDP on in the workers: ACCELERATE_USE_FSDP and one FSDP_* per setting
+/// given, flags before the config file's `fsdp_config` (whose keys may omit the `fsdp_` prefix, as
+/// Accelerate allows). Empty when neither `--use_fsdp` nor `distributed_type: FSDP` asks for it.
+pub fn fsdp_env(args: &LaunchArgs, file: Option<&ClusterConfig>) -> Vec<(String, String)> {
+    let from_file = file.filter(|f| f.distributed_type == hasten_core::DistributedType::Fsdp);
+    if !args.use_fsdp && from_file.is_none() {
+        return Vec::new();
+    }
+    let mut env = vec![("ACCELERATE_USE_FSDP".to_owned(), "true".to_owned())];
+    for (key, var) in FSDP_KEYS {
+        let value = args.fsdp.get(key).cloned().or_else(|| {
+            let section = &from_file?.sections.fsdp_config;
+            section
+                .get(&format!("fsdp_{key}"))
+                .or_else(|| section.get(key))
+                .map(config_value)
+        });
+        if let Some(value) = value {
+            env.push((var.to_owned(), value));
+        }
+    }
+    env
+}
+
 /// The config file in force: the one named (which must exist), else Accelerate's default if present.
 pub fn load_config_file(named: Option<&PathBuf>) -> Result<Option<ClusterConfig>> {
     match named {
@@ -149,13 +346,13 @@ pub fn load_config_file(named: Option<&PathBuf>) -> Result<Option<ClusterConfig>
     }
 }
 
-/// A config file asking for a distribution hasten does not run (DeepSpeed, FSDP, Megatron-LM, XLA,
-/// other accelerators) is an error naming the file and the key: launching it would otherwise train as
-/// plain DDP, every rank holding the whole model, its gradients and its optimizer state.
+/// A config file asking for a distribution hasten does not run (DeepSpeed, Megatron-LM, XLA, other
+/// accelerators) is an error naming the file and the key: launching it would otherwise train as plain
+/// DDP, every rank holding the whole model, its gradients and its optimizer state. FSDP runs.
 pub fn refuse_unsupported(cfg: &ClusterConfig, path: &std::path::Path) -> Result<()> {
     use hasten_core::DistributedType as D;
-    let instead = "hasten runs distributed_type NO, MULTI_CPU and MULTI_GPU (DDP); for a model that does \
-                   not fit on one GPU, use Python Accelerate until hasten's sharded training lands";
+    let instead = "hasten runs distributed_type NO, MULTI_CPU, MULTI_GPU (DDP) and FSDP; for a model that \
+                   does not fit on one GPU, use FSDP (distributed_type: FSDP, or --use_fsdp)";
     let refuse = |what: String| {
         Err(LaunchError::Invalid(format!(
             "the config file {} asks for {what}, which hasten does not run (it would train as plain DDP \
@@ -164,9 +361,8 @@ pub fn refuse_unsupported(cfg: &ClusterConfig, path: &std::path::Path) -> Result
         )))
     };
     match cfg.distributed_type {
-        D::No | D::MultiCpu | D::MultiGpu => {}
+        D::No | D::MultiCpu | D::MultiGpu | D::Fsdp => {}
         D::Deepspeed => return refuse("DeepSpeed (distributed_type: DEEPSPEED)".into()),
-        D::Fsdp => return refuse("FSDP (distributed_type: FSDP)".into()),
         other => return refuse(format!("distributed_type: {other}")),
     }
     // As in Accelerate, the deepspeed_config and fsdp_config sections count only under their
@@ -239,6 +435,7 @@ pub fn merge(args: &LaunchArgs, file: Option<&ClusterConfig>, host: HostFacts) -
         num_cpu_threads_per_process: args.num_cpu_threads_per_process,
         cpu_count: host.cpus,
         rdzv_secret: None,
+        extra_env: fsdp_env(args, file),
     }
 }
 
@@ -439,11 +636,10 @@ mod tests {
     }
 
     #[test]
-    fn deepspeed_and_fsdp_configs_are_refused_naming_the_file_and_the_key() {
+    fn deepspeed_and_other_configs_are_refused_naming_the_file_and_the_key() {
         let dir = tempfile::tempdir().unwrap();
         for (kind, said) in [
             ("DEEPSPEED", "distributed_type: DEEPSPEED"),
-            ("FSDP", "distributed_type: FSDP"),
             ("XLA", "distributed_type: XLA"),
         ] {
             let path = dir.path().join(format!("{kind}.yaml"));
@@ -453,7 +649,7 @@ mod tests {
             )
             .unwrap();
             let err = load_config_file(Some(&path)).unwrap_err().to_string();
-            for needle in [said, &path.display().to_string(), "plain DDP", "MULTI_GPU"] {
+            for needle in [said, &path.display().to_string(), "plain DDP", "FSDP"] {
                 assert!(err.contains(needle), "{kind}: {err} lacks {needle}");
             }
         }
@@ -464,7 +660,60 @@ mod tests {
             "compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\nnum_processes: 2\nfsdp_config:\n  fsdp_version: 2\n",
         )
         .unwrap();
-        assert!(load_config_file(Some(&path)).unwrap().is_some());
+        let cfg = load_config_file(Some(&path)).unwrap().unwrap();
+        assert!(fsdp_env(&LaunchArgs::default(), Some(&cfg)).is_empty());
+    }
+
+    #[test]
+    fn an_fsdp_config_and_flags_become_the_workers_fsdp_variables() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fsdp.yaml");
+        std::fs::write(
+            &path,
+            "compute_environment: LOCAL_MACHINE\ndistributed_type: FSDP\nnum_processes: 2\nfsdp_config:\n  \
+             fsdp_version: 2\n  fsdp_reshard_after_forward: true\n  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP\n  \
+             transformer_layer_cls_to_wrap: [blocks.*, head]\n  fsdp_state_dict_type: SHARDED_STATE_DICT\n",
+        )
+        .unwrap();
+        let cfg = load_config_file(Some(&path)).unwrap().unwrap();
+        let args = LaunchArgs {
+            fsdp: FsdpArgs {
+                fsdp_reshard_after_forward: Some("false".into()),
+                ..FsdpArgs::default()
+            },
+            ..LaunchArgs::default()
+        };
+        let env = fsdp_env(&args, Some(&cfg));
+        let get = |k: &str| env.iter().find(|(v, _)| v == k).map(|(_, x)| x.as_str());
+        assert_eq!(get("ACCELERATE_USE_FSDP"), Some("true"));
+        assert_eq!(get("FSDP_VERSION"), Some("2"));
+        // The flag wins over the file.
+        assert_eq!(get("FSDP_RESHARD_AFTER_FORWARD"), Some("false"));
+        assert_eq!(get("FSDP_TRANSFORMER_CLS_TO_WRAP"), Some("blocks.*,head"));
+        assert_eq!(get("FSDP_STATE_DICT_TYPE"), Some("SHARDED_STATE_DICT"));
+        assert_eq!(get("FSDP_OFFLOAD_PARAMS"), None);
+        let merged = merge(
+            &args,
+            Some(&cfg),
+            HostFacts {
+                gpus: vec![],
+                cpus: 2,
+            },
+        );
+        assert!(
+            merged
+                .extra_env
+                .contains(&("FSDP_VERSION".into(), "2".into()))
+        );
+        // --use_fsdp alone switches it on.
+        let flag = LaunchArgs {
+            use_fsdp: true,
+            ..LaunchArgs::default()
+        };
+        assert_eq!(
+            fsdp_env(&flag, None),
+            [("ACCELERATE_USE_FSDP".to_owned(), "true".to_owned())]
+        );
     }
 
     #[test]

@@ -230,6 +230,8 @@ impl NotebookLauncher {
             num_cpu_threads_per_process: None,
             cpu_count: crate::cpu_count(),
             rdzv_secret: crate::rdzv_secret(self.num_nodes, &|w| sink.note(w))?,
+            // The forked ranks inherit this process's environment, FSDP settings included.
+            extra_env: Vec::new(),
         };
         let mut reserved = crate::resolve_port(&mut cfg, &|w| sink.note(w))?;
         let launch_plan = plan(&cfg)?;

@@ -38,6 +38,8 @@ pub struct LaunchConfig {
     /// The job's rendezvous secret, given to every rank as `HASTEN_RDZV_SECRET` (see
     /// [`crate::rdzv_secret`]); `None`: the rendezvous is not authenticated.
     pub rdzv_secret: Option<String>,
+    /// Further variables for every rank: the integrations' settings (ACCELERATE_USE_FSDP and FSDP_*).
+    pub extra_env: Vec<(String, String)>,
 }
 
 impl Default for LaunchConfig {
@@ -57,6 +59,7 @@ impl Default for LaunchConfig {
             num_cpu_threads_per_process: None,
             cpu_count: 1,
             rdzv_secret: None,
+            extra_env: Vec::new(),
         }
     }
 }
@@ -161,6 +164,7 @@ pub fn plan(cfg: &LaunchConfig) -> Result<LaunchPlan> {
     if let Some(secret) = &cfg.rdzv_secret {
         common.push((hasten_core::RDZV_SECRET_VAR.into(), secret.clone()));
     }
+    common.extend(cfg.extra_env.iter().cloned());
     let usable: Vec<String> = match gpu_ids {
         Some(ids) => ids.split(',').map(|id| id.trim().to_owned()).collect(),
         None => cfg.visible_gpus.clone(),
