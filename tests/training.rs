@@ -239,12 +239,31 @@ fn trackers_log_to_tensorboard_and_custom_trackers() {
 /// README's loop with FSDP switched on by the environment alone (as `hasten launch` sets it for
 /// `distributed_type: FSDP`), on `ranks` processes.
 fn fsdp_check(ranks: &[usize], env: &[(&str, &str)]) {
+    fsdp_mode("fsdp", ranks, env);
+}
+
+fn fsdp_mode(mode: &str, ranks: &[usize], env: &[(&str, &str)]) {
     let mut env = env.to_vec();
     env.push(("ACCELERATE_USE_FSDP", "true"));
     for &n in ranks {
-        let ran = run_mode(n, "fsdp", &[], &env);
+        let ran = run_mode(n, mode, &[], &env);
         ran.expect_stdout("fsdp holds");
     }
+}
+
+#[test]
+fn fsdp_blocks_gather_only_while_they_run_and_match_one_process() {
+    let blocks = [
+        ("FSDP_VERSION", "2"),
+        ("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP"),
+        ("FSDP_TRANSFORMER_CLS_TO_WRAP", "Block"),
+    ];
+    fsdp_mode("fsdp_blocks", &[2, 3, 4], &blocks);
+    let mut grad_op = blocks.to_vec();
+    grad_op.push(("FSDP_RESHARD_AFTER_FORWARD", "false"));
+    fsdp_mode("fsdp_blocks", &[2], &grad_op);
+    // Blocks without a wrap policy: one unit, gathered for the whole forward.
+    fsdp_mode("fsdp_blocks", &[2], &[("FSDP_VERSION", "2")]);
 }
 
 #[test]

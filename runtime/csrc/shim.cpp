@@ -362,3 +362,27 @@ int hasten_storage_resize(at::Tensor* tensor, int64_t nbytes) {
 }
 
 }  // extern "C"
+
+// Backward pre-hooks on a block's output, for sharded data parallelism: when the gradient of a block's
+// output has been computed (the block's own backward is next), FSDP gathers the block's parameters
+// again. The hook calls back into Rust with an index; `drop` releases the Rust context when the graph
+// holding the hook is freed.
+extern "C" {
+
+// Registers a hook on the gradient of the non-leaf `tensor`. On success the hook owns `ctx`; on failure
+// `drop(ctx)` has been called.
+int hasten_register_grad_pre_hook(at::Tensor* tensor, void (*call)(void*, int64_t), void (*drop)(void*), void* ctx,
+                                  int64_t index) {
+  std::shared_ptr<void> owner(ctx, drop);
+  try {
+    tensor->register_hook([call, owner, index](const at::TensorBase& /*grad*/) { call(owner.get(), index); });
+    return 0;
+  } catch (const std::exception& e) {
+    fprintf(stderr, "hasten_register_grad_pre_hook: %s\n", e.what());
+    return -1;
+  } catch (...) {
+    return -1;
+  }
+}
+
+}  // extern "C"

@@ -235,3 +235,60 @@ mod tests {
         assert!(emb.forward(&idx).get(1).equal(&emb.ws.get(7)));
     }
 }
+
+/// A block of a model (a transformer layer, a residual block): a sub-module the Accelerator treats as
+/// one piece. Under FSDP, the unit at the block's VarStore path (`FSDP_TRANSFORMER_CLS_TO_WRAP=Block`
+/// makes every block one, as Accelerate's class name does) is gathered just before the block runs,
+/// freed after it under FULL_SHARD, and gathered again just before its backward, so only the blocks
+/// running hold their whole parameters. Anywhere else it is just its module.
+///
+/// ```
+/// use hasten::layers::{Block, linear};
+/// use hasten::tch::nn::{self, Module};
+///
+/// let vs = nn::VarStore::new(hasten::tch::Device::Cpu);
+/// let blocks: Vec<Block<_>> =
+///     (0..2).map(|i| Block::new(&(vs.root() / "blocks" / i), linear(&(vs.root() / "blocks" / i), 4, 4, true))).collect();
+/// let x = hasten::tch::Tensor::ones([2, 4], hasten::tch::kind::FLOAT_CPU);
+/// let y = blocks.iter().fold(x, |h, b| b.forward(&h));
+/// assert_eq!(blocks[1].path(), "blocks.1");
+/// # let _ = y;
+/// ```
+#[derive(Debug)]
+pub struct Block<M> {
+    path: String,
+    inner: M,
+}
+
+impl<M> Block<M> {
+    /// `inner`, built under `path`, as a block.
+    pub fn new(path: &nn::Path, inner: M) -> Self {
+        let path = path.components().collect::<Vec<_>>().join(".");
+        crate::accelerator::fsdp::register_block(&path);
+        Block { path, inner }
+    }
+
+    /// The block's VarStore path (`blocks.3`).
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// The module inside.
+    pub fn inner(&self) -> &M {
+        &self.inner
+    }
+
+    /// [`nn::ModuleT::forward_t`] of a module with a training mode, run as a block.
+    pub fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor
+    where
+        M: nn::ModuleT,
+    {
+        crate::accelerator::fsdp::run_block(&self.path, || self.inner.forward_t(xs, train))
+    }
+}
+
+impl<M: nn::Module> nn::Module for Block<M> {
+    fn forward(&self, xs: &Tensor) -> Tensor {
+        crate::accelerator::fsdp::run_block(&self.path, || self.inner.forward(xs))
+    }
+}

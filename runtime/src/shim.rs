@@ -71,6 +71,13 @@ mod ffi {
         pub(super) fn hasten_empty_pinned_bytes(nbytes: i64) -> *mut C_tensor;
         pub(super) fn hasten_empty_device_cache() -> i32;
         pub(super) fn hasten_storage_resize(tensor: *mut C_tensor, nbytes: i64) -> i32;
+        pub(super) fn hasten_register_grad_pre_hook(
+            tensor: *mut C_tensor,
+            call: extern "C" fn(*mut c_void, i64),
+            drop: extern "C" fn(*mut c_void),
+            ctx: *mut c_void,
+            index: i64,
+        ) -> i32;
     }
 }
 
@@ -302,4 +309,21 @@ pub(crate) fn empty_device_cache() -> i32 {
 pub(crate) unsafe fn storage_resize(tensor: &Tensor, nbytes: i64) -> i32 {
     // SAFETY: a valid tensor handle, alive for the call; the caller keeps the storage unused while freed.
     unsafe { ffi::hasten_storage_resize(handle(tensor), nbytes) }
+}
+
+/// Registers a hook on the gradient of the non-leaf `tensor` that calls `call(ctx, index)` when that
+/// gradient has been computed (the backward of what produced `tensor` runs next), and `drop(ctx)` when
+/// the hook is freed with its graph. Non-zero when libtorch refuses (then `drop(ctx)` has been called).
+///
+/// # Safety
+/// As [`set_grad_ready_hook`]: `ctx` stays valid until `drop(ctx)`, and `call` must not unwind.
+pub(crate) unsafe fn register_grad_pre_hook(
+    tensor: &Tensor,
+    call: extern "C" fn(*mut c_void, i64),
+    drop: extern "C" fn(*mut c_void),
+    ctx: *mut c_void,
+    index: i64,
+) -> i32 {
+    // SAFETY: a valid tensor handle; the caller vouches for ctx, call and drop.
+    unsafe { ffi::hasten_register_grad_pre_hook(handle(tensor), call, drop, ctx, index) }
 }

@@ -657,7 +657,7 @@ fn main() {
     let builder = Accelerator::builder().cpu(!gpu);
     let builder = match mode.as_str() {
         "accumulate" => builder.gradient_accumulation_steps(3),
-        "fsdp" => builder.gradient_accumulation_steps(2),
+        "fsdp" | "fsdp_blocks" => builder.gradient_accumulation_steps(2),
         "dataloader_end" | "scheduler" => {
             builder.gradient_accumulation_plugin(GradientAccumulationPlugin {
                 num_steps: 2,
@@ -717,7 +717,8 @@ fn main() {
             }
             "tracking" => tracking::tracking(&mut acc),
             "accumulate" => accumulate(&mut acc),
-            "fsdp" => fsdp::fsdp(&mut acc),
+            "fsdp" => fsdp::fsdp(&mut acc, false),
+            "fsdp_blocks" => fsdp::fsdp(&mut acc, true),
             "dataloader_end" => dataloader_end(&mut acc),
             "scheduler" => scheduler(&mut acc),
             "metrics" => metrics(&mut acc),

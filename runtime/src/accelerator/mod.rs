@@ -252,6 +252,7 @@ impl Accelerator {
                     plugin.units(named)?,
                     self.group.clone(),
                     plugin.sharding_strategy == fsdp::ShardingStrategy::FullShard,
+                    &fsdp::block_paths(),
                 )?);
             }
             None => entry.hook(&self.group.lock()),

@@ -74,16 +74,22 @@ impl<M> PreparedModel<M> {
     /// Under FSDP the forward first gathers the parameters (every rank must run it, as in PyTorch) and,
     /// with FULL_SHARD, frees them again afterwards; the backward gathers them once more.
     pub fn call<T: Nested>(&self, f: impl FnOnce(&M) -> T) -> Result<T> {
-        if let Some(sharded) = self.entry().fsdp.as_mut() {
-            sharded.unshard()?;
+        match self.entry().fsdp.as_mut() {
+            None => return self.run(f),
+            Some(sharded) => sharded.begin_forward()?,
         }
-        let out = self.run(f);
-        if let Some(sharded) = self.entry().fsdp.as_mut()
-            && sharded.reshard_after_forward
-        {
-            sharded.reshard()?;
+        // Blocks gather their parameters through the model found here; a failed gather inside one panics
+        // (a Module's forward returns no error) and comes back here as that error.
+        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            super::fsdp::with_active(&self.entry, || self.run(f))
+        }));
+        match out {
+            Ok(out) => out,
+            Err(panic) => match self.entry().fsdp.as_mut().and_then(|s| s.hook_error.take()) {
+                Some(e) => Err(e),
+                None => std::panic::resume_unwind(panic),
+            },
         }
-        out
     }
 
     fn run<T: Nested>(&self, f: impl FnOnce(&M) -> T) -> Result<T> {

@@ -40,13 +40,10 @@ impl Accelerator {
             .map(|m| m.entry.clone())
             .collect();
         for entry in &sharded {
-            if let Some(s) = entry
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .fsdp
-                .as_mut()
-            {
-                s.unshard()?;
+            let mut entry = entry.lock().unwrap_or_else(|e| e.into_inner());
+            let model_sync = sync && !entry.no_sync;
+            if let Some(s) = entry.fsdp.as_mut() {
+                s.begin_backward(model_sync)?;
             }
         }
         let outcome = if sync {
@@ -57,26 +54,34 @@ impl Accelerator {
                 .filter(|m| !m.no_sync && m.fsdp.is_none())
                 .collect();
             let mut entries: Vec<&mut ModelEntry> = guards.iter_mut().map(|g| &mut **g).collect();
-            ddp::backward_with_averaging(
-                &mut self.group.lock(),
-                &mut entries,
-                self.ddp.find_unused_parameters,
-                self.overlap,
-                || loss.f_backward().map_err(torch),
-            )
+            if entries.is_empty() {
+                // Sharded models communicate from their hooks during the backward, on libtorch's
+                // autograd threads: the group must not stay locked here meanwhile.
+                loss.f_backward().map_err(torch)
+            } else {
+                ddp::backward_with_averaging(
+                    &mut self.group.lock(),
+                    &mut entries,
+                    self.ddp.find_unused_parameters,
+                    self.overlap,
+                    || loss.f_backward().map_err(torch),
+                )
+            }
         } else {
             loss.f_backward().map_err(torch)
         };
         for entry in &sharded {
             let mut entry = entry.lock().unwrap_or_else(|e| e.into_inner());
-            let model_sync = sync && !entry.no_sync;
             if let Some(s) = entry.fsdp.as_mut() {
-                if outcome.is_ok() {
-                    s.reduce_gradients(model_sync)?;
-                } else {
-                    // A failed backward leaves no gradients to average; the parameters go back to
-                    // their shards so the model stays usable.
-                    s.reshard()?;
+                match &outcome {
+                    // A hook's failure explains a failed backward better than libtorch's message.
+                    Ok(()) => s.finish_backward()?,
+                    Err(_) => {
+                        let hook = s.abandon_backward()?;
+                        if let Some(e) = hook {
+                            return Err(e);
+                        }
+                    }
                 }
             }
         }

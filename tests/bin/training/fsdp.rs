@@ -1,10 +1,12 @@
 //! `fsdp`: README's training loop with FSDP switched on by the environment alone (what `hasten launch`
 //! sets for `distributed_type: FSDP`): losses and final parameters equal one process training on the
 //! whole batch, with accumulation (2 micro-batches), clipping, AdamW and an unused parameter; each rank
-//! holds about 1/N of the parameters, gradients and optimizer state.
+//! holds about 1/N of the parameters, gradients and optimizer state. `fsdp_blocks`: the same with a
+//! model of residual `hasten::layers::Block`s, each its own unit, gathered only while it runs.
 
 use super::{Check, data, err, mlp};
 use hasten::Accelerator;
+use hasten::layers::Block;
 use hasten::optim::{AdamW, Optimizer};
 use hasten::tch::nn::{self, Module};
 use hasten::tch::{Device, Kind, Tensor};
@@ -13,17 +15,54 @@ const STEPS: i64 = 4;
 const MICRO: i64 = 2;
 const MAX_NORM: f64 = 0.5;
 
+/// Three residual blocks of width 8, then a head to 4 outputs.
+#[derive(Debug)]
+struct Stack {
+    blocks: Vec<Block<nn::Sequential>>,
+    head: nn::Linear,
+}
+
+impl Module for Stack {
+    fn forward(&self, xs: &Tensor) -> Tensor {
+        let h = self
+            .blocks
+            .iter()
+            .fold(xs.shallow_clone(), |h, b| &h + b.forward(&h));
+        self.head.forward(&h)
+    }
+}
+
+fn model(root: &nn::Path, blocks: bool) -> Box<dyn Module> {
+    if !blocks {
+        return Box::new(mlp(root));
+    }
+    let blocks = (0..3)
+        .map(|i| {
+            let p = root / "blocks" / i;
+            let inner = nn::seq()
+                .add(nn::linear(&p / "up", 8, 16, Default::default()))
+                .add_fn(|x| x.tanh())
+                .add(nn::linear(&p / "down", 16, 8, Default::default()));
+            Block::new(&p, inner)
+        })
+        .collect();
+    Box::new(Stack {
+        blocks,
+        head: nn::linear(root / "head", 8, 4, Default::default()),
+    })
+}
+
 /// One process's reference: the same model and AdamW on the whole batch, clipped the same way.
 struct Reference {
     vs: nn::VarStore,
-    model: nn::Sequential,
+    model: Box<dyn Module>,
     opt: AdamW,
 }
 
 impl Reference {
-    fn new(weights: &[(String, Tensor)]) -> Result<Self, String> {
+    fn new(weights: &[(String, Tensor)], blocks: bool) -> Result<Self, String> {
         let vs = nn::VarStore::new(Device::Cpu);
-        let model = mlp(&vs.root());
+        let model = model(&vs.root(), blocks);
         let _spare = vs.root().var("spare", &[3], nn::Init::Const(1.0));
         hasten::tch::no_grad(|| -> Check {
             let vars = vs.variables();
@@ -76,7 +115,7 @@ fn numel(tensors: &[Tensor]) -> i64 {
     tensors.iter().map(|t| t.numel() as i64).sum()
 }
 
-pub fn fsdp(acc: &mut Accelerator) -> Check {
+pub fn fsdp(acc: &mut Accelerator, blocks: bool) -> Check {
     let (p, r) = (acc.num_processes() as i64, acc.process_index() as i64);
     if acc.distributed_type() != hasten::DistributedType::Fsdp {
         return Err(format!(
@@ -89,7 +128,7 @@ pub fn fsdp(acc: &mut Accelerator) -> Check {
     let vs = nn::VarStore::new(acc.device());
     // Different initial weights per rank: prepare must start every rank from the main process's.
     hasten::tch::manual_seed(200 + r);
-    let net = mlp(&vs.root());
+    let net = model(&vs.root(), blocks);
     let _spare = vs.root().var("spare", &[3], nn::Init::Const(1.0));
     let full_numel = numel(&vs.trainable_variables());
     let model = acc.prepare_model(net, vs).map_err(err)?;
@@ -97,7 +136,7 @@ pub fn fsdp(acc: &mut Accelerator) -> Check {
     let local = numel(&model.parameters());
     let opt = AdamW::new(model.var_store(), 1e-2);
     let mut opt = acc.prepare_optimizer(opt);
-    let mut reference = Reference::new(&initial)?;
+    let mut reference = Reference::new(&initial, blocks)?;
     let share = global / p;
     for step in 0..STEPS {
         let mut losses = Vec::new();
@@ -107,10 +146,29 @@ pub fn fsdp(acc: &mut Accelerator) -> Check {
             let (xb, yb) = (x.narrow(0, start, share), y.narrow(0, start, share));
             acc.accumulate();
             let loss = model
-                .forward(&xb)
+                .call(|m| m.forward(&xb))
                 .map_err(err)?
                 .mse_loss(&yb, hasten::tch::Reduction::Mean);
             losses.push(loss.double_value(&[]));
+            if blocks
+                && std::env::var("FSDP_AUTO_WRAP_POLICY").is_ok()
+                && std::env::var("FSDP_RESHARD_AFTER_FORWARD").as_deref() != Ok("false")
+            {
+                // FULL_SHARD: after the forward every block holds only its piece again; the root
+                // (head, spare) stays gathered until the backward.
+                let blocks_numel: i64 = model
+                    .var_store()
+                    .variables()
+                    .iter()
+                    .filter(|(n, _)| n.starts_with("blocks."))
+                    .map(|(_, t)| t.numel() as i64)
+                    .sum();
+                if blocks_numel * p > 3 * (16 * 8 * 2 + 16 + 8) + 3 * p {
+                    return Err(format!(
+                        "after the forward the blocks hold {blocks_numel} elements on rank {r}: not freed"
+                    ));
+                }
+            }
             acc.backward(&loss).map_err(err)?;
             if acc.sync_gradients() {
                 let grads: Vec<Tensor> = model.parameters().iter().map(Tensor::grad).collect();
@@ -152,10 +210,10 @@ pub fn fsdp(acc: &mut Accelerator) -> Check {
         .map(|(_, t)| t.numel() as i64)
         .sum();
     // Every element lives on one rank; each unit's share is its total divided by N, rounded up (the
-    // test's models have at most 3 units, so at most 3 elements of padding per rank).
+    // test's models have at most 4 units, so at most 4 elements of padding per rank).
     let locals = acc.group().all_gather_object(&local).map_err(err)?;
     if locals.iter().sum::<i64>() != full_numel
-        || locals.iter().any(|&l| l > full_numel / p + 3)
+        || locals.iter().any(|&l| l > full_numel / p + 5)
         || state_numel != 2 * local
     {
         return Err(format!(

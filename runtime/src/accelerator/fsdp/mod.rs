@@ -4,8 +4,10 @@
 //! plugin, its settings from the environment (`ACCELERATE_USE_FSDP`, `FSDP_*`, what `accelerate launch`
 //! and `hasten launch` set), and how parameters are grouped into units.
 
+mod context;
 mod shard;
 
+pub(crate) use context::{block_paths, register_block, run_block, with_active};
 pub(crate) use shard::ShardedModel;
 
 use crate::{Error, Result};
@@ -75,7 +77,8 @@ pub enum AutoWrapPolicy {
     NoWrap,
     /// A unit for every VarStore path matching one of these patterns, dotted path segments where `*`
     /// matches any one segment (`blocks.*` makes each block a unit): hasten's form of
-    /// `transformer_cls_names_to_wrap`.
+    /// `transformer_cls_names_to_wrap`. `Block` (Accelerate's usual class name) means every part of the
+    /// model built as a [`crate::layers::Block`].
     TransformerBasedWrap(Vec<String>),
     /// A unit for every VarStore path (module) holding more than this many parameters in all.
     SizeBasedWrap(i64),
@@ -318,6 +321,17 @@ impl FullyShardedDataParallelPlugin {
                 for pattern in patterns {
                     let pat = segments(pattern);
                     let before = found.len();
+                    if pattern == "Block" {
+                        // Accelerate names a module class; hasten's block type is `layers::Block`.
+                        for path in block_paths() {
+                            let below = |n: &String| {
+                                n.starts_with(path.as_str()) && n[path.len()..].starts_with('.')
+                            };
+                            if named.iter().any(|(n, _)| below(n)) && !found.contains(&path) {
+                                found.push(path);
+                            }
+                        }
+                    }
                     for (name, _) in &named {
                         let seg = segments(name);
                         // The module is the path the pattern matches, and a parameter lies below it.

@@ -10,6 +10,13 @@
 //! user's module, the VarStore and the optimizer never see a different tensor. The unsharded buffer
 //! keeps one storage for the model's life: freeing it empties that storage in place and gathering fills
 //! it again, so the views autograd saved during a forward are valid again when their backward runs.
+//!
+//! Units named by a [`crate::layers::Block`]'s path are gathered by that block, just before it runs
+//! (`context`), and freed after it under FULL_SHARD; the block's output hook gathers them again just
+//! before their backward, and there the units whose backward has finished (the blocks after it) are
+//! reduce-scattered and freed. The other units (the root: what no block holds) stay gathered from the
+//! start of the forward to the end of the backward, as FSDP2 keeps its root. Every collective comes in
+//! an order fixed by the model's structure, the same on every rank.
 
 use crate::distributed::Group;
 use crate::{Error, ReduceOp, Result};
@@ -38,6 +45,10 @@ pub(crate) struct Unit {
     held_shard_grads: Option<Tensor>,
     /// Which parameters got a gradient on this rank since the last synchronisation.
     used: Vec<bool>,
+    /// Whether the parameters point into `full` (gathered) or at their pieces.
+    gathered: bool,
+    /// Whether a block gathers this unit (else it is gathered for the whole forward).
+    block: bool,
 }
 
 impl Unit {
@@ -57,16 +68,25 @@ impl Unit {
     }
 }
 
-/// A model's units and whether they are gathered now.
+/// A model's units, and what a forward and its backward have done to them.
 pub(crate) struct ShardedModel {
     pub units: Vec<Unit>,
     group: Group,
     rank: i64,
     world: i64,
-    /// FULL_SHARD: free the unsharded parameters after each forward and gather them again for the
+    /// FULL_SHARD: free a block's unsharded parameters after its forward and gather them again for its
     /// backward. SHARD_GRAD_OP: keep them from the forward through the backward.
     pub reshard_after_forward: bool,
-    gathered: bool,
+    /// Block units in the order their blocks ran in the last forward.
+    order: Vec<usize>,
+    /// Inside `Accelerator::backward`: whether it synchronises.
+    backward: Option<bool>,
+    /// Per unit, during a backward: the reduce-scattered gradient chunk (sync) or `Some(None)` once its
+    /// gradients were taken (held for accumulation); `None` while still to do.
+    taken: Vec<Option<Option<Tensor>>>,
+    /// A failure inside a block's forward or backward hook, where it cannot be returned; the prepared
+    /// model's forward and `Accelerator::backward` report it.
+    pub hook_error: Option<Error>,
 }
 
 fn torch(op: &'static str) -> impl Fn(tch::TchError) -> Error {
@@ -74,9 +94,9 @@ fn torch(op: &'static str) -> impl Fn(tch::TchError) -> Error {
 }
 
 fn resize(t: &Tensor, nbytes: i64, unit: &str) -> Result<()> {
-    // SAFETY: only the unit's `full` buffer is resized; while it has no bytes every parameter points at
-    // its shard piece instead, and the views autograd saved are read only in a backward, which gathers
-    // first.
+    // SAFETY: only a unit's `full` buffer is resized; while it has no bytes every parameter of the unit
+    // points at its shard piece instead, and the views autograd saved are read only in the unit's
+    // backward, which gathers first.
     if unsafe { crate::shim::storage_resize(t, nbytes) } != 0 {
         return Err(Error::DeviceUnavailable {
             detail: format!(
@@ -95,6 +115,7 @@ impl ShardedModel {
         units: Vec<(String, super::Named)>,
         group: Group,
         reshard_after_forward: bool,
+        block_paths: &std::collections::BTreeSet<String>,
     ) -> Result<Self> {
         let (rank, world) = (group.rank() as i64, group.world_size() as i64);
         let mut out = Vec::with_capacity(units.len());
@@ -155,16 +176,25 @@ impl ShardedModel {
                 held_grads: None,
                 held_shard_grads: None,
                 used: vec![false; count],
+                gathered: true,
+                block: false,
             };
             out.push(unit);
         }
+        for unit in &mut out {
+            unit.block = block_paths.contains(&unit.name);
+        }
+        let n = out.len();
         let mut model = ShardedModel {
             units: out,
             group,
             rank,
             world,
             reshard_after_forward,
-            gathered: true,
+            order: Vec::new(),
+            backward: None,
+            taken: (0..n).map(|_| None).collect(),
+            hook_error: None,
         };
         for unit in &model.units {
             crate::optim::clear_grads(&unit.params);
@@ -173,127 +203,250 @@ impl ShardedModel {
         Ok(model)
     }
 
-    /// Points every parameter at its piece of this rank's chunk and frees the unsharded buffers.
-    pub(crate) fn reshard(&mut self) -> Result<()> {
-        if !self.gathered {
-            return Ok(());
-        }
-        for unit in &self.units {
-            for (i, p) in unit.params.iter().enumerate() {
-                let (lo, len) = unit.piece(i, self.rank);
-                p.shallow_clone()
-                    .f_set_data(&unit.shard.narrow(0, lo, len))
-                    .map_err(torch("FSDP reshard"))?;
-            }
-            resize(&unit.full, 0, &unit.name)?;
-        }
-        self.gathered = false;
-        Ok(())
+    /// The unit a block at `path` gathers, if that path is one.
+    pub(crate) fn block_unit(&self, path: &str) -> Option<usize> {
+        self.units.iter().position(|u| u.block && u.name == path)
     }
 
-    /// Gathers every unit's chunks into its unsharded buffer and points the parameters at their views
-    /// of it (collective: every rank calls it in the same order). Sharded gradients still on the
-    /// parameters are kept aside and added to the next reduce-scatter's result.
-    pub(crate) fn unshard(&mut self) -> Result<()> {
-        if self.gathered {
+    /// Gathers unit `k`'s chunks into its unsharded buffer and points its parameters at their views of
+    /// it (collective). Sharded gradients still on the parameters (not zeroed after a step) are kept
+    /// aside and added to the next reduce-scatter's result, as PyTorch accumulates into `.grad`.
+    fn gather(&mut self, k: usize) -> Result<()> {
+        let (rank, world) = (self.rank, self.world);
+        let unit = &mut self.units[k];
+        if unit.gathered {
             return Ok(());
         }
-        let world = self.world;
-        for unit in &mut self.units {
-            let grads: Vec<Tensor> = unit.params.iter().map(Tensor::grad).collect();
-            if grads.iter().any(Tensor::defined) {
-                let held = tch::no_grad(|| unit_shard_grads(unit, &grads, self.rank))?;
-                unit.held_shard_grads = Some(match unit.held_shard_grads.take() {
-                    Some(h) => h.f_add(&held).map_err(torch("FSDP unshard"))?,
-                    None => held,
-                });
-                crate::optim::clear_grads(&unit.params);
-            }
-            resize(&unit.full, unit.bytes(world), &unit.name)?;
-            let gathered = self
-                .group
-                .all_gather_cat(&unit.shard)
-                .map_err(|e| chained("FSDP all-gather", e))?;
-            tch::no_grad(|| unit.full.shallow_clone().f_copy_(&gathered))
-                .map_err(torch("FSDP unshard"))?;
-            for (i, p) in unit.params.iter().enumerate() {
-                let view = unit
-                    .full
-                    .f_narrow(0, unit.offsets[i], unit.numels[i])
-                    .and_then(|v| v.f_view(unit.shapes[i].as_slice()))
-                    .map_err(torch("FSDP unshard"))?;
-                p.shallow_clone()
-                    .f_set_data(&view)
-                    .map_err(torch("FSDP unshard"))?;
-            }
-        }
-        self.gathered = true;
-        Ok(())
-    }
-
-    /// After a backward (the parameters gathered): takes the unsharded gradients off the parameters and,
-    /// when `sync`, averages them across ranks with a reduce-scatter into each parameter's piece, which
-    /// becomes its gradient once the parameters are resharded. Without `sync` (accumulation) they are
-    /// kept, unsharded, for the next synchronising backward. A parameter no rank gave a gradient keeps
-    /// none (the optimizer skips it, as PyTorch's FSDP2 leaves it); one only some ranks used counts as
-    /// zeros on the others, as hasten's DDP with `find_unused_parameters` counts it.
-    pub(crate) fn reduce_gradients(&mut self, sync: bool) -> Result<()> {
-        let world = self.world;
-        let mut flats = Vec::with_capacity(self.units.len());
-        for unit in &mut self.units {
-            let flat = tch::no_grad(|| -> Result<Tensor> {
-                let kind = unit.shard.kind();
-                let device = unit.shard.device();
-                let mut parts = Vec::with_capacity(unit.params.len() + 1);
-                for (i, p) in unit.params.iter().enumerate() {
-                    let g = p.grad();
-                    parts.push(if g.defined() {
-                        unit.used[i] = true;
-                        g.f_reshape([-1]).map_err(torch("FSDP reduce-scatter"))?
-                    } else {
-                        Tensor::f_zeros([unit.numels[i]], (kind, device))
-                            .map_err(torch("FSDP reduce-scatter"))?
-                    });
-                }
-                let total: i64 = unit.numels.iter().sum();
-                if unit.chunk * world > total {
-                    parts.push(
-                        Tensor::f_zeros([unit.chunk * world - total], (kind, device))
-                            .map_err(torch("FSDP reduce-scatter"))?,
-                    );
-                }
-                let mut flat = Tensor::f_cat(&parts, 0).map_err(torch("FSDP reduce-scatter"))?;
-                if let Some(held) = unit.held_grads.take() {
-                    flat = flat.f_add(&held).map_err(torch("FSDP reduce-scatter"))?;
-                }
-                Ok(flat)
-            })?;
+        let grads: Vec<Tensor> = unit.params.iter().map(Tensor::grad).collect();
+        if grads.iter().any(Tensor::defined) {
+            let held = tch::no_grad(|| unit_shard_grads(unit, &grads, rank))?;
+            unit.held_shard_grads = Some(match unit.held_shard_grads.take() {
+                Some(h) => h.f_add(&held).map_err(torch("FSDP all-gather"))?,
+                None => held,
+            });
             crate::optim::clear_grads(&unit.params);
-            flats.push(flat);
+        }
+        resize(&unit.full, unit.bytes(world), &unit.name)?;
+        let gathered = self
+            .group
+            .all_gather_cat(&unit.shard)
+            .map_err(|e| chained("FSDP all-gather", e))?;
+        tch::no_grad(|| unit.full.shallow_clone().f_copy_(&gathered))
+            .map_err(torch("FSDP all-gather"))?;
+        for (i, p) in unit.params.iter().enumerate() {
+            let view = unit
+                .full
+                .f_narrow(0, unit.offsets[i], unit.numels[i])
+                .and_then(|v| v.f_view(unit.shapes[i].as_slice()))
+                .map_err(torch("FSDP all-gather"))?;
+            p.shallow_clone()
+                .f_set_data(&view)
+                .map_err(torch("FSDP all-gather"))?;
+        }
+        unit.gathered = true;
+        Ok(())
+    }
+
+    /// Points unit `k`'s parameters at their pieces of this rank's chunk and frees its unsharded buffer.
+    fn free(&mut self, k: usize) -> Result<()> {
+        let rank = self.rank;
+        let unit = &mut self.units[k];
+        if !unit.gathered {
+            return Ok(());
+        }
+        for (i, p) in unit.params.iter().enumerate() {
+            let (lo, len) = unit.piece(i, rank);
+            p.shallow_clone()
+                .f_set_data(&unit.shard.narrow(0, lo, len))
+                .map_err(torch("FSDP reshard"))?;
+        }
+        resize(&unit.full, 0, &unit.name)?;
+        unit.gathered = false;
+        Ok(())
+    }
+
+    /// Every unit back to its pieces.
+    pub(crate) fn reshard(&mut self) -> Result<()> {
+        for k in 0..self.units.len() {
+            self.free(k)?;
+        }
+        Ok(())
+    }
+
+    /// Before the model's forward: the units no block gathers are gathered for the whole forward.
+    pub(crate) fn begin_forward(&mut self) -> Result<()> {
+        self.order.clear();
+        for k in 0..self.units.len() {
+            if !self.units[k].block {
+                self.gather(k)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A block is about to run: its unit is gathered.
+    pub(crate) fn before_block_forward(&mut self, k: usize) -> Result<()> {
+        if !self.order.contains(&k) {
+            self.order.push(k);
+        }
+        self.gather(k)
+    }
+
+    /// A block has run: under FULL_SHARD its unit is freed until its backward.
+    pub(crate) fn after_block_forward(&mut self, k: usize) -> Result<()> {
+        if self.reshard_after_forward {
+            self.free(k)?;
+        }
+        Ok(())
+    }
+
+    /// Before `Accelerator::backward` runs the autograd backward: the units no block gathers are
+    /// gathered (a forward leaves them so; this covers a backward through a graph of an earlier forward
+    /// too).
+    pub(crate) fn begin_backward(&mut self, sync: bool) -> Result<()> {
+        self.backward = Some(sync);
+        self.taken.iter_mut().for_each(|t| *t = None);
+        self.hook_error = None;
+        for k in 0..self.units.len() {
+            if !self.units[k].block {
+                self.gather(k)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The hook on block `k`'s output fired: its backward is next. The blocks after it in the forward
+    /// have finished theirs: their gradients are taken (reduce-scattered, or held when accumulating)
+    /// and their units freed; then unit `k` is gathered. Outside `Accelerator::backward` (a plain
+    /// `loss.backward()`) it is only gathered, so the backward is right, and the gradients stay
+    /// unsharded on the parameters.
+    pub(crate) fn before_block_backward(&mut self, k: usize) {
+        if self.hook_error.is_some() {
+            return;
+        }
+        let result = (|| -> Result<()> {
+            if let Some(sync) = self.backward
+                && let Some(pos) = self.order.iter().position(|&u| u == k)
+            {
+                let after: Vec<usize> = self.order[pos + 1..].iter().rev().copied().collect();
+                for j in after {
+                    if self.taken[j].is_none() {
+                        self.take_gradients(j, sync)?;
+                        self.free(j)?;
+                    }
+                }
+            }
+            self.gather(k)
+        })();
+        if let Err(e) = result {
+            self.hook_error = Some(e);
+        }
+    }
+
+    /// Takes unit `k`'s unsharded gradients off its parameters: reduce-scattered (mean) into this rank's
+    /// chunk when `sync`, else added to those held for the next synchronising backward. A parameter
+    /// without a gradient counts as zeros here (whether it keeps none is decided over all ranks at the
+    /// end).
+    fn take_gradients(&mut self, k: usize, sync: bool) -> Result<()> {
+        let world = self.world;
+        let unit = &mut self.units[k];
+        let flat = tch::no_grad(|| -> Result<Tensor> {
+            let kind = unit.shard.kind();
+            let device = unit.shard.device();
+            let zeros =
+                |n: i64| Tensor::f_zeros([n], (kind, device)).map_err(torch("FSDP reduce-scatter"));
+            let mut parts = Vec::with_capacity(unit.params.len() + 1);
+            for (i, p) in unit.params.iter().enumerate() {
+                let g = p.grad();
+                parts.push(if g.defined() {
+                    unit.used[i] = true;
+                    g.f_reshape([-1]).map_err(torch("FSDP reduce-scatter"))?
+                } else {
+                    zeros(unit.numels[i])?
+                });
+            }
+            let total: i64 = unit.numels.iter().sum();
+            if unit.chunk * world > total {
+                parts.push(zeros(unit.chunk * world - total)?);
+            }
+            let mut flat = Tensor::f_cat(&parts, 0).map_err(torch("FSDP reduce-scatter"))?;
+            if let Some(held) = unit.held_grads.take() {
+                flat = flat.f_add(&held).map_err(torch("FSDP reduce-scatter"))?;
+            }
+            Ok(flat)
+        })?;
+        crate::optim::clear_grads(&unit.params);
+        if !sync {
+            unit.held_grads = Some(flat);
+            self.taken[k] = Some(None);
+            return Ok(());
+        }
+        let mut reduced = self
+            .group
+            .reduce_scatter(&flat, ReduceOp::Mean)
+            .map_err(|e| chained("FSDP reduce-scatter", e))?;
+        drop(flat);
+        if let Some(held) = self.units[k].held_shard_grads.take() {
+            reduced = reduced.f_add(&held).map_err(torch("FSDP reduce-scatter"))?;
+        }
+        self.taken[k] = Some(Some(reduced));
+        Ok(())
+    }
+
+    /// After the autograd backward: the units not taken yet are (blocks in reverse order, then the
+    /// rest), every unit is freed, and on a synchronising backward each parameter gets its piece of the
+    /// averaged gradient — except a parameter no rank gave one, which keeps none (the optimizer skips
+    /// it, as under PyTorch's FSDP2). A gradient that reached a unit after it was taken (a parameter
+    /// shared between blocks) is an error naming it.
+    pub(crate) fn finish_backward(&mut self) -> Result<()> {
+        let Some(sync) = self.backward.take() else {
+            return Ok(());
+        };
+        if let Some(e) = self.hook_error.take() {
+            self.reshard()?;
+            return Err(e);
+        }
+        let late = self.units.iter().enumerate().find_map(|(k, unit)| {
+            let i = unit.params.iter().position(|p| p.grad().defined())?;
+            self.taken[k]
+                .is_some()
+                .then(|| (unit.name.clone(), unit.names[i].clone()))
+        });
+        if let Some((unit, name)) = late {
+            for u in &self.units {
+                crate::optim::clear_grads(&u.params);
+            }
+            self.reshard()?;
+            return Err(Error::InvalidValue {
+                name: format!("FSDP unit {unit:?}"),
+                detail: format!(
+                    "parameter {name} received its gradient after its block's backward had \
+                             finished (is it shared with another block? FSDP needs a shared parameter \
+                     in one unit, e.g. the root)"
+                ),
+            });
+        }
+        let order: Vec<usize> = self.order.iter().rev().copied().collect();
+        let rest: Vec<usize> = (0..self.units.len())
+            .filter(|k| !order.contains(k))
+            .collect();
+        for k in order.into_iter().chain(rest) {
+            if self.taken[k].is_none() {
+                self.take_gradients(k, sync)?;
+            }
         }
         if !sync {
-            for (unit, flat) in self.units.iter_mut().zip(flats) {
-                unit.held_grads = Some(flat);
-            }
             return self.reshard();
         }
         let used = self.used_anywhere()?;
-        let mut reduced = Vec::with_capacity(flats.len());
-        for (unit, flat) in self.units.iter_mut().zip(flats) {
-            let mut r = self
-                .group
-                .reduce_scatter(&flat, ReduceOp::Mean)
-                .map_err(|e| chained("FSDP reduce-scatter", e))?;
-            if let Some(held) = unit.held_shard_grads.take() {
-                r = r.f_add(&held).map_err(torch("FSDP reduce-scatter"))?;
-            }
-            reduced.push(r);
-        }
         self.reshard()?;
         let mut used = used.into_iter();
-        for (unit, r) in self.units.iter_mut().zip(reduced) {
+        for k in 0..self.units.len() {
+            let reduced = self.taken[k].take().flatten();
+            let unit = &mut self.units[k];
             for (i, p) in unit.params.iter().enumerate() {
-                if used.next().unwrap_or(true) {
+                let flag = used.next().unwrap_or(true);
+                if let (true, Some(r)) = (flag, reduced.as_ref()) {
                     let (lo, len) = unit.piece(i, self.rank);
                     crate::optim::set_grad(p, &r.narrow(0, lo, len))?;
                 }
@@ -301,6 +454,20 @@ impl ShardedModel {
             unit.used.fill(false);
         }
         Ok(())
+    }
+
+    /// After a failed autograd backward: nothing to average. The partial gradients are dropped (those
+    /// held from earlier accumulation steps stay) and the parameters go back to their pieces, so the
+    /// model stays usable. Returns a hook's failure, which explains the backward's.
+    pub(crate) fn abandon_backward(&mut self) -> Result<Option<Error>> {
+        self.backward = None;
+        self.taken.iter_mut().for_each(|t| *t = None);
+        for unit in &mut self.units {
+            crate::optim::clear_grads(&unit.params);
+            unit.used.fill(false);
+        }
+        self.reshard()?;
+        Ok(self.hook_error.take())
     }
 
     /// Whether each parameter (units in order) got a gradient on any rank since the last

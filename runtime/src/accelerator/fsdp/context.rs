@@ -1,0 +1,143 @@
+//! Where FSDP meets the user's forward: [`crate::layers::Block`] calls [`run_block`] around each block, which
+//! gathers that block's parameters just before it runs, frees them after it (FULL_SHARD), and hooks the
+//! block's output so that its backward finds them gathered again. The model whose forward is running is
+//! found through a per-thread stack that [`PreparedModel::call`](crate::PreparedModel::call) keeps.
+
+use super::super::ddp::ModelEntry;
+use std::cell::RefCell;
+use std::collections::BTreeSet;
+use std::ffi::c_void;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use tch::Tensor;
+
+thread_local! {
+    static ACTIVE: RefCell<Vec<Arc<Mutex<ModelEntry>>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Every VarStore path a [`crate::layers::Block`] was built at: FSDP units with these names are gathered
+/// by their block, not for the whole forward. (Paths, not models: a path wrapped in a block in one model
+/// and used bare in another of the same process would be mistaken for a block there.)
+static BLOCK_PATHS: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+
+pub(crate) fn register_block(path: &str) {
+    BLOCK_PATHS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(path.to_owned());
+}
+
+pub(crate) fn block_paths() -> BTreeSet<String> {
+    BLOCK_PATHS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+}
+
+fn lock(entry: &Mutex<ModelEntry>) -> MutexGuard<'_, ModelEntry> {
+    entry.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Runs `forward` with `entry` as the model whose blocks gather themselves.
+pub(crate) fn with_active<R>(entry: &Arc<Mutex<ModelEntry>>, forward: impl FnOnce() -> R) -> R {
+    struct Pop;
+    impl Drop for Pop {
+        fn drop(&mut self) {
+            ACTIVE.with(|a| a.borrow_mut().pop());
+        }
+    }
+    ACTIVE.with(|a| a.borrow_mut().push(entry.clone()));
+    let _pop = Pop;
+    forward()
+}
+
+/// What a backward hook needs: the model (weakly: a graph may outlive it) and the block's unit.
+struct HookCtx {
+    entry: Weak<Mutex<ModelEntry>>,
+}
+
+extern "C" fn before_block_backward(ctx: *mut c_void, unit: i64) {
+    // A panic must not cross into libtorch's autograd thread.
+    let _ = std::panic::catch_unwind(|| {
+        // SAFETY: ctx is the Box<HookCtx> given at registration, alive until drop_ctx.
+        let ctx = unsafe { &*(ctx as *const HookCtx) };
+        let Some(entry) = ctx.entry.upgrade() else {
+            return;
+        };
+        let mut entry = lock(&entry);
+        if let Some(sharded) = entry.fsdp.as_mut() {
+            sharded.before_block_backward(unit as usize);
+        }
+    });
+}
+
+extern "C" fn drop_ctx(ctx: *mut c_void) {
+    // SAFETY: ctx came from Box::into_raw in hook_output and is dropped once.
+    drop(unsafe { Box::from_raw(ctx as *mut HookCtx) });
+}
+
+/// Runs one block's forward. Inside a sharded model's forward, the block's unit (the unit named by the
+/// block's path) is gathered first and, under FULL_SHARD, freed afterwards; its output carries the hook
+/// that gathers it again for the backward. Elsewhere it just runs `forward`. A failed gather panics with
+/// the error (a `Module::forward` cannot return one); the prepared model's forward turns it back into
+/// that error.
+pub(crate) fn run_block(path: &str, forward: impl FnOnce() -> Tensor) -> Tensor {
+    let Some(entry) = ACTIVE.with(|a| a.borrow().last().cloned()) else {
+        return forward();
+    };
+    let unit = match lock(&entry).fsdp.as_mut() {
+        Some(sharded) => match sharded.block_unit(path) {
+            Some(unit) => {
+                if let Err(e) = sharded.before_block_forward(unit) {
+                    let text = e.to_string();
+                    sharded.hook_error = Some(e);
+                    panic!("{text}");
+                }
+                unit
+            }
+            None => return forward(),
+        },
+        None => return forward(),
+    };
+    let out = forward();
+    let mut guard = lock(&entry);
+    if let Some(sharded) = guard.fsdp.as_mut() {
+        if let Err(e) = sharded.after_block_forward(unit) {
+            let text = e.to_string();
+            sharded.hook_error = Some(e);
+            panic!("{text}");
+        }
+    }
+    drop(guard);
+    if out.requires_grad() {
+        let ctx = Box::into_raw(Box::new(HookCtx {
+            entry: Arc::downgrade(&entry),
+        }));
+        // SAFETY: ctx stays valid until the shim calls drop_ctx (also on failure); the callback catches
+        // panics.
+        let r = unsafe {
+            crate::shim::register_grad_pre_hook(
+                &out,
+                before_block_backward,
+                drop_ctx,
+                ctx.cast(),
+                unit as i64,
+            )
+        };
+        if r != 0 {
+            // Without the hook the block's backward would find its parameters freed; registering fails
+            // alike on every rank (it depends only on the graph), so stopping here is symmetric.
+            let e = crate::Error::InvalidValue {
+                name: format!("FSDP block {path}"),
+                detail:
+                    "libtorch refused the hook that gathers the block's parameters for its backward"
+                        .into(),
+            };
+            let text = e.to_string();
+            if let Some(sharded) = lock(&entry).fsdp.as_mut() {
+                sharded.hook_error = Some(e);
+            }
+            panic!("{text}");
+        }
+    }
+    out
+}
