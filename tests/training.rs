@@ -264,6 +264,10 @@ fn fsdp_blocks_gather_only_while_they_run_and_match_one_process() {
     fsdp_mode("fsdp_blocks", &[2], &grad_op);
     // Blocks without a wrap policy: one unit, gathered for the whole forward.
     fsdp_mode("fsdp_blocks", &[2], &[("FSDP_VERSION", "2")]);
+    // bf16: parameters gathered and gradients reduced in bf16, shards and AdamW in fp32.
+    let mut bf16 = blocks.to_vec();
+    bf16.push(("ACCELERATE_MIXED_PRECISION", "bf16"));
+    fsdp_mode("fsdp_blocks", &[2, 3], &bf16);
 }
 
 #[test]

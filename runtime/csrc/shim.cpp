@@ -386,3 +386,31 @@ int hasten_register_grad_pre_hook(at::Tensor* tensor, void (*call)(void*, int64_
 }
 
 }  // extern "C"
+
+// The device caching allocator's byte counts (what torch.cuda.memory_allocated / max_memory_allocated
+// report), through c10's device-allocator interface, so no CUDA headers are needed. `which`: 0 bytes
+// allocated now, 1 their peak, 2 resets the peak (returns 0). -1 on failure (no CUDA allocator).
+#include <c10/core/CachingDeviceAllocator.h>
+
+extern "C" {
+
+int64_t hasten_device_memory_stat(int device_type, int index, int which) {
+  try {
+    c10::DeviceAllocator* allocator = c10::getDeviceAllocator(::device_type(device_type));
+    auto device = static_cast<c10::DeviceIndex>(index);
+    if (which == 2) {
+      allocator->resetPeakStats(device);
+      return 0;
+    }
+    auto stats = allocator->getDeviceStats(device);
+    const auto& stat = stats.allocated_bytes[static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE)];
+    return which == 0 ? stat.current : stat.peak;
+  } catch (const std::exception& e) {
+    fprintf(stderr, "hasten_device_memory_stat: %s\n", e.what());
+    return -1;
+  } catch (...) {
+    return -1;
+  }
+}
+
+}  // extern "C"

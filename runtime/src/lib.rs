@@ -63,9 +63,9 @@ pub mod utils;
 // Accelerate's top level (`from accelerate import …`).
 pub use accelerator::{
     AcceleratedOptimizer, AcceleratedScheduler, Accelerator, AcceleratorBuilder, AutocastKwargs,
-    DataLoaderConfiguration, DistributedDataParallelKwargs, GradScalerKwargs,
-    GradientAccumulationPlugin, InitProcessGroupKwargs, PreparedModel, ProjectConfiguration,
-    Schedule,
+    DataLoaderConfiguration, DistributedDataParallelKwargs, FullyShardedDataParallelPlugin,
+    GradScalerKwargs, GradientAccumulationPlugin, InitProcessGroupKwargs, PreparedModel,
+    ProjectConfiguration, Schedule,
 };
 pub use big_modeling::{
     cpu_offload, disk_offload, dispatch_model, infer_auto_device_map, load_checkpoint_and_dispatch,

@@ -199,6 +199,32 @@ pub fn empty_device_cache() {
     }
 }
 
+/// Bytes of `device`'s memory held by tensors now, as `torch.cuda.memory_allocated` counts them (the
+/// caching allocator's allocated bytes, not what it keeps cached). `None` for the CPU or without CUDA.
+pub fn memory_allocated(device: tch::Device) -> Option<u64> {
+    cuda_stat(device, 0)
+}
+
+/// The most bytes `device`'s tensors held at once since the start or the last
+/// [`reset_peak_memory_stats`] (`torch.cuda.max_memory_allocated`).
+pub fn max_memory_allocated(device: tch::Device) -> Option<u64> {
+    cuda_stat(device, 1)
+}
+
+/// Starts [`max_memory_allocated`]'s count again from now (`torch.cuda.reset_peak_memory_stats`).
+pub fn reset_peak_memory_stats(device: tch::Device) {
+    let _ = cuda_stat(device, 2);
+}
+
+fn cuda_stat(device: tch::Device, which: i32) -> Option<u64> {
+    match device {
+        tch::Device::Cuda(i) => {
+            u64::try_from(crate::shim::device_memory_stat(i as i32, which)).ok()
+        }
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -71,6 +71,7 @@ mod ffi {
         pub(super) fn hasten_empty_pinned_bytes(nbytes: i64) -> *mut C_tensor;
         pub(super) fn hasten_empty_device_cache() -> i32;
         pub(super) fn hasten_storage_resize(tensor: *mut C_tensor, nbytes: i64) -> i32;
+        pub(super) fn hasten_device_memory_stat(device_type: i32, index: i32, which: i32) -> i64;
         pub(super) fn hasten_register_grad_pre_hook(
             tensor: *mut C_tensor,
             call: extern "C" fn(*mut c_void, i64),
@@ -326,4 +327,11 @@ pub(crate) unsafe fn register_grad_pre_hook(
 ) -> i32 {
     // SAFETY: a valid tensor handle; the caller vouches for ctx, call and drop.
     unsafe { ffi::hasten_register_grad_pre_hook(handle(tensor), call, drop, ctx, index) }
+}
+
+/// The CUDA caching allocator's counts for GPU `index`: `which` 0 bytes allocated now, 1 their peak, 2
+/// resets the peak. -1 when there is no CUDA allocator.
+pub(crate) fn device_memory_stat(index: i32, which: i32) -> i64 {
+    // SAFETY: plain values; the shim catches every exception.
+    unsafe { ffi::hasten_device_memory_stat(1, index, which) }
 }

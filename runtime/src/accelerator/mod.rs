@@ -253,6 +253,9 @@ impl Accelerator {
                     self.group.clone(),
                     plugin.sharding_strategy == fsdp::ShardingStrategy::FullShard,
                     &fsdp::block_paths(),
+                    // Accelerate's FSDP2 policy under bf16: parameters gathered, and gradients
+                    // reduced, in bf16 (autocast then casts nothing and saves no copies).
+                    (self.mixed_precision == PrecisionType::Bf16).then_some(tch::Kind::BFloat16),
                 )?);
             }
             None => entry.hook(&self.group.lock()),

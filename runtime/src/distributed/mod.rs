@@ -18,7 +18,7 @@ mod watchdog;
 mod wire;
 
 pub(crate) use shm::hostname;
-pub(crate) use stream::CommStream;
+pub(crate) use stream::{CommStream, Mark};
 
 pub use nccl::nccl_version;
 pub use shared::Group;
@@ -394,6 +394,71 @@ impl ProcessGroup {
             stream.wait_for_compute(bucket)?;
             nccl.all_reduce_on(t, op, stream.raw())?;
             watchdog.watch(stream.raw(), "all_reduce", seq);
+            Ok(true)
+        })
+    }
+
+    /// Whether a CUDA collective of `bytes` would go to NCCL now (so it can be queued on a stream).
+    fn nccl_for(&mut self, device: Device, bytes: usize) -> bool {
+        self.state.contract.world_size > 1
+            && device.is_cuda()
+            && self
+                .nccl
+                .as_mut()
+                .is_some_and(|lazy| lazy.agreed() || bytes >= lazy::TCP_LIMIT_BYTES)
+    }
+
+    /// Starts an all-gather of CUDA `input` into `output` on `stream`, after the work queued so far on
+    /// the compute stream, without waiting for it: true when it went to NCCL; false when it would not use
+    /// NCCL now (the caller then uses [`ProcessGroup::all_gather_cat`]). Both tensors must stay alive
+    /// until the stream has run it.
+    pub(crate) fn all_gather_into_on_stream(
+        &mut self,
+        input: &Tensor,
+        output: &Tensor,
+        stream: &CommStream,
+    ) -> Result<bool> {
+        let bytes = output.numel() * output.kind().elt_size_in_bytes();
+        if !self.nccl_for(input.device(), bytes) {
+            return Ok(false);
+        }
+        let seq = self.seq + 1;
+        self.timed("all_gather", |g| {
+            let lazy = g.nccl.as_mut().ok_or(Error::Collective {
+                op: "all_gather",
+                detail: "NCCL is not set up in this group".into(),
+            })?;
+            let (nccl, watchdog) = lazy.wait_with_watchdog()?;
+            stream.wait_for_compute(0)?;
+            nccl.all_gather_into_on(input, output, stream.raw())?;
+            watchdog.watch(stream.raw(), "all_gather", seq);
+            Ok(true)
+        })
+    }
+
+    /// Starts a reduce-scatter of CUDA `input` into this rank's share `output` on `stream`, as
+    /// [`ProcessGroup::all_gather_into_on_stream`] starts its all-gather.
+    pub(crate) fn reduce_scatter_on_stream(
+        &mut self,
+        input: &Tensor,
+        output: &Tensor,
+        op: ReduceOp,
+        stream: &CommStream,
+    ) -> Result<bool> {
+        let bytes = input.numel() * input.kind().elt_size_in_bytes();
+        if !self.nccl_for(input.device(), bytes) {
+            return Ok(false);
+        }
+        let seq = self.seq + 1;
+        self.timed("reduce_scatter", |g| {
+            let lazy = g.nccl.as_mut().ok_or(Error::Collective {
+                op: "reduce_scatter",
+                detail: "NCCL is not set up in this group".into(),
+            })?;
+            let (nccl, watchdog) = lazy.wait_with_watchdog()?;
+            stream.wait_for_compute(0)?;
+            nccl.reduce_scatter_on(input, output, op, stream.raw())?;
+            watchdog.watch(stream.raw(), "reduce_scatter", seq);
             Ok(true)
         })
     }

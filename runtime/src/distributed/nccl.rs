@@ -312,6 +312,89 @@ impl Nccl {
     }
 }
 
+impl Nccl {
+    /// Every rank's `input` into `output` (world × its elements), queued on `stream`.
+    pub(crate) fn all_gather_into_on(
+        &mut self,
+        input: &Tensor,
+        output: &Tensor,
+        stream: Stream,
+    ) -> Result<()> {
+        let (api, dtype) = self.prepare(input, "all_gather")?;
+        if output.numel() != input.numel() * self.world || output.kind() != input.kind() {
+            return Err(Error::Collective {
+                op: "all_gather",
+                detail: format!(
+                    "the output holds {} {:?} elements, not {} × {} {:?}",
+                    output.numel(),
+                    output.kind(),
+                    self.world,
+                    input.numel(),
+                    input.kind()
+                ),
+            });
+        }
+        check(
+            api,
+            // SAFETY: the output, checked above, holds world × numel elements of the input's dtype on
+            // the same device; both stay alive until the stream has run the operation (the caller's
+            // duty).
+            unsafe {
+                (api.all_gather)(
+                    input.data_ptr(),
+                    output.data_ptr(),
+                    input.numel(),
+                    dtype,
+                    self.comm,
+                    stream,
+                )
+            },
+            "ncclAllGather",
+        )
+    }
+
+    /// Reduces `input` across ranks into this rank's share `output` (numel / world elements), queued on
+    /// `stream`.
+    pub(crate) fn reduce_scatter_on(
+        &mut self,
+        input: &Tensor,
+        output: &Tensor,
+        op: ReduceOp,
+        stream: Stream,
+    ) -> Result<()> {
+        let (api, dtype) = self.prepare(input, "reduce_scatter")?;
+        let red = nccl_op(op, input.kind(), "reduce_scatter")?;
+        if output.numel() * self.world != input.numel() || output.kind() != input.kind() {
+            return Err(Error::Collective {
+                op: "reduce_scatter",
+                detail: format!(
+                    "the output holds {} elements, not {} / {}",
+                    output.numel(),
+                    input.numel(),
+                    self.world
+                ),
+            });
+        }
+        check(
+            api,
+            // SAFETY: recvcount = numel / world elements into a matching output, checked above; both
+            // stay alive until the stream has run the operation (the caller's duty).
+            unsafe {
+                (api.reduce_scatter)(
+                    input.data_ptr(),
+                    output.data_ptr(),
+                    output.numel(),
+                    dtype,
+                    red,
+                    self.comm,
+                    stream,
+                )
+            },
+            "ncclReduceScatter",
+        )
+    }
+}
+
 impl Backend for Nccl {
     fn all_reduce(&mut self, t: &mut Tensor, op: ReduceOp) -> Result<()> {
         self.all_reduce_on(t, op, std::ptr::null_mut())

@@ -98,6 +98,16 @@ impl Mark {
         )
     }
 
+    /// Makes the compute stream wait for the work before the event, without blocking the host.
+    pub(crate) fn wait_on_compute(&self) -> Result<()> {
+        let api = api()?;
+        // SAFETY: a valid event; the legacy default stream always exists.
+        check(
+            unsafe { (api.stream_wait_event)(COMPUTE, self.0, 0) },
+            "cudaStreamWaitEvent",
+        )
+    }
+
     /// True once the work before the event is done (or failed: it will never be done).
     pub(crate) fn done(&self) -> bool {
         const NOT_READY: c_int = 600;

@@ -1,7 +1,7 @@
 //! `fsdp`: README's training loop with FSDP switched on by the environment alone (what `hasten launch`
 //! sets for `distributed_type: FSDP`): losses and final parameters equal one process training on the
 //! whole batch, with accumulation (2 micro-batches), clipping, AdamW and an unused parameter; each rank
-//! holds about 1/N of the parameters, gradients and optimizer state. `fsdp_blocks`: the same with a
+//! holds about 1/N of the parameters, gradients and optimizer state (within 1e-5; 5e-2 under bf16). `fsdp_blocks`: the same with a
 //! model of residual `hasten::layers::Block`s, each its own unit, gathered only while it runs.
 
 use super::{Check, data, err, mlp};
@@ -123,6 +123,13 @@ pub fn fsdp(acc: &mut Accelerator, blocks: bool) -> Check {
             acc.distributed_type()
         ));
     }
+    // Under bf16 (parameters gathered and gradients reduced in bf16) the run is compared with the fp32
+    // one at bf16's precision.
+    let tol = if acc.mixed_precision() == hasten::PrecisionType::Bf16 {
+        5e-2
+    } else {
+        1e-5
+    };
     let global = 6 * p;
     let (x, y) = data(global * MICRO * STEPS);
     let vs = nn::VarStore::new(acc.device());
@@ -150,6 +157,14 @@ pub fn fsdp(acc: &mut Accelerator, blocks: bool) -> Check {
                 .map_err(err)?
                 .mse_loss(&yb, hasten::tch::Reduction::Mean);
             losses.push(loss.double_value(&[]));
+            if blocks && tol > 1e-5 {
+                // The root (the head) stays gathered until the backward: in bf16, the policy's dtype.
+                let vars = model.var_store().variables();
+                let head = vars.get("head.weight").ok_or("no head.weight")?;
+                if head.kind() != Kind::BFloat16 {
+                    return Err(format!("the gathered head is {:?}, not bf16", head.kind()));
+                }
+            }
             if blocks
                 && std::env::var("FSDP_AUTO_WRAP_POLICY").is_ok()
                 && std::env::var("FSDP_RESHARD_AFTER_FORWARD").as_deref() != Ok("false")
@@ -189,7 +204,7 @@ pub fn fsdp(acc: &mut Accelerator, blocks: bool) -> Check {
         let rows = x.narrow(0, step * MICRO * global, MICRO * global);
         let targets = y.narrow(0, step * MICRO * global, MICRO * global);
         let (want, want_norm) = reference.step(&rows, &targets)?;
-        if ((loss - want) / want).abs() > 1e-5 {
+        if ((loss - want) / want).abs() > tol {
             return Err(format!(
                 "step {step}: loss {loss} under FSDP, {want} on one process"
             ));
@@ -197,7 +212,7 @@ pub fn fsdp(acc: &mut Accelerator, blocks: bool) -> Check {
         // The norm covers every rank's shard of every gradient: it checks the averaged gradients
         // themselves, which AdamW's updates alone would hardly show (they do not depend on scale).
         let norm = norm.ok_or("no synchronising micro-batch")?;
-        if ((norm - want_norm) / want_norm).abs() > 1e-5 {
+        if ((norm - want_norm) / want_norm).abs() > tol {
             return Err(format!(
                 "step {step}: gradient norm {norm} under FSDP, {want_norm} on one process"
             ));
@@ -229,7 +244,7 @@ pub fn fsdp(acc: &mut Accelerator, blocks: bool) -> Check {
             .ok_or_else(|| format!("no variable {name}"))?;
         let diff = (t - want).abs().max().double_value(&[])
             / want.abs().max().double_value(&[]).max(1e-12);
-        if diff > 1e-5 {
+        if diff > tol {
             return Err(format!(
                 "{name} differs from the one-process run by {diff:.2e} (relative)"
             ));

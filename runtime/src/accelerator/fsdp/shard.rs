@@ -18,7 +18,7 @@
 //! start of the forward to the end of the backward, as FSDP2 keeps its root. Every collective comes in
 //! an order fixed by the model's structure, the same on every rank.
 
-use crate::distributed::Group;
+use crate::distributed::{CommStream, Group, Mark};
 use crate::{Error, ReduceOp, Result};
 use tch::{Kind, Tensor};
 
@@ -49,6 +49,9 @@ pub(crate) struct Unit {
     gathered: bool,
     /// Whether a block gathers this unit (else it is gathered for the whole forward).
     block: bool,
+    /// An all-gather queued on the communication stream and not yet waited for by the compute stream:
+    /// its event, and its input (alive until then).
+    in_flight: Option<(Mark, Tensor)>,
 }
 
 impl Unit {
@@ -64,7 +67,7 @@ impl Unit {
     }
 
     fn bytes(&self, world: i64) -> i64 {
-        self.chunk * world * self.shard.kind().elt_size_in_bytes() as i64
+        self.chunk * world * self.full.kind().elt_size_in_bytes() as i64
     }
 }
 
@@ -77,8 +80,17 @@ pub(crate) struct ShardedModel {
     /// FULL_SHARD: free a block's unsharded parameters after its forward and gather them again for its
     /// backward. SHARD_GRAD_OP: keep them from the forward through the backward.
     pub reshard_after_forward: bool,
-    /// Block units in the order their blocks ran in the last forward.
+    /// Block units in the order their blocks ran in the current (or last) forward.
     order: Vec<usize>,
+    /// The order of the forward before, which says which block to prefetch next.
+    last_order: Vec<usize>,
+    /// On GPUs: the stream the all-gathers and reduce-scatters run on, beside the compute stream, so
+    /// the next block's parameters arrive while the current block computes. `None` on the CPU, or when
+    /// it could not be made (then every collective runs in line).
+    comm: Option<CommStream>,
+    comm_tried: bool,
+    /// Reduce-scatter inputs still being read by the communication stream, with the events after them.
+    pending: Vec<(Mark, Tensor)>,
     /// Inside `Accelerator::backward`: whether it synchronises.
     backward: Option<bool>,
     /// Per unit, during a backward: the reduce-scattered gradient chunk (sync) or `Some(None)` once its
@@ -116,6 +128,7 @@ impl ShardedModel {
         group: Group,
         reshard_after_forward: bool,
         block_paths: &std::collections::BTreeSet<String>,
+        param_kind: Option<Kind>,
     ) -> Result<Self> {
         let (rank, world) = (group.rank() as i64, group.world_size() as i64);
         let mut out = Vec::with_capacity(units.len());
@@ -157,7 +170,13 @@ impl ShardedModel {
                     flat = Tensor::f_cat(&[flat, pad], 0).map_err(torch("FSDP sharding"))?;
                 }
                 let shard = flat.narrow(0, rank * chunk, chunk).copy();
-                let full = Tensor::f_empty([chunk * world], (kind, device))
+                // The mixed-precision policy's param_dtype: fp32 units are gathered (and their
+                // gradients reduced) in it; the shards, which the optimizer updates, stay fp32.
+                let gathered_kind = match (kind, param_kind) {
+                    (Kind::Float, Some(k)) => k,
+                    _ => kind,
+                };
+                let full = Tensor::f_empty([chunk * world], (gathered_kind, device))
                     .map_err(torch("FSDP sharding"))?;
                 Ok((shard, full))
             })?;
@@ -178,6 +197,7 @@ impl ShardedModel {
                 used: vec![false; count],
                 gathered: true,
                 block: false,
+                in_flight: None,
             };
             out.push(unit);
         }
@@ -192,6 +212,10 @@ impl ShardedModel {
             world,
             reshard_after_forward,
             order: Vec::new(),
+            last_order: Vec::new(),
+            comm: None,
+            comm_tried: false,
+            pending: Vec::new(),
             backward: None,
             taken: (0..n).map(|_| None).collect(),
             hook_error: None,
@@ -208,15 +232,39 @@ impl ShardedModel {
         self.units.iter().position(|u| u.block && u.name == path)
     }
 
-    /// Gathers unit `k`'s chunks into its unsharded buffer and points its parameters at their views of
-    /// it (collective). Sharded gradients still on the parameters (not zeroed after a step) are kept
-    /// aside and added to the next reduce-scatter's result, as PyTorch accumulates into `.grad`.
+    /// The communication stream, made on first use on a GPU.
+    fn ensure_comm(&mut self) {
+        if !self.comm_tried {
+            self.comm_tried = true;
+            let cuda = self
+                .units
+                .first()
+                .is_some_and(|u| u.shard.device().is_cuda());
+            if cuda {
+                self.comm = CommStream::new(1).ok();
+            }
+        }
+    }
+
+    /// Gathers unit `k` and makes the compute stream wait for it.
     fn gather(&mut self, k: usize) -> Result<()> {
+        self.issue_gather(k)?;
+        self.await_gather(k)
+    }
+
+    /// Starts gathering unit `k`'s chunks into its unsharded buffer (collective) and points its
+    /// parameters at their views of it. On a GPU the all-gather is queued on the communication stream
+    /// and the compute stream waits for it only in [`await_gather`](Self::await_gather), so a prefetch
+    /// overlaps the compute queued before. Sharded gradients still on the parameters (not zeroed after a
+    /// step) are kept aside and added to the next reduce-scatter's result, as PyTorch accumulates into
+    /// `.grad`.
+    fn issue_gather(&mut self, k: usize) -> Result<()> {
         let (rank, world) = (self.rank, self.world);
-        let unit = &mut self.units[k];
-        if unit.gathered {
+        if self.units[k].gathered {
             return Ok(());
         }
+        self.ensure_comm();
+        let unit = &mut self.units[k];
         let grads: Vec<Tensor> = unit.params.iter().map(Tensor::grad).collect();
         if grads.iter().any(Tensor::defined) {
             let held = tch::no_grad(|| unit_shard_grads(unit, &grads, rank))?;
@@ -227,12 +275,34 @@ impl ShardedModel {
             crate::optim::clear_grads(&unit.params);
         }
         resize(&unit.full, unit.bytes(world), &unit.name)?;
-        let gathered = self
-            .group
-            .all_gather_cat(&unit.shard)
-            .map_err(|e| chained("FSDP all-gather", e))?;
-        tch::no_grad(|| unit.full.shallow_clone().f_copy_(&gathered))
+        let src = unit
+            .shard
+            .f_to_kind(unit.full.kind())
             .map_err(torch("FSDP all-gather"))?;
+        let queued = match &self.comm {
+            Some(comm) => {
+                let queued = self
+                    .group
+                    .lock()
+                    .all_gather_into_on_stream(&src, &unit.full, comm)
+                    .map_err(|e| chained("FSDP all-gather", e))?;
+                if queued {
+                    let mark = Mark::new()?;
+                    mark.record(comm.raw())?;
+                    unit.in_flight = Some((mark, src.shallow_clone()));
+                }
+                queued
+            }
+            None => false,
+        };
+        if !queued {
+            let gathered = self
+                .group
+                .all_gather_cat(&src)
+                .map_err(|e| chained("FSDP all-gather", e))?;
+            tch::no_grad(|| unit.full.shallow_clone().f_copy_(&gathered))
+                .map_err(torch("FSDP all-gather"))?;
+        }
         for (i, p) in unit.params.iter().enumerate() {
             let view = unit
                 .full
@@ -247,8 +317,18 @@ impl ShardedModel {
         Ok(())
     }
 
+    /// Makes the compute stream wait for unit `k`'s queued all-gather, if any (not the host).
+    fn await_gather(&mut self, k: usize) -> Result<()> {
+        if let Some((mark, _input)) = self.units[k].in_flight.take() {
+            mark.wait_on_compute()?;
+        }
+        Ok(())
+    }
+
     /// Points unit `k`'s parameters at their pieces of this rank's chunk and frees its unsharded buffer.
     fn free(&mut self, k: usize) -> Result<()> {
+        // A prefetched gather must land before its buffer goes back to the allocator.
+        self.await_gather(k)?;
         let rank = self.rank;
         let unit = &mut self.units[k];
         if !unit.gathered {
@@ -275,7 +355,9 @@ impl ShardedModel {
 
     /// Before the model's forward: the units no block gathers are gathered for the whole forward.
     pub(crate) fn begin_forward(&mut self) -> Result<()> {
-        self.order.clear();
+        if !self.order.is_empty() {
+            self.last_order = std::mem::take(&mut self.order);
+        }
         for k in 0..self.units.len() {
             if !self.units[k].block {
                 self.gather(k)?;
@@ -289,7 +371,18 @@ impl ShardedModel {
         if !self.order.contains(&k) {
             self.order.push(k);
         }
-        self.gather(k)
+        self.gather(k)?;
+        // Prefetch: the block that ran after this one last time starts gathering while this one
+        // computes.
+        let next = self
+            .last_order
+            .iter()
+            .position(|&u| u == k)
+            .and_then(|pos| self.last_order.get(pos + 1).copied());
+        if let Some(next) = next {
+            self.issue_gather(next)?;
+        }
+        Ok(())
     }
 
     /// A block has run: under FULL_SHARD its unit is freed until its backward.
@@ -336,7 +429,18 @@ impl ShardedModel {
                     }
                 }
             }
-            self.gather(k)
+            self.gather(k)?;
+            // Prefetch: the block before this one in the forward runs its backward next.
+            let previous = self
+                .order
+                .iter()
+                .position(|&u| u == k)
+                .and_then(|pos| pos.checked_sub(1))
+                .map(|pos| self.order[pos]);
+            if let Some(previous) = previous {
+                self.issue_gather(previous)?;
+            }
+            Ok(())
         })();
         if let Err(e) = result {
             self.hook_error = Some(e);
@@ -351,7 +455,9 @@ impl ShardedModel {
         let world = self.world;
         let unit = &mut self.units[k];
         let flat = tch::no_grad(|| -> Result<Tensor> {
-            let kind = unit.shard.kind();
+            // Gradients come in the gathered parameters' dtype and are reduced in it (the policy's
+            // reduce_dtype is its param_dtype, as Accelerate sets it).
+            let kind = unit.full.kind();
             let device = unit.shard.device();
             let zeros =
                 |n: i64| Tensor::f_zeros([n], (kind, device)).map_err(torch("FSDP reduce-scatter"));
@@ -381,14 +487,40 @@ impl ShardedModel {
             self.taken[k] = Some(None);
             return Ok(());
         }
-        let mut reduced = self
-            .group
-            .reduce_scatter(&flat, ReduceOp::Mean)
-            .map_err(|e| chained("FSDP reduce-scatter", e))?;
-        drop(flat);
-        if let Some(held) = self.units[k].held_shard_grads.take() {
-            reduced = reduced.f_add(&held).map_err(torch("FSDP reduce-scatter"))?;
+        // The previous reduce-scatter's input goes back to the allocator now, after the compute stream
+        // waits for it (it has had a block's backward to run): holding inputs until the host sees them
+        // done would keep most of them, the host being far ahead of the GPU.
+        for (mark, _input) in self.pending.drain(..) {
+            mark.wait_on_compute()?;
         }
+        let chunk = self.units[k].chunk;
+        let out = Tensor::f_empty([chunk], (flat.kind(), flat.device()))
+            .map_err(torch("FSDP reduce-scatter"))?;
+        let queued = match &self.comm {
+            Some(comm) => {
+                let queued = self
+                    .group
+                    .lock()
+                    .reduce_scatter_on_stream(&flat, &out, ReduceOp::Mean, comm)
+                    .map_err(|e| chained("FSDP reduce-scatter", e))?;
+                if queued {
+                    let mark = Mark::new()?;
+                    mark.record(comm.raw())?;
+                    self.pending.push((mark, flat.shallow_clone()));
+                }
+                queued
+            }
+            None => false,
+        };
+        let reduced = if queued {
+            out
+        } else {
+            self.group
+                .reduce_scatter(&flat, ReduceOp::Mean)
+                .map_err(|e| chained("FSDP reduce-scatter", e))?
+        };
+        // Read (converted to the shards' dtype) at the end of the backward, after the compute stream
+        // has waited for the communication stream.
         self.taken[k] = Some(Some(reduced));
         Ok(())
     }
@@ -435,6 +567,10 @@ impl ShardedModel {
                 self.take_gradients(k, sync)?;
             }
         }
+        if let Some(comm) = &self.comm {
+            comm.join_compute()?;
+        }
+        self.pending.clear();
         if !sync {
             return self.reshard();
         }
@@ -442,7 +578,17 @@ impl ShardedModel {
         self.reshard()?;
         let mut used = used.into_iter();
         for k in 0..self.units.len() {
-            let reduced = self.taken[k].take().flatten();
+            let mut reduced = match self.taken[k].take().flatten() {
+                Some(r) => Some(
+                    r.f_to_kind(self.units[k].shard.kind())
+                        .map_err(torch("FSDP reduce-scatter"))?,
+                ),
+                None => None,
+            };
+            if let (Some(r), Some(held)) = (reduced.as_mut(), self.units[k].held_shard_grads.take())
+            {
+                *r = r.f_add(&held).map_err(torch("FSDP reduce-scatter"))?;
+            }
             let unit = &mut self.units[k];
             for (i, p) in unit.params.iter().enumerate() {
                 let flag = used.next().unwrap_or(true);

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# F1/F2 of shared/bench/WORKLOADS.md (sharded training), hasten's bench-fsdp against py_fsdp.py (Python
+# Accelerate's FSDP2) side by side in one run. Usage, from the repository root on the GPU machine:
+#   bash bench/fsdp_gpu.sh BIN_DIR PY_DIR PART...
+# PART: f1 (4 GPUs, REPS runs of each side, plus DDP), f1x2 (2 GPUs), losses (F8, first 13 losses, FSDP
+# against DDP), f2 (48 blocks), demo (README's loop under --use_fsdp on 2 GPUs against DDP).
+set -u
+B=${1:?binaries folder}
+P=${2:?python folder}
+shift 2
+export LD_LIBRARY_PATH=/opt/torch/.venv/lib/python3.12/site-packages/torch/lib
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+PY=/opt/torch/.venv/bin/python3
+launch() { "$B/hasten" launch --main_process_port 0 "$@"; }
+pylaunch() { "$PY" -m accelerate.commands.launch --multi_gpu --main_process_port 29531 "$@"; }
+gpus=$(nvidia-smi -L | wc -l)
+R=$(seq "${REPS:-3}")
+echo "== device: $gpus GPU(s) on this host"
+nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader
+"$PY" -c "import torch, accelerate; print('torch', torch.__version__, 'accelerate', accelerate.__version__)"
+
+for part in "$@"; do
+  case $part in
+    f1)
+      echo "== F1: F8 (1.09 B parameters), 4 ranks, FSDP FULL_SHARD per block, 3 + 10 steps"
+      for i in $R; do
+        launch --num_processes 4 "$B/bench-fsdp" fsdp 8 10 2>&1 | grep -E "BENCH|rror|panick"
+        pylaunch --num_processes 4 "$P/py_fsdp.py" fsdp 8 10 2>&1 | grep -E "ANCHOR|rror"
+      done
+      echo "-- DDP, for scale (one run each)"
+      launch --num_processes 4 "$B/bench-fsdp" ddp 8 10 2>&1 | grep -E "BENCH|rror|panick"
+      pylaunch --num_processes 4 "$P/py_fsdp.py" ddp 8 10 2>&1 | grep -E "ANCHOR|rror"
+      ;;
+    f1x2)
+      echo "== F1 on 2 GPUs"
+      for i in $R; do
+        launch --num_processes 2 "$B/bench-fsdp" fsdp 8 10 2>&1 | grep -E "BENCH|rror|panick"
+        pylaunch --num_processes 2 "$P/py_fsdp.py" fsdp 8 10 2>&1 | grep -E "ANCHOR|rror"
+      done
+      ;;
+    losses)
+      echo "== F8's losses, FSDP against DDP (4 ranks, the same seed and data)"
+      launch --num_processes 4 "$B/bench-fsdp" fsdp 8 10 --losses 2>&1 | grep -E "BENCH|rror|panick"
+      launch --num_processes 4 "$B/bench-fsdp" ddp 8 10 --losses 2>&1 | grep -E "BENCH|rror|panick"
+      ;;
+    f2)
+      echo "== F2: F48 (6.46 B parameters), 4 ranks, 3 + 5 steps"
+      for i in $R; do
+        launch --num_processes 4 "$B/bench-fsdp" fsdp 48 5 2>&1 | grep -E "BENCH|rror|panick"
+        pylaunch --num_processes 4 "$P/py_fsdp.py" fsdp 48 5 2>&1 | grep -E "ANCHOR|rror"
+      done
+      ;;
+    demo)
+      echo "== README's loop (train_demo) on 2 GPUs: DDP, then FSDP by flags alone"
+      launch --num_processes 2 "$B/train_demo" 2>&1 | tail -2
+      launch --num_processes 2 --use_fsdp --fsdp_version 2 "$B/train_demo" 2>&1 | tail -2
+      launch --num_processes 2 --use_fsdp --fsdp_version 2 --mixed_precision bf16 "$B/train_demo" 2>&1 | tail -2
+      ;;
+  esac
+done
