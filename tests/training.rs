@@ -296,3 +296,18 @@ fn fsdp_shard_grad_op_and_per_block_units_match_one_process() {
         ],
     );
 }
+
+#[test]
+fn fsdp_loops_that_zero_late_evaluate_before_the_step_or_run_twice_match_one_process() {
+    let mut env = vec![
+        ("ACCELERATE_USE_FSDP", "true"),
+        ("FSDP_VERSION", "2"),
+        ("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP"),
+        ("FSDP_TRANSFORMER_CLS_TO_WRAP", "Block"),
+    ];
+    for n in [2, 3] {
+        run_mode(n, "fsdp_semantics", &[], &env).expect_stdout("fsdp semantics hold");
+    }
+    env.push(("FSDP_RESHARD_AFTER_FORWARD", "false"));
+    run_mode(2, "fsdp_semantics", &[], &env).expect_stdout("fsdp semantics hold");
+}

@@ -719,6 +719,7 @@ fn main() {
             "accumulate" => accumulate(&mut acc),
             "fsdp" => fsdp::fsdp(&mut acc, false),
             "fsdp_blocks" => fsdp::fsdp(&mut acc, true),
+            "fsdp_semantics" => fsdp::semantics(&mut acc),
             "dataloader_end" => dataloader_end(&mut acc),
             "scheduler" => scheduler(&mut acc),
             "metrics" => metrics(&mut acc),

@@ -254,13 +254,23 @@ impl Accelerator {
                     plugin.sharding_strategy == fsdp::ShardingStrategy::FullShard,
                     &fsdp::block_paths(),
                     // Accelerate's FSDP2 policy under bf16: parameters gathered, and gradients
-                    // reduced, in bf16 (autocast then casts nothing and saves no copies).
-                    (self.mixed_precision == PrecisionType::Bf16).then_some(tch::Kind::BFloat16),
+                    // reduced, in bf16 (autocast then casts nothing and saves no copies). Not with
+                    // autocast switched off: fp32 inputs would meet bf16 weights.
+                    (self.mixed_precision == PrecisionType::Bf16 && self.autocast.enabled)
+                        .then_some(tch::Kind::BFloat16),
                 )?);
             }
             None => entry.hook(&self.group.lock()),
         }
         let entry = Arc::new(Mutex::new(entry));
+        if entry
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .fsdp
+            .is_some()
+        {
+            fsdp::register_model(&entry);
+        }
         let alive = Arc::new(());
         self.models.push(entry.clone());
         self.averaged.push(ModelLink {

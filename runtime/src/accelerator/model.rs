@@ -74,22 +74,34 @@ impl<M> PreparedModel<M> {
     /// Under FSDP the forward first gathers the parameters (every rank must run it, as in PyTorch) and,
     /// with FULL_SHARD, frees them again afterwards; the backward gathers them once more.
     pub fn call<T: Nested>(&self, f: impl FnOnce(&M) -> T) -> Result<T> {
-        match self.entry().fsdp.as_mut() {
-            None => return self.run(f),
-            Some(sharded) => sharded.begin_forward()?,
+        // The entry's lock is not held while the forward runs: the module may reach the model again.
+        let sharded = match self.entry().fsdp.as_mut() {
+            None => false,
+            Some(s) => {
+                s.begin_forward()?;
+                true
+            }
+        };
+        if !sharded {
+            return self.run(f);
         }
         // Blocks gather their parameters through the model found here; a failed gather inside one panics
         // (a Module's forward returns no error) and comes back here as that error.
         let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             super::fsdp::with_active(&self.entry, || self.run(f))
         }));
-        match out {
+        let out = match out {
             Ok(out) => out,
             Err(panic) => match self.entry().fsdp.as_mut().and_then(|s| s.hook_error.take()) {
                 Some(e) => Err(e),
                 None => std::panic::resume_unwind(panic),
             },
+        }?;
+        let trains = crate::tensors_of(&out).iter().any(|t| t.requires_grad());
+        if let Some(s) = self.entry().fsdp.as_mut() {
+            s.end_forward(trains)?;
         }
+        Ok(out)
     }
 
     fn run<T: Nested>(&self, f: impl FnOnce(&M) -> T) -> Result<T> {

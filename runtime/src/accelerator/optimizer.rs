@@ -82,6 +82,8 @@ impl AcceleratedOptimizer {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .zero_grad();
+            // Under FSDP a forward may have set gradients aside while gathering; they go too.
+            super::fsdp::forget_stashed_gradients();
         }
     }
 

@@ -257,3 +257,100 @@ pub fn fsdp(acc: &mut Accelerator, blocks: bool) -> Check {
     );
     Ok(())
 }
+
+/// What a loop may do around the sharded model, each step against one process on the whole batch (SGD,
+/// so a wrong gradient scale shows): the forward before `zero_grad` (the gradients of the step before
+/// must not leak in), an evaluation forward between the backward and the step (the step still sees the
+/// gradients), and two forwards before one backward (`loss(a) + loss(b)`).
+pub fn semantics(acc: &mut Accelerator) -> Check {
+    use hasten::optim::Sgd;
+    let (p, r) = (acc.num_processes() as i64, acc.process_index() as i64);
+    let global = 4 * p;
+    let (x, y) = data(global * 2 * 4);
+    let vs = nn::VarStore::new(acc.device());
+    hasten::tch::manual_seed(300 + r);
+    let net = model(&vs.root(), true);
+    let _spare = vs.root().var("spare", &[3], nn::Init::Const(1.0));
+    let model_ = acc.prepare_model(net, vs).map_err(err)?;
+    let initial = acc.get_state_dict(&model_).map_err(err)?;
+    let mut opt = acc.prepare_optimizer(Sgd::new(model_.var_store(), 0.1));
+    let reference = Reference::new(&initial, true)?;
+    let mut ref_opt = Sgd::new(&reference.vs, 0.1);
+    let share = global / p;
+    let mine = |t: &Tensor, batch: i64| t.narrow(0, batch * global + r * share, share);
+    let all = |t: &Tensor, batch: i64| t.narrow(0, batch * global, global);
+    let mse = |a: &Tensor, b: &Tensor| a.mse_loss(b, hasten::tch::Reduction::Mean);
+    for step in 0..4 {
+        let (a, b) = (2 * step, 2 * step + 1);
+        match step {
+            // A plain step: its gradients stay on the parameters after the step.
+            0 => {
+                opt.zero_grad();
+                let loss = mse(
+                    &model_.call(|m| m.forward(&mine(&x, a))).map_err(err)?,
+                    &mine(&y, a),
+                );
+                acc.backward(&loss).map_err(err)?;
+            }
+            1 => {
+                // The forward first, then zero_grad (PyTorch's tutorial order).
+                let loss = mse(
+                    &model_.call(|m| m.forward(&mine(&x, a))).map_err(err)?,
+                    &mine(&y, a),
+                );
+                opt.zero_grad();
+                acc.backward(&loss).map_err(err)?;
+            }
+            2 => {
+                opt.zero_grad();
+                let loss = mse(
+                    &model_.call(|m| m.forward(&mine(&x, a))).map_err(err)?,
+                    &mine(&y, a),
+                );
+                acc.backward(&loss).map_err(err)?;
+                // An evaluation forward before the step.
+                let _ = hasten::tch::no_grad(|| model_.call(|m| m.forward(&mine(&x, b))))
+                    .map_err(err)?;
+            }
+            _ => {
+                opt.zero_grad();
+                let la = mse(
+                    &model_.call(|m| m.forward(&mine(&x, a))).map_err(err)?,
+                    &mine(&y, a),
+                );
+                let lb = mse(
+                    &model_.call(|m| m.forward(&mine(&x, b))).map_err(err)?,
+                    &mine(&y, b),
+                );
+                acc.backward(&(la + lb)).map_err(err)?;
+            }
+        }
+        opt.step().map_err(err)?;
+        // The reference: the same step on the whole batch.
+        ref_opt.zero_grad();
+        let loss = if step == 3 {
+            mse(&reference.model.forward(&all(&x, a)), &all(&y, a))
+                + mse(&reference.model.forward(&all(&x, b)), &all(&y, b))
+        } else {
+            mse(&reference.model.forward(&all(&x, a)), &all(&y, a))
+        };
+        loss.backward();
+        ref_opt.step().map_err(err)?;
+        let trained = acc.get_state_dict(&model_).map_err(err)?;
+        let vars = reference.vs.variables();
+        for (name, t) in &trained {
+            let want = vars
+                .get(name)
+                .ok_or_else(|| format!("no variable {name}"))?;
+            let diff = (t - want).abs().max().double_value(&[])
+                / want.abs().max().double_value(&[]).max(1e-12);
+            if diff > 1e-5 {
+                return Err(format!(
+                    "step {step}: {name} differs from the one-process run by {diff:.2e} (relative)"
+                ));
+            }
+        }
+    }
+    println!("rank {r}: fsdp semantics hold");
+    Ok(())
+}

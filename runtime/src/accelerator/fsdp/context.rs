@@ -56,18 +56,57 @@ struct HookCtx {
 }
 
 extern "C" fn before_block_backward(ctx: *mut c_void, unit: i64) {
-    // A panic must not cross into libtorch's autograd thread.
-    let _ = std::panic::catch_unwind(|| {
-        // SAFETY: ctx is the Box<HookCtx> given at registration, alive until drop_ctx.
-        let ctx = unsafe { &*(ctx as *const HookCtx) };
-        let Some(entry) = ctx.entry.upgrade() else {
-            return;
-        };
-        let mut entry = lock(&entry);
-        if let Some(sharded) = entry.fsdp.as_mut() {
+    // SAFETY: ctx is the Box<HookCtx> given at registration, alive until drop_ctx.
+    let ctx = unsafe { &*(ctx as *const HookCtx) };
+    let Some(entry) = ctx.entry.upgrade() else {
+        return;
+    };
+    // A panic must not cross into libtorch's autograd thread; it is kept as the backward's error.
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        if let Some(sharded) = lock(&entry).fsdp.as_mut() {
             sharded.before_block_backward(unit as usize);
         }
-    });
+    }));
+    if let Err(panic) = outcome {
+        let text = panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+            .unwrap_or_else(|| "a panic without a message".into());
+        if let Some(sharded) = lock(&entry).fsdp.as_mut() {
+            sharded
+                .hook_error
+                .get_or_insert(crate::Error::InvalidValue {
+                    name: format!("FSDP unit {unit}"),
+                    detail: format!("gathering it for its backward panicked: {text}"),
+                });
+        }
+    }
+}
+
+/// Every sharded model of the process, for the optimizer's `zero_grad` (which must also drop the
+/// gradients a gather set aside).
+static MODELS: Mutex<Vec<Weak<Mutex<ModelEntry>>>> = Mutex::new(Vec::new());
+
+pub(crate) fn register_model(entry: &Arc<Mutex<ModelEntry>>) {
+    let mut models = MODELS.lock().unwrap_or_else(|e| e.into_inner());
+    models.retain(|m| m.strong_count() > 0);
+    models.push(Arc::downgrade(entry));
+}
+
+/// `zero_grad` of a prepared optimizer: the gradients the sharded models' gathers set aside go too.
+pub(crate) fn forget_stashed_gradients() {
+    let models: Vec<_> = MODELS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .filter_map(Weak::upgrade)
+        .collect();
+    for entry in models {
+        if let Some(sharded) = lock(&entry).fsdp.as_mut() {
+            sharded.forget_stashed_gradients();
+        }
+    }
 }
 
 extern "C" fn drop_ctx(ctx: *mut c_void) {
@@ -137,6 +176,9 @@ pub(crate) fn run_block(path: &str, forward: impl FnOnce() -> Tensor) -> Tensor 
                 sharded.hook_error = Some(e);
             }
             panic!("{text}");
+        }
+        if let Some(sharded) = lock(&entry).fsdp.as_mut() {
+            sharded.hook_registered(unit);
         }
     }
     out

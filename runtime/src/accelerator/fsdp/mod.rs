@@ -7,7 +7,9 @@
 mod context;
 mod shard;
 
-pub(crate) use context::{block_paths, register_block, run_block, with_active};
+pub(crate) use context::{
+    block_paths, forget_stashed_gradients, register_block, register_model, run_block, with_active,
+};
 pub(crate) use shard::ShardedModel;
 
 use crate::{Error, Result};

@@ -20,6 +20,7 @@
 
 use crate::distributed::{CommStream, Group, Mark};
 use crate::{Error, ReduceOp, Result};
+use std::sync::Arc;
 use tch::{Kind, Tensor};
 
 /// One unit: parameters gathered and freed together, with their flat shard.
@@ -40,9 +41,11 @@ pub(crate) struct Unit {
     /// Unsharded gradients of backwards that did not synchronise (gradient accumulation), added to the
     /// next synchronising one's before the reduce-scatter.
     held_grads: Option<Tensor>,
-    /// Sharded gradients the parameters still had when the unit was gathered (not zeroed after a step),
-    /// added to the next reduce-scatter's result, as PyTorch accumulates into an existing `.grad`.
-    held_shard_grads: Option<Tensor>,
+    /// The gradients the pieces had when the unit was gathered (not zeroed since the last step), laid
+    /// out as the chunk, and which parameters had one: put back on the pieces when the unit is freed
+    /// without a reduction in between (an evaluation forward), added to the next reduce-scatter's
+    /// result otherwise (PyTorch accumulates into an existing `.grad`), dropped by `zero_grad`.
+    stash: Option<(Tensor, Vec<bool>)>,
     /// Which parameters got a gradient on this rank since the last synchronisation.
     used: Vec<bool>,
     /// Whether the parameters point into `full` (gathered) or at their pieces.
@@ -55,6 +58,17 @@ pub(crate) struct Unit {
 }
 
 impl Unit {
+    /// Points every parameter at its piece of this rank's chunk.
+    fn point_at_pieces(&self, rank: i64) -> Result<()> {
+        for (i, p) in self.params.iter().enumerate() {
+            let (lo, len) = self.piece(i, rank);
+            p.shallow_clone()
+                .f_set_data(&self.shard.narrow(0, lo, len))
+                .map_err(torch("FSDP reshard"))?;
+        }
+        Ok(())
+    }
+
     fn piece(&self, i: usize, rank: i64) -> (i64, i64) {
         let start = rank * self.chunk;
         let lo = self.offsets[i].max(start);
@@ -87,7 +101,7 @@ pub(crate) struct ShardedModel {
     /// On GPUs: the stream the all-gathers and reduce-scatters run on, beside the compute stream, so
     /// the next block's parameters arrive while the current block computes. `None` on the CPU, or when
     /// it could not be made (then every collective runs in line).
-    comm: Option<CommStream>,
+    comm: Option<Arc<SharedComm>>,
     comm_tried: bool,
     /// Reduce-scatter inputs still being read by the communication stream, with the events after them.
     pending: Vec<(Mark, Tensor)>,
@@ -96,9 +110,38 @@ pub(crate) struct ShardedModel {
     /// Per unit, during a backward: the reduce-scattered gradient chunk (sync) or `Some(None)` once its
     /// gradients were taken (held for accumulation); `None` while still to do.
     taken: Vec<Option<Option<Tensor>>>,
+    /// Between `begin_backward` and the end of `finish_backward` / `abandon_backward`.
+    in_backward: bool,
+    /// Per unit: the stash taken with its reduce-scatter, added to the result at the end.
+    taken_stash: Vec<Option<(Tensor, Vec<bool>)>>,
+    /// Per unit: hooks on its block's outputs whose backward has not started (a block run twice, or a
+    /// model run twice before one backward): its gradients are complete only when this is 0.
+    outstanding: Vec<usize>,
     /// A failure inside a block's forward or backward hook, where it cannot be returned; the prepared
     /// model's forward and `Accelerator::backward` report it.
     pub hook_error: Option<Error>,
+}
+
+/// The one communication stream of this process's sharded models: NCCL runs the operations of one
+/// communicator in the order they were queued only within a stream, so every FSDP collective goes to the
+/// same one (a process drives one GPU).
+pub(crate) struct SharedComm(CommStream);
+
+// SAFETY: a CUDA stream and its events are plain handles, usable from any thread; the one mutable use
+// (recording the ready event) happens under the process group's lock, inside the collective's call.
+unsafe impl Sync for SharedComm {}
+
+impl std::ops::Deref for SharedComm {
+    type Target = CommStream;
+    fn deref(&self) -> &CommStream {
+        &self.0
+    }
+}
+
+fn shared_comm() -> Option<Arc<SharedComm>> {
+    static COMM: std::sync::OnceLock<Option<Arc<SharedComm>>> = std::sync::OnceLock::new();
+    COMM.get_or_init(|| CommStream::new(1).ok().map(|c| Arc::new(SharedComm(c))))
+        .clone()
 }
 
 fn torch(op: &'static str) -> impl Fn(tch::TchError) -> Error {
@@ -193,16 +236,20 @@ impl ShardedModel {
                 shard,
                 full,
                 held_grads: None,
-                held_shard_grads: None,
+                stash: None,
                 used: vec![false; count],
                 gathered: true,
                 block: false,
                 in_flight: None,
             };
-            out.push(unit);
-        }
-        for unit in &mut out {
+            // Each unit goes to its pieces at once, so sharding never holds a second copy of the model.
+            let mut unit = unit;
+            crate::optim::clear_grads(&unit.params);
+            unit.point_at_pieces(rank)?;
+            resize(&unit.full, 0, &unit.name)?;
+            unit.gathered = false;
             unit.block = block_paths.contains(&unit.name);
+            out.push(unit);
         }
         let n = out.len();
         let mut model = ShardedModel {
@@ -218,6 +265,9 @@ impl ShardedModel {
             pending: Vec::new(),
             backward: None,
             taken: (0..n).map(|_| None).collect(),
+            taken_stash: (0..n).map(|_| None).collect(),
+            outstanding: vec![0; n],
+            in_backward: false,
             hook_error: None,
         };
         for unit in &model.units {
@@ -241,7 +291,7 @@ impl ShardedModel {
                 .first()
                 .is_some_and(|u| u.shard.device().is_cuda());
             if cuda {
-                self.comm = CommStream::new(1).ok();
+                self.comm = shared_comm();
             }
         }
     }
@@ -268,9 +318,13 @@ impl ShardedModel {
         let grads: Vec<Tensor> = unit.params.iter().map(Tensor::grad).collect();
         if grads.iter().any(Tensor::defined) {
             let held = tch::no_grad(|| unit_shard_grads(unit, &grads, rank))?;
-            unit.held_shard_grads = Some(match unit.held_shard_grads.take() {
-                Some(h) => h.f_add(&held).map_err(torch("FSDP all-gather"))?,
-                None => held,
+            let had: Vec<bool> = grads.iter().map(Tensor::defined).collect();
+            unit.stash = Some(match unit.stash.take() {
+                Some((h, was)) => (
+                    h.f_add(&held).map_err(torch("FSDP all-gather"))?,
+                    was.iter().zip(&had).map(|(a, b)| *a || *b).collect(),
+                ),
+                None => (held, had),
             });
             crate::optim::clear_grads(&unit.params);
         }
@@ -330,18 +384,61 @@ impl ShardedModel {
         // A prefetched gather must land before its buffer goes back to the allocator.
         self.await_gather(k)?;
         let rank = self.rank;
+        let in_backward = self.in_backward;
         let unit = &mut self.units[k];
         if !unit.gathered {
             return Ok(());
         }
-        for (i, p) in unit.params.iter().enumerate() {
-            let (lo, len) = unit.piece(i, rank);
-            p.shallow_clone()
-                .f_set_data(&unit.shard.narrow(0, lo, len))
-                .map_err(torch("FSDP reshard"))?;
-        }
+        unit.point_at_pieces(rank)?;
         resize(&unit.full, 0, &unit.name)?;
         unit.gathered = false;
+        // Gradients set aside at the gather and not reduced since go back where they were (outside a
+        // backward; inside one they wait for its reduction).
+        if in_backward {
+            return Ok(());
+        }
+        if let Some((stash, had)) = unit.stash.take() {
+            for (i, p) in unit.params.iter().enumerate() {
+                if had[i] {
+                    let (lo, len) = unit.piece(i, rank);
+                    crate::optim::set_grad(p, &stash.narrow(0, lo, len))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops the gradients set aside at gathers (the optimizer's `zero_grad`).
+    pub(crate) fn forget_stashed_gradients(&mut self) {
+        for unit in &mut self.units {
+            unit.stash = None;
+        }
+    }
+
+    /// A hook was put on an output of block `k`: its backward is pending.
+    pub(crate) fn hook_registered(&mut self, k: usize) {
+        self.outstanding[k] += 1;
+    }
+
+    /// After a forward: gathers still queued (a prefetched block the forward did not run) are waited
+    /// for; an evaluation forward (no output needing gradients) leaves every unit as it found it.
+    pub(crate) fn end_forward(&mut self, trains: bool) -> Result<()> {
+        for k in 0..self.units.len() {
+            self.await_gather(k)?;
+        }
+        if !trains && self.backward.is_none() {
+            self.reshard()?;
+        }
+        Ok(())
+    }
+
+    /// Makes the compute stream wait for everything queued on the communication stream, and releases
+    /// the reduce-scatter inputs.
+    fn join(&mut self) -> Result<()> {
+        if let Some(comm) = &self.comm {
+            comm.join_compute()?;
+        }
+        self.pending.clear();
         Ok(())
     }
 
@@ -398,6 +495,7 @@ impl ShardedModel {
     /// too).
     pub(crate) fn begin_backward(&mut self, sync: bool) -> Result<()> {
         self.backward = Some(sync);
+        self.in_backward = true;
         self.taken.iter_mut().for_each(|t| *t = None);
         self.hook_error = None;
         for k in 0..self.units.len() {
@@ -417,13 +515,14 @@ impl ShardedModel {
         if self.hook_error.is_some() {
             return;
         }
+        self.outstanding[k] = self.outstanding[k].saturating_sub(1);
         let result = (|| -> Result<()> {
             if let Some(sync) = self.backward
                 && let Some(pos) = self.order.iter().position(|&u| u == k)
             {
                 let after: Vec<usize> = self.order[pos + 1..].iter().rev().copied().collect();
                 for j in after {
-                    if self.taken[j].is_none() {
+                    if self.taken[j].is_none() && self.outstanding[j] == 0 {
                         self.take_gradients(j, sync)?;
                         self.free(j)?;
                     }
@@ -522,6 +621,7 @@ impl ShardedModel {
         // Read (converted to the shards' dtype) at the end of the backward, after the compute stream
         // has waited for the communication stream.
         self.taken[k] = Some(Some(reduced));
+        self.taken_stash[k] = self.units[k].stash.take();
         Ok(())
     }
 
@@ -534,8 +634,24 @@ impl ShardedModel {
         let Some(sync) = self.backward.take() else {
             return Ok(());
         };
+        let result = self.finish(sync);
+        if result.is_err() {
+            // Nothing half-done stays: the streams joined, no gradients, every unit on its pieces.
+            let _ = self.join();
+            for unit in &self.units {
+                crate::optim::clear_grads(&unit.params);
+            }
+            self.taken.iter_mut().for_each(|t| *t = None);
+            self.taken_stash.iter_mut().for_each(|t| *t = None);
+            let _ = self.reshard();
+        }
+        self.in_backward = false;
+        self.outstanding.fill(0);
+        result
+    }
+
+    fn finish(&mut self, sync: bool) -> Result<()> {
         if let Some(e) = self.hook_error.take() {
-            self.reshard()?;
             return Err(e);
         }
         let late = self.units.iter().enumerate().find_map(|(k, unit)| {
@@ -545,38 +661,33 @@ impl ShardedModel {
                 .then(|| (unit.name.clone(), unit.names[i].clone()))
         });
         if let Some((unit, name)) = late {
-            for u in &self.units {
-                crate::optim::clear_grads(&u.params);
-            }
-            self.reshard()?;
             return Err(Error::InvalidValue {
                 name: format!("FSDP unit {unit:?}"),
                 detail: format!(
-                    "parameter {name} received its gradient after its block's backward had \
-                             finished (is it shared with another block? FSDP needs a shared parameter \
-                     in one unit, e.g. the root)"
+                    "parameter {name} received its gradient after its block's backward had finished \
+                     (is it shared with another block? FSDP needs a shared parameter in one unit, e.g. \
+                     the root)"
                 ),
             });
         }
+        // The units this backward gathered and has not taken yet (blocks in reverse order, then the
+        // rest); a unit it never gathered got no gradients. Which units those are depends on the
+        // model's structure alone, so every rank takes the same ones.
         let order: Vec<usize> = self.order.iter().rev().copied().collect();
         let rest: Vec<usize> = (0..self.units.len())
             .filter(|k| !order.contains(k))
             .collect();
         for k in order.into_iter().chain(rest) {
-            if self.taken[k].is_none() {
+            if self.taken[k].is_none() && self.units[k].gathered {
                 self.take_gradients(k, sync)?;
             }
         }
-        if let Some(comm) = &self.comm {
-            comm.join_compute()?;
-        }
-        self.pending.clear();
+        self.join()?;
         if !sync {
             return self.reshard();
         }
         let used = self.used_anywhere()?;
-        self.reshard()?;
-        let mut used = used.into_iter();
+        let mut results = Vec::with_capacity(self.units.len());
         for k in 0..self.units.len() {
             let mut reduced = match self.taken[k].take().flatten() {
                 Some(r) => Some(
@@ -585,13 +696,21 @@ impl ShardedModel {
                 ),
                 None => None,
             };
-            if let (Some(r), Some(held)) = (reduced.as_mut(), self.units[k].held_shard_grads.take())
-            {
-                *r = r.f_add(&held).map_err(torch("FSDP reduce-scatter"))?;
-            }
-            let unit = &mut self.units[k];
+            let had = match (reduced.as_mut(), self.taken_stash[k].take()) {
+                (Some(r), Some((stash, had))) => {
+                    *r = r.f_add(&stash).map_err(torch("FSDP reduce-scatter"))?;
+                    had
+                }
+                _ => vec![false; self.units[k].params.len()],
+            };
+            results.push((reduced, had));
+        }
+        self.reshard()?;
+        let mut used = used.into_iter();
+        for (unit, (reduced, had)) in self.units.iter_mut().zip(results) {
             for (i, p) in unit.params.iter().enumerate() {
-                let flag = used.next().unwrap_or(true);
+                // A parameter keeps no gradient only if no rank gave it one and it had none before.
+                let flag = used.next().unwrap_or(true) || had[i];
                 if let (true, Some(r)) = (flag, reduced.as_ref()) {
                     let (lo, len) = unit.piece(i, self.rank);
                     crate::optim::set_grad(p, &r.narrow(0, lo, len))?;
@@ -607,12 +726,16 @@ impl ShardedModel {
     /// model stays usable. Returns a hook's failure, which explains the backward's.
     pub(crate) fn abandon_backward(&mut self) -> Result<Option<Error>> {
         self.backward = None;
+        self.join()?;
         self.taken.iter_mut().for_each(|t| *t = None);
+        self.taken_stash.iter_mut().for_each(|t| *t = None);
         for unit in &mut self.units {
             crate::optim::clear_grads(&unit.params);
             unit.used.fill(false);
         }
         self.reshard()?;
+        self.in_backward = false;
+        self.outstanding.fill(0);
         Ok(self.hook_error.take())
     }
 
@@ -646,9 +769,12 @@ impl ShardedModel {
                 .all_gather_cat(&unit.shard)
                 .map_err(|e| chained("FSDP state dict", e))?;
             for (i, name) in unit.names.iter().enumerate() {
+                // On the CPU, as Accelerate's get_state_dict offloads it: a second whole model on
+                // every GPU would defeat the sharding.
                 let t = gathered
                     .f_narrow(0, unit.offsets[i], unit.numels[i])
                     .and_then(|v| v.f_view(unit.shapes[i].as_slice()))
+                    .and_then(|v| v.f_to_device(tch::Device::Cpu))
                     .map_err(torch("FSDP state dict"))?
                     .copy();
                 out.push((name.clone(), t));
