@@ -13,6 +13,12 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 PY=/opt/torch/.venv/bin/python3
 launch() { "$B/hasten" launch --main_process_port 0 "$@"; }
 pylaunch() { "$PY" -m accelerate.commands.launch --multi_gpu --main_process_port 29531 "$@"; }
+# hasten, then Python, on N ranks: MODE BLOCKS STEPS (one line each).
+both() {
+  local n=$1; shift
+  launch --num_processes "$n" "$B/bench-fsdp" "$@" 2>&1 | grep -E "BENCH|rror|panick"
+  pylaunch --num_processes "$n" "$P/py_fsdp.py" "$@" 2>&1 | grep -E "ANCHOR|rror"
+}
 gpus=$(nvidia-smi -L | wc -l)
 R=$(seq "${REPS:-3}")
 echo "== device: $gpus GPU(s) on this host"
@@ -23,20 +29,13 @@ for part in "$@"; do
   case $part in
     f1)
       echo "== F1: F8 (1.09 B parameters), 4 ranks, FSDP FULL_SHARD per block, 3 + 10 steps"
-      for i in $R; do
-        launch --num_processes 4 "$B/bench-fsdp" fsdp 8 10 2>&1 | grep -E "BENCH|rror|panick"
-        pylaunch --num_processes 4 "$P/py_fsdp.py" fsdp 8 10 2>&1 | grep -E "ANCHOR|rror"
-      done
+      for i in $R; do both 4 fsdp 8 10; done
       echo "-- DDP, for scale (one run each)"
-      launch --num_processes 4 "$B/bench-fsdp" ddp 8 10 2>&1 | grep -E "BENCH|rror|panick"
-      pylaunch --num_processes 4 "$P/py_fsdp.py" ddp 8 10 2>&1 | grep -E "ANCHOR|rror"
+      both 4 ddp 8 10
       ;;
     f1x2)
       echo "== F1 on 2 GPUs"
-      for i in $R; do
-        launch --num_processes 2 "$B/bench-fsdp" fsdp 8 10 2>&1 | grep -E "BENCH|rror|panick"
-        pylaunch --num_processes 2 "$P/py_fsdp.py" fsdp 8 10 2>&1 | grep -E "ANCHOR|rror"
-      done
+      for i in $R; do both 2 fsdp 8 10; done
       ;;
     losses)
       echo "== F8's losses, FSDP against DDP (4 ranks, the same seed and data)"
@@ -45,10 +44,7 @@ for part in "$@"; do
       ;;
     f2)
       echo "== F2: F48 (6.46 B parameters), 4 ranks, 3 + 5 steps"
-      for i in $R; do
-        launch --num_processes 4 "$B/bench-fsdp" fsdp 48 5 2>&1 | grep -E "BENCH|rror|panick"
-        pylaunch --num_processes 4 "$P/py_fsdp.py" fsdp 48 5 2>&1 | grep -E "ANCHOR|rror"
-      done
+      for i in $R; do both 4 fsdp 48 5; done
       ;;
     demo)
       echo "== README's loop (train_demo) on 2 GPUs: DDP, then FSDP by flags alone"
