@@ -311,3 +311,36 @@ fn fsdp_loops_that_zero_late_evaluate_before_the_step_or_run_twice_match_one_pro
     env.push(("FSDP_RESHARD_AFTER_FORWARD", "false"));
     run_mode(2, "fsdp_semantics", &[], &env).expect_stdout("fsdp semantics hold");
 }
+
+#[test]
+fn fsdp_save_state_and_load_state_resume_exactly_sharded_and_full() {
+    let blocks = [
+        ("ACCELERATE_USE_FSDP", "true"),
+        ("FSDP_VERSION", "2"),
+        ("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP"),
+        ("FSDP_TRANSFORMER_CLS_TO_WRAP", "Block"),
+    ];
+    for kind in ["SHARDED_STATE_DICT", "FULL_STATE_DICT"] {
+        let mut env = blocks.to_vec();
+        env.push(("FSDP_STATE_DICT_TYPE", kind));
+        for n in [2, 3] {
+            let project = tempfile::tempdir().unwrap();
+            run_mode(n, "fsdp_checkpoint", &[project.path().as_os_str()], &env)
+                .expect_stdout("fsdp checkpoint resumes exactly");
+            let dir = project.path().join("fsdp_ckpt");
+            // (Under FULL_STATE_DICT the worker removed its chunk files to load the whole model.)
+            let chunks_kept = kind == "SHARDED_STATE_DICT";
+            for rank in 0..n {
+                let chunks = dir.join(format!("pytorch_model_fsdp_0_rank{rank}.safetensors"));
+                assert!(
+                    chunks.is_file() == chunks_kept
+                        && dir
+                            .join(format!("optimizer_0_rank{rank}.safetensors"))
+                            .is_file(),
+                    "rank {rank}'s files are missing in {}",
+                    dir.display()
+                );
+            }
+        }
+    }
+}

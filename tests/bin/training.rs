@@ -720,6 +720,10 @@ fn main() {
             "fsdp" => fsdp::fsdp(&mut acc, false),
             "fsdp_blocks" => fsdp::fsdp(&mut acc, true),
             "fsdp_semantics" => fsdp::semantics(&mut acc),
+            "fsdp_checkpoint" => {
+                let project = std::env::args().nth(2).unwrap_or_default();
+                fsdp::checkpoint(&mut acc, std::path::Path::new(&project))
+            }
             "dataloader_end" => dataloader_end(&mut acc),
             "scheduler" => scheduler(&mut acc),
             "metrics" => metrics(&mut acc),

@@ -21,6 +21,9 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use tch::Tensor;
 
+mod sharded;
+use sharded::{LoadedModel, ShardedSave, rank_file};
+
 /// The JSON file with the scalar state.
 pub const ACCELERATOR_STATE_NAME: &str = "accelerator_state.json";
 const FORMAT: &str = "hasten-checkpoint/1";
@@ -190,7 +193,6 @@ impl Accelerator {
     /// name atomically too), so the folder holds the previous checkpoint or the new one, whole; old
     /// checkpoints go only after the new one is in place.
     pub fn save_state(&mut self, output_dir: Option<&Path>) -> Result<PathBuf> {
-        self.refuse_sharded("save_state")?;
         let (dir, rotate) = if self.project.automatic_checkpoint_naming {
             let project = self
                 .project
@@ -220,6 +222,8 @@ impl Accelerator {
             })?;
             (dir, None)
         };
+        let sharded = self.sharded_saves()?;
+        let per_rank = sharded.iter().any(Option::is_some);
         let publisher = self.writes_shared_files();
         let stage = durable::staging(&dir);
         if publisher {
@@ -227,13 +231,36 @@ impl Accelerator {
         }
         self.wait_for_everyone()?;
         if publisher {
-            self.write_shared_files(&stage)?;
+            self.write_shared_files(&stage, &sharded)?;
         }
-        let rng_name = format!("random_states_{}.safetensors", self.process_index());
+        let rank = self.process_index();
+        let rng_name = format!("random_states_{rank}.safetensors");
         // Every rank writes its generators into the staging folder (on a node whose files nobody
-        // publishes, a folder of its own: see below).
+        // publishes, a folder of its own: see below), and under FSDP its chunks of every sharded model
+        // and its pieces of every optimizer's state.
         std::fs::create_dir_all(&stage).map_err(|e| Error::io("creating", &stage, e))?;
         write_tensors(&crate::rng_states()?, &stage.join(&rng_name))?;
+        let mut rank_files = vec![rng_name];
+        for (i, save) in sharded.iter().enumerate() {
+            if let Some(save) = save {
+                let name = rank_file("pytorch_model_fsdp", i, rank);
+                write_tensors(&save.shards, &stage.join(&name))?;
+                rank_files.push(name);
+            }
+        }
+        if per_rank {
+            for (i, link) in self.optimizers.iter().enumerate() {
+                let state = link
+                    .opt
+                    .upgrade()
+                    .and_then(|o| o.lock().unwrap_or_else(|e| e.into_inner()).state_dict());
+                if let Some(state) = state {
+                    let name = rank_file("optimizer", i, rank);
+                    write_tensors(&state, &stage.join(&name))?;
+                    rank_files.push(name);
+                }
+            }
+        }
         self.wait_for_everyone()?;
         if publisher {
             durable::publish(&dir)?;
@@ -246,9 +273,11 @@ impl Accelerator {
             // A node that does not share the publisher's filesystem (and saves only on the main
             // process): its ranks' generator files go to its own copy of the folder, as in Accelerate.
             std::fs::create_dir_all(&dir).map_err(|e| Error::io("creating", &dir, e))?;
-            let to = dir.join(&rng_name);
-            std::fs::rename(stage.join(&rng_name), &to)
-                .map_err(|e| Error::io("moving into place", &to, e))?;
+            for name in &rank_files {
+                let to = dir.join(name);
+                std::fs::rename(stage.join(name), &to)
+                    .map_err(|e| Error::io("moving into place", &to, e))?;
+            }
             let _ = std::fs::remove_dir(&stage);
         }
         self.project.iteration += 1;
@@ -265,7 +294,8 @@ impl Accelerator {
         self.custom.push(object);
     }
 
-    fn write_shared_files(&mut self, dir: &Path) -> Result<()> {
+    fn write_shared_files(&mut self, dir: &Path, sharded: &[Option<ShardedSave>]) -> Result<()> {
+        let per_rank = sharded.iter().any(Option::is_some);
         for (i, object) in self.custom.iter().enumerate() {
             let state = object
                 .lock()
@@ -279,7 +309,14 @@ impl Accelerator {
             } else {
                 numbered("model", i, "safetensors")
             };
-            write_tensors(&lock_entry(entry).named, &dir.join(name))?;
+            match sharded.get(i) {
+                Some(Some(save)) => {
+                    if let Some(full) = &save.full {
+                        write_tensors(full, &dir.join(name))?;
+                    }
+                }
+                _ => write_tensors(&lock_entry(entry).named, &dir.join(name))?,
+            }
         }
         let mut optimizers = Vec::new();
         for (i, link) in self.optimizers.iter().enumerate() {
@@ -289,6 +326,8 @@ impl Accelerator {
                 None => None,
             };
             let saved = match state {
+                // Each rank writes its pieces itself (save_state).
+                Some(_) if per_rank => true,
                 Some(state) => {
                     write_tensors(&state, &dir.join(numbered("optimizer", i, "safetensors")))?;
                     true
@@ -329,6 +368,7 @@ impl Accelerator {
             "scaler": scaler,
             "step": self.step,
             "num_processes": self.num_processes(),
+            "fsdp_per_rank": per_rank,
         });
         let path = dir.join(ACCELERATOR_STATE_NAME);
         let text = serde_json::to_string_pretty(&state).unwrap_or_default() + "\n";
@@ -341,7 +381,6 @@ impl Accelerator {
     /// latest `checkpoint_{n}` of automatic checkpoint naming is used (and the iteration continues after
     /// it). Everything is checked before anything changes. Returns the folder.
     pub fn load_state(&mut self, input_dir: Option<&Path>) -> Result<PathBuf> {
-        self.refuse_sharded("load_state")?;
         let dir = match input_dir {
             Some(d) if d.is_dir() => d.to_owned(),
             Some(d) => return Err(bad(d, "the checkpoint folder does not exist")),
@@ -413,6 +452,19 @@ impl Accelerator {
                 ));
             }
         }
+        let rank = self.process_index();
+        let per_rank = state["fsdp_per_rank"].as_bool() == Some(true);
+        if per_rank && state["num_processes"].as_u64() != Some(self.num_processes() as u64) {
+            return Err(bad(
+                &state_path,
+                format!(
+                    "key \"num_processes\": the checkpoint's FSDP shards are of {} processes, this \
+                     job has {}",
+                    state["num_processes"],
+                    self.num_processes()
+                ),
+            ));
+        }
         let mut weights = Vec::new();
         for (i, entry) in self.models.iter().enumerate() {
             let path = dir.join(if i == 0 {
@@ -420,9 +472,28 @@ impl Accelerator {
             } else {
                 numbered("model", i, "safetensors")
             });
-            let saved = read_tensors(&path)?;
-            check_weights(&path, &saved, &lock_entry(entry))?;
-            weights.push(saved);
+            let entry = lock_entry(entry);
+            let loaded = match entry.fsdp.as_ref() {
+                None => {
+                    let saved = read_tensors(&path)?;
+                    check_weights(&path, &saved, &entry)?;
+                    LoadedModel::Plain(saved)
+                }
+                Some(sharded) => {
+                    let shards = dir.join(rank_file("pytorch_model_fsdp", i, rank));
+                    if shards.is_file() {
+                        let saved = read_tensors(&shards)?;
+                        sharded.check_shard_state(&saved, &shards)?;
+                        LoadedModel::Shards(saved)
+                    } else {
+                        // A whole model (FULL_STATE_DICT, or a checkpoint of an unsharded run).
+                        let saved = read_tensors(&path)?;
+                        sharded.check_full_state(&saved, &path)?;
+                        LoadedModel::Full(saved)
+                    }
+                }
+            };
+            weights.push(loaded);
         }
         let mut custom_states = Vec::new();
         for i in 0..saved_custom {
@@ -434,7 +505,11 @@ impl Accelerator {
             let lr = saved["lr"]
                 .as_f64()
                 .ok_or_else(|| bad(&state_path, format!("key optimizers[{i}].lr is missing")))?;
-            let path = dir.join(numbered("optimizer", i, "safetensors"));
+            let path = dir.join(if per_rank {
+                rank_file("optimizer", i, rank)
+            } else {
+                numbered("optimizer", i, "safetensors")
+            });
             let tensors = if saved["state_saved"].as_bool() == Some(true) {
                 Some(read_tensors(&path)?)
             } else {
@@ -504,18 +579,44 @@ impl Accelerator {
                 .load_state_dict(tensors)
                 .map_err(|e| bad(path, e.to_string()))?;
         }
-        tch::no_grad(|| -> Result<()> {
-            for (saved, entry) in weights.iter().zip(&self.models) {
-                for (name, var) in &lock_entry(entry).named {
-                    if let Some((_, t)) = saved.iter().find(|(n, _)| n == name) {
-                        var.shallow_clone()
-                            .f_copy_(t)
-                            .map_err(|e| Error::torch("load_state", e))?;
-                    }
+        for (loaded, entry) in weights.iter().zip(&self.models) {
+            let mut entry = lock_entry(entry);
+            let ModelEntry { named, fsdp, .. } = &mut *entry;
+            match (loaded, fsdp.as_mut()) {
+                (LoadedModel::Shards(saved), Some(sharded)) => sharded.load_shard_state(saved)?,
+                (LoadedModel::Full(saved), Some(sharded)) => sharded.load_full_state(saved)?,
+                (LoadedModel::Plain(saved), _)
+                | (LoadedModel::Shards(saved) | LoadedModel::Full(saved), None) => {
+                    tch::no_grad(|| -> Result<()> {
+                        for (name, var) in named.iter() {
+                            if let Some((_, t)) = saved.iter().find(|(n, _)| n == name) {
+                                var.shallow_clone()
+                                    .f_copy_(t)
+                                    .map_err(|e| Error::torch("load_state", e))?;
+                            }
+                        }
+                        Ok(())
+                    })?;
                 }
             }
-            Ok(())
-        })?;
+            // Buffers (not sharded) of a sharded model come from the whole-model file when there is
+            // one; with shards only they stay as the main process's were at prepare.
+            if let (LoadedModel::Full(saved), Some(_)) = (loaded, fsdp.as_ref()) {
+                tch::no_grad(|| -> Result<()> {
+                    for (name, var) in named.iter() {
+                        let is_param = var.requires_grad();
+                        if let (false, Some((_, t))) =
+                            (is_param, saved.iter().find(|(n, _)| n == name))
+                        {
+                            var.shallow_clone()
+                                .f_copy_(t)
+                                .map_err(|e| Error::torch("load_state", e))?;
+                        }
+                    }
+                    Ok(())
+                })?;
+            }
+        }
         for ((step, lr), (cell, lr_cell)) in sched_states.iter().zip(&self.schedulers) {
             cell.store(*step, Ordering::SeqCst);
             *lr_cell.lock().unwrap_or_else(|e| e.into_inner()) = *lr;
@@ -542,221 +643,5 @@ impl Accelerator {
     }
 }
 
-impl Accelerator {
-    /// Checkpoints of sharded models are not written yet: an error rather than a checkpoint holding
-    /// one rank's shards as if they were the model.
-    fn refuse_sharded(&self, op: &'static str) -> Result<()> {
-        if self
-            .models
-            .iter()
-            .any(|m| m.lock().unwrap_or_else(|e| e.into_inner()).fsdp.is_some())
-        {
-            return Err(Error::InvalidValue {
-                name: op.into(),
-                detail: "checkpoints of FSDP-sharded models are not supported by hasten yet; \
-                         Accelerator::get_state_dict gathers the whole model (on every rank) to save it \
-                         yourself"
-                    .into(),
-            });
-        }
-        Ok(())
-    }
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::ProjectConfiguration;
-
-    fn names(dir: &Path) -> Vec<String> {
-        numbered_checkpoints(dir)
-            .unwrap()
-            .iter()
-            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
-            .collect()
-    }
-
-    #[test]
-    fn entries_count_and_sort_by_their_first_number_as_in_accelerate() {
-        let dir = tempfile::tempdir().unwrap();
-        for d in [
-            "checkpoint_10",
-            "checkpoint_9",
-            "checkpoint_3.tmp",
-            "run_2_of_10",
-            "foo",
-            "checkpoint_x",
-        ] {
-            std::fs::create_dir(dir.path().join(d)).unwrap();
-        }
-        std::fs::write(dir.path().join("checkpoint_7"), "a file").unwrap();
-        std::fs::write(dir.path().join("notes.txt"), "").unwrap();
-        assert_eq!(
-            names(dir.path()),
-            [
-                "run_2_of_10",
-                "checkpoint_3.tmp",
-                "checkpoint_7",
-                "checkpoint_9",
-                "checkpoint_10"
-            ]
-        );
-        assert_eq!(
-            first_number(Path::new("checkpoint_007")),
-            Some((1, "7".into()))
-        );
-        assert_eq!(
-            first_number(Path::new("checkpoint_0")),
-            Some((1, "0".into()))
-        );
-        assert_eq!(
-            names(Path::new("/nonexistent/checkpoints")),
-            Vec::<String>::new()
-        );
-    }
-
-    fn saves(limit: Option<usize>, times: usize) -> Vec<String> {
-        let project = tempfile::tempdir().unwrap();
-        let mut acc = Accelerator::builder()
-            .cpu(true)
-            .project_config(ProjectConfiguration {
-                project_dir: Some(project.path().to_owned()),
-                automatic_checkpoint_naming: true,
-                total_limit: limit,
-                ..Default::default()
-            })
-            .build()
-            .unwrap();
-        for _ in 0..times {
-            acc.save_state(None).unwrap();
-        }
-        names(&project.path().join("checkpoints"))
-    }
-
-    #[test]
-    fn total_limit_keeps_the_newest_and_zero_keeps_only_the_new_one() {
-        // Accelerate 1.15, four saves from an empty folder.
-        assert_eq!(
-            saves(None, 4),
-            [
-                "checkpoint_0",
-                "checkpoint_1",
-                "checkpoint_2",
-                "checkpoint_3"
-            ]
-        );
-        assert_eq!(saves(Some(0), 4), ["checkpoint_3"]);
-        assert_eq!(saves(Some(1), 4), ["checkpoint_3"]);
-        assert_eq!(saves(Some(2), 4), ["checkpoint_2", "checkpoint_3"]);
-        assert_eq!(saves(Some(2), 1), ["checkpoint_0"]);
-    }
-
-    #[test]
-    fn load_state_without_a_folder_picks_the_highest_number() {
-        let project = tempfile::tempdir().unwrap();
-        let config = ProjectConfiguration {
-            project_dir: Some(project.path().to_owned()),
-            automatic_checkpoint_naming: true,
-            ..Default::default()
-        };
-        let mut acc = Accelerator::builder()
-            .cpu(true)
-            .project_config(config.clone())
-            .build()
-            .unwrap();
-        for _ in 0..3 {
-            acc.save_state(None).unwrap();
-        }
-        let checkpoints = project.path().join("checkpoints");
-        // checkpoint_10 sorts after checkpoint_9 (numerically), and is what load_state picks.
-        std::fs::rename(
-            checkpoints.join("checkpoint_0"),
-            checkpoints.join("checkpoint_10"),
-        )
-        .unwrap();
-        let mut fresh = Accelerator::builder()
-            .cpu(true)
-            .project_config(config)
-            .build()
-            .unwrap();
-        let loaded = fresh.load_state(None).unwrap();
-        assert_eq!(loaded, checkpoints.join("checkpoint_10"));
-        // hasten continues after the loaded checkpoint (Accelerate keeps its iteration at 0, so its next
-        // save fails on the existing checkpoint_0; see README).
-        assert_eq!(fresh.project_config().iteration, 11);
-    }
-
-    /// A user object with a step count and a running mean, for register_for_checkpointing.
-    struct Meter {
-        steps: i64,
-        mean: f64,
-    }
-
-    impl Checkpointable for Meter {
-        fn state_dict(&self) -> Result<Vec<(String, Tensor)>> {
-            Ok(vec![
-                ("steps".into(), Tensor::from(self.steps)),
-                ("mean".into(), Tensor::from(self.mean)),
-            ])
-        }
-        fn load_state_dict(&mut self, state: &[(String, Tensor)]) -> Result<()> {
-            let get = |name: &str| {
-                state
-                    .iter()
-                    .find(|(n, _)| n == name)
-                    .map(|(_, t)| t.shallow_clone())
-                    .ok_or_else(|| Error::InvalidValue {
-                        name: name.into(),
-                        detail: "missing from the meter's state".into(),
-                    })
-            };
-            let (steps, mean) = (get("steps")?, get("mean")?);
-            self.steps = steps.int64_value(&[]);
-            self.mean = mean.double_value(&[]);
-            Ok(())
-        }
-    }
-
-    #[test]
-    fn registered_objects_are_saved_and_restored_and_counted() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut acc = Accelerator::builder().cpu(true).build().unwrap();
-        let meter = Arc::new(Mutex::new(Meter {
-            steps: 7,
-            mean: 0.25,
-        }));
-        acc.register_for_checkpointing(meter.clone());
-        let saved = acc.save_state(Some(&dir.path().join("ckpt"))).unwrap();
-        assert!(saved.join("custom_checkpoint_0.safetensors").is_file());
-        *meter.lock().unwrap() = Meter {
-            steps: 9,
-            mean: 1.5,
-        };
-        acc.load_state(Some(&saved)).unwrap();
-        let m = meter.lock().unwrap();
-        assert_eq!((m.steps, m.mean), (7, 0.25));
-        drop(m);
-        // A second registration: the checkpoint holds one object, this Accelerator two.
-        acc.register_for_checkpointing(Arc::new(Mutex::new(Meter {
-            steps: 0,
-            mean: 0.0,
-        })));
-        let err = acc.load_state(Some(&saved)).unwrap_err().to_string();
-        assert!(
-            err.contains("custom_objects") && err.contains("has 1"),
-            "{err}"
-        );
-        // A damaged object file is an error naming it, and the object keeps its state.
-        let mut fresh = Accelerator::builder().cpu(true).build().unwrap();
-        let other = Arc::new(Mutex::new(Meter {
-            steps: 3,
-            mean: 3.0,
-        }));
-        fresh.register_for_checkpointing(other.clone());
-        let file = saved.join("custom_checkpoint_0.safetensors");
-        std::fs::write(&file, b"not safetensors").unwrap();
-        let err = fresh.load_state(Some(&saved)).unwrap_err().to_string();
-        assert!(err.contains("custom_checkpoint_0.safetensors"), "{err}");
-        assert_eq!(other.lock().unwrap().steps, 3);
-    }
-}
+mod tests;

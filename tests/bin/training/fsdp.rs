@@ -78,6 +78,25 @@ impl Reference {
         Ok(Reference { vs, model, opt })
     }
 
+    /// Every variable of `trained` equals the reference's within `tol` (relative to its largest value),
+    /// or an error naming the first that does not, and `when`.
+    fn matches(&self, trained: &[(String, Tensor)], tol: f64, when: &str) -> Check {
+        let vars = self.vs.variables();
+        for (name, t) in trained {
+            let want = vars
+                .get(name)
+                .ok_or_else(|| format!("no variable {name}"))?;
+            let diff = (t - want).abs().max().double_value(&[])
+                / want.abs().max().double_value(&[]).max(1e-12);
+            if diff > tol {
+                return Err(format!(
+                    "{when}: {name} differs from the one-process run by {diff:.2e} (relative)"
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// One optimizer step on `x`/`y`; returns the loss and the gradients' total norm before clipping.
     fn step(&mut self, x: &Tensor, y: &Tensor) -> Result<(f64, f64), String> {
         self.opt.zero_grad();
@@ -237,19 +256,7 @@ pub fn fsdp(acc: &mut Accelerator, blocks: bool) -> Check {
         ));
     }
     let trained = acc.get_state_dict(&model).map_err(err)?;
-    let vars = reference.vs.variables();
-    for (name, t) in &trained {
-        let want = vars
-            .get(name)
-            .ok_or_else(|| format!("no variable {name}"))?;
-        let diff = (t - want).abs().max().double_value(&[])
-            / want.abs().max().double_value(&[]).max(1e-12);
-        if diff > tol {
-            return Err(format!(
-                "{name} differs from the one-process run by {diff:.2e} (relative)"
-            ));
-        }
-    }
+    reference.matches(&trained, tol, "at the end")?;
     println!(
         "rank {r}: fsdp holds {local} of {full_numel} parameters ({:.3} of the model), optimizer state \
          {state_numel}",
@@ -337,20 +344,77 @@ pub fn semantics(acc: &mut Accelerator) -> Check {
         loss.backward();
         ref_opt.step().map_err(err)?;
         let trained = acc.get_state_dict(&model_).map_err(err)?;
-        let vars = reference.vs.variables();
-        for (name, t) in &trained {
-            let want = vars
-                .get(name)
-                .ok_or_else(|| format!("no variable {name}"))?;
-            let diff = (t - want).abs().max().double_value(&[])
-                / want.abs().max().double_value(&[]).max(1e-12);
-            if diff > 1e-5 {
-                return Err(format!(
-                    "step {step}: {name} differs from the one-process run by {diff:.2e} (relative)"
-                ));
+        reference.matches(&trained, 1e-5, &format!("after step {step}"))?;
+    }
+    println!("rank {r}: fsdp semantics hold");
+    Ok(())
+}
+
+/// `fsdp_checkpoint PROJECT_DIR`: save_state after two steps, two more steps, load_state, the same two
+/// steps again: the model and AdamW's state come back exactly (SHARDED_STATE_DICT: every rank's chunks
+/// and pieces; FULL_STATE_DICT: the whole model as model.safetensors too).
+pub fn checkpoint(acc: &mut Accelerator, project: &std::path::Path) -> Check {
+    let (p, r) = (acc.num_processes() as i64, acc.process_index() as i64);
+    let global = 4 * p;
+    let (x, y) = data(global * 4);
+    let vs = nn::VarStore::new(acc.device());
+    hasten::tch::manual_seed(400 + r);
+    let net = model(&vs.root(), true);
+    let model_ = acc.prepare_model(net, vs).map_err(err)?;
+    let mut opt = acc.prepare_optimizer(AdamW::new(model_.var_store(), 1e-2));
+    let share = global / p;
+    let mut step = |acc: &mut Accelerator, batch: i64| -> Check {
+        let xb = x.narrow(0, batch * global + r * share, share);
+        let yb = y.narrow(0, batch * global + r * share, share);
+        opt.zero_grad();
+        let loss = model_
+            .call(|m| m.forward(&xb))
+            .map_err(err)?
+            .mse_loss(&yb, hasten::tch::Reduction::Mean);
+        acc.backward(&loss).map_err(err)?;
+        opt.step().map_err(err)
+    };
+    step(acc, 0)?;
+    step(acc, 1)?;
+    let dir = project.join("fsdp_ckpt");
+    acc.save_state(Some(&dir)).map_err(err)?;
+    step(acc, 2)?;
+    step(acc, 3)?;
+    let want = acc.get_state_dict(&model_).map_err(err)?;
+    acc.load_state(Some(&dir)).map_err(err)?;
+    step(acc, 2)?;
+    step(acc, 3)?;
+    let got = acc.get_state_dict(&model_).map_err(err)?;
+    for ((name, a), (_, b)) in want.iter().zip(&got) {
+        if !a.equal(b) {
+            return Err(format!(
+                "{name} differs after load_state and the same steps"
+            ));
+        }
+    }
+    let full = std::env::var("FSDP_STATE_DICT_TYPE").as_deref() == Ok("FULL_STATE_DICT");
+    let whole = dir.join("model.safetensors").is_file();
+    if whole != full {
+        return Err(format!(
+            "model.safetensors written: {whole}, FULL_STATE_DICT: {full}"
+        ));
+    }
+    if full {
+        // The whole-model file alone (the chunk files gone) gives each rank its slice.
+        acc.wait_for_everyone().map_err(err)?;
+        let own = dir.join(format!("pytorch_model_fsdp_0_rank{r}.safetensors"));
+        std::fs::remove_file(&own).map_err(|e| format!("{}: {e}", own.display()))?;
+        acc.wait_for_everyone().map_err(err)?;
+        acc.load_state(Some(&dir)).map_err(err)?;
+        step(acc, 2)?;
+        step(acc, 3)?;
+        let again = acc.get_state_dict(&model_).map_err(err)?;
+        for ((name, a), (_, b)) in want.iter().zip(&again) {
+            if !a.equal(b) {
+                return Err(format!("{name} differs after loading the whole-model file"));
             }
         }
     }
-    println!("rank {r}: fsdp semantics hold");
+    println!("rank {r}: fsdp checkpoint resumes exactly");
     Ok(())
 }

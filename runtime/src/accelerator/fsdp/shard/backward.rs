@@ -1,0 +1,277 @@
+//! The backward of a sharded model: gathering each block again just before its backward, taking the
+//! gradients of the blocks whose backward has finished (reduce-scatter, or held while accumulating),
+//! and at the end giving every parameter its piece of the averaged gradient.
+
+use super::*;
+
+impl ShardedModel {
+    /// Before `Accelerator::backward` runs the autograd backward: the units no block gathers are
+    /// gathered (a forward leaves them so; this covers a backward through a graph of an earlier forward
+    /// too).
+    pub(crate) fn begin_backward(&mut self, sync: bool) -> Result<()> {
+        self.backward = Some(sync);
+        self.in_backward = true;
+        self.taken.iter_mut().for_each(|t| *t = None);
+        self.hook_error = None;
+        for k in 0..self.units.len() {
+            if !self.units[k].block {
+                self.gather(k)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The hook on block `k`'s output fired: its backward is next. The blocks after it in the forward
+    /// have finished theirs: their gradients are taken (reduce-scattered, or held when accumulating)
+    /// and their units freed; then unit `k` is gathered. Outside `Accelerator::backward` (a plain
+    /// `loss.backward()`) it is only gathered, so the backward is right, and the gradients stay
+    /// unsharded on the parameters.
+    pub(crate) fn before_block_backward(&mut self, k: usize) {
+        if self.hook_error.is_some() {
+            return;
+        }
+        self.outstanding[k] = self.outstanding[k].saturating_sub(1);
+        let result = (|| -> Result<()> {
+            if let Some(sync) = self.backward
+                && let Some(pos) = self.order.iter().position(|&u| u == k)
+            {
+                let after: Vec<usize> = self.order[pos + 1..].iter().rev().copied().collect();
+                for j in after {
+                    if self.taken[j].is_none() && self.outstanding[j] == 0 {
+                        self.take_gradients(j, sync)?;
+                        self.free(j)?;
+                    }
+                }
+            }
+            self.gather(k)?;
+            // Prefetch: the block before this one in the forward runs its backward next.
+            let previous = self
+                .order
+                .iter()
+                .position(|&u| u == k)
+                .and_then(|pos| pos.checked_sub(1))
+                .map(|pos| self.order[pos]);
+            if let Some(previous) = previous {
+                self.issue_gather(previous)?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            self.hook_error = Some(e);
+        }
+    }
+
+    /// Takes unit `k`'s unsharded gradients off its parameters: reduce-scattered (mean) into this rank's
+    /// chunk when `sync`, else added to those held for the next synchronising backward. A parameter
+    /// without a gradient counts as zeros here (whether it keeps none is decided over all ranks at the
+    /// end).
+    fn take_gradients(&mut self, k: usize, sync: bool) -> Result<()> {
+        let world = self.world;
+        let unit = &mut self.units[k];
+        let flat = tch::no_grad(|| -> Result<Tensor> {
+            // Gradients come in the gathered parameters' dtype and are reduced in it (the policy's
+            // reduce_dtype is its param_dtype, as Accelerate sets it).
+            let kind = unit.full.kind();
+            let device = unit.shard.device();
+            let zeros =
+                |n: i64| Tensor::f_zeros([n], (kind, device)).map_err(torch("FSDP reduce-scatter"));
+            let mut parts = Vec::with_capacity(unit.params.len() + 1);
+            for (i, p) in unit.params.iter().enumerate() {
+                let g = p.grad();
+                parts.push(if g.defined() {
+                    unit.used[i] = true;
+                    g.f_reshape([-1]).map_err(torch("FSDP reduce-scatter"))?
+                } else {
+                    zeros(unit.numels[i])?
+                });
+            }
+            let total: i64 = unit.numels.iter().sum();
+            if unit.chunk * world > total {
+                parts.push(zeros(unit.chunk * world - total)?);
+            }
+            let mut flat = Tensor::f_cat(&parts, 0).map_err(torch("FSDP reduce-scatter"))?;
+            if let Some(held) = unit.held_grads.take() {
+                flat = flat.f_add(&held).map_err(torch("FSDP reduce-scatter"))?;
+            }
+            Ok(flat)
+        })?;
+        crate::optim::clear_grads(&unit.params);
+        if !sync {
+            unit.held_grads = Some(flat);
+            self.taken[k] = Some(None);
+            return Ok(());
+        }
+        // The previous reduce-scatter's input goes back to the allocator now, after the compute stream
+        // waits for it (it has had a block's backward to run): holding inputs until the host sees them
+        // done would keep most of them, the host being far ahead of the GPU.
+        for (mark, _input) in self.pending.drain(..) {
+            mark.wait_on_compute()?;
+        }
+        let chunk = self.units[k].chunk;
+        let out = Tensor::f_empty([chunk], (flat.kind(), flat.device()))
+            .map_err(torch("FSDP reduce-scatter"))?;
+        let queued = match &self.comm {
+            Some(comm) => {
+                let queued = self
+                    .group
+                    .lock()
+                    .reduce_scatter_on_stream(&flat, &out, ReduceOp::Mean, comm)
+                    .map_err(|e| chained("FSDP reduce-scatter", e))?;
+                if queued {
+                    let mark = Mark::new()?;
+                    mark.record(comm.raw())?;
+                    self.pending.push((mark, flat.shallow_clone()));
+                }
+                queued
+            }
+            None => false,
+        };
+        let reduced = if queued {
+            out
+        } else {
+            self.group
+                .reduce_scatter(&flat, ReduceOp::Mean)
+                .map_err(|e| chained("FSDP reduce-scatter", e))?
+        };
+        // Read (converted to the shards' dtype) at the end of the backward, after the compute stream
+        // has waited for the communication stream.
+        self.taken[k] = Some(Some(reduced));
+        self.taken_stash[k] = self.units[k].stash.take();
+        Ok(())
+    }
+
+    /// After the autograd backward: the units not taken yet are (blocks in reverse order, then the
+    /// rest), every unit is freed, and on a synchronising backward each parameter gets its piece of the
+    /// averaged gradient — except a parameter no rank gave one, which keeps none (the optimizer skips
+    /// it, as under PyTorch's FSDP2). A gradient that reached a unit after it was taken (a parameter
+    /// shared between blocks) is an error naming it.
+    pub(crate) fn finish_backward(&mut self) -> Result<()> {
+        let Some(sync) = self.backward.take() else {
+            return Ok(());
+        };
+        let result = self.finish(sync);
+        if result.is_err() {
+            // Nothing half-done stays: the streams joined, no gradients, every unit on its pieces.
+            let _ = self.join();
+            for unit in &self.units {
+                crate::optim::clear_grads(&unit.params);
+            }
+            self.taken.iter_mut().for_each(|t| *t = None);
+            self.taken_stash.iter_mut().for_each(|t| *t = None);
+            let _ = self.reshard();
+        }
+        self.in_backward = false;
+        self.outstanding.fill(0);
+        result
+    }
+
+    fn finish(&mut self, sync: bool) -> Result<()> {
+        if let Some(e) = self.hook_error.take() {
+            return Err(e);
+        }
+        let late = self.units.iter().enumerate().find_map(|(k, unit)| {
+            let i = unit.params.iter().position(|p| p.grad().defined())?;
+            self.taken[k]
+                .is_some()
+                .then(|| (unit.name.clone(), unit.names[i].clone()))
+        });
+        if let Some((unit, name)) = late {
+            return Err(Error::InvalidValue {
+                name: format!("FSDP unit {unit:?}"),
+                detail: format!(
+                    "parameter {name} received its gradient after its block's backward had finished \
+                     (is it shared with another block? FSDP needs a shared parameter in one unit, e.g. \
+                     the root)"
+                ),
+            });
+        }
+        // The units this backward gathered and has not taken yet (blocks in reverse order, then the
+        // rest); a unit it never gathered got no gradients. Which units those are depends on the
+        // model's structure alone, so every rank takes the same ones.
+        let order: Vec<usize> = self.order.iter().rev().copied().collect();
+        let rest: Vec<usize> = (0..self.units.len())
+            .filter(|k| !order.contains(k))
+            .collect();
+        for k in order.into_iter().chain(rest) {
+            if self.taken[k].is_none() && self.units[k].gathered {
+                self.take_gradients(k, sync)?;
+            }
+        }
+        self.join()?;
+        if !sync {
+            return self.reshard();
+        }
+        let used = self.used_anywhere()?;
+        let mut results = Vec::with_capacity(self.units.len());
+        for k in 0..self.units.len() {
+            let mut reduced = match self.taken[k].take().flatten() {
+                Some(r) => Some(
+                    r.f_to_kind(self.units[k].shard.kind())
+                        .map_err(torch("FSDP reduce-scatter"))?,
+                ),
+                None => None,
+            };
+            let had = match (reduced.as_mut(), self.taken_stash[k].take()) {
+                (Some(r), Some((stash, had))) => {
+                    *r = r.f_add(&stash).map_err(torch("FSDP reduce-scatter"))?;
+                    had
+                }
+                _ => vec![false; self.units[k].params.len()],
+            };
+            results.push((reduced, had));
+        }
+        self.reshard()?;
+        let mut used = used.into_iter();
+        for (unit, (reduced, had)) in self.units.iter_mut().zip(results) {
+            for (i, p) in unit.params.iter().enumerate() {
+                // A parameter keeps no gradient only if no rank gave it one and it had none before.
+                let flag = used.next().unwrap_or(true) || had[i];
+                if let (true, Some(r)) = (flag, reduced.as_ref()) {
+                    let (lo, len) = unit.piece(i, self.rank);
+                    crate::optim::set_grad(p, &r.narrow(0, lo, len))?;
+                }
+            }
+            unit.used.fill(false);
+        }
+        Ok(())
+    }
+
+    /// After a failed autograd backward: nothing to average. The partial gradients are dropped (those
+    /// held from earlier accumulation steps stay) and the parameters go back to their pieces, so the
+    /// model stays usable. Returns a hook's failure, which explains the backward's.
+    pub(crate) fn abandon_backward(&mut self) -> Result<Option<Error>> {
+        self.backward = None;
+        self.join()?;
+        self.taken.iter_mut().for_each(|t| *t = None);
+        self.taken_stash.iter_mut().for_each(|t| *t = None);
+        for unit in &mut self.units {
+            crate::optim::clear_grads(&unit.params);
+            unit.used.fill(false);
+        }
+        self.reshard()?;
+        self.in_backward = false;
+        self.outstanding.fill(0);
+        Ok(self.hook_error.take())
+    }
+
+    /// Whether each parameter (units in order) got a gradient on any rank since the last
+    /// synchronisation (one small all-reduce).
+    fn used_anywhere(&self) -> Result<Vec<bool>> {
+        let flags: Vec<f32> = self
+            .units
+            .iter()
+            .flat_map(|u| u.used.iter().map(|&b| if b { 1.0 } else { 0.0 }))
+            .collect();
+        let device = self
+            .units
+            .first()
+            .map_or(tch::Device::Cpu, |u| u.shard.device());
+        let mut t = Tensor::from_slice(&flags).to_device(device);
+        self.group
+            .all_reduce(&mut t, ReduceOp::Max)
+            .map_err(|e| chained("FSDP reduce-scatter", e))?;
+        let flags = Vec::<f32>::try_from(t.to_device(tch::Device::Cpu))
+            .map_err(torch("FSDP reduce-scatter"))?;
+        Ok(flags.into_iter().map(|f| f > 0.0).collect())
+    }
+}
