@@ -377,41 +377,14 @@ impl ProcessGroup {
         bucket: usize,
     ) -> Result<bool> {
         let bytes = t.numel() * t.kind().elt_size_in_bytes();
-        let Some(lazy) = self.nccl.as_mut().filter(|_| t.device().is_cuda()) else {
-            return Ok(false);
-        };
-        if !(lazy.agreed() || bytes >= lazy::TCP_LIMIT_BYTES) || self.state.contract.world_size == 1
-        {
-            return Ok(false);
-        }
-        let seq = self.seq + 1;
-        self.timed("all_reduce", |g| {
-            let lazy = g.nccl.as_mut().ok_or(Error::Collective {
-                op: "all_reduce",
-                detail: "NCCL is not set up in this group".into(),
-            })?;
-            let (nccl, watchdog) = lazy.wait_with_watchdog()?;
-            stream.wait_for_compute(bucket)?;
-            nccl.all_reduce_on(t, op, stream.raw())?;
-            watchdog.watch(stream.raw(), "all_reduce", seq);
-            Ok(true)
+        self.queue_on_stream("all_reduce", t.device(), bytes, stream, bucket, |nccl| {
+            nccl.all_reduce_on(t, op, stream.raw())
         })
     }
 
-    /// Whether a CUDA collective of `bytes` would go to NCCL now (so it can be queued on a stream).
-    fn nccl_for(&mut self, device: Device, bytes: usize) -> bool {
-        self.state.contract.world_size > 1
-            && device.is_cuda()
-            && self
-                .nccl
-                .as_mut()
-                .is_some_and(|lazy| lazy.agreed() || bytes >= lazy::TCP_LIMIT_BYTES)
-    }
-
-    /// Starts an all-gather of CUDA `input` into `output` on `stream`, after the work queued so far on
-    /// the compute stream, without waiting for it: true when it went to NCCL; false when it would not use
-    /// NCCL now (the caller then uses [`ProcessGroup::all_gather_cat`]). Both tensors must stay alive
-    /// until the stream has run it.
+    /// Starts an all-gather of CUDA `input` into `output` on `stream`, as
+    /// [`ProcessGroup::all_reduce_on_stream`] starts its all-reduce (false: the caller uses
+    /// [`ProcessGroup::all_gather_cat`]). Both tensors must stay alive until the stream has run it.
     pub(crate) fn all_gather_into_on_stream(
         &mut self,
         input: &Tensor,
@@ -419,25 +392,14 @@ impl ProcessGroup {
         stream: &CommStream,
     ) -> Result<bool> {
         let bytes = output.numel() * output.kind().elt_size_in_bytes();
-        if !self.nccl_for(input.device(), bytes) {
-            return Ok(false);
-        }
-        let seq = self.seq + 1;
-        self.timed("all_gather", |g| {
-            let lazy = g.nccl.as_mut().ok_or(Error::Collective {
-                op: "all_gather",
-                detail: "NCCL is not set up in this group".into(),
-            })?;
-            let (nccl, watchdog) = lazy.wait_with_watchdog()?;
-            stream.wait_for_compute(0)?;
-            nccl.all_gather_into_on(input, output, stream.raw())?;
-            watchdog.watch(stream.raw(), "all_gather", seq);
-            Ok(true)
+        self.queue_on_stream("all_gather", input.device(), bytes, stream, 0, |nccl| {
+            nccl.all_gather_into_on(input, output, stream.raw())
         })
     }
 
     /// Starts a reduce-scatter of CUDA `input` into this rank's share `output` on `stream`, as
-    /// [`ProcessGroup::all_gather_into_on_stream`] starts its all-gather.
+    /// [`ProcessGroup::all_reduce_on_stream`] starts its all-reduce (false: the caller uses
+    /// [`ProcessGroup::reduce_scatter`]). Both tensors must stay alive until the stream has run it.
     pub(crate) fn reduce_scatter_on_stream(
         &mut self,
         input: &Tensor,
@@ -446,19 +408,42 @@ impl ProcessGroup {
         stream: &CommStream,
     ) -> Result<bool> {
         let bytes = input.numel() * input.kind().elt_size_in_bytes();
-        if !self.nccl_for(input.device(), bytes) {
+        self.queue_on_stream("reduce_scatter", input.device(), bytes, stream, 0, |nccl| {
+            nccl.reduce_scatter_on(input, output, op, stream.raw())
+        })
+    }
+
+    /// Queues `queue` (an NCCL call on `stream`) after the work on the compute stream so far (recorded
+    /// in `stream`'s ready event `ready`), watched by the NCCL watchdog: false, queuing nothing, when a
+    /// collective of `bytes` on `device` would not use NCCL now.
+    fn queue_on_stream(
+        &mut self,
+        op: &'static str,
+        device: Device,
+        bytes: usize,
+        stream: &CommStream,
+        ready: usize,
+        queue: impl FnOnce(&mut nccl::Nccl) -> Result<()>,
+    ) -> Result<bool> {
+        let uses_nccl = self.state.contract.world_size > 1
+            && device.is_cuda()
+            && self
+                .nccl
+                .as_mut()
+                .is_some_and(|lazy| lazy.agreed() || bytes >= lazy::TCP_LIMIT_BYTES);
+        if !uses_nccl {
             return Ok(false);
         }
         let seq = self.seq + 1;
-        self.timed("reduce_scatter", |g| {
+        self.timed(op, |g| {
             let lazy = g.nccl.as_mut().ok_or(Error::Collective {
-                op: "reduce_scatter",
+                op,
                 detail: "NCCL is not set up in this group".into(),
             })?;
             let (nccl, watchdog) = lazy.wait_with_watchdog()?;
-            stream.wait_for_compute(0)?;
-            nccl.reduce_scatter_on(input, output, op, stream.raw())?;
-            watchdog.watch(stream.raw(), "reduce_scatter", seq);
+            stream.wait_for_compute(ready)?;
+            queue(nccl)?;
+            watchdog.watch(stream.raw(), op, seq);
             Ok(true)
         })
     }

@@ -313,7 +313,8 @@ impl Nccl {
 }
 
 impl Nccl {
-    /// Every rank's `input` into `output` (world × its elements), queued on `stream`.
+    /// Every rank's `input` into `output` (world × its elements), queued on `stream` (null: the legacy
+    /// default stream).
     pub(crate) fn all_gather_into_on(
         &mut self,
         input: &Tensor,
@@ -354,7 +355,7 @@ impl Nccl {
     }
 
     /// Reduces `input` across ranks into this rank's share `output` (numel / world elements), queued on
-    /// `stream`.
+    /// `stream` (null: the legacy default stream).
     pub(crate) fn reduce_scatter_on(
         &mut self,
         input: &Tensor,
@@ -422,52 +423,20 @@ impl Backend for Nccl {
     }
 
     fn all_gather_cat(&mut self, t: &Tensor) -> Result<Tensor> {
-        let (api, dtype) = self.prepare(t, "all_gather")?;
         let mut shape = t.size();
         shape[0] *= self.world as i64;
         let out = Tensor::f_empty(&shape, (t.kind(), t.device()))
             .map_err(|source| Error::torch("all_gather", source))?;
-        check(
-            api,
-            // SAFETY: the output holds world × numel elements of the same dtype on the same device.
-            unsafe {
-                (api.all_gather)(
-                    t.data_ptr(),
-                    out.data_ptr(),
-                    t.numel(),
-                    dtype,
-                    self.comm,
-                    std::ptr::null_mut(),
-                )
-            },
-            "ncclAllGather",
-        )?;
+        self.all_gather_into_on(t, &out, std::ptr::null_mut())?;
         Ok(out)
     }
 
     fn reduce_scatter(&mut self, t: &Tensor, op: ReduceOp) -> Result<Tensor> {
-        let (api, dtype) = self.prepare(t, "reduce_scatter")?;
-        let red = nccl_op(op, t.kind(), "reduce_scatter")?;
         let mut shape = t.size();
         shape[0] /= self.world as i64;
         let out = Tensor::f_empty(&shape, (t.kind(), t.device()))
             .map_err(|source| Error::torch("reduce_scatter", source))?;
-        check(
-            api,
-            // SAFETY: recvcount = numel / world elements, with a matching output buffer.
-            unsafe {
-                (api.reduce_scatter)(
-                    t.data_ptr(),
-                    out.data_ptr(),
-                    out.numel(),
-                    dtype,
-                    red,
-                    self.comm,
-                    std::ptr::null_mut(),
-                )
-            },
-            "ncclReduceScatter",
-        )?;
+        self.reduce_scatter_on(t, &out, op, std::ptr::null_mut())?;
         Ok(out)
     }
 }
