@@ -36,7 +36,8 @@ fn numbered(stem: &str, i: usize, ext: &str) -> String {
     }
 }
 
-fn bad(path: &Path, detail: impl Into<String>) -> Error {
+/// A checkpoint error naming the file.
+pub(in crate::accelerator) fn bad(path: &Path, detail: impl Into<String>) -> Error {
     Error::Checkpoint {
         path: path.to_owned(),
         detail: detail.into(),

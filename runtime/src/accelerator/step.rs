@@ -263,22 +263,14 @@ impl Accelerator {
     /// tensors, as [`PreparedModel::state_dict`].
     pub fn get_state_dict<M>(&self, model: &PreparedModel<M>) -> Result<Vec<(String, Tensor)>> {
         let mut entry = model.entry();
-        let Some(sharded) = entry.fsdp.as_mut() else {
-            drop(entry);
-            return Ok(model.state_dict());
-        };
-        let full = sharded.full_parameters()?;
-        Ok(entry
-            .named
-            .iter()
-            .map(|(name, t)| {
-                let value = full
-                    .iter()
-                    .find(|(n, _)| n == name)
-                    .map_or_else(|| t.shallow_clone(), |(_, v)| v.shallow_clone());
-                (name.clone(), value)
-            })
-            .collect())
+        let ModelEntry { named, fsdp, .. } = &mut *entry;
+        match fsdp.as_mut() {
+            Some(sharded) => sharded.full_state_dict(named),
+            None => Ok(named
+                .iter()
+                .map(|(n, t)| (n.clone(), t.shallow_clone()))
+                .collect()),
+        }
     }
 
     /// A prepared model's variables by name (Accelerate's `unwrap_model(model).state_dict()`): the same

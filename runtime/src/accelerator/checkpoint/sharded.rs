@@ -42,16 +42,7 @@ impl Accelerator {
             };
             let shards = sharded.shard_state()?;
             let full = if full {
-                let params = sharded.full_parameters()?;
-                Some(
-                    named
-                        .iter()
-                        .map(|(n, t)| {
-                            let v = params.iter().find(|(p, _)| p == n).map(|(_, v)| v);
-                            (n.clone(), v.unwrap_or(t).shallow_clone())
-                        })
-                        .collect(),
-                )
+                Some(sharded.full_state_dict(named)?)
             } else {
                 None
             };

@@ -105,16 +105,14 @@ pub(crate) struct ShardedModel {
     /// the next block's parameters arrive while the current block computes. `None` on the CPU, or when
     /// it could not be made (then every collective runs in line).
     comm: Option<Arc<SharedComm>>,
-    comm_tried: bool,
     /// Reduce-scatter inputs still being read by the communication stream, with the events after them.
     pending: Vec<(Mark, Tensor)>,
-    /// Inside `Accelerator::backward`: whether it synchronises.
+    /// From `begin_backward` to the end of `finish_backward` / `abandon_backward`: whether that backward
+    /// synchronises.
     backward: Option<bool>,
     /// Per unit, during a backward: the reduce-scattered gradient chunk (sync) or `Some(None)` once its
     /// gradients were taken (held for accumulation); `None` while still to do.
     taken: Vec<Option<Option<Tensor>>>,
-    /// Between `begin_backward` and the end of `finish_backward` / `abandon_backward`.
-    in_backward: bool,
     /// Per unit: the stash taken with its reduce-scatter, added to the result at the end.
     taken_stash: Vec<Option<(Tensor, Vec<bool>)>>,
     /// Per unit: hooks on its block's outputs whose backward has not started (a block run twice, or a
@@ -204,30 +202,25 @@ impl ShardedModel {
                 total += n;
             }
             let chunk = (total + world - 1) / world;
-            let (shard, full) = tch::no_grad(|| -> Result<(Tensor, Tensor)> {
-                let flat: Vec<Tensor> = named
+            // The mixed-precision policy's param_dtype: fp32 units are gathered (and their gradients
+            // reduced) in it; the shards, which the optimizer updates, stay fp32.
+            let gathered_kind = match (kind, param_kind) {
+                (Kind::Float, Some(k)) => k,
+                _ => kind,
+            };
+            let full = Tensor::f_empty([chunk * world], (gathered_kind, device))
+                .map_err(torch("FSDP sharding"))?;
+            let shard = tch::no_grad(|| -> Result<Tensor> {
+                let flat = named
                     .iter()
                     .map(|(_, t)| t.detach().reshape([-1]))
                     .collect();
-                let mut flat = Tensor::f_cat(&flat, 0).map_err(torch("FSDP sharding"))?;
-                if chunk * world > total {
-                    let pad = Tensor::f_zeros([chunk * world - total], (kind, device))
-                        .map_err(torch("FSDP sharding"))?;
-                    flat = Tensor::f_cat(&[flat, pad], 0).map_err(torch("FSDP sharding"))?;
-                }
-                let shard = flat.narrow(0, rank * chunk, chunk).copy();
-                // The mixed-precision policy's param_dtype: fp32 units are gathered (and their
-                // gradients reduced) in it; the shards, which the optimizer updates, stay fp32.
-                let gathered_kind = match (kind, param_kind) {
-                    (Kind::Float, Some(k)) => k,
-                    _ => kind,
-                };
-                let full = Tensor::f_empty([chunk * world], (gathered_kind, device))
-                    .map_err(torch("FSDP sharding"))?;
-                Ok((shard, full))
+                let flat = padded_flat(flat, chunk * world, "FSDP sharding")?;
+                Ok(flat.narrow(0, rank * chunk, chunk).copy())
             })?;
             let (names, params): (Vec<String>, Vec<Tensor>) = named.into_iter().unzip();
             let count = shapes.len();
+            let block = block_paths.contains(&name);
             let unit = Unit {
                 name,
                 params,
@@ -241,21 +234,18 @@ impl ShardedModel {
                 held_grads: None,
                 stash: None,
                 used: vec![false; count],
-                gathered: true,
-                block: false,
+                gathered: false,
+                block,
                 in_flight: None,
             };
             // Each unit goes to its pieces at once, so sharding never holds a second copy of the model.
-            let mut unit = unit;
             crate::optim::clear_grads(&unit.params);
             unit.point_at_pieces(rank)?;
             resize(&unit.full, 0, &unit.name)?;
-            unit.gathered = false;
-            unit.block = block_paths.contains(&unit.name);
             out.push(unit);
         }
         let n = out.len();
-        let mut model = ShardedModel {
+        Ok(ShardedModel {
             units: out,
             group,
             rank,
@@ -264,20 +254,13 @@ impl ShardedModel {
             order: Vec::new(),
             last_order: Vec::new(),
             comm: None,
-            comm_tried: false,
             pending: Vec::new(),
             backward: None,
             taken: (0..n).map(|_| None).collect(),
             taken_stash: (0..n).map(|_| None).collect(),
             outstanding: vec![0; n],
-            in_backward: false,
             hook_error: None,
-        };
-        for unit in &model.units {
-            crate::optim::clear_grads(&unit.params);
-        }
-        model.reshard()?;
-        Ok(model)
+        })
     }
 
     /// The unit a block at `path` gathers, if that path is one.
@@ -285,17 +268,15 @@ impl ShardedModel {
         self.units.iter().position(|u| u.block && u.name == path)
     }
 
-    /// The communication stream, made on first use on a GPU.
+    /// The communication stream, on a GPU (the process's one, made on first use).
     fn ensure_comm(&mut self) {
-        if !self.comm_tried {
-            self.comm_tried = true;
-            let cuda = self
+        if self.comm.is_none()
+            && self
                 .units
                 .first()
-                .is_some_and(|u| u.shard.device().is_cuda());
-            if cuda {
-                self.comm = shared_comm();
-            }
+                .is_some_and(|u| u.shard.device().is_cuda())
+        {
+            self.comm = shared_comm();
         }
     }
 
@@ -387,7 +368,7 @@ impl ShardedModel {
         // A prefetched gather must land before its buffer goes back to the allocator.
         self.await_gather(k)?;
         let rank = self.rank;
-        let in_backward = self.in_backward;
+        let in_backward = self.backward.is_some();
         let unit = &mut self.units[k];
         if !unit.gathered {
             return Ok(());
@@ -493,8 +474,24 @@ impl ShardedModel {
         Ok(())
     }
 
+    /// The whole model by name (collective): `named` (the model's variables) with every parameter's
+    /// gathered value in place of its piece; buffers, which are not sharded, as they are.
+    pub(crate) fn full_state_dict(
+        &mut self,
+        named: &[(String, Tensor)],
+    ) -> Result<Vec<(String, Tensor)>> {
+        let full = self.full_parameters()?;
+        Ok(named
+            .iter()
+            .map(|(name, t)| {
+                let value = full.iter().find(|(n, _)| n == name).map_or(t, |(_, v)| v);
+                (name.clone(), value.shallow_clone())
+            })
+            .collect())
+    }
+
     /// Every parameter's full value by name, gathered (collective), leaving the model as it was.
-    pub(crate) fn full_parameters(&mut self) -> Result<Vec<(String, Tensor)>> {
+    fn full_parameters(&mut self) -> Result<Vec<(String, Tensor)>> {
         let mut out = Vec::new();
         for unit in &self.units {
             let gathered = self
@@ -584,6 +581,17 @@ fn unit_shard_grads(unit: &Unit, grads: &[Tensor], rank: i64) -> Result<Tensor> 
         }
     }
     Ok(out)
+}
+
+/// `parts` (a unit's parameters or gradients, flattened, in order) as one buffer of `len` elements (the
+/// unit's chunk × the world size): concatenated, padded with zeros to split evenly.
+fn padded_flat(mut parts: Vec<Tensor>, len: i64, op: &'static str) -> Result<Tensor> {
+    let total: i64 = parts.iter().map(|t| t.numel() as i64).sum();
+    if len > total {
+        let (kind, device) = (parts[0].kind(), parts[0].device());
+        parts.push(Tensor::f_zeros([len - total], (kind, device)).map_err(torch(op))?);
+    }
+    Tensor::f_cat(&parts, 0).map_err(torch(op))
 }
 
 fn chained(op: &'static str, e: Error) -> Error {

@@ -10,7 +10,6 @@ impl ShardedModel {
     /// too).
     pub(crate) fn begin_backward(&mut self, sync: bool) -> Result<()> {
         self.backward = Some(sync);
-        self.in_backward = true;
         self.taken.iter_mut().for_each(|t| *t = None);
         self.hook_error = None;
         for k in 0..self.units.len() {
@@ -85,11 +84,7 @@ impl ShardedModel {
                     zeros(unit.numels[i])?
                 });
             }
-            let total: i64 = unit.numels.iter().sum();
-            if unit.chunk * world > total {
-                parts.push(zeros(unit.chunk * world - total)?);
-            }
-            let mut flat = Tensor::f_cat(&parts, 0).map_err(torch("FSDP reduce-scatter"))?;
+            let mut flat = padded_flat(parts, unit.chunk * world, "FSDP reduce-scatter")?;
             if let Some(held) = unit.held_grads.take() {
                 flat = flat.f_add(&held).map_err(torch("FSDP reduce-scatter"))?;
             }
@@ -146,7 +141,7 @@ impl ShardedModel {
     /// it, as under PyTorch's FSDP2). A gradient that reached a unit after it was taken (a parameter
     /// shared between blocks) is an error naming it.
     pub(crate) fn finish_backward(&mut self) -> Result<()> {
-        let Some(sync) = self.backward.take() else {
+        let Some(sync) = self.backward else {
             return Ok(());
         };
         let result = self.finish(sync);
@@ -160,7 +155,7 @@ impl ShardedModel {
             self.taken_stash.iter_mut().for_each(|t| *t = None);
             let _ = self.reshard();
         }
-        self.in_backward = false;
+        self.backward = None;
         self.outstanding.fill(0);
         result
     }
@@ -240,7 +235,6 @@ impl ShardedModel {
     /// held from earlier accumulation steps stay) and the parameters go back to their pieces, so the
     /// model stays usable. Returns a hook's failure, which explains the backward's.
     pub(crate) fn abandon_backward(&mut self) -> Result<Option<Error>> {
-        self.backward = None;
         self.join()?;
         self.taken.iter_mut().for_each(|t| *t = None);
         self.taken_stash.iter_mut().for_each(|t| *t = None);
@@ -249,7 +243,7 @@ impl ShardedModel {
             unit.used.fill(false);
         }
         self.reshard()?;
-        self.in_backward = false;
+        self.backward = None;
         self.outstanding.fill(0);
         Ok(self.hook_error.take())
     }

@@ -2,14 +2,8 @@
 //! always for the optimizer's pieces), or the whole model read back into this rank's chunks.
 
 use super::*;
+use crate::accelerator::checkpoint::bad;
 use std::path::Path;
-
-fn bad(path: &Path, detail: String) -> Error {
-    Error::Checkpoint {
-        path: path.to_owned(),
-        detail,
-    }
-}
 
 impl ShardedModel {
     /// This rank's chunk of every unit, named `unit{k}`, the model on its pieces (gradients set aside
@@ -120,17 +114,7 @@ impl ShardedModel {
                         );
                     }
                 }
-                let total: i64 = unit.numels.iter().sum();
-                if unit.chunk * world > total {
-                    parts.push(
-                        Tensor::f_zeros(
-                            [unit.chunk * world - total],
-                            (unit.shard.kind(), unit.shard.device()),
-                        )
-                        .map_err(torch("load_state"))?,
-                    );
-                }
-                let flat = Tensor::f_cat(&parts, 0).map_err(torch("load_state"))?;
+                let flat = padded_flat(parts, unit.chunk * world, "load_state")?;
                 unit.shard
                     .shallow_clone()
                     .f_copy_(&flat.narrow(0, rank * unit.chunk, unit.chunk))
