@@ -326,10 +326,9 @@ impl FullyShardedDataParallelPlugin {
                     if pattern == "Block" {
                         // Accelerate names a module class; hasten's block type is `layers::Block`.
                         for path in block_paths() {
-                            let below = |n: &String| {
-                                n.starts_with(path.as_str()) && n[path.len()..].starts_with('.')
-                            };
-                            if named.iter().any(|(n, _)| below(n)) && !found.contains(&path) {
+                            if named.iter().any(|(n, _)| is_below(n, &path))
+                                && !found.contains(&path)
+                            {
                                 found.push(path);
                             }
                         }
@@ -379,47 +378,42 @@ impl FullyShardedDataParallelPlugin {
                     .collect()
             }
         };
-        let mut units: Vec<(String, Named)> = Vec::new();
+        let mut units: Vec<((String, tch::Kind), Named)> = Vec::new();
         for (name, t) in named {
             let unit = wrapped
                 .iter()
-                .filter(|m| name.starts_with(m.as_str()) && name[m.len()..].starts_with('.'))
+                .filter(|m| is_below(&name, m))
                 .max_by_key(|m| m.len())
                 .cloned()
                 .unwrap_or_default();
-            let key = format!("{unit}|{:?}", t.kind());
+            let key = (unit, t.kind());
             match units.iter_mut().find(|(k, _)| *k == key) {
                 Some((_, members)) => members.push((name, t)),
                 None => units.push((key, vec![(name, t)])),
             }
         }
-        let several_kinds = |unit: &str| {
-            units
-                .iter()
-                .filter(|(k, _)| k.split('|').next() == Some(unit))
-                .count()
-                > 1
-        };
-        let named_units: Vec<(String, Named)> = units
+        let names: Vec<String> = units
             .iter()
-            .map(|(key, members)| {
-                let (unit, kind) = key.split_once('|').unwrap_or((key.as_str(), ""));
-                let name = if several_kinds(unit) {
-                    format!("{unit} ({kind})")
+            .map(|((unit, kind), _)| {
+                if units.iter().filter(|((u, _), _)| u == unit).count() > 1 {
+                    format!("{unit} ({kind:?})")
                 } else {
-                    unit.to_owned()
-                };
-                (
-                    name,
-                    members
-                        .iter()
-                        .map(|(n, t)| (n.clone(), t.shallow_clone()))
-                        .collect(),
-                )
+                    unit.clone()
+                }
             })
             .collect();
-        Ok(named_units)
+        Ok(names
+            .into_iter()
+            .zip(units.into_iter().map(|(_, members)| members))
+            .collect())
     }
+}
+
+/// Whether the variable `name` lies below the VarStore path `path` (`blocks.1.fc.weight` below
+/// `blocks.1`, not below `blocks.10`).
+fn is_below(name: &str, path: &str) -> bool {
+    name.strip_prefix(path)
+        .is_some_and(|rest| rest.starts_with('.'))
 }
 
 #[cfg(test)]
