@@ -287,48 +287,35 @@ pub fn semantics(acc: &mut Accelerator) -> Check {
     let mine = |t: &Tensor, batch: i64| t.narrow(0, batch * global + r * share, share);
     let all = |t: &Tensor, batch: i64| t.narrow(0, batch * global, global);
     let mse = |a: &Tensor, b: &Tensor| a.mse_loss(b, hasten::tch::Reduction::Mean);
+    // This rank's loss on its share of `batch`, through the prepared model.
+    let loss_on = |batch: i64| -> Result<Tensor, String> {
+        let out = model_.call(|m| m.forward(&mine(&x, batch))).map_err(err)?;
+        Ok(mse(&out, &mine(&y, batch)))
+    };
     for step in 0..4 {
         let (a, b) = (2 * step, 2 * step + 1);
         match step {
             // A plain step: its gradients stay on the parameters after the step.
             0 => {
                 opt.zero_grad();
-                let loss = mse(
-                    &model_.call(|m| m.forward(&mine(&x, a))).map_err(err)?,
-                    &mine(&y, a),
-                );
-                acc.backward(&loss).map_err(err)?;
+                acc.backward(&loss_on(a)?).map_err(err)?;
             }
             1 => {
                 // The forward first, then zero_grad (PyTorch's tutorial order).
-                let loss = mse(
-                    &model_.call(|m| m.forward(&mine(&x, a))).map_err(err)?,
-                    &mine(&y, a),
-                );
+                let loss = loss_on(a)?;
                 opt.zero_grad();
                 acc.backward(&loss).map_err(err)?;
             }
             2 => {
                 opt.zero_grad();
-                let loss = mse(
-                    &model_.call(|m| m.forward(&mine(&x, a))).map_err(err)?,
-                    &mine(&y, a),
-                );
-                acc.backward(&loss).map_err(err)?;
+                acc.backward(&loss_on(a)?).map_err(err)?;
                 // An evaluation forward before the step.
                 let _ = hasten::tch::no_grad(|| model_.call(|m| m.forward(&mine(&x, b))))
                     .map_err(err)?;
             }
             _ => {
                 opt.zero_grad();
-                let la = mse(
-                    &model_.call(|m| m.forward(&mine(&x, a))).map_err(err)?,
-                    &mine(&y, a),
-                );
-                let lb = mse(
-                    &model_.call(|m| m.forward(&mine(&x, b))).map_err(err)?,
-                    &mine(&y, b),
-                );
+                let (la, lb) = (loss_on(a)?, loss_on(b)?);
                 acc.backward(&(la + lb)).map_err(err)?;
             }
         }
