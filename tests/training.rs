@@ -344,3 +344,32 @@ fn fsdp_save_state_and_load_state_resume_exactly_sharded_and_full() {
         }
     }
 }
+
+#[test]
+fn models_built_under_empty_weights_materialise_as_rank_0_would_and_load_in_slices() {
+    let blocks = [
+        ("ACCELERATE_USE_FSDP", "true"),
+        ("FSDP_VERSION", "2"),
+        ("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP"),
+        ("FSDP_TRANSFORMER_CLS_TO_WRAP", "Block"),
+    ];
+    let runs: [(usize, &[(&str, &str)]); 4] = [
+        (2, &blocks),
+        (3, &blocks),
+        (4, &blocks[..2]),
+        // DDP: materialised whole on every rank, then rank 0's values broadcast.
+        (2, &[]),
+    ];
+    for (n, env) in runs {
+        let project = tempfile::tempdir().unwrap();
+        run_mode(n, "fsdp_empty", &[project.path().as_os_str()], env)
+            .expect_stdout("empty-weights init, save_model and sliced loading hold");
+        let saved = project.path().join("saved");
+        let files = std::fs::read_dir(&saved).unwrap().count();
+        assert!(
+            files > 2,
+            "save_model wrote {files} files into {}",
+            saved.display()
+        );
+    }
+}

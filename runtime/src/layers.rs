@@ -8,9 +8,14 @@
 //!
 //! tch has no meta device, so "empty" parameters are shape-only placeholders: one element expanded
 //! with stride 0 to the full shape. A 70-billion-parameter model built this way costs a few bytes per
-//! tensor; `load_checkpoint_in_model` replaces each placeholder with the loaded values.
+//! tensor; `load_checkpoint_in_model` replaces each placeholder with the loaded values. Each placeholder
+//! also remembers how it would have been initialised, so `Accelerator::prepare_model` can materialise
+//! it on the training device — under FSDP only this rank's shard of it — with the values an eager build
+//! from the same generator state would have had.
 
 use std::cell::Cell;
+use std::collections::BTreeMap;
+use std::sync::Mutex;
 use tch::nn::{self, Init, Module};
 use tch::{Device, Kind, Tensor};
 
@@ -65,12 +70,123 @@ pub fn is_empty_placeholder(t: &Tensor) -> bool {
     t.numel() > 1 && t.stride().iter().all(|s| *s == 0)
 }
 
+/// How [`parameter`] would have initialised a variable it made as a placeholder: what
+/// `prepare_model` runs to materialise it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Recipe {
+    pub init: Init,
+    /// The var store's device and kind when the variable was made: an eager build draws there.
+    pub device: Device,
+    pub kind: Kind,
+}
+
+/// Placeholders made under [`init_empty_weights`], by the address of their one element, with the tensor
+/// owning that element: kept alive here, so no other tensor can get the address while the entry exists.
+/// A variable whose data was replaced (loaded, materialised) no longer has the address, so a stale entry
+/// is never found; each costs one element.
+static RECIPES: Mutex<BTreeMap<usize, (Recipe, Tensor)>> = Mutex::new(BTreeMap::new());
+
+fn recipes() -> std::sync::MutexGuard<'static, BTreeMap<usize, (Recipe, Tensor)>> {
+    RECIPES.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn remember(placeholder: &Tensor, recipe: Recipe) {
+    recipes().insert(
+        placeholder.data_ptr() as usize,
+        (recipe, placeholder.shallow_clone()),
+    );
+}
+
+/// The recipe of `t` if it is still the placeholder [`parameter`] made under [`init_empty_weights`].
+pub(crate) fn recipe_of(t: &Tensor) -> Option<Recipe> {
+    if t.stride().iter().any(|s| *s != 0) {
+        return None;
+    }
+    recipes().get(&(t.data_ptr() as usize)).map(|(r, _)| *r)
+}
+
+/// A placeholder like `t` (which has `recipe`) on `device`: moving a model moves its placeholders without
+/// allocating them (a plain `to_device` of an expanded tensor allocates it whole).
+pub(crate) fn placeholder_on(t: &Tensor, recipe: Recipe, device: Device) -> Tensor {
+    let moved = Tensor::zeros([1], (t.kind(), device)).expand(t.size(), false);
+    remember(&moved, recipe);
+    moved
+}
+
+/// The whole tensor of `shape` as an eager [`parameter`] call would have made it, drawing from the
+/// recipe device's generator.
+pub(crate) fn materialize(shape: &[i64], recipe: Recipe) -> Result<Tensor, tch::TchError> {
+    nn::f_init(recipe.init, shape, recipe.device, recipe.kind)
+}
+
+/// Forgets the recipe of the placeholder whose element is at `addr` (it has been materialised).
+pub(crate) fn forget_recipe(addr: usize) {
+    recipes().remove(&addr);
+}
+
+/// Gets `vs`'s placeholders ready for a move to `device` (`prepare_model`): those with a recipe become
+/// placeholders on `device`, so moving the var store does not allocate them; a placeholder without one
+/// (made by hand, or left by an offload) is an error naming it, since nothing could fill it.
+pub(crate) fn move_placeholders(vs: &nn::VarStore, device: Device) -> crate::Result<()> {
+    let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    for (name, t) in named {
+        if let Some(recipe) = recipe_of(&t) {
+            let old = t.data_ptr() as usize;
+            t.shallow_clone()
+                .f_set_data(&placeholder_on(&t, recipe, device))
+                .map_err(|e| crate::Error::torch("moving a placeholder", e))?;
+            forget_recipe(old);
+        } else if is_empty_placeholder(&t) {
+            return Err(crate::Error::InvalidValue {
+                name: name.clone(),
+                detail:
+                    "is a shape-only placeholder with no initialisation to run (made by hand, or \
+                         left by an offload): load its values (load_checkpoint_in_model) before \
+                         prepare_model, or build it with hasten's layers under init_empty_weights"
+                        .into(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Materialises every placeholder of `vs` that has a recipe, whole, in the order the variables were
+/// made (an eager build's order of draws).
+pub(crate) fn materialize_all(vs: &nn::VarStore) -> crate::Result<()> {
+    let _no_grad = tch::no_grad_guard();
+    for t in vs.trainable_variables() {
+        if let Some(recipe) = recipe_of(&t) {
+            let old = t.data_ptr() as usize;
+            let value = materialize(&t.size(), recipe)
+                .and_then(|v| v.f_to_device(t.device()))
+                .map_err(|e| crate::Error::torch("materialising a parameter", e))?;
+            t.shallow_clone()
+                .f_set_data(&value)
+                .map_err(|e| crate::Error::torch("materialising a parameter", e))?;
+            forget_recipe(old);
+        }
+    }
+    Ok(())
+}
+
 /// A trainable variable `name` under `path`, created as the current mode says (see
 /// [`init_empty_weights`] and [`init_on_device`]); in the var store's kind.
 pub fn parameter(path: &nn::Path, name: &str, shape: &[i64], init: Init) -> Tensor {
     match INIT_MODE.with(Cell::get) {
         InitMode::VarStore => path.var(name, shape, init),
-        InitMode::Empty => path.add(name, empty_placeholder(shape, path.kind()), true),
+        InitMode::Empty => {
+            let placeholder = empty_placeholder(shape, path.kind());
+            remember(
+                &placeholder,
+                Recipe {
+                    init,
+                    device: path.device(),
+                    kind: path.kind(),
+                },
+            );
+            path.add(name, placeholder, true)
+        }
         InitMode::OnDevice(device) => path.add(
             name,
             nn::init::init(init, shape, device).to_kind(path.kind()),
@@ -220,6 +336,38 @@ mod tests {
         ));
         let on = init_on_device(Device::Cpu, || layer_norm(&(&root / "ln"), &[3]));
         assert_eq!(Vec::<f32>::try_from(&on.ws).unwrap(), [1.0, 1.0, 1.0]);
+    }
+
+    #[test]
+    fn placeholders_move_without_memory_and_materialise_as_an_eager_build() {
+        let build = |vs: &VarStore| {
+            (
+                linear(&(vs.root() / "fc"), 30, 20, true),
+                embedding(&(vs.root() / "emb"), 7, 3),
+            )
+        };
+        tch::manual_seed(3);
+        let eager = VarStore::new(Device::Cpu);
+        let _ = build(&eager);
+        let vs = VarStore::new(Device::Cpu);
+        let _ = init_empty_weights(|| build(&vs));
+        move_placeholders(&vs, Device::Cpu).unwrap();
+        assert!(vs.variables().values().all(is_empty_placeholder));
+        tch::manual_seed(3);
+        materialize_all(&vs).unwrap();
+        let vars = vs.variables();
+        for (name, t) in eager.variables() {
+            assert!(t.equal(&vars[&name]), "{name}");
+        }
+        // A placeholder nothing can fill is refused, named.
+        let by_hand = VarStore::new(Device::Cpu);
+        let _x = by_hand
+            .root()
+            .add("x", empty_placeholder(&[4, 4], Kind::Float), true);
+        let err = move_placeholders(&by_hand, Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("x") && err.contains("placeholder"), "{err}");
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! `metrics_iterable_shard` (each rank reads), `dispatch` (map-style, dispatched), `checkpoint PROJECT_DIR`, `rng`, `rng_types`
 //! (`rng_types: [torch]`), `rng_types_default`,
 //! `tracking PROJECT_DIR` (TensorBoard plus a custom tracker that logs on every rank), `fsdp` (under the
-//! `FSDP_*` environment the test sets). Prints `training check MODE: ok` or `... FAILED: why` and exits non-zero on failure.
+//! `FSDP_*` environment the test sets), `fsdp_empty PROJECT_DIR` (a model built under init_empty_weights,
+//! save_model and sliced loading). Prints `training check MODE: ok` or `... FAILED: why` and exits non-zero on failure.
 
 use hasten::data::{DataLoader, TensorDataset};
 use hasten::optim::TchOptimizer;
@@ -20,6 +21,8 @@ use hasten::{
 mod crash;
 #[path = "training/fsdp.rs"]
 mod fsdp;
+#[path = "training/fsdp_init.rs"]
+mod fsdp_init;
 #[path = "training/loaders.rs"]
 mod loaders;
 #[path = "training/tracking.rs"]
@@ -723,6 +726,10 @@ fn main() {
             "fsdp_checkpoint" => {
                 let project = std::env::args().nth(2).unwrap_or_default();
                 fsdp::checkpoint(&mut acc, std::path::Path::new(&project))
+            }
+            "fsdp_empty" => {
+                let project = std::env::args().nth(2).unwrap_or_default();
+                fsdp_init::empty(&mut acc, std::path::Path::new(&project))
             }
             "dataloader_end" => dataloader_end(&mut acc),
             "scheduler" => scheduler(&mut acc),

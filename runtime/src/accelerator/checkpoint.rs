@@ -487,10 +487,13 @@ impl Accelerator {
                         sharded.check_shard_state(&saved, &shards)?;
                         LoadedModel::Shards(saved)
                     } else {
-                        // A whole model (FULL_STATE_DICT, or a checkpoint of an unsharded run).
-                        let saved = read_tensors(&path)?;
-                        sharded.check_full_state(&saved, &path)?;
-                        LoadedModel::Full(saved)
+                        // A whole model (FULL_STATE_DICT, or a checkpoint of an unsharded run):
+                        // this rank reads its slices only.
+                        let read = sharded.read_slices(&entry.named, &path)?;
+                        if let Some(name) = read.missing_parameter() {
+                            return Err(bad(&path, format!("tensor {name} is missing")));
+                        }
+                        LoadedModel::Full(read)
                     }
                 }
             };
@@ -580,14 +583,20 @@ impl Accelerator {
                 .load_state_dict(tensors)
                 .map_err(|e| bad(path, e.to_string()))?;
         }
-        for (loaded, entry) in weights.iter().zip(&self.models) {
+        for (loaded, entry) in weights.into_iter().zip(&self.models) {
             let mut entry = lock_entry(entry);
             let ModelEntry { named, fsdp, .. } = &mut *entry;
             match (loaded, fsdp.as_mut()) {
-                (LoadedModel::Shards(saved), Some(sharded)) => sharded.load_shard_state(saved)?,
-                (LoadedModel::Full(saved), Some(sharded)) => sharded.load_full_state(saved)?,
-                (LoadedModel::Plain(saved), _)
-                | (LoadedModel::Shards(saved) | LoadedModel::Full(saved), None) => {
+                (LoadedModel::Shards(saved), Some(sharded)) => sharded.load_shard_state(&saved)?,
+                // Buffers (not sharded) come from the whole-model file too; with shards only they stay
+                // as the main process's were at prepare.
+                (LoadedModel::Full(read), Some(sharded)) => {
+                    sharded.apply_slices(named, read, &dir)?;
+                }
+                (LoadedModel::Full(_), None) => {
+                    unreachable!("slices are read for sharded models only")
+                }
+                (LoadedModel::Plain(saved) | LoadedModel::Shards(saved), _) => {
                     tch::no_grad(|| -> Result<()> {
                         for (name, var) in named.iter() {
                             if let Some((_, t)) = saved.iter().find(|(n, _)| n == name) {
@@ -599,23 +608,6 @@ impl Accelerator {
                         Ok(())
                     })?;
                 }
-            }
-            // Buffers (not sharded) of a sharded model come from the whole-model file when there is
-            // one; with shards only they stay as the main process's were at prepare.
-            if let (LoadedModel::Full(saved), Some(_)) = (loaded, fsdp.as_ref()) {
-                tch::no_grad(|| -> Result<()> {
-                    for (name, var) in named.iter() {
-                        let is_param = var.requires_grad();
-                        if let (false, Some((_, t))) =
-                            (is_param, saved.iter().find(|(n, _)| n == name))
-                        {
-                            var.shallow_clone()
-                                .f_copy_(t)
-                                .map_err(|e| Error::torch("load_state", e))?;
-                        }
-                    }
-                    Ok(())
-                })?;
             }
         }
         for ((step, lr), (cell, lr_cell)) in sched_states.iter().zip(&self.schedulers) {

@@ -159,6 +159,10 @@ pub(crate) fn broadcast_variables(
     named.sort_by(|a, b| a.0.cmp(&b.0));
     tch::no_grad(|| {
         for (_, mut t) in named {
+            // A placeholder (FSDP materialises it later, the same on every rank) holds no values.
+            if crate::layers::is_empty_placeholder(&t) {
+                continue;
+            }
             if buffers || trainable.contains(&(t.data_ptr() as usize)) {
                 group.broadcast(&mut t, 0)?;
             }

@@ -19,6 +19,7 @@ mod model;
 mod optimizer;
 mod precision;
 mod reducer;
+mod save_model;
 mod step;
 mod trackers;
 mod utilities;
@@ -230,10 +231,16 @@ impl Accelerator {
         module: M,
         mut vs: tch::nn::VarStore,
     ) -> Result<PreparedModel<M>> {
+        // A model built under init_empty_weights moves as placeholders; it is materialised on the
+        // device below: whole here, or each rank its shard (FSDP).
+        crate::layers::move_placeholders(&vs, self.state.device)?;
         if vs.device() != self.state.device {
             vs.set_device(self.state.device);
         }
         let sharded = self.fsdp.as_ref().filter(|p| p.shards());
+        if sharded.is_none() {
+            crate::layers::materialize_all(&vs)?;
+        }
         // FSDP starts every rank from the main process's weights, buffers included (Accelerate's
         // sync_module_states / cpu_ram_efficient_loading broadcast them).
         let buffers = self.ddp.broadcast_buffers || sharded.is_some();
@@ -250,6 +257,7 @@ impl Accelerator {
                     .collect();
                 entry.fsdp = Some(fsdp::ShardedModel::new(
                     plugin.units(named)?,
+                    &entry.names,
                     self.group.clone(),
                     plugin.sharding_strategy == fsdp::ShardingStrategy::FullShard,
                     &fsdp::block_paths(),

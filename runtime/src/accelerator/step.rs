@@ -273,6 +273,29 @@ impl Accelerator {
         }
     }
 
+    /// Loads a checkpoint (a safetensors file, a sharded index or a folder, e.g. what
+    /// [`save_model`](Self::save_model) wrote) into a prepared model, as `load_checkpoint_in_model` does
+    /// into its variables. Under FSDP each rank reads only its slice of every parameter, so a model
+    /// built under [`crate::layers::init_empty_weights`] and prepared is loaded without any process
+    /// holding all of it. Tensors the model lacks, and variables the checkpoint lacks, are reported;
+    /// a shape that differs is an error naming the tensor and the file, before anything changes.
+    pub fn load_checkpoint_in_model<M>(
+        &self,
+        model: &PreparedModel<M>,
+        checkpoint: &std::path::Path,
+    ) -> Result<crate::big_modeling::LoadReport> {
+        let mut entry = model.entry();
+        let ModelEntry { named, fsdp, .. } = &mut *entry;
+        match fsdp.as_mut() {
+            Some(sharded) => sharded.load_checkpoint(named, checkpoint),
+            None => crate::big_modeling::load_checkpoint_in_model(
+                model.var_store(),
+                checkpoint,
+                &crate::big_modeling::LoadOptions::default(),
+            ),
+        }
+    }
+
     /// A prepared model's variables by name (Accelerate's `unwrap_model(model).state_dict()`): the same
     /// tensors the VarStore holds, free of any wrapper. See also [`PreparedModel::into_inner`].
     pub fn unwrap_model<M>(&self, model: &PreparedModel<M>) -> Vec<(String, Tensor)> {

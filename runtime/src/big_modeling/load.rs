@@ -427,7 +427,7 @@ pub fn load_state_dict(
         .collect())
 }
 
-fn shape_mismatch(shard: &Path, name: &str, found: &[i64], model: &[i64]) -> Error {
+pub(super) fn shape_mismatch(shard: &Path, name: &str, found: &[i64], model: &[i64]) -> Error {
     Error::Checkpoint {
         path: shard.to_owned(),
         detail: format!("tensor {name} has shape {found:?} but the model's has {model:?}"),

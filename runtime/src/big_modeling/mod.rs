@@ -16,9 +16,11 @@ mod ordered_json;
 mod read;
 mod sizes;
 mod skeleton;
+mod slices;
 mod var_store;
 
 pub(crate) use describe::read_safetensors_entries;
+pub(crate) use slices::{SliceRequest, read_slices};
 
 pub use describe::{
     checkpoint_files, kind_from_safetensors, kind_from_torch_name, read_safetensors_header,

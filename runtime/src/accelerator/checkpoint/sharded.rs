@@ -17,8 +17,10 @@ pub(super) struct ShardedSave {
 /// A model's weights as `load_state` read them.
 pub(super) enum LoadedModel {
     Plain(Vec<(String, Tensor)>),
+    /// This rank's chunks (SHARDED_STATE_DICT).
     Shards(Vec<(String, Tensor)>),
-    Full(Vec<(String, Tensor)>),
+    /// This rank's slices of the whole-model file (FULL_STATE_DICT, or an unsharded run's checkpoint).
+    Full(crate::accelerator::fsdp::SlicedRead),
 }
 
 pub(super) fn rank_file(stem: &str, i: usize, rank: usize) -> String {

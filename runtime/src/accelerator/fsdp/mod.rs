@@ -10,7 +10,7 @@ mod shard;
 pub(crate) use context::{
     block_paths, forget_stashed_gradients, register_block, register_model, run_block, with_active,
 };
-pub(crate) use shard::ShardedModel;
+pub(crate) use shard::{ShardedModel, SlicedRead};
 
 use crate::{Error, Result};
 use tch::Tensor;

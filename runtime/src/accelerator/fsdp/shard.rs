@@ -23,6 +23,7 @@ use crate::distributed::{CommStream, Group, Mark};
 mod backward;
 mod state;
 use crate::{Error, ReduceOp, Result};
+pub(crate) use state::SlicedRead;
 use std::sync::Arc;
 use tch::{Kind, Tensor};
 
@@ -73,19 +74,90 @@ impl Unit {
     }
 
     fn piece(&self, i: usize, rank: i64) -> (i64, i64) {
-        let start = rank * self.chunk;
-        let lo = self.offsets[i].max(start);
-        let hi = (self.offsets[i] + self.numels[i]).min(start + self.chunk);
-        if hi <= lo {
-            (0, 0)
-        } else {
-            (lo - start, hi - lo)
-        }
+        piece(self.offsets[i], self.numels[i], self.chunk, rank)
     }
 
     fn bytes(&self, world: i64) -> i64 {
         self.chunk * world * self.full.kind().elt_size_in_bytes() as i64
     }
+}
+
+/// Where the parameter at `offset` (of `numel` elements) of a unit's flat buffer meets `rank`'s chunk:
+/// the start within the chunk and the length (`(0, 0)` when they do not meet).
+fn piece(offset: i64, numel: i64, chunk: i64, rank: i64) -> (i64, i64) {
+    let start = rank * chunk;
+    let lo = offset.max(start);
+    let hi = (offset + numel).min(start + chunk);
+    if hi <= lo {
+        (0, 0)
+    } else {
+        (lo - start, hi - lo)
+    }
+}
+
+/// A placeholder parameter still to be materialised into its unit's chunk.
+struct Pending {
+    unit: usize,
+    param: usize,
+    recipe: crate::layers::Recipe,
+    /// Its element's address: the recipe's key.
+    addr: usize,
+}
+
+/// Fills each pending placeholder's piece of this rank's chunk (collective). Every rank must have built
+/// its model the same way (checked: a rank with placeholders among ranks without is an error on all of
+/// them). The values are drawn whole, one parameter at a time and in the order they were made, from rank
+/// 0's generator states.
+fn materialize_pieces(units: &[Unit], pending: &[Pending], group: &Group, rank: i64) -> Result<()> {
+    let flags = group
+        .lock()
+        .all_gather_bytes(&[u8::from(!pending.is_empty())])
+        .map_err(|e| chained("FSDP materialising", e))?;
+    let with: Vec<usize> = (0..flags.len()).filter(|r| flags[*r] == [1]).collect();
+    if with.is_empty() {
+        return Ok(());
+    }
+    if with.len() != flags.len() {
+        return Err(Error::InvalidValue {
+            name: "FSDP model".into(),
+            detail: format!(
+                "ranks {with:?} built the model under init_empty_weights and the others did not; every \
+                 rank must build it the same way"
+            ),
+        });
+    }
+    let own = crate::random::rng_states()?;
+    crate::random::synchronize_rng_types(
+        &mut group.lock(),
+        &[crate::RNGType::Torch, crate::RNGType::Cuda],
+    )?;
+    // A rank whose generators were rank 0's (every rank seeded alike) continues after the draws, as
+    // after an eager build; another (seeded per device) gets its own states back untouched.
+    let alike = crate::random::rng_states()?
+        .iter()
+        .zip(&own)
+        .all(|((_, a), (_, b))| a.equal(b));
+    let drawn = tch::no_grad(|| -> Result<()> {
+        for p in pending {
+            let unit = &units[p.unit];
+            let whole = crate::layers::materialize(&unit.shapes[p.param], p.recipe)
+                .map_err(torch("FSDP materialising"))?;
+            let (lo, len) = unit.piece(p.param, rank);
+            if len > 0 {
+                let from = rank * unit.chunk + lo - unit.offsets[p.param];
+                unit.shard
+                    .narrow(0, lo, len)
+                    .f_copy_(&whole.reshape([-1]).narrow(0, from, len))
+                    .map_err(torch("FSDP materialising"))?;
+            }
+            crate::layers::forget_recipe(p.addr);
+        }
+        Ok(())
+    });
+    if !alike {
+        crate::random::set_rng_states(&own)?;
+    }
+    drawn
 }
 
 /// A model's units, and what a forward and its backward have done to them.
@@ -166,15 +238,25 @@ fn resize(t: &Tensor, nbytes: i64, unit: &str) -> Result<()> {
 
 impl ShardedModel {
     /// Shards `units` (each a list of named parameters, equal on every rank) across the group's ranks:
-    /// from here on every parameter holds only its piece.
+    /// from here on every parameter holds only its piece. `made` lists the parameters in the order
+    /// they were made: placeholders (built under `init_empty_weights`) are materialised in it, each
+    /// whole for a moment and one at a time, from rank 0's generator states, so every rank keeps its
+    /// piece of the values an eager build on rank 0 would have had.
     pub(crate) fn new(
         units: Vec<(String, super::Named)>,
+        made: &[String],
         group: Group,
         reshard_after_forward: bool,
         block_paths: &std::collections::BTreeSet<String>,
         param_kind: Option<Kind>,
     ) -> Result<Self> {
         let (rank, world) = (group.rank() as i64, group.world_size() as i64);
+        let position: std::collections::HashMap<&str, usize> = made
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.as_str(), i))
+            .collect();
+        let mut placeholders = Vec::new();
         let mut out = Vec::with_capacity(units.len());
         for (name, named) in units {
             if named.is_empty() {
@@ -210,14 +292,26 @@ impl ShardedModel {
             };
             let full = Tensor::f_empty([chunk * world], (gathered_kind, device))
                 .map_err(torch("FSDP sharding"))?;
-            let shard = tch::no_grad(|| -> Result<Tensor> {
-                let flat = named
-                    .iter()
-                    .map(|(_, t)| t.detach().reshape([-1]))
-                    .collect();
-                let flat = padded_flat(flat, chunk * world, "FSDP sharding")?;
-                Ok(flat.narrow(0, rank * chunk, chunk).copy())
-            })?;
+            // Only this rank's chunk is ever made: each parameter's piece is copied into it (the
+            // padding stays zero).
+            let shard = Tensor::f_zeros([chunk], (kind, device)).map_err(torch("FSDP sharding"))?;
+            for (i, (pname, t)) in named.iter().enumerate() {
+                if let Some(recipe) = crate::layers::recipe_of(t) {
+                    let made_at = position.get(pname.as_str()).copied().unwrap_or(usize::MAX);
+                    placeholders.push((made_at, out.len(), i, recipe, t.data_ptr() as usize));
+                    continue;
+                }
+                let (lo, len) = piece(offsets[i], numels[i], chunk, rank);
+                if len > 0 {
+                    let from = rank * chunk + lo - offsets[i];
+                    tch::no_grad(|| {
+                        shard
+                            .narrow(0, lo, len)
+                            .f_copy_(&t.detach().reshape([-1]).narrow(0, from, len))
+                    })
+                    .map_err(torch("FSDP sharding"))?;
+                }
+            }
             let (names, params): (Vec<String>, Vec<Tensor>) = named.into_iter().unzip();
             let count = shapes.len();
             let block = block_paths.contains(&name);
@@ -244,6 +338,17 @@ impl ShardedModel {
             resize(&unit.full, 0, &unit.name)?;
             out.push(unit);
         }
+        placeholders.sort_by_key(|p| p.0);
+        let pieces: Vec<Pending> = placeholders
+            .into_iter()
+            .map(|(_, k, i, recipe, addr)| Pending {
+                unit: k,
+                param: i,
+                recipe,
+                addr,
+            })
+            .collect();
+        materialize_pieces(&out, &pieces, &group, rank)?;
         let n = out.len();
         Ok(ShardedModel {
             units: out,

@@ -1,5 +1,6 @@
 //! A sharded model in checkpoints: each rank's chunks (`save_state` under SHARDED_STATE_DICT, and
-//! always for the optimizer's pieces), or the whole model read back into this rank's chunks.
+//! always for the optimizer's pieces), or a whole-model checkpoint of which each rank reads only its
+//! slices (`load_state` of a FULL_STATE_DICT checkpoint, `Accelerator::load_checkpoint_in_model`).
 
 use super::*;
 use crate::accelerator::checkpoint::bad;
@@ -71,56 +72,126 @@ impl ShardedModel {
         })
     }
 
-    /// An error unless `full` (the whole model by name, read from `path`) holds every parameter of the
-    /// units with its shape.
-    pub(crate) fn check_full_state(&self, full: &[(String, Tensor)], path: &Path) -> Result<()> {
-        for unit in &self.units {
-            for (i, name) in unit.names.iter().enumerate() {
-                let t = full
-                    .iter()
-                    .find(|(n, _)| n == name)
-                    .map(|(_, t)| t)
-                    .ok_or_else(|| bad(path, format!("tensor {name} is missing")))?;
-                if t.size() != unit.shapes[i] {
-                    return Err(bad(
-                        path,
-                        format!(
-                            "tensor {name} has shape {:?}, the model's is {:?}",
-                            t.size(),
-                            unit.shapes[i]
-                        ),
-                    ));
-                }
-            }
-        }
-        Ok(())
+    /// Loads `checkpoint` (a safetensors file, a sharded index or a folder) into this rank's chunks,
+    /// reading only this rank's slice of every parameter; `named` (the model's variables) gives the
+    /// buffers, which are read whole. Every header is checked and every slice read before the model
+    /// changes. No collective: each rank reads its own bytes.
+    pub(crate) fn load_checkpoint(
+        &mut self,
+        named: &[(String, Tensor)],
+        checkpoint: &Path,
+    ) -> Result<crate::big_modeling::LoadReport> {
+        let read = self.read_slices(named, checkpoint)?;
+        self.apply_slices(named, read, checkpoint)
     }
 
-    /// Puts this rank's slice of a checked whole model into the chunks (any number of processes
-    /// wrote it).
-    pub(crate) fn load_full_state(&mut self, full: &[(String, Tensor)]) -> Result<()> {
-        self.reshard()?;
-        let (rank, world) = (self.rank, self.world);
-        tch::no_grad(|| {
-            for unit in &self.units {
-                let mut parts = Vec::with_capacity(unit.names.len() + 1);
-                for name in &unit.names {
-                    if let Some((_, t)) = full.iter().find(|(n, _)| n == name) {
-                        parts.push(
-                            t.f_to_device(unit.shard.device())
-                                .and_then(|t| t.f_to_kind(unit.shard.kind()))
-                                .and_then(|t| t.f_reshape([-1]))
-                                .map_err(torch("load_state"))?,
-                        );
-                    }
-                }
-                let flat = padded_flat(parts, unit.chunk * world, "load_state")?;
-                unit.shard
-                    .shallow_clone()
-                    .f_copy_(&flat.narrow(0, rank * unit.chunk, unit.chunk))
-                    .map_err(torch("load_state"))?;
+    /// Reads this rank's slice of every parameter of `checkpoint`, and the buffers of `named` whole
+    /// (the first half of [`load_checkpoint`](Self::load_checkpoint)).
+    pub(crate) fn read_slices(
+        &self,
+        named: &[(String, Tensor)],
+        checkpoint: &Path,
+    ) -> Result<SlicedRead> {
+        use crate::big_modeling::SliceRequest;
+        let rank = self.rank;
+        let mut requests = Vec::new();
+        let mut places = Vec::new();
+        for (k, unit) in self.units.iter().enumerate() {
+            for (i, name) in unit.names.iter().enumerate() {
+                let (lo, len) = unit.piece(i, rank);
+                let start = if len > 0 {
+                    rank * unit.chunk + lo - unit.offsets[i]
+                } else {
+                    0
+                };
+                requests.push(SliceRequest {
+                    name: name.clone(),
+                    shape: unit.shapes[i].clone(),
+                    start,
+                    len,
+                    device: unit.shard.device(),
+                    kind: unit.shard.kind(),
+                });
+                places.push(Some((k, lo, len)));
             }
-            Ok(())
+        }
+        for (name, t) in named {
+            if self.units.iter().any(|u| u.names.contains(name)) {
+                continue;
+            }
+            requests.push(SliceRequest {
+                name: name.clone(),
+                shape: t.size(),
+                start: 0,
+                len: t.numel() as i64,
+                device: t.device(),
+                kind: t.kind(),
+            });
+            places.push(None);
+        }
+        let read = crate::big_modeling::read_slices(checkpoint, &requests)?;
+        Ok(SlicedRead {
+            names: requests.into_iter().map(|r| r.name).collect(),
+            places,
+            values: read.values,
+            unexpected: read.unexpected,
         })
+    }
+
+    /// Copies what [`read_slices`](Self::read_slices) read into the chunks and buffers.
+    pub(crate) fn apply_slices(
+        &mut self,
+        named: &[(String, Tensor)],
+        read: SlicedRead,
+        checkpoint: &Path,
+    ) -> Result<crate::big_modeling::LoadReport> {
+        self.reshard()?;
+        let mut report = crate::big_modeling::LoadReport {
+            unexpected: read.unexpected,
+            ..Default::default()
+        };
+        let _no_grad = tch::no_grad_guard();
+        for ((name, place), value) in read.names.into_iter().zip(read.places).zip(read.values) {
+            let Some(value) = value else {
+                report.missing.push(name);
+                continue;
+            };
+            let target = match place {
+                Some((k, lo, len)) => self.units[k].shard.narrow(0, lo, len),
+                None => named
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .map(|(_, t)| t.view([-1]))
+                    .expect("requested from the model's names"),
+            };
+            target
+                .shallow_clone()
+                .f_copy_(&value)
+                .map_err(|e| bad(checkpoint, format!("copying {name}: {e}")))?;
+            report.loaded.push(name);
+        }
+        report.missing.sort();
+        Ok(report)
+    }
+}
+
+/// This rank's slices of a checkpoint, read and not yet copied into the model.
+pub(crate) struct SlicedRead {
+    names: Vec<String>,
+    /// Per name: a parameter's unit, start in the chunk and length; `None` for a buffer.
+    places: Vec<Option<(usize, i64, i64)>>,
+    values: Vec<Option<Tensor>>,
+    unexpected: Vec<String>,
+}
+
+impl SlicedRead {
+    /// The first parameter the checkpoint lacks (buffers may be missing).
+    pub(crate) fn missing_parameter(&self) -> Option<&str> {
+        self.names
+            .iter()
+            .zip(&self.places)
+            .zip(&self.values)
+            .find(|((_, place), value)| place.is_some() && value.is_none())
+            .map(|((name, _), _)| name.as_str())
     }
 }

@@ -1,0 +1,185 @@
+//! `fsdp_empty PROJECT_DIR`: a model of hasten layers built under `init_empty_weights` and prepared
+//! (FSDP when the environment says so, DDP otherwise) holds exactly the values an eager build on rank 0
+//! makes (every rank seeded differently, so the values come from rank 0's generator), each rank only its
+//! share under FSDP, and each rank's own generator continues afterwards. `save_model_sharded` writes
+//! several files and an index; a second empty model, prepared and loaded from them with
+//! `load_checkpoint_in_model` (under FSDP each rank reading its slices), equals the first exactly. A
+//! checkpoint with a wrong shape is an error naming the tensor and the file, and changes nothing.
+
+use super::{Check, err};
+use hasten::Accelerator;
+use hasten::layers::{Block, LayerNorm, Linear, init_empty_weights, layer_norm, linear};
+use hasten::optim::AdamW;
+use hasten::tch::nn::{self, Module};
+use hasten::tch::{Kind, Tensor};
+
+/// A norm made first, three residual blocks, a head made last: the root unit's parameters are made
+/// before and after the blocks', so materialising in the order of making is checked.
+#[derive(Debug)]
+struct Net {
+    norm: LayerNorm,
+    blocks: Vec<Block<Ffn>>,
+    head: Linear,
+}
+
+#[derive(Debug)]
+struct Ffn {
+    up: Linear,
+    down: Linear,
+}
+
+impl Module for Ffn {
+    fn forward(&self, xs: &Tensor) -> Tensor {
+        self.down.forward(&self.up.forward(xs).tanh())
+    }
+}
+
+impl Module for Net {
+    fn forward(&self, xs: &Tensor) -> Tensor {
+        let h = self.norm.forward(xs);
+        let h = self.blocks.iter().fold(h, |h, b| &h + b.forward(&h));
+        self.head.forward(&h)
+    }
+}
+
+fn build(root: &nn::Path) -> Net {
+    let norm = layer_norm(&(root / "norm"), &[6]);
+    let blocks = (0..3)
+        .map(|i| {
+            let p = root / "blocks" / i;
+            let ffn = Ffn {
+                up: linear(&(&p / "up"), 6, 10, true),
+                down: linear(&(&p / "down"), 10, 6, true),
+            };
+            Block::new(&p, ffn)
+        })
+        .collect();
+    Net {
+        norm,
+        blocks,
+        head: linear(&(root / "head"), 6, 5, true),
+    }
+}
+
+fn same(a: &[(String, Tensor)], b: &[(String, Tensor)], what: &str) -> Check {
+    if a.len() != b.len() {
+        return Err(format!("{what}: {} tensors against {}", a.len(), b.len()));
+    }
+    for (name, t) in a {
+        let other = b
+            .iter()
+            .find(|(n, _)| n == name)
+            .ok_or_else(|| format!("{what}: {name} is missing"))?;
+        if !t.equal(&other.1) {
+            return Err(format!("{what}: {name} differs"));
+        }
+    }
+    Ok(())
+}
+
+pub fn empty(acc: &mut Accelerator, project: &std::path::Path) -> Check {
+    let (p, r) = (acc.num_processes() as i64, acc.process_index() as i64);
+    let fsdp = acc.distributed_type() == hasten::DistributedType::Fsdp;
+    let vs = nn::VarStore::new(acc.device());
+    // Each rank seeded differently: the values must come from rank 0's generator.
+    hasten::tch::manual_seed(500 + r);
+    let net = init_empty_weights(|| build(&vs.root()));
+    let full_numel: i64 = vs
+        .trainable_variables()
+        .iter()
+        .map(|t| t.numel() as i64)
+        .sum();
+    let model = acc.prepare_model(net, vs).map_err(err)?;
+    // A rank seeded as rank 0 continues after the draws, as after an eager build (under DDP every
+    // rank draws its own); one seeded otherwise has its own state back.
+    let drawn = Tensor::rand([4], (Kind::Float, acc.device()));
+    hasten::tch::manual_seed(500 + r);
+    if !fsdp || r == 0 {
+        let _draws = build(&nn::VarStore::new(acc.device()).root());
+    }
+    if !drawn.equal(&Tensor::rand([4], (Kind::Float, acc.device()))) {
+        return Err("the generator does not continue where an eager build leaves it".into());
+    }
+    let eager_vs = nn::VarStore::new(acc.device());
+    hasten::tch::manual_seed(500);
+    let _eager = build(&eager_vs.root());
+    let eager: Vec<(String, Tensor)> = eager_vs.variables().into_iter().collect();
+    let got = acc.get_state_dict(&model).map_err(err)?;
+    same(
+        &eager,
+        &got,
+        "materialised model vs an eager build on rank 0",
+    )?;
+    let local: i64 = model.parameters().iter().map(|t| t.numel() as i64).sum();
+    if fsdp && local * p > full_numel + 4 * p * p {
+        return Err(format!(
+            "rank {r} holds {local} of {full_numel} parameter elements on {p} ranks"
+        ));
+    }
+    if !fsdp && local != full_numel {
+        return Err(format!("DDP rank {r} holds {local} of {full_numel}"));
+    }
+    // A step, so the saved values are not the initial ones.
+    let mut opt = acc.prepare_optimizer(AdamW::new(model.var_store(), 1e-2));
+    let x = Tensor::arange(4 * p * 6, (Kind::Float, acc.device()))
+        .view([4 * p, 6])
+        .sin();
+    let xb = x.narrow(0, 4 * r, 4);
+    let loss = model
+        .call(|m| m.forward(&xb))
+        .map_err(err)?
+        .square()
+        .mean(Kind::Float);
+    acc.backward(&loss).map_err(err)?;
+    opt.step().map_err(err)?;
+    let trained = acc.get_state_dict(&model).map_err(err)?;
+    let saved = project.join("saved");
+    acc.save_model_sharded(&model, &saved, "300").map_err(err)?;
+    acc.wait_for_everyone().map_err(err)?;
+    // A second empty model (other values), prepared, then loaded from the saved files.
+    let vs2 = nn::VarStore::new(acc.device());
+    hasten::tch::manual_seed(900);
+    let net2 = init_empty_weights(|| build(&vs2.root()));
+    let model2 = acc.prepare_model(net2, vs2).map_err(err)?;
+    let report = acc.load_checkpoint_in_model(&model2, &saved).map_err(err)?;
+    if !report.missing.is_empty()
+        || !report.unexpected.is_empty()
+        || report.loaded.len() != trained.len()
+    {
+        return Err(format!("load report: {report:?}"));
+    }
+    same(
+        &trained,
+        &acc.get_state_dict(&model2).map_err(err)?,
+        "loaded model vs saved",
+    )?;
+    // A file whose head.weight has the wrong shape: an error naming both, the model unchanged.
+    let bad = project.join(format!("bad{r}.safetensors"));
+    let mut tensors: Vec<(String, Tensor)> = trained
+        .iter()
+        .map(|(n, t)| (n.clone(), t.shallow_clone()))
+        .collect();
+    for (n, t) in &mut tensors {
+        if n == "head.weight" {
+            *t = Tensor::zeros([2, 2], (Kind::Float, hasten::tch::Device::Cpu));
+        }
+    }
+    Tensor::write_safetensors(&tensors, &bad).map_err(err)?;
+    let refused = acc
+        .load_checkpoint_in_model(&model2, &bad)
+        .err()
+        .ok_or("a wrong shape was loaded")?
+        .to_string();
+    if !refused.contains("head.weight") || !refused.contains(&format!("bad{r}.safetensors")) {
+        return Err(format!(
+            "the error does not name the tensor and file: {refused}"
+        ));
+    }
+    same(
+        &trained,
+        &acc.get_state_dict(&model2).map_err(err)?,
+        "model after a refused load",
+    )?;
+    println!("rank {r}: empty-weights init, save_model and sliced loading hold");
+    Ok(())
+}
