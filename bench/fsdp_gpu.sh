@@ -3,7 +3,8 @@
 # Accelerate's FSDP2) side by side in one run. Usage, from the repository root on the GPU machine:
 #   bash bench/fsdp_gpu.sh BIN_DIR PY_DIR PART...
 # PART: f1 (4 GPUs, REPS runs of each side, plus DDP), f1x2 (2 GPUs), losses (F8, first 13 losses, FSDP
-# against DDP), f2 (48 blocks), demo (README's loop under --use_fsdp on 2 GPUs against DDP).
+# against DDP), f2 (48 blocks), start (F2 built whole, then under init_empty_weights), ctas (F2 with
+# NCCL_MAX_CTAS 8 and 16, hasten only), demo (README's loop under --use_fsdp on 2 GPUs against DDP).
 set -u
 B=${1:?binaries folder}
 P=${2:?python folder}
@@ -45,6 +46,19 @@ for part in "$@"; do
     f2)
       echo "== F2: F48 (6.46 B parameters), 4 ranks, 3 + 5 steps"
       for i in $R; do both 4 fsdp 48 5; done
+      ;;
+    start)
+      echo "== F2's start: the model built whole on each GPU, then under init_empty_weights (each rank"
+      echo "   materialising its shard only); peaks of GPU memory and host resident set per rank"
+      launch --num_processes 4 "$B/bench-fsdp" fsdp 48 5 2>&1 | grep -E "BENCH|rror|panick"
+      launch --num_processes 4 "$B/bench-fsdp" fsdp 48 5 --empty 2>&1 | grep -E "BENCH|rror|panick"
+      ;;
+    ctas)
+      echo "== F2 with NCCL's CTAs per collective capped (hasten only): fewer SMs taken from the GEMMs"
+      for c in 8 16; do
+        echo "-- NCCL_MAX_CTAS=$c"
+        NCCL_MAX_CTAS=$c launch --num_processes 4 "$B/bench-fsdp" fsdp 48 5 2>&1 | grep -E "BENCH|rror|panick"
+      done
       ;;
     demo)
       echo "== README's loop (train_demo) on 2 GPUs: DDP, then FSDP by flags alone"

@@ -4,7 +4,9 @@
 //! Linear(d, d); batch 4 × seq 512 × d random, MSE (fp32) to a random target; AdamW lr 1e-4; bf16 mixed
 //! precision; 3 warm-up steps. FSDP: FULL_SHARD, one unit per Block (`transformer_cls_names_to_wrap`
 //! = Block), reshard after forward, as py_fsdp.py asks Accelerate's FSDP2. Prints one BENCH line;
-//! `--losses` adds every step's loss (read each step, so its timing is not a figure).
+//! `--losses` adds every step's loss (read each step, so its timing is not a figure). `--empty` builds
+//! the model under `init_empty_weights`, so prepare materialises each rank's shard only; the line then
+//! says how much GPU memory (peak) and host memory (peak resident set) the start took per rank.
 
 #[path = "report.rs"]
 mod report;
@@ -68,6 +70,18 @@ fn model_f(root: &nn::Path, blocks: i64) -> ModelF {
     }
 }
 
+/// This process's peak resident set (VmHWM), in GB; 0 where /proc does not say.
+fn host_peak_gb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb * 1e3 / 1e9)
+}
+
 fn main() -> hasten::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let mode = args.get(1).cloned().unwrap_or_else(|| "fsdp".into());
@@ -75,6 +89,7 @@ fn main() -> hasten::Result<()> {
     let steps: usize = args.get(3).and_then(|a| a.parse().ok()).unwrap_or(10);
     let warm = 3;
     let with_losses = args.iter().any(|a| a == "--losses");
+    let empty = args.iter().any(|a| a == "--empty");
     let mut builder = Accelerator::builder().mixed_precision(PrecisionType::Bf16);
     if mode == "fsdp" {
         builder = builder.fsdp_plugin(FullyShardedDataParallelPlugin {
@@ -93,7 +108,11 @@ fn main() -> hasten::Result<()> {
     hasten::tch::manual_seed(0);
     let t_build = report::now();
     let vs = nn::VarStore::new(device);
-    let net = model_f(&vs.root(), blocks);
+    let net = if empty {
+        layers::init_empty_weights(|| model_f(&vs.root(), blocks))
+    } else {
+        model_f(&vs.root(), blocks)
+    };
     let params: i64 = vs
         .trainable_variables()
         .iter()
@@ -105,6 +124,9 @@ fn main() -> hasten::Result<()> {
             let model = acc.prepare_model(net, vs)?;
             let mut opt = acc.prepare_optimizer(AdamW::new(model.var_store(), 1e-4));
             let build_s = report::now() - t_build;
+            let start_peak = hasten::memory::max_memory_allocated(device).unwrap_or(0) as f64 / 1e9;
+            let start_peaks = acc.group().all_gather_object(&start_peak)?;
+            let host_peaks = acc.group().all_gather_object(&host_peak_gb())?;
             let x = Tensor::randn([4, 512, D], (Kind::Float, device));
             let y = Tensor::randn([4, 512, D], (Kind::Float, device));
             hasten::memory::reset_peak_memory_stats(device);
@@ -142,6 +164,9 @@ fn main() -> hasten::Result<()> {
                 "peak_gpu_GB": peaks.iter().copied().fold(0.0, f64::max),
                 "peak_gpu_GB_per_rank": peaks,
                 "build_s": build_s,
+                "empty_weights": empty,
+                "start_peak_gpu_GB_per_rank": start_peaks,
+                "host_peak_rss_GB_per_rank": host_peaks,
                 "losses": losses,
             }))
         },

@@ -418,9 +418,14 @@ impl ShardedModel {
             crate::optim::clear_grads(&unit.params);
         }
         resize(&unit.full, unit.bytes(world), &unit.name)?;
+        // In place, as FSDP2 does it: this rank's chunk is copied (cast to the gathered dtype) into its
+        // own slot of the unsharded buffer, NCCL's send buffer. A separate input would be one more
+        // chunk-sized allocation per gather in flight, alive beside the prefetched block.
         let src = unit
-            .shard
-            .f_to_kind(unit.full.kind())
+            .full
+            .f_narrow(0, rank * unit.chunk, unit.chunk)
+            .map_err(torch("FSDP all-gather"))?;
+        tch::no_grad(|| src.shallow_clone().f_copy_(&unit.shard))
             .map_err(torch("FSDP all-gather"))?;
         let queued = match &self.comm {
             Some(comm) => {
