@@ -4,7 +4,7 @@
 #   bash bench/fsdp_gpu.sh BIN_DIR PY_DIR PART...
 # PART: f1 (4 GPUs, REPS runs of each side, plus DDP), f1x2 (2 GPUs), losses (F8, first 13 losses, FSDP
 # against DDP), f2 (48 blocks), start (F2 built whole, then under init_empty_weights), ctas (F2 with
-# NCCL_MAX_CTAS 8 and 16, hasten only), demo (README's loop under --use_fsdp on 2 GPUs against DDP).
+# NCCL_MAX_CTAS 8 and 16, hasten only), phases (where F1's peak memory is, both sides), demo (README's loop under --use_fsdp on 2 GPUs against DDP).
 set -u
 B=${1:?binaries folder}
 P=${2:?python folder}
@@ -59,6 +59,40 @@ for part in "$@"; do
         echo "-- NCCL_MAX_CTAS=$c"
         NCCL_MAX_CTAS=$c launch --num_processes 4 "$B/bench-fsdp" fsdp 48 5 2>&1 | grep -E "BENCH|rror|panick"
       done
+      ;;
+    phases)
+      echo "== Where F1's peak is (warm-up step 1, rank 0): peak GPU memory of each phase, both sides"
+      # A copy of py_fsdp.py that reports the same phases (not a figure: it synchronises in that step).
+      "$PY" - "$P/py_fsdp.py" /tmp/py_phases.py <<'PYEOF'
+import sys
+src = open(sys.argv[1]).read()
+old = """            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x).float(), y)
+            acc.backward(loss)
+            opt.step()
+"""
+new = """            ph = []
+            def mark(name):
+                if i == 1:
+                    torch.cuda.synchronize()
+                    ph.append((name, torch.cuda.max_memory_allocated() / 1e9))
+                    torch.cuda.reset_peak_memory_stats()
+            mark("before")
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x).float(), y)
+            mark("forward")
+            acc.backward(loss)
+            mark("backward")
+            opt.step()
+            mark("step")
+            if i == 1 and acc.is_main_process:
+                print("PHASES", ph, flush=True)
+"""
+assert old in src
+open(sys.argv[2], "w").write(src.replace(old, new))
+PYEOF
+      launch --num_processes 4 "$B/bench-fsdp" fsdp 8 10 2>&1 | grep -E "BENCH|rror|panick"
+      pylaunch --num_processes 4 /tmp/py_phases.py fsdp 8 10 2>&1 | grep -E "PHASES|ANCHOR|rror"
       ;;
     demo)
       echo "== README's loop (train_demo) on 2 GPUs: DDP, then FSDP by flags alone"

@@ -133,16 +133,32 @@ fn main() -> hasten::Result<()> {
             let mut start = report::now();
             let mut loss = 0.0;
             let mut losses = Vec::new();
+            let mut phase_peaks: Vec<(String, f64)> = Vec::new();
             for i in 0..warm + steps {
                 if i == warm {
                     Cuda::synchronize(index);
                     start = report::now();
                 }
+                // Warm-up step 1 also says where the peak is: forward, backward or optimizer step.
+                let phases = i == 1;
+                let mut phase = |name: &str| {
+                    if phases {
+                        Cuda::synchronize(index);
+                        let gb =
+                            hasten::memory::max_memory_allocated(device).unwrap_or(0) as f64 / 1e9;
+                        phase_peaks.push((name.to_owned(), gb));
+                        hasten::memory::reset_peak_memory_stats(device);
+                    }
+                };
+                phase("before");
                 opt.zero_grad();
                 let out = model.forward(&x)?;
                 let l = out.mse_loss(&y, hasten::tch::Reduction::Mean);
+                phase("forward");
                 acc.backward(&l)?;
+                phase("backward");
                 opt.step()?;
+                phase("step");
                 if with_losses {
                     losses.push(l.double_value(&[]));
                 }
@@ -168,6 +184,7 @@ fn main() -> hasten::Result<()> {
                 "start_peak_gpu_GB_per_rank": start_peaks,
                 "host_peak_rss_GB_per_rank": host_peaks,
                 "losses": losses,
+                "phase_peaks_GB_rank0": phase_peaks,
             }))
         },
     ));

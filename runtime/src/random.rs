@@ -248,6 +248,47 @@ pub(crate) fn synchronize_rng_types(
     }
 }
 
+/// Runs `draw` (collective: every rank calls it) with libtorch's generators — the CPU one and this
+/// rank's GPU's — holding rank 0's states, so every rank draws what rank 0 draws. After it, a rank whose
+/// states were rank 0's already (every rank seeded alike) keeps the advanced states, as if it had drawn
+/// alone; any other (seeded per device) gets its own back. hasten's host generator is not involved.
+pub(crate) fn draw_as_rank_0<R>(
+    group: &mut crate::ProcessGroup,
+    draw: impl FnOnce() -> Result<R>,
+) -> Result<R> {
+    let device = group.state().device;
+    let devices: Vec<tch::Device> = std::iter::once(tch::Device::Cpu)
+        .chain(device.is_cuda().then_some(device))
+        .collect();
+    let own = devices
+        .iter()
+        .map(|d| {
+            Vec::<u8>::try_from(torch_state(*d)?).map_err(|e| crate::Error::torch("rng state", e))
+        })
+        .collect::<Result<Vec<Vec<u8>>>>()?;
+    let mut states = if group.rank() == 0 {
+        own.clone()
+    } else {
+        Vec::new()
+    };
+    group.broadcast_object_list(&mut states, 0)?;
+    let alike = states == own;
+    let set = |all: &[Vec<u8>]| -> Result<()> {
+        for (d, s) in devices.iter().zip(all) {
+            set_torch_state(*d, "rank 0's generator", &tch::Tensor::from_slice(s))?;
+        }
+        Ok(())
+    };
+    if !alike {
+        set(&states)?;
+    }
+    let drawn = draw();
+    if !alike {
+        set(&own)?;
+    }
+    drawn
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

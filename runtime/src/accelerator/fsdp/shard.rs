@@ -107,7 +107,7 @@ struct Pending {
 /// Fills each pending placeholder's piece of this rank's chunk (collective). Every rank must have built
 /// its model the same way (checked: a rank with placeholders among ranks without is an error on all of
 /// them). The values are drawn whole, one parameter at a time and in the order they were made, from rank
-/// 0's generator states.
+/// 0's generator states (`random::draw_as_rank_0`).
 fn materialize_pieces(units: &[Unit], pending: &[Pending], group: &Group, rank: i64) -> Result<()> {
     let flags = group
         .lock()
@@ -126,18 +126,8 @@ fn materialize_pieces(units: &[Unit], pending: &[Pending], group: &Group, rank: 
             ),
         });
     }
-    let own = crate::random::rng_states()?;
-    crate::random::synchronize_rng_types(
-        &mut group.lock(),
-        &[crate::RNGType::Torch, crate::RNGType::Cuda],
-    )?;
-    // A rank whose generators were rank 0's (every rank seeded alike) continues after the draws, as
-    // after an eager build; another (seeded per device) gets its own states back untouched.
-    let alike = crate::random::rng_states()?
-        .iter()
-        .zip(&own)
-        .all(|((_, a), (_, b))| a.equal(b));
-    let drawn = tch::no_grad(|| -> Result<()> {
+    crate::random::draw_as_rank_0(&mut group.lock(), || {
+        let _no_grad = tch::no_grad_guard();
         for p in pending {
             let unit = &units[p.unit];
             let whole = crate::layers::materialize(&unit.shapes[p.param], p.recipe)
@@ -153,11 +143,7 @@ fn materialize_pieces(units: &[Unit], pending: &[Pending], group: &Group, rank: 
             crate::layers::forget_recipe(p.addr);
         }
         Ok(())
-    });
-    if !alike {
-        crate::random::set_rng_states(&own)?;
-    }
-    drawn
+    })
 }
 
 /// A model's units, and what a forward and its backward have done to them.

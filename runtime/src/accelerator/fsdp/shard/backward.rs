@@ -249,7 +249,10 @@ impl ShardedModel {
     }
 
     /// Whether each parameter (units in order) got a gradient on any rank since the last
-    /// synchronisation (one small all-reduce).
+    /// synchronisation (one small all-reduce). A rank that used every parameter needs no answer (each
+    /// gets its gradient whatever the others did): it joins the all-reduce without reading the result,
+    /// so the host does not wait for the GPU there (a blocking copy either way would drain the stream
+    /// every step).
     fn used_anywhere(&self) -> Result<Vec<bool>> {
         let flags: Vec<f32> = self
             .units
@@ -260,10 +263,19 @@ impl ShardedModel {
             .units
             .first()
             .map_or(tch::Device::Cpu, |u| u.shard.device());
-        let mut t = Tensor::from_slice(&flags).to_device(device);
+        let all_used = flags.iter().all(|f| *f > 0.0);
+        let mut t = if all_used {
+            Tensor::f_ones([flags.len() as i64], (Kind::Float, device))
+        } else {
+            Tensor::from_slice(&flags).f_to_device(device)
+        }
+        .map_err(torch("FSDP reduce-scatter"))?;
         self.group
             .all_reduce(&mut t, ReduceOp::Max)
             .map_err(|e| chained("FSDP reduce-scatter", e))?;
+        if all_used {
+            return Ok(vec![true; flags.len()]);
+        }
         let flags = Vec::<f32>::try_from(t.to_device(tch::Device::Cpu))
             .map_err(torch("FSDP reduce-scatter"))?;
         Ok(flags.into_iter().map(|f| f > 0.0).collect())
