@@ -37,8 +37,11 @@ impl ShardedModel {
                 let after: Vec<usize> = self.order[pos + 1..].iter().rev().copied().collect();
                 for j in after {
                     if self.taken[j].is_none() && self.outstanding[j] == 0 {
-                        self.take_gradients(j, sync)?;
+                        // Freed first, as FSDP2's post-backward reshards before it reduces: the
+                        // block's parameters go back to the allocator before the reduce-scatter's
+                        // input is made (the gradients stay on the parameters meanwhile).
                         self.free(j)?;
+                        self.take_gradients(j, sync)?;
                     }
                 }
             }
