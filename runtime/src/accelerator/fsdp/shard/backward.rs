@@ -69,6 +69,12 @@ impl ShardedModel {
     /// end).
     fn take_gradients(&mut self, k: usize, sync: bool) -> Result<()> {
         let world = self.world;
+        // The previous reduce-scatter's input goes back to the allocator first (FSDP2's order), after
+        // the compute stream waits for it (it has had a block's backward to run): holding inputs until
+        // the host sees them done would keep most of them, the host being far ahead of the GPU.
+        for (mark, _input) in self.pending.drain(..) {
+            mark.wait_on_compute()?;
+        }
         let unit = &mut self.units[k];
         let flat = tch::no_grad(|| -> Result<Tensor> {
             // Gradients come in the gathered parameters' dtype and are reduced in it (the policy's
@@ -98,12 +104,6 @@ impl ShardedModel {
             unit.held_grads = Some(flat);
             self.taken[k] = Some(None);
             return Ok(());
-        }
-        // The previous reduce-scatter's input goes back to the allocator now, after the compute stream
-        // waits for it (it has had a block's backward to run): holding inputs until the host sees them
-        // done would keep most of them, the host being far ahead of the GPU.
-        for (mark, _input) in self.pending.drain(..) {
-            mark.wait_on_compute()?;
         }
         let chunk = self.units[k].chunk;
         let out = Tensor::f_empty([chunk], (flat.kind(), flat.device()))
