@@ -268,6 +268,16 @@ fn fsdp_blocks_gather_only_while_they_run_and_match_one_process() {
     let mut bf16 = blocks.to_vec();
     bf16.push(("ACCELERATE_MIXED_PRECISION", "bf16"));
     fsdp_mode("fsdp_blocks", &[2, 3], &bf16);
+    // Activation checkpointing: each block recomputed in its backward (the worker counts the runs),
+    // with the same results; also with SHARD_GRAD_OP and under bf16's autocast.
+    let mut ac = blocks.to_vec();
+    ac.push(("FSDP_ACTIVATION_CHECKPOINTING", "true"));
+    fsdp_mode("fsdp_blocks", &[2, 3], &ac);
+    let mut ac_grad_op = ac.clone();
+    ac_grad_op.push(("FSDP_RESHARD_AFTER_FORWARD", "false"));
+    fsdp_mode("fsdp_blocks", &[2], &ac_grad_op);
+    ac.push(("ACCELERATE_MIXED_PRECISION", "bf16"));
+    fsdp_mode("fsdp_blocks", &[2], &ac);
 }
 
 #[test]

@@ -6,7 +6,8 @@
 //! = Block), reshard after forward, as py_fsdp.py asks Accelerate's FSDP2. Prints one BENCH line;
 //! `--losses` adds every step's loss (read each step, so its timing is not a figure). `--empty` builds
 //! the model under `init_empty_weights`, so prepare materialises each rank's shard only; the line then
-//! says how much GPU memory (peak) and host memory (peak resident set) the start took per rank.
+//! says how much GPU memory (peak) and host memory (peak resident set) the start took per rank. `--ac`
+//! switches on activation checkpointing (every block recomputed in its backward).
 
 #[path = "report.rs"]
 mod report;
@@ -90,12 +91,14 @@ fn main() -> hasten::Result<()> {
     let warm = 3;
     let with_losses = args.iter().any(|a| a == "--losses");
     let empty = args.iter().any(|a| a == "--empty");
+    let checkpointing = args.iter().any(|a| a == "--ac");
     let mut builder = Accelerator::builder().mixed_precision(PrecisionType::Bf16);
     if mode == "fsdp" {
         builder = builder.fsdp_plugin(FullyShardedDataParallelPlugin {
             fsdp_version: 2,
             sharding_strategy: ShardingStrategy::FullShard,
             auto_wrap_policy: AutoWrapPolicy::TransformerBasedWrap(vec!["Block".into()]),
+            activation_checkpointing: checkpointing,
             ..FullyShardedDataParallelPlugin::default()
         });
     }
@@ -181,6 +184,7 @@ fn main() -> hasten::Result<()> {
                 "peak_gpu_GB_per_rank": peaks,
                 "build_s": build_s,
                 "empty_weights": empty,
+                "activation_checkpointing": checkpointing,
                 "start_peak_gpu_GB_per_rank": start_peaks,
                 "host_peak_rss_GB_per_rank": host_peaks,
                 "losses": losses,

@@ -405,7 +405,11 @@ mod tests {
 #[derive(Debug)]
 pub struct Block<M> {
     path: String,
-    inner: M,
+    // Boxed, so its address survives moves of the block: a checkpointed block's backward runs it again
+    // through that address (see `recompute`).
+    inner: Box<M>,
+    /// Dropped with the block: a recomputation checks it first.
+    alive: std::sync::Arc<()>,
 }
 
 impl<M> Block<M> {
@@ -413,7 +417,11 @@ impl<M> Block<M> {
     pub fn new(path: &nn::Path, inner: M) -> Self {
         let path = path.components().collect::<Vec<_>>().join(".");
         crate::accelerator::fsdp::register_block(&path);
-        Block { path, inner }
+        Block {
+            path,
+            inner: Box::new(inner),
+            alive: std::sync::Arc::new(()),
+        }
     }
 
     /// The block's VarStore path (`blocks.3`).
@@ -429,14 +437,48 @@ impl<M> Block<M> {
     /// [`nn::ModuleT::forward_t`] of a module with a training mode, run as a block.
     pub fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor
     where
-        M: nn::ModuleT,
+        M: nn::ModuleT + 'static,
     {
-        crate::accelerator::fsdp::run_block(&self.path, || self.inner.forward_t(xs, train))
+        crate::accelerator::fsdp::run_block(
+            &self.path,
+            xs,
+            |x| self.inner.forward_t(x, train),
+            || self.recompute(move |m, x| m.forward_t(x, train)),
+        )
+    }
+
+    /// The block's forward as a checkpointed block's backward calls it again: through the boxed
+    /// module's address, after checking that the block still exists (a graph can outlive its model).
+    fn recompute(
+        &self,
+        call: impl Fn(&M, &Tensor) -> Tensor + 'static,
+    ) -> Box<dyn Fn(&Tensor) -> Tensor>
+    where
+        M: 'static,
+    {
+        let module: *const M = &*self.inner;
+        let alive = std::sync::Arc::downgrade(&self.alive);
+        let path = self.path.clone();
+        Box::new(move |x| {
+            assert!(
+                alive.strong_count() > 0,
+                "block {path} was dropped before its backward could recompute it"
+            );
+            // SAFETY: the module is boxed, so its address does not change while the block lives, and
+            // the block is alive (checked above); it is only read, by the backward of a graph its own
+            // forward built, while the thread owning it waits for that backward.
+            call(unsafe { &*module }, x)
+        })
     }
 }
 
-impl<M: nn::Module> nn::Module for Block<M> {
+impl<M: nn::Module + 'static> nn::Module for Block<M> {
     fn forward(&self, xs: &Tensor) -> Tensor {
-        crate::accelerator::fsdp::run_block(&self.path, || self.inner.forward(xs))
+        crate::accelerator::fsdp::run_block(
+            &self.path,
+            xs,
+            |x| self.inner.forward(x),
+            || self.recompute(|m, x| m.forward(x)),
+        )
     }
 }

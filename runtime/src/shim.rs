@@ -7,7 +7,7 @@
 //! argument libtorch trusts without checking, a dtype code, makes its wrapper an `unsafe fn`. The rest of
 //! the crate calls these wrappers, never `ffi` itself.
 
-use std::ffi::{c_int, c_void};
+use std::ffi::{c_char, c_int, c_void};
 use tch::Tensor;
 use torch_sys::C_tensor;
 
@@ -72,6 +72,15 @@ mod ffi {
         pub(super) fn hasten_empty_device_cache() -> i32;
         pub(super) fn hasten_storage_resize(tensor: *mut C_tensor, nbytes: i64) -> i32;
         pub(super) fn hasten_device_memory_stat(device_type: i32, index: i32, which: i32) -> i64;
+        pub(super) fn hasten_checkpoint(
+            input: *mut C_tensor,
+            anchor: *mut C_tensor,
+            forward: extern "C" fn(*mut c_void, *mut C_tensor, *mut c_char, usize) -> *mut C_tensor,
+            drop: extern "C" fn(*mut c_void),
+            ctx: *mut c_void,
+            error: *mut c_char,
+            len: usize,
+        ) -> *mut C_tensor;
         pub(super) fn hasten_register_grad_pre_hook(
             tensor: *mut C_tensor,
             call: extern "C" fn(*mut c_void, i64),
@@ -334,4 +343,93 @@ pub(crate) unsafe fn register_grad_pre_hook(
 pub(crate) fn device_memory_stat(index: i32, which: i32) -> i64 {
     // SAFETY: plain values; the shim catches every exception.
     unsafe { ffi::hasten_device_memory_stat(1, index, which) }
+}
+
+/// A checkpointed block's forward, as the shim holds it.
+type BlockForward = Box<dyn Fn(&Tensor) -> Tensor>;
+
+/// The text of a panic's payload.
+pub(crate) fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
+extern "C" fn run_block_forward(
+    ctx: *mut c_void,
+    input: *mut C_tensor,
+    error: *mut c_char,
+    len: usize,
+) -> *mut C_tensor {
+    // SAFETY: the shim hands over a fresh heap tensor (tch's representation) that we now own.
+    let input = unsafe { Tensor::from_ptr(input) };
+    // SAFETY: ctx is the Box<BlockForward> given to `checkpoint`, alive until drop_block_forward.
+    let forward = unsafe { &*(ctx as *const BlockForward) };
+    // A panic must not cross into libtorch: it becomes the error the shim throws.
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| forward(&input))) {
+        Ok(mut out) => {
+            let ptr = out.as_mut_ptr();
+            // The shim takes ownership of the tensor (it deletes it).
+            std::mem::forget(out);
+            ptr
+        }
+        Err(panic) => {
+            let text = panic_text(&*panic);
+            let bytes = text.as_bytes();
+            let n = bytes.len().min(len.saturating_sub(1));
+            // SAFETY: `error` holds `len` bytes; n + 1 <= len.
+            unsafe {
+                std::ptr::copy_nonoverlapping(bytes.as_ptr(), error.cast::<u8>(), n);
+                *error.add(n) = 0;
+            }
+            std::ptr::null_mut()
+        }
+    }
+}
+
+extern "C" fn drop_block_forward(ctx: *mut c_void) {
+    // SAFETY: ctx came from Box::into_raw in `checkpoint` and the shim drops it once.
+    drop(unsafe { Box::from_raw(ctx as *mut BlockForward) });
+}
+
+/// Runs `forward(input)` as a checkpointed block: without keeping activations, the output's backward
+/// recomputing it (with the forward's autocast and generator states) and backpropagating through the
+/// recomputation. `anchor`, a parameter the block uses, ties it into the graph when `input` needs no
+/// gradient. With gradients off it is just `forward(input)`. The error is the forward's panic or
+/// libtorch's message.
+///
+/// # Safety
+/// `forward` runs again during the backward, on libtorch's autograd thread for the device, while the
+/// thread that called the backward waits for it: whatever it borrows must stay valid and usable from
+/// there until the graph is freed.
+pub(crate) unsafe fn checkpoint(
+    input: &Tensor,
+    anchor: &Tensor,
+    forward: BlockForward,
+) -> Result<Tensor, String> {
+    let ctx = Box::into_raw(Box::new(forward));
+    let mut error = [0 as c_char; 1024];
+    // SAFETY: valid tensor handles alive for the call; ctx is owned by the shim from here (dropped
+    // through drop_block_forward); run_block_forward catches panics; `error` holds its length.
+    let out = unsafe {
+        ffi::hasten_checkpoint(
+            handle(input),
+            handle(anchor),
+            run_block_forward,
+            drop_block_forward,
+            ctx.cast(),
+            error.as_mut_ptr(),
+            error.len(),
+        )
+    };
+    owned(out).ok_or_else(|| {
+        // SAFETY: the shim NUL-terminates `error` within its length.
+        let text = unsafe { std::ffi::CStr::from_ptr(error.as_ptr()) };
+        match text.to_string_lossy() {
+            t if t.is_empty() => "activation checkpointing failed in libtorch".into(),
+            t => t.into_owned(),
+        }
+    })
 }

@@ -267,6 +267,9 @@ impl Accelerator {
                     (self.mixed_precision == PrecisionType::Bf16 && self.autocast.enabled)
                         .then_some(tch::Kind::BFloat16),
                 )?);
+                if let Some(sharded) = entry.fsdp.as_mut() {
+                    sharded.activation_checkpointing = plugin.activation_checkpointing;
+                }
             }
             None => entry.hook(&self.group.lock()),
         }

@@ -32,6 +32,10 @@ impl Module for Stack {
     }
 }
 
+/// How often a block's inner module ran: each forward once, and again in the backward under
+/// activation checkpointing.
+static INNER_CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 fn model(root: &nn::Path, blocks: bool) -> Box<dyn Module> {
     if !blocks {
         return Box::new(mlp(root));
@@ -41,7 +45,10 @@ fn model(root: &nn::Path, blocks: bool) -> Box<dyn Module> {
             let p = root / "blocks" / i;
             let inner = nn::seq()
                 .add(nn::linear(&p / "up", 8, 16, Default::default()))
-                .add_fn(|x| x.tanh())
+                .add_fn(|x| {
+                    INNER_CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    x.tanh()
+                })
                 .add(nn::linear(&p / "down", 16, 8, Default::default()));
             Block::new(&p, inner)
         })
@@ -257,6 +264,18 @@ pub fn fsdp(acc: &mut Accelerator, blocks: bool) -> Check {
     }
     let trained = acc.get_state_dict(&model).map_err(err)?;
     reference.matches(&trained, tol, "at the end")?;
+    if blocks {
+        // 3 blocks: every training forward, recomputed once under activation checkpointing, and the
+        // reference's forward per step.
+        let ac = std::env::var("FSDP_ACTIVATION_CHECKPOINTING").as_deref() == Ok("true");
+        let want = 3 * (STEPS * MICRO) as usize * (1 + usize::from(ac)) + 3 * STEPS as usize;
+        let calls = INNER_CALLS.load(std::sync::atomic::Ordering::Relaxed);
+        if calls != want {
+            return Err(format!(
+                "the blocks ran {calls} times, {want} expected (activation checkpointing: {ac})"
+            ));
+        }
+    }
     println!(
         "rank {r}: fsdp holds {local} of {full_numel} parameters ({:.3} of the model), optimizer state \
          {state_numel}",

@@ -114,16 +114,22 @@ extern "C" fn drop_ctx(ctx: *mut c_void) {
     drop(unsafe { Box::from_raw(ctx as *mut HookCtx) });
 }
 
-/// Runs one block's forward. Inside a sharded model's forward, the block's unit (the unit named by the
-/// block's path) is gathered first and, under FULL_SHARD, freed afterwards; its output carries the hook
-/// that gathers it again for the backward. Elsewhere it just runs `forward`. A failed gather panics with
-/// the error (a `Module::forward` cannot return one); the prepared model's forward turns it back into
-/// that error.
-pub(crate) fn run_block(path: &str, forward: impl FnOnce() -> Tensor) -> Tensor {
+/// Runs one block's forward on `xs`. Inside a sharded model's forward, the block's unit (the unit named
+/// by the block's path) is gathered first and, under FULL_SHARD, freed afterwards; its output carries the
+/// hook that gathers it again for the backward. Under activation checkpointing the forward runs through
+/// `recompute()` without keeping activations, and again in the backward. Elsewhere it just runs
+/// `forward`. A failed gather panics with the error (a `Module::forward` cannot return one); the
+/// prepared model's forward turns it back into that error.
+pub(crate) fn run_block(
+    path: &str,
+    xs: &Tensor,
+    forward: impl FnOnce(&Tensor) -> Tensor,
+    recompute: impl FnOnce() -> Box<dyn Fn(&Tensor) -> Tensor>,
+) -> Tensor {
     let Some(entry) = ACTIVE.with(|a| a.borrow().last().cloned()) else {
-        return forward();
+        return forward(xs);
     };
-    let unit = match lock(&entry).fsdp.as_mut() {
+    let (unit, anchor) = match lock(&entry).fsdp.as_mut() {
         Some(sharded) => match sharded.block_unit(path) {
             Some(unit) => {
                 if let Err(e) = sharded.before_block_forward(unit) {
@@ -131,13 +137,35 @@ pub(crate) fn run_block(path: &str, forward: impl FnOnce() -> Tensor) -> Tensor 
                     sharded.hook_error = Some(e);
                     panic!("{text}");
                 }
-                unit
+                let anchor = sharded
+                    .activation_checkpointing
+                    .then(|| sharded.anchor(unit))
+                    .flatten();
+                (unit, anchor)
             }
-            None => return forward(),
+            None => return forward(xs),
         },
-        None => return forward(),
+        None => return forward(xs),
     };
-    let out = forward();
+    let out = match anchor {
+        // SAFETY: the recompute function only reaches the block through its liveness check (see
+        // Block::recompute), and runs while the thread that called the backward waits.
+        Some(anchor) => match unsafe { crate::shim::checkpoint(xs, &anchor, recompute()) } {
+            Ok(out) => out,
+            Err(text) => {
+                let e = crate::Error::InvalidValue {
+                    name: format!("FSDP block {path}"),
+                    detail: format!("activation checkpointing: {text}"),
+                };
+                let text = e.to_string();
+                if let Some(sharded) = lock(&entry).fsdp.as_mut() {
+                    sharded.hook_error = Some(e);
+                }
+                panic!("{text}");
+            }
+        },
+        None => forward(xs),
+    };
     let mut guard = lock(&entry);
     if let Some(sharded) = guard.fsdp.as_mut() {
         if let Err(e) = sharded.after_block_forward(unit) {

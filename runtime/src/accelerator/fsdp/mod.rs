@@ -109,7 +109,9 @@ pub struct FullyShardedDataParallelPlugin {
     pub auto_wrap_policy: AutoWrapPolicy,
     /// Keep parameters and optimizer state on the CPU (`FSDP_OFFLOAD_PARAMS`; not yet in hasten).
     pub cpu_offload: bool,
-    /// Recompute each unit's activations in the backward (`FSDP_ACTIVATION_CHECKPOINTING`; not yet).
+    /// Recompute each block's activations in the backward instead of keeping them
+    /// (`FSDP_ACTIVATION_CHECKPOINTING`): every [`crate::layers::Block`] that is a unit keeps only its
+    /// input, and its backward runs its forward again first.
     pub activation_checkpointing: bool,
     /// Load the weights on the main process only (`FSDP_CPU_RAM_EFFICIENT_LOADING`). hasten starts every
     /// rank from the main process's weights either way.
@@ -287,12 +289,6 @@ impl FullyShardedDataParallelPlugin {
                 "cpu_offload (FSDP_OFFLOAD_PARAMS)",
                 "offloading parameters and optimizer state to the CPU is not supported by hasten's FSDP \
                  yet: set it to false",
-            );
-        }
-        if self.activation_checkpointing {
-            return refuse(
-                "activation_checkpointing (FSDP_ACTIVATION_CHECKPOINTING)",
-                "activation checkpointing is not supported by hasten's FSDP yet: set it to false",
             );
         }
         if let AutoWrapPolicy::SizeBasedWrap(n) = self.auto_wrap_policy

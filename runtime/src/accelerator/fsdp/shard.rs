@@ -155,6 +155,8 @@ pub(crate) struct ShardedModel {
     /// FULL_SHARD: free a block's unsharded parameters after its forward and gather them again for its
     /// backward. SHARD_GRAD_OP: keep them from the forward through the backward.
     pub reshard_after_forward: bool,
+    /// Block units run checkpointed: their activations recomputed in the backward.
+    pub activation_checkpointing: bool,
     /// Block units in the order their blocks ran in the current (or last) forward.
     order: Vec<usize>,
     /// The order of the forward before, which says which block to prefetch next.
@@ -342,6 +344,7 @@ impl ShardedModel {
             rank,
             world,
             reshard_after_forward,
+            activation_checkpointing: false,
             order: Vec::new(),
             last_order: Vec::new(),
             comm: None,
@@ -352,6 +355,11 @@ impl ShardedModel {
             outstanding: vec![0; n],
             hook_error: None,
         })
+    }
+
+    /// A parameter of unit `k` (what ties a checkpointed block into the autograd graph).
+    pub(crate) fn anchor(&self, k: usize) -> Option<Tensor> {
+        self.units[k].params.first().map(Tensor::shallow_clone)
     }
 
     /// The unit a block at `path` gathers, if that path is one.

@@ -127,3 +127,70 @@ fn the_environment_describes_the_plugin_as_accelerate_reads_it() {
     .unwrap_err();
     assert!(e.to_string().contains("FSDP_OFFLOAD_PARAMS"), "{e}");
 }
+
+#[test]
+fn a_checkpointed_forward_recomputes_with_the_same_dropout_and_gives_the_same_gradients() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let opts = (tch::Kind::Float, tch::Device::Cpu);
+    tch::manual_seed(3);
+    let w = Tensor::randn([6, 5], opts).set_requires_grad(true);
+    let block = |w: Tensor, calls: Arc<AtomicUsize>| {
+        move |x: &Tensor| {
+            calls.fetch_add(1, Ordering::Relaxed);
+            x.matmul(&w).dropout(0.5, true).tanh()
+        }
+    };
+    // The input needing a gradient, and not (then the parameter ties the block into the graph).
+    for input_grad in [true, false] {
+        let x = Tensor::randn([4, 6], opts).set_requires_grad(input_grad);
+        let plain_calls = Arc::new(AtomicUsize::new(0));
+        tch::manual_seed(11);
+        let y = block(w.shallow_clone(), plain_calls)(&x);
+        (&y * &y).sum(tch::Kind::Float).backward();
+        let after_plain = Tensor::rand([3], opts);
+        let (gw, gx) = (w.grad().copy(), x.grad());
+        let gx = gx.defined().then(|| gx.copy());
+        crate::optim::clear_grads(&[w.shallow_clone(), x.shallow_clone()]);
+        let calls = Arc::new(AtomicUsize::new(0));
+        tch::manual_seed(11);
+        let f = block(w.shallow_clone(), calls.clone());
+        // SAFETY: the closure owns what it uses.
+        let z = unsafe { crate::shim::checkpoint(&x, &w, Box::new(f)) }.unwrap();
+        assert!(z.equal(&y), "the same dropout mask");
+        assert!(z.requires_grad());
+        assert_eq!(calls.load(Ordering::Relaxed), 1);
+        (&z * &z).sum(tch::Kind::Float).backward();
+        assert_eq!(
+            calls.load(Ordering::Relaxed),
+            2,
+            "recomputed in the backward"
+        );
+        assert!(w.grad().allclose(&gw, 1e-6, 1e-7, false));
+        match gx {
+            Some(gx) => assert!(x.grad().allclose(&gx, 1e-6, 1e-7, false)),
+            None => assert!(!x.grad().defined()),
+        }
+        // The recomputation redrew the mask from the forward's state and put the generator back.
+        assert!(Tensor::rand([3], opts).equal(&after_plain));
+        crate::optim::clear_grads(&[w.shallow_clone()]);
+    }
+    // Without gradients it is just the forward; a panic in it is the error.
+    let x = Tensor::ones([2, 6], opts);
+    let out = tch::no_grad(|| {
+        // SAFETY: the closure owns what it uses.
+        unsafe { crate::shim::checkpoint(&x, &w, Box::new(|x: &Tensor| x.shallow_clone() * 2)) }
+    })
+    .unwrap();
+    assert!(!out.requires_grad());
+    // SAFETY: as above.
+    let err = unsafe {
+        crate::shim::checkpoint(
+            &x,
+            &w,
+            Box::new(|_: &Tensor| -> Tensor { panic!("no luck") }),
+        )
+    }
+    .unwrap_err();
+    assert!(err.contains("no luck"), "{err}");
+}
