@@ -7,7 +7,8 @@
 //! `--losses` adds every step's loss (read each step, so its timing is not a figure). `--empty` builds
 //! the model under `init_empty_weights`, so prepare materialises each rank's shard only; the line then
 //! says how much GPU memory (peak) and host memory (peak resident set) the start took per rank. `--ac`
-//! switches on activation checkpointing (every block recomputed in its backward).
+//! switches on activation checkpointing (every block recomputed in its backward), `--offload` CPU
+//! offload (shards, gradients and AdamW on the host).
 
 #[path = "report.rs"]
 mod report;
@@ -92,6 +93,7 @@ fn main() -> hasten::Result<()> {
     let with_losses = args.iter().any(|a| a == "--losses");
     let empty = args.iter().any(|a| a == "--empty");
     let checkpointing = args.iter().any(|a| a == "--ac");
+    let offload = args.iter().any(|a| a == "--offload");
     let mut builder = Accelerator::builder().mixed_precision(PrecisionType::Bf16);
     if mode == "fsdp" {
         builder = builder.fsdp_plugin(FullyShardedDataParallelPlugin {
@@ -99,6 +101,7 @@ fn main() -> hasten::Result<()> {
             sharding_strategy: ShardingStrategy::FullShard,
             auto_wrap_policy: AutoWrapPolicy::TransformerBasedWrap(vec!["Block".into()]),
             activation_checkpointing: checkpointing,
+            cpu_offload: offload,
             ..FullyShardedDataParallelPlugin::default()
         });
     }
@@ -185,6 +188,7 @@ fn main() -> hasten::Result<()> {
                 "build_s": build_s,
                 "empty_weights": empty,
                 "activation_checkpointing": checkpointing,
+                "cpu_offload": offload,
                 "start_peak_gpu_GB_per_rank": start_peaks,
                 "host_peak_rss_GB_per_rank": host_peaks,
                 "losses": losses,

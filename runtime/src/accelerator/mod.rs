@@ -266,6 +266,7 @@ impl Accelerator {
                     // autocast switched off: fp32 inputs would meet bf16 weights.
                     (self.mixed_precision == PrecisionType::Bf16 && self.autocast.enabled)
                         .then_some(tch::Kind::BFloat16),
+                    plugin.cpu_offload,
                 )?);
                 if let Some(sharded) = entry.fsdp.as_mut() {
                     sharded.activation_checkpointing = plugin.activation_checkpointing;

@@ -107,7 +107,9 @@ pub struct FullyShardedDataParallelPlugin {
     pub sharding_strategy: ShardingStrategy,
     /// Units (`FSDP_AUTO_WRAP_POLICY`, default NO_WRAP).
     pub auto_wrap_policy: AutoWrapPolicy,
-    /// Keep parameters and optimizer state on the CPU (`FSDP_OFFLOAD_PARAMS`; not yet in hasten).
+    /// Keep the shards — parameters, gradients and so the optimizer's state and step — in the CPU's
+    /// (page-locked) memory, gathering onto the GPU for the forward and backward (`FSDP_OFFLOAD_PARAMS`,
+    /// FSDP2's CPUOffloadPolicy).
     pub cpu_offload: bool,
     /// Recompute each block's activations in the backward instead of keeping them
     /// (`FSDP_ACTIVATION_CHECKPOINTING`): every [`crate::layers::Block`] that is a unit keeps only its
@@ -283,13 +285,6 @@ impl FullyShardedDataParallelPlugin {
                 );
             }
             _ => {}
-        }
-        if self.cpu_offload {
-            return refuse(
-                "cpu_offload (FSDP_OFFLOAD_PARAMS)",
-                "offloading parameters and optimizer state to the CPU is not supported by hasten's FSDP \
-                 yet: set it to false",
-            );
         }
         if let AutoWrapPolicy::SizeBasedWrap(n) = self.auto_wrap_policy
             && n < 0

@@ -95,6 +95,16 @@ fn piece(offset: i64, numel: i64, chunk: i64, rank: i64) -> (i64, i64) {
     }
 }
 
+/// `n` zeros of `kind` in page-locked host memory (plain host memory where libtorch cannot pin).
+fn pinned_zeros(n: i64, kind: Kind) -> Result<Tensor> {
+    let bytes = n * kind.elt_size_in_bytes() as i64;
+    let mut t = match crate::shim::empty_pinned_bytes(bytes) {
+        Some(b) => b.f_view_dtype(kind).map_err(torch("FSDP offload"))?,
+        None => Tensor::f_empty([n], (kind, tch::Device::Cpu)).map_err(torch("FSDP offload"))?,
+    };
+    t.f_zero_().map_err(torch("FSDP offload"))
+}
+
 /// A placeholder parameter still to be materialised into its unit's chunk.
 struct Pending {
     unit: usize,
@@ -237,6 +247,7 @@ impl ShardedModel {
         reshard_after_forward: bool,
         block_paths: &std::collections::BTreeSet<String>,
         param_kind: Option<Kind>,
+        offload: bool,
     ) -> Result<Self> {
         let (rank, world) = (group.rank() as i64, group.world_size() as i64);
         let position: std::collections::HashMap<&str, usize> = made
@@ -281,8 +292,13 @@ impl ShardedModel {
             let full = Tensor::f_empty([chunk * world], (gathered_kind, device))
                 .map_err(torch("FSDP sharding"))?;
             // Only this rank's chunk is ever made: each parameter's piece is copied into it (the
-            // padding stays zero).
-            let shard = Tensor::f_zeros([chunk], (kind, device)).map_err(torch("FSDP sharding"))?;
+            // padding stays zero). Offloaded, it lives in the host's page-locked memory, so copies to
+            // the GPU run asynchronously.
+            let shard = if offload && device.is_cuda() {
+                pinned_zeros(chunk, kind)?
+            } else {
+                Tensor::f_zeros([chunk], (kind, device)).map_err(torch("FSDP sharding"))?
+            };
             for (i, (pname, t)) in named.iter().enumerate() {
                 if let Some(recipe) = crate::layers::recipe_of(t) {
                     let made_at = position.get(pname.as_str()).copied().unwrap_or(usize::MAX);
@@ -373,7 +389,7 @@ impl ShardedModel {
             && self
                 .units
                 .first()
-                .is_some_and(|u| u.shard.device().is_cuda())
+                .is_some_and(|u| u.full.device().is_cuda())
         {
             self.comm = shared_comm();
         }
@@ -419,8 +435,20 @@ impl ShardedModel {
             .full
             .f_narrow(0, rank * unit.chunk, unit.chunk)
             .map_err(torch("FSDP all-gather"))?;
-        tch::no_grad(|| src.shallow_clone().f_copy_(&unit.shard))
-            .map_err(torch("FSDP all-gather"))?;
+        tch::no_grad(|| -> std::result::Result<(), tch::TchError> {
+            if unit.shard.device() == src.device() {
+                src.shallow_clone().f_copy_(&unit.shard)?;
+            } else {
+                // Offloaded: an asynchronous copy from page-locked memory, then the cast on the GPU (a
+                // blocking copy would wait for the GPU at every gather).
+                let on_gpu =
+                    unit.shard
+                        .f_to_device_(src.device(), unit.shard.kind(), true, false)?;
+                src.shallow_clone().f_copy_(&on_gpu)?;
+            }
+            Ok(())
+        })
+        .map_err(torch("FSDP all-gather"))?;
         let queued = match &self.comm {
             Some(comm) => {
                 let queued = self
@@ -598,9 +626,14 @@ impl ShardedModel {
     fn full_parameters(&mut self) -> Result<Vec<(String, Tensor)>> {
         let mut out = Vec::new();
         for unit in &self.units {
+            // Offloaded chunks go to the GPU for the collective.
+            let shard = unit
+                .shard
+                .f_to_device(unit.full.device())
+                .map_err(torch("FSDP state dict"))?;
             let gathered = self
                 .group
-                .all_gather_cat(&unit.shard)
+                .all_gather_cat(&shard)
                 .map_err(|e| chained("FSDP state dict", e))?;
             for (i, name) in unit.names.iter().enumerate() {
                 // On the CPU, as Accelerate's get_state_dict offloads it: a second whole model on
@@ -622,10 +655,12 @@ impl ShardedModel {
     /// sharded gradients.
     pub(crate) fn total_grad_norm(&self, norm_type: f64) -> Result<f64> {
         let t = torch("clip_grad_norm_");
-        let device = self
+        let (device, comm_device) = self
             .units
             .first()
-            .map_or(tch::Device::Cpu, |u| u.shard.device());
+            .map_or((tch::Device::Cpu, tch::Device::Cpu), |u| {
+                (u.shard.device(), u.full.device())
+            });
         let mut local = Tensor::f_zeros([], (Kind::Double, device)).map_err(&t)?;
         for unit in &self.units {
             for p in &unit.params {
@@ -654,6 +689,8 @@ impl ShardedModel {
         } else {
             ReduceOp::Sum
         };
+        // Offloaded gradients are summed on the host; the all-reduce runs where the group does.
+        let mut local = local.f_to_device(comm_device).map_err(&t)?;
         self.group
             .all_reduce(&mut local, op)
             .map_err(|e| chained("clip_grad_norm_", e))?;

@@ -118,14 +118,25 @@ fn the_environment_describes_the_plugin_as_accelerate_reads_it() {
         (1, ShardingStrategy::ShardGradOp)
     );
     assert_eq!(p.state_dict_type, StateDictType::FullStateDict);
+    // Offload and activation checkpointing run; HYBRID_SHARD is refused, named.
+    let p = crate::utils::patch_environment(
+        [
+            ("FSDP_OFFLOAD_PARAMS", "true"),
+            ("FSDP_ACTIVATION_CHECKPOINTING", "true"),
+        ],
+        FullyShardedDataParallelPlugin::from_env,
+    )
+    .unwrap();
+    assert!(p.cpu_offload && p.activation_checkpointing);
+    p.check_supported().unwrap();
     let e = crate::utils::patch_environment(
-        [("FSDP_OFFLOAD_PARAMS", "true")],
+        [("FSDP_SHARDING_STRATEGY", "HYBRID_SHARD")],
         FullyShardedDataParallelPlugin::from_env,
     )
     .unwrap()
     .check_supported()
     .unwrap_err();
-    assert!(e.to_string().contains("FSDP_OFFLOAD_PARAMS"), "{e}");
+    assert!(e.to_string().contains("HYBRID_SHARD"), "{e}");
 }
 
 #[test]

@@ -80,7 +80,7 @@ impl ShardedModel {
             // Gradients come in the gathered parameters' dtype and are reduced in it (the policy's
             // reduce_dtype is its param_dtype, as Accelerate sets it).
             let kind = unit.full.kind();
-            let device = unit.shard.device();
+            let device = unit.full.device();
             let zeros =
                 |n: i64| Tensor::f_zeros([n], (kind, device)).map_err(torch("FSDP reduce-scatter"));
             let mut parts = Vec::with_capacity(unit.params.len() + 1);
@@ -202,9 +202,11 @@ impl ShardedModel {
         let used = self.used_anywhere()?;
         let mut results = Vec::with_capacity(self.units.len());
         for k in 0..self.units.len() {
+            // Into the shards' dtype, and onto the host when they are offloaded.
+            let shard = &self.units[k].shard;
             let mut reduced = match self.taken[k].take().flatten() {
                 Some(r) => Some(
-                    r.f_to_kind(self.units[k].shard.kind())
+                    r.f_to_device_(shard.device(), shard.kind(), false, false)
                         .map_err(torch("FSDP reduce-scatter"))?,
                 ),
                 None => None,
@@ -265,7 +267,7 @@ impl ShardedModel {
         let device = self
             .units
             .first()
-            .map_or(tch::Device::Cpu, |u| u.shard.device());
+            .map_or(tch::Device::Cpu, |u| u.full.device());
         let all_used = flags.iter().all(|f| *f > 0.0);
         let mut t = if all_used {
             Tensor::f_ones([flags.len() as i64], (Kind::Float, device))
