@@ -167,9 +167,12 @@ impl Optimizer for TchOptimizer {
 /// betas (0.9, 0.999), eps 1e-8, weight decay 0.01.
 pub struct AdamW {
     params: Vec<Tensor>,
+    // Made at the first step, as PyTorch makes them (see `ensure_state`).
     exp_avg: Vec<Tensor>,
     exp_avg_sq: Vec<Tensor>,
     steps: Vec<Tensor>,
+    /// Whether a step ran (or a state was loaded): from then on the state must fit the parameters.
+    stepped: bool,
     lr: f64,
     betas: (f64, f64),
     eps: f64,
@@ -182,20 +185,22 @@ impl AdamW {
         Self::over(vs.trainable_variables(), lr)
     }
 
-    /// AdamW over given parameters.
+    /// AdamW over given parameters. Its state is made at the first step, on the parameters' device
+    /// and in their shape then, so it may be built before `prepare_model` moves the model to its
+    /// device or shards it (FSDP), or over a model built under `init_empty_weights`.
     pub fn over(params: Vec<Tensor>, lr: f64) -> Self {
-        let zeros = |p: &Tensor| p.zeros_like().to_kind(Kind::Float);
-        let exp_avg = params.iter().map(zeros).collect();
-        let exp_avg_sq = params.iter().map(zeros).collect();
-        let steps = params
-            .iter()
-            .map(|p| Tensor::zeros([], (Kind::Float, p.device())))
-            .collect();
+        let none = || {
+            params
+                .iter()
+                .map(|_| Tensor::zeros([0], (Kind::Float, tch::Device::Cpu)))
+                .collect::<Vec<_>>()
+        };
         AdamW {
+            exp_avg: none(),
+            exp_avg_sq: none(),
+            steps: none(),
             params,
-            exp_avg,
-            exp_avg_sq,
-            steps,
+            stepped: false,
             lr,
             betas: (0.9, 0.999),
             eps: 1e-8,
@@ -222,8 +227,58 @@ impl AdamW {
     }
 }
 
+impl AdamW {
+    /// Zeros for `p`'s state: its moments (fp32, its shape) and its step count.
+    fn fresh_state(p: &Tensor) -> Result<[Tensor; 3]> {
+        let zeros = || {
+            p.f_zeros_like()
+                .and_then(|z| z.f_to_kind(Kind::Float))
+                .map_err(|e| Error::torch("AdamW state", e))
+        };
+        let step = Tensor::f_zeros([], (Kind::Float, p.device()))
+            .map_err(|e| Error::torch("AdamW state", e))?;
+        Ok([zeros()?, zeros()?, step])
+    }
+
+    /// Whether parameter `i`'s state has its shape and device.
+    fn fits(&self, i: usize) -> bool {
+        let (p, m) = (&self.params[i], &self.exp_avg[i]);
+        m.size() == p.size() && m.device() == p.device() && self.steps[i].dim() == 0
+    }
+
+    /// Makes the state of every parameter whose state is missing or no longer fits it: before the first
+    /// step a model may have moved to its device or been sharded since the optimizer was built. After a
+    /// step that would lose the moments: an error naming the parameter.
+    fn ensure_state(&mut self) -> Result<()> {
+        for i in 0..self.params.len() {
+            if self.fits(i) {
+                continue;
+            }
+            if self.stepped {
+                let p = &self.params[i];
+                return Err(Error::InvalidValue {
+                    name: format!("AdamW parameter {i}"),
+                    detail: format!(
+                        "its state has shape {:?} on {:?}, the parameter is now {:?} on {:?}: the model \
+                         was moved or sharded after the optimizer stepped",
+                        self.exp_avg[i].size(),
+                        self.exp_avg[i].device(),
+                        p.size(),
+                        p.device()
+                    ),
+                });
+            }
+            let [m, v, step] = Self::fresh_state(&self.params[i])?;
+            (self.exp_avg[i], self.exp_avg_sq[i], self.steps[i]) = (m, v, step);
+        }
+        Ok(())
+    }
+}
+
 impl Optimizer for AdamW {
     fn step(&mut self) -> Result<()> {
+        self.ensure_state()?;
+        self.stepped = true;
         let r = shim::fused_adamw(
             &self.params,
             &self.exp_avg,
@@ -256,17 +311,25 @@ impl Optimizer for AdamW {
     fn state_dict(&self) -> Option<Vec<(String, Tensor)>> {
         let mut out = Vec::with_capacity(3 * self.params.len());
         for i in 0..self.params.len() {
-            out.push((format!("{i}.step"), self.steps[i].shallow_clone()));
-            out.push((format!("{i}.exp_avg"), self.exp_avg[i].shallow_clone()));
-            out.push((
-                format!("{i}.exp_avg_sq"),
-                self.exp_avg_sq[i].shallow_clone(),
-            ));
+            // Before the first step: the zeros the first step would start from.
+            let [m, v, step] = if self.fits(i) {
+                [
+                    self.exp_avg[i].shallow_clone(),
+                    self.exp_avg_sq[i].shallow_clone(),
+                    self.steps[i].shallow_clone(),
+                ]
+            } else {
+                Self::fresh_state(&self.params[i]).ok()?
+            };
+            out.push((format!("{i}.step"), step));
+            out.push((format!("{i}.exp_avg"), m));
+            out.push((format!("{i}.exp_avg_sq"), v));
         }
         Some(out)
     }
 
     fn load_state_dict(&mut self, state: &[(String, Tensor)]) -> Result<()> {
+        self.ensure_state()?;
         let mut pairs = Vec::new();
         for i in 0..self.params.len() {
             for (field, dst) in [
@@ -278,7 +341,9 @@ impl Optimizer for AdamW {
                 pairs.push((dst.shallow_clone(), src));
             }
         }
-        copy_state(pairs)
+        copy_state(pairs)?;
+        self.stepped = true;
+        Ok(())
     }
 }
 
@@ -522,6 +587,28 @@ mod tests {
         for (n, t) in &continued {
             assert!(vs.variables()[n].equal(t), "{n} differs after resuming");
         }
+    }
+
+    #[test]
+    fn adamw_state_is_made_at_the_first_step_in_the_parameters_shape_then() {
+        let p = Tensor::ones([4, 3], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+        let mut opt = AdamW::over(vec![p.shallow_clone()], 0.1);
+        // Sharded (or moved) after the optimizer was built, before its first step.
+        let piece = Tensor::ones([5], (Kind::Float, tch::Device::Cpu));
+        p.shallow_clone().set_data(&piece);
+        set_grad(&p, &Tensor::ones([5], (Kind::Float, tch::Device::Cpu))).unwrap();
+        opt.step().unwrap();
+        let state = opt.state_dict().unwrap();
+        assert_eq!(state[1].1.size(), [5], "{:?}", state[1].0);
+        assert!(p.max().double_value(&[]) < 1.0, "stepped");
+        // After a step the moments would be lost: an error naming the parameter.
+        p.shallow_clone()
+            .set_data(&Tensor::ones([2], (Kind::Float, tch::Device::Cpu)));
+        let e = opt.step().unwrap_err().to_string();
+        assert!(
+            e.contains("AdamW parameter 0") && e.contains("after the optimizer stepped"),
+            "{e}"
+        );
     }
 
     #[test]

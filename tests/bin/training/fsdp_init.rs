@@ -4,7 +4,8 @@
 //! share under FSDP, and each rank's own generator continues afterwards. `save_model_sharded` writes
 //! several files and an index; a second empty model, prepared and loaded from them with
 //! `load_checkpoint_in_model` (under FSDP each rank reading its slices), equals the first exactly. A
-//! checkpoint with a wrong shape is an error naming the tensor and the file, and changes nothing.
+//! checkpoint with a wrong shape is an error naming the tensor and the file, and changes nothing. The
+//! optimizer is built before `prepare_model`.
 
 use super::{Check, err};
 use hasten::Accelerator;
@@ -89,6 +90,9 @@ pub fn empty(acc: &mut Accelerator, project: &std::path::Path) -> Check {
         .iter()
         .map(|t| t.numel() as i64)
         .sum();
+    // The optimizer built before prepare_model (as Accelerate allows): its state is made at the first
+    // step, for this rank's pieces.
+    let opt = AdamW::new(&vs, 1e-2);
     let model = acc.prepare_model(net, vs).map_err(err)?;
     // A rank seeded as rank 0 continues after the draws, as after an eager build (under DDP every
     // rank draws its own); one seeded otherwise has its own state back.
@@ -120,7 +124,7 @@ pub fn empty(acc: &mut Accelerator, project: &std::path::Path) -> Check {
         return Err(format!("DDP rank {r} holds {local} of {full_numel}"));
     }
     // A step, so the saved values are not the initial ones.
-    let mut opt = acc.prepare_optimizer(AdamW::new(model.var_store(), 1e-2));
+    let mut opt = acc.prepare_optimizer(opt);
     let x = Tensor::arange(4 * p * 6, (Kind::Float, acc.device()))
         .view([4 * p, 6])
         .sin();
