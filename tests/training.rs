@@ -388,3 +388,17 @@ fn models_built_under_empty_weights_materialise_as_rank_0_would_and_load_in_slic
         );
     }
 }
+
+#[test]
+fn tied_parameters_train_as_one_under_fsdp_and_ddp() {
+    let blocks = [
+        ("ACCELERATE_USE_FSDP", "true"),
+        ("FSDP_VERSION", "2"),
+        ("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP"),
+        ("FSDP_TRANSFORMER_CLS_TO_WRAP", "Block"),
+    ];
+    for n in [2, 3] {
+        run_mode(n, "fsdp_tied", &[], &blocks).expect_stdout("tied parameters train as one");
+    }
+    run_mode(2, "fsdp_tied", &[], &[]).expect_stdout("tied parameters train as one");
+}

@@ -27,6 +27,17 @@ pub fn clear_grads(params: &[Tensor]) {
     shim::clear_grads(params);
 }
 
+/// `params` with each parameter once: a tied parameter (one tensor under several names, e.g. an
+/// embedding shared with the output layer) is listed by the VarStore once per name, where PyTorch's
+/// `parameters()` gives it once, so it would be updated twice per step.
+pub(crate) fn distinct(params: Vec<Tensor>) -> Vec<Tensor> {
+    let mut seen = std::collections::HashSet::new();
+    params
+        .into_iter()
+        .filter(|p| p.numel() == 0 || seen.insert((p.data_ptr() as usize, p.size(), p.stride())))
+        .collect()
+}
+
 /// Makes `grad` the gradient of `param` (same shape and dtype).
 pub(crate) fn set_grad(param: &Tensor, grad: &Tensor) -> Result<()> {
     if shim::set_grad(param, grad) != 0 {
@@ -180,9 +191,9 @@ pub struct AdamW {
 }
 
 impl AdamW {
-    /// AdamW over a VarStore's trainable variables.
+    /// AdamW over a VarStore's trainable variables (a tied one once).
     pub fn new(vs: &tch::nn::VarStore, lr: f64) -> Self {
-        Self::over(vs.trainable_variables(), lr)
+        Self::over(distinct(vs.trainable_variables()), lr)
     }
 
     /// AdamW over given parameters. Its state is made at the first step, on the parameters' device
@@ -362,9 +373,9 @@ pub struct Sgd {
 }
 
 impl Sgd {
-    /// SGD over a VarStore's trainable variables.
+    /// SGD over a VarStore's trainable variables (a tied one once).
     pub fn new(vs: &tch::nn::VarStore, lr: f64) -> Self {
-        Self::over(vs.trainable_variables(), lr)
+        Self::over(distinct(vs.trainable_variables()), lr)
     }
 
     /// SGD over given parameters.

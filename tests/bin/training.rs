@@ -731,6 +731,7 @@ fn main() {
                 let project = std::env::args().nth(2).unwrap_or_default();
                 fsdp_init::empty(&mut acc, std::path::Path::new(&project))
             }
+            "fsdp_tied" => fsdp_init::tied_parameters(&mut acc),
             "dataloader_end" => dataloader_end(&mut acc),
             "scheduler" => scheduler(&mut acc),
             "metrics" => metrics(&mut acc),

@@ -16,6 +16,8 @@ pub(crate) struct ModelEntry {
     /// The trainable parameters, in the VarStore's order, and their names.
     pub params: Vec<Tensor>,
     pub names: Vec<String>,
+    /// Other names of tied parameters: (alias, the name in `names`).
+    pub aliases: Vec<(String, String)>,
     pub buckets: Vec<Vec<usize>>,
     /// One flat buffer per bucket, made on the first synchronisation; gradients become views into it so
     /// the all-reduce runs in place and the optimizer reads the averaged values without a copy back.
@@ -37,12 +39,15 @@ impl ModelEntry {
     pub(crate) fn new(vs: &tch::nn::VarStore, bucket_cap_bytes: usize) -> Self {
         let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
         named.sort_by(|a, b| a.0.cmp(&b.0));
-        let params = vs.trainable_variables();
-        let by_ptr: std::collections::HashMap<usize, String> = named
-            .iter()
-            .map(|(n, t)| (t.data_ptr() as usize, n.clone()))
-            .collect();
-        let names = params
+        // A tied parameter counts once, under its first name; its other names are aliases.
+        let params = crate::optim::distinct(vs.trainable_variables());
+        let mut by_ptr: std::collections::HashMap<usize, String> = std::collections::HashMap::new();
+        for (n, t) in &named {
+            by_ptr
+                .entry(t.data_ptr() as usize)
+                .or_insert_with(|| n.clone());
+        }
+        let names: Vec<String> = params
             .iter()
             .map(|p| {
                 by_ptr
@@ -51,11 +56,20 @@ impl ModelEntry {
                     .unwrap_or_else(|| "?".into())
             })
             .collect();
+        let aliases = named
+            .iter()
+            .filter(|(_, t)| t.numel() > 0 && t.requires_grad())
+            .filter_map(|(n, t)| {
+                let first = by_ptr.get(&(t.data_ptr() as usize))?;
+                (first != n && names.contains(first)).then(|| (n.clone(), first.clone()))
+            })
+            .collect();
         let buckets = make_buckets(&params, bucket_cap_bytes);
         ModelEntry {
             named,
             params,
             names,
+            aliases,
             buckets,
             flats: Vec::new(),
             views: Vec::new(),

@@ -268,8 +268,10 @@ impl Accelerator {
                         .then_some(tch::Kind::BFloat16),
                     plugin.cpu_offload,
                 )?);
+                let aliases = entry.aliases.clone();
                 if let Some(sharded) = entry.fsdp.as_mut() {
                     sharded.activation_checkpointing = plugin.activation_checkpointing;
+                    sharded.aliases = aliases;
                 }
             }
             None => entry.hook(&self.group.lock()),

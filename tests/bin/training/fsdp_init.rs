@@ -10,7 +10,7 @@
 use super::{Check, err};
 use hasten::Accelerator;
 use hasten::layers::{Block, LayerNorm, Linear, init_empty_weights, layer_norm, linear};
-use hasten::optim::AdamW;
+use hasten::optim::{AdamW, Optimizer};
 use hasten::tch::nn::{self, Module};
 use hasten::tch::{Kind, Tensor};
 
@@ -185,5 +185,105 @@ pub fn empty(acc: &mut Accelerator, project: &std::path::Path) -> Check {
         "model after a refused load",
     )?;
     println!("rank {r}: empty-weights init, save_model and sliced loading hold");
+    Ok(())
+}
+
+/// An input layer whose weight the output layer shares (tied, as language models tie embeddings),
+/// around three residual blocks.
+#[derive(Debug)]
+struct Tied {
+    inp: Linear,
+    blocks: Vec<Block<Ffn>>,
+    out_w: Tensor,
+}
+
+impl Module for Tied {
+    fn forward(&self, xs: &Tensor) -> Tensor {
+        let h = self.inp.forward(xs).tanh();
+        let h = self.blocks.iter().fold(h, |h, b| &h + b.forward(&h));
+        h.linear::<Tensor>(&self.out_w, None)
+    }
+}
+
+fn tied(root: &nn::Path) -> Tied {
+    let inp = linear(&(root / "inp"), 6, 6, true);
+    let blocks = (0..3)
+        .map(|i| {
+            let p = root / "blocks" / i;
+            let ffn = Ffn {
+                up: linear(&(&p / "up"), 6, 10, true),
+                down: linear(&(&p / "down"), 10, 6, true),
+            };
+            Block::new(&p, ffn)
+        })
+        .collect();
+    let out_w = (root / "out").add("weight", inp.ws.shallow_clone(), true);
+    Tied { inp, blocks, out_w }
+}
+
+/// `fsdp_tied`: a model with a tied parameter, prepared (FSDP or DDP by the environment) and trained 3
+/// steps with AdamW on each rank's share, against one process on the whole batch: the tied weight is
+/// one parameter (updated once per step, its gradient the sum of both uses), losses and final values
+/// within 1e-5, and the state dict names it twice with one value.
+pub fn tied_parameters(acc: &mut Accelerator) -> Check {
+    let (p, r) = (acc.num_processes() as i64, acc.process_index() as i64);
+    hasten::tch::manual_seed(700);
+    let vs = nn::VarStore::new(acc.device());
+    let net = tied(&vs.root());
+    let opt = AdamW::new(&vs, 1e-2);
+    let reference_vs = nn::VarStore::new(acc.device());
+    hasten::tch::manual_seed(700);
+    let reference = tied(&reference_vs.root());
+    let mut reference_opt = AdamW::new(&reference_vs, 1e-2);
+    let model = acc.prepare_model(net, vs).map_err(err)?;
+    let mut opt = acc.prepare_optimizer(opt);
+    let share = 4;
+    let x = Tensor::arange(3 * share * p * 6, (Kind::Float, acc.device()))
+        .view([3 * share * p, 6])
+        .cos();
+    for step in 0..3 {
+        let rows = x.narrow(0, step * share * p, share * p);
+        let mine = rows.narrow(0, r * share, share);
+        opt.zero_grad();
+        let loss = model
+            .call(|m| m.forward(&mine))
+            .map_err(err)?
+            .square()
+            .mean(Kind::Float);
+        acc.backward(&loss).map_err(err)?;
+        opt.step().map_err(err)?;
+        let losses = acc
+            .group()
+            .all_gather_object(&loss.double_value(&[]))
+            .map_err(err)?;
+        let got = losses.iter().sum::<f64>() / p as f64;
+        reference_opt.zero_grad();
+        let want = reference.forward(&rows).square().mean(Kind::Float);
+        want.backward();
+        reference_opt.step().map_err(err)?;
+        let want = want.double_value(&[]);
+        if (got - want).abs() > 1e-5 * want.abs().max(1e-3) {
+            return Err(format!("step {step}: loss {got}, one process {want}"));
+        }
+    }
+    let state = acc.get_state_dict(&model).map_err(err)?;
+    let value = |name: &str| {
+        state
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, t)| t.shallow_clone())
+            .ok_or_else(|| format!("{name} is not in the state dict"))
+    };
+    if !value("inp.weight")?.equal(&value("out.weight")?) {
+        return Err("the tied weight's two names hold different values".into());
+    }
+    for (name, t) in reference_vs.variables() {
+        let got = value(&name)?.to_device(t.device());
+        let diff = (&got - &t).abs().max().double_value(&[]);
+        if diff > 1e-5 {
+            return Err(format!("{name} differs from one process by {diff}"));
+        }
+    }
+    println!("rank {r}: tied parameters train as one");
     Ok(())
 }

@@ -167,6 +167,8 @@ pub(crate) struct ShardedModel {
     pub reshard_after_forward: bool,
     /// Block units run checkpointed: their activations recomputed in the backward.
     pub activation_checkpointing: bool,
+    /// Other names of tied parameters (alias, the name a unit holds it under).
+    pub aliases: Vec<(String, String)>,
     /// Block units in the order their blocks ran in the current (or last) forward.
     order: Vec<usize>,
     /// The order of the forward before, which says which block to prefetch next.
@@ -361,6 +363,7 @@ impl ShardedModel {
             world,
             reshard_after_forward,
             activation_checkpointing: false,
+            aliases: Vec::new(),
             order: Vec::new(),
             last_order: Vec::new(),
             comm: None,
@@ -616,7 +619,13 @@ impl ShardedModel {
         Ok(named
             .iter()
             .map(|(name, t)| {
-                let value = full.iter().find(|(n, _)| n == name).map_or(t, |(_, v)| v);
+                // A tied parameter's other names share its gathered value.
+                let held = self
+                    .aliases
+                    .iter()
+                    .find(|(alias, _)| alias == name)
+                    .map_or(name, |(_, first)| first);
+                let value = full.iter().find(|(n, _)| n == held).map_or(t, |(_, v)| v);
                 (name.clone(), value.shallow_clone())
             })
             .collect())

@@ -116,7 +116,10 @@ impl ShardedModel {
             }
         }
         for (name, t) in named {
-            if self.units.iter().any(|u| u.names.contains(name)) {
+            // Parameters (a tied one's other names included) were requested above; buffers whole.
+            if self.units.iter().any(|u| u.names.contains(name))
+                || self.aliases.iter().any(|(alias, _)| alias == name)
+            {
                 continue;
             }
             requests.push(SliceRequest {
