@@ -11,6 +11,7 @@
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -93,18 +94,23 @@ struct Replay {
 struct CheckpointedBlockBackward : torch::autograd::Node {
   std::shared_ptr<void> owner;  // the Rust forward's context, dropped with the node
   Forward forward;
-  at::Tensor input;  // the one activation kept: the block's input, detached
+  // The one activation kept: the block's input, saved as autograd saves inputs, so an in-place change
+  // to it before the backward is libtorch's "modified by an inplace operation" error, as in PyTorch's
+  // checkpoint, not a recomputation from the changed values.
+  torch::autograd::SavedVariable input;
   bool input_requires_grad;
   std::vector<Autocast> autocast;
   std::vector<Rng> rng;
 
   std::string name() const override { return "hasten::CheckpointedBlockBackward"; }
 
+  void release_variables() override { input.reset_data(); }
+
   torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
     if (grads.empty() || !grads[0].defined()) {
       return {at::Tensor(), at::Tensor()};
     }
-    at::Tensor x = input.detach();
+    at::Tensor x = input.unpack().detach();
     x.set_requires_grad(input_requires_grad);
     at::Tensor y;
     {
@@ -165,7 +171,7 @@ at::Tensor* hasten_checkpoint(at::Tensor* input, at::Tensor* anchor, Forward for
     }
     node->owner = owner;
     node->forward = forward;
-    node->input = input->detach();
+    node->input = torch::autograd::SavedVariable(*input, false);
     node->input_requires_grad = input->requires_grad();
     node->set_next_edges(torch::autograd::collect_next_edges(*input, *anchor));
     torch::autograd::set_history(out, node);

@@ -60,9 +60,15 @@ pub fn init_on_device<R>(device: Device, build: impl FnOnce() -> R) -> R {
     with_mode(InitMode::OnDevice(device), build)
 }
 
-/// The shape-only placeholder standing for a tensor of `shape`: one element of `kind`, expanded.
+/// The shape-only placeholder standing for a tensor of `shape`: one element of `kind`, seen with every
+/// stride 0 (also along dimensions of size 1, which `expand` would leave at stride 1).
 pub fn empty_placeholder(shape: &[i64], kind: Kind) -> Tensor {
-    Tensor::zeros([1], (kind, Device::Cpu)).expand(shape, false)
+    placeholder_of(shape, kind, Device::Cpu)
+}
+
+fn placeholder_of(shape: &[i64], kind: Kind, device: Device) -> Tensor {
+    let strides = vec![0; shape.len()];
+    Tensor::zeros([1], (kind, device)).as_strided(shape, strides.as_slice(), None)
 }
 
 /// True when `t` is a shape-only placeholder (every stride 0, more than one element).
@@ -97,18 +103,17 @@ fn remember(placeholder: &Tensor, recipe: Recipe) {
     );
 }
 
-/// The recipe of `t` if it is still the placeholder [`parameter`] made under [`init_empty_weights`].
+/// The recipe of `t` if it is still the placeholder [`parameter`] made under [`init_empty_weights`]
+/// (the registry keeps each placeholder's element alive, so no other tensor has its address; a
+/// one-element parameter's placeholder has no zero stride to tell it by).
 pub(crate) fn recipe_of(t: &Tensor) -> Option<Recipe> {
-    if t.stride().iter().any(|s| *s != 0) {
-        return None;
-    }
     recipes().get(&(t.data_ptr() as usize)).map(|(r, _)| *r)
 }
 
 /// A placeholder like `t` (which has `recipe`) on `device`: moving a model moves its placeholders without
 /// allocating them (a plain `to_device` of an expanded tensor allocates it whole).
 pub(crate) fn placeholder_on(t: &Tensor, recipe: Recipe, device: Device) -> Tensor {
-    let moved = Tensor::zeros([1], (t.kind(), device)).expand(t.size(), false);
+    let moved = placeholder_of(&t.size(), t.kind(), device);
     remember(&moved, recipe);
     moved
 }
@@ -306,6 +311,10 @@ mod tests {
     fn empty_weights_cost_nothing_and_the_mode_ends_with_the_closure() {
         let vs = VarStore::new(Device::Cpu);
         let root = vs.root();
+        // Dimensions of size 1 too: a [1] bias and an [n, 1] weight keep their recipes.
+        let small = init_empty_weights(|| linear(&(&root / "head"), 3, 1, true));
+        assert!(is_empty_placeholder(&small.ws) && recipe_of(&small.ws).is_some());
+        assert!(recipe_of(small.bs.as_ref().unwrap()).is_some());
         // 20 × (8192 × 28672 × 2 + …) ≈ 9.4 billion parameters: would be 37 GB if allocated.
         let blocks: Vec<(LayerNorm, Linear, Linear)> = init_empty_weights(|| {
             (0..20)

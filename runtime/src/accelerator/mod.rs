@@ -244,6 +244,23 @@ impl Accelerator {
         // FSDP starts every rank from the main process's weights, buffers included (Accelerate's
         // sync_module_states / cpu_ram_efficient_loading broadcast them).
         let buffers = self.ddp.broadcast_buffers || sharded.is_some();
+        if sharded.is_some() {
+            let has = vs
+                .trainable_variables()
+                .iter()
+                .any(|t| crate::layers::recipe_of(t).is_some());
+            fsdp::agree_on_empty_weights(&mut self.group.lock(), has)?;
+        } else if let Some(plugin) = self.fsdp.as_ref()
+            && (plugin.cpu_offload || plugin.activation_checkpointing)
+            && self.state.use_distributed()
+        {
+            crate::log::event!(
+                warn,
+                target: "hasten::fsdp",
+                "hasten: warning: NO_SHARD runs as DDP: cpu_offload and activation_checkpointing are \
+                 ignored"
+            );
+        }
         ddp::broadcast_variables(&mut self.group.lock(), &vs, buffers)?;
         let cap = (self.ddp.bucket_cap_mb * 1024.0 * 1024.0) as usize;
         let mut entry = ModelEntry::new(&vs, cap.max(1));
@@ -272,6 +289,9 @@ impl Accelerator {
                 if let Some(sharded) = entry.fsdp.as_mut() {
                     sharded.activation_checkpointing = plugin.activation_checkpointing;
                     sharded.aliases = aliases;
+                    if plugin.activation_checkpointing {
+                        sharded.check_activation_checkpointing()?;
+                    }
                 }
             }
             None => entry.hook(&self.group.lock()),

@@ -46,7 +46,22 @@ impl Accelerator {
             });
         }
         let max = parse_size_to_int(max_shard_size)?;
-        let mut state = self.get_state_dict(model)?;
+        // Under FSDP every rank takes part in gathering the model, and only the writing ones keep it.
+        let writer = self.writes_files();
+        let mut state = {
+            let mut entry = model.entry();
+            let super::ModelEntry { named, fsdp, .. } = &mut *entry;
+            match fsdp.as_mut() {
+                Some(sharded) => sharded.full_state_dict_kept(named, writer)?,
+                None => named
+                    .iter()
+                    .map(|(n, t)| (n.clone(), t.shallow_clone()))
+                    .collect(),
+            }
+        };
+        if !writer {
+            return Ok(());
+        }
         if let Some((name, _)) = state
             .iter()
             .find(|(_, t)| crate::layers::is_empty_placeholder(t))
@@ -93,7 +108,7 @@ impl Accelerator {
             }
             self.save(&named(shard), &dir.join(&file))?;
         }
-        if self.is_main_process() {
+        {
             let index = serde_json::json!({
                 "metadata": {"total_size": total},
                 "weight_map": weight_map,

@@ -92,12 +92,7 @@ impl Accelerator {
     /// Saves named tensors as safetensors once per job (main process), or once per node with
     /// `ProjectConfiguration::save_on_each_node` (Accelerate's `save`). Returns whether this process wrote.
     pub fn save(&self, tensors: &[(String, Tensor)], path: &Path) -> Result<bool> {
-        let writer = if self.project.save_on_each_node {
-            self.is_local_main_process()
-        } else {
-            self.is_main_process()
-        };
-        if !writer {
+        if !self.writes_files() {
             return Ok(false);
         }
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -111,6 +106,16 @@ impl Accelerator {
         Tensor::write_safetensors(&on_cpu, path)
             .map_err(|e| Error::torch("save (safetensors)", e))?;
         Ok(true)
+    }
+
+    /// Whether this process writes what `save` writes: the main process, or each node's with
+    /// `save_on_each_node`.
+    pub(crate) fn writes_files(&self) -> bool {
+        if self.project.save_on_each_node {
+            self.is_local_main_process()
+        } else {
+            self.is_main_process()
+        }
     }
 
     /// Makes every rank's random generators continue from rank 0's state, as Accelerate does: hasten's

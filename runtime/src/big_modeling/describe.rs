@@ -212,7 +212,8 @@ pub(crate) fn read_safetensors_entries(path: &Path) -> Result<Vec<SafetensorsEnt
 }
 
 /// The shard files of a checkpoint: one `.safetensors` file, a `*.index.json` (its `weight_map`), or a
-/// folder with exactly one index or one `model.safetensors`.
+/// folder holding `model.safetensors` (taken first, as Accelerate does, even beside an index) or
+/// exactly one index.
 pub fn checkpoint_files(path: &Path) -> Result<Vec<PathBuf>> {
     if path.is_dir() {
         let entries: Vec<PathBuf> = std::fs::read_dir(path)
@@ -224,18 +225,19 @@ pub fn checkpoint_files(path: &Path) -> Result<Vec<PathBuf>> {
             .iter()
             .filter(|p| p.to_string_lossy().ends_with(".safetensors.index.json"))
             .collect();
+        if path.join(crate::SAFE_WEIGHTS_NAME).is_file() {
+            return Ok(vec![path.join(crate::SAFE_WEIGHTS_NAME)]);
+        }
         return match indexes.as_slice() {
             [index] => checkpoint_files(index),
-            [] if path.join(crate::SAFE_WEIGHTS_NAME).is_file() => {
-                Ok(vec![path.join(crate::SAFE_WEIGHTS_NAME)])
-            }
             [] => Err(bad(
                 path,
-                "holds no model.safetensors and no *.safetensors.index.json".into(),
+                "is not a folder containing a `.index.json` file or a model.safetensors file"
+                    .into(),
             )),
             _ => Err(bad(
                 path,
-                format!("holds {} index files; name the one to use", indexes.len()),
+                "containing more than one `.index.json` file, delete the irrelevant ones.".into(),
             )),
         };
     }
@@ -492,6 +494,13 @@ mod tests {
         let names: Vec<&str> = skeleton.tensors().iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, vec!["w", "b", "c"]);
         assert_eq!(skeleton.tensors()[1].1.kind, Kind::BFloat16);
+        // A whole-model file beside an index is taken first, as Accelerate takes it.
+        write_header_only(&dir.path().join("model.safetensors"), &[("w", &[2], "F32")]);
+        assert_eq!(
+            checkpoint_files(dir.path()).unwrap(),
+            [dir.path().join("model.safetensors")]
+        );
+        std::fs::remove_file(dir.path().join("model.safetensors")).unwrap();
         assert_eq!(
             skeleton.module_sizes(None, &Default::default())[""],
             24 + 6 + 32

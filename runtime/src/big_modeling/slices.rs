@@ -13,6 +13,8 @@ use tch::{Device, Kind, Tensor};
 /// wanted on `device` as `kind`.
 pub(crate) struct SliceRequest {
     pub name: String,
+    /// Other names the tensor may have in the checkpoint (a tied parameter's).
+    pub aliases: Vec<String>,
     pub shape: Vec<i64>,
     pub start: i64,
     pub len: i64,
@@ -36,9 +38,14 @@ pub(crate) fn read_slices(checkpoint: &Path, requests: &[SliceRequest]) -> Resul
     let wanted: HashMap<&str, usize> = requests
         .iter()
         .enumerate()
-        .map(|(i, r)| (r.name.as_str(), i))
+        .flat_map(|(i, r)| {
+            std::iter::once(r.name.as_str())
+                .chain(r.aliases.iter().map(String::as_str))
+                .map(move |n| (n, i))
+        })
         .collect();
     let mut found: Vec<Option<(usize, Kind, u64)>> = vec![None; requests.len()];
+    let mut found_as: Vec<String> = vec![String::new(); requests.len()];
     let mut unexpected = Vec::new();
     for (s, shard) in shards.iter().enumerate() {
         for e in read_safetensors_entries(shard)? {
@@ -54,6 +61,10 @@ pub(crate) fn read_slices(checkpoint: &Path, requests: &[SliceRequest]) -> Resul
                     &requests[i].shape,
                 ));
             }
+            if found[i].is_some() && found_as[i] != e.name {
+                // A tied parameter stored under two of its names: the first one read serves.
+                continue;
+            }
             if found[i].is_some() {
                 return Err(Error::Checkpoint {
                     path: shard.clone(),
@@ -61,6 +72,7 @@ pub(crate) fn read_slices(checkpoint: &Path, requests: &[SliceRequest]) -> Resul
                 });
             }
             found[i] = Some((s, e.meta.kind, e.start));
+            found_as[i] = e.name.clone();
         }
     }
     unexpected.sort();

@@ -8,9 +8,10 @@ mod context;
 mod shard;
 
 pub(crate) use context::{
-    block_paths, forget_stashed_gradients, register_block, register_model, run_block, with_active,
+    before_optimizer_step, block_paths, forget_stashed_gradients, register_block, register_model,
+    run_block, with_active,
 };
-pub(crate) use shard::{ShardedModel, SlicedRead};
+pub(crate) use shard::{ShardedModel, SlicedRead, agree_on_empty_weights};
 
 use crate::{Error, Result};
 use tch::Tensor;

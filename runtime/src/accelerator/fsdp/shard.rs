@@ -114,20 +114,14 @@ struct Pending {
     addr: usize,
 }
 
-/// Fills each pending placeholder's piece of this rank's chunk (collective). Every rank must have built
-/// its model the same way (checked: a rank with placeholders among ranks without is an error on all of
-/// them). The values are drawn whole, one parameter at a time and in the order they were made, from rank
-/// 0's generator states (`random::draw_as_rank_0`).
-fn materialize_pieces(units: &[Unit], pending: &[Pending], group: &Group, rank: i64) -> Result<()> {
+/// Fails on every rank unless all or none built the model under `init_empty_weights` (collective):
+/// their broadcasts and draws would not pair up otherwise. Called before anything else is exchanged.
+pub(crate) fn agree_on_empty_weights(group: &mut crate::ProcessGroup, has: bool) -> Result<()> {
     let flags = group
-        .lock()
-        .all_gather_bytes(&[u8::from(!pending.is_empty())])
+        .all_gather_bytes(&[u8::from(has)])
         .map_err(|e| chained("FSDP materialising", e))?;
     let with: Vec<usize> = (0..flags.len()).filter(|r| flags[*r] == [1]).collect();
-    if with.is_empty() {
-        return Ok(());
-    }
-    if with.len() != flags.len() {
+    if !with.is_empty() && with.len() != flags.len() {
         return Err(Error::InvalidValue {
             name: "FSDP model".into(),
             detail: format!(
@@ -135,6 +129,17 @@ fn materialize_pieces(units: &[Unit], pending: &[Pending], group: &Group, rank: 
                  rank must build it the same way"
             ),
         });
+    }
+    Ok(())
+}
+
+/// Fills each pending placeholder's piece of this rank's chunk (collective among ranks that, as
+/// [`agree_on_empty_weights`] checked, all have placeholders). The values are drawn whole, one parameter
+/// at a time and in the order they were made, from rank 0's generator states
+/// (`random::draw_as_rank_0`).
+fn materialize_pieces(units: &[Unit], pending: &[Pending], group: &Group, rank: i64) -> Result<()> {
+    if pending.is_empty() {
+        return Ok(());
     }
     crate::random::draw_as_rank_0(&mut group.lock(), || {
         let _no_grad = tch::no_grad_guard();
@@ -376,6 +381,39 @@ impl ShardedModel {
         })
     }
 
+    /// Activation checkpointing recomputes block units; a block unit inside another would run its
+    /// recomputation without its gather (refused), and a model with no block unit recomputes nothing
+    /// (a warning).
+    pub(crate) fn check_activation_checkpointing(&self) -> Result<()> {
+        let blocks: Vec<&str> = self
+            .units
+            .iter()
+            .filter(|u| u.block)
+            .map(|u| u.name.as_str())
+            .collect();
+        if blocks.is_empty() {
+            crate::log::event!(
+                warn,
+                target: "hasten::fsdp",
+                "hasten: warning: FSDP activation checkpointing recomputes the units that are \
+                 hasten::layers::Block s; this model has none (wrap policy {}), so nothing is recomputed",
+                "TRANSFORMER_BASED_WRAP with FSDP_TRANSFORMER_CLS_TO_WRAP=Block makes them"
+            );
+        }
+        for inner in &blocks {
+            if let Some(outer) = blocks.iter().find(|o| super::is_below(inner, o)) {
+                return Err(Error::InvalidValue {
+                    name: "activation_checkpointing (FSDP_ACTIVATION_CHECKPOINTING)".into(),
+                    detail: format!(
+                        "block {inner} lies inside block {outer}: checkpointing needs blocks that do \
+                         not nest (wrap only the outer ones)"
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// A parameter of unit `k` (what ties a checkpointed block into the autograd graph).
     pub(crate) fn anchor(&self, k: usize) -> Option<Tensor> {
         self.units[k].params.first().map(Tensor::shallow_clone)
@@ -615,7 +653,20 @@ impl ShardedModel {
         &mut self,
         named: &[(String, Tensor)],
     ) -> Result<Vec<(String, Tensor)>> {
-        let full = self.full_parameters()?;
+        self.full_state_dict_kept(named, true)
+    }
+
+    /// [`full_state_dict`](Self::full_state_dict) where `keep`; elsewhere this rank only takes part in
+    /// the gathering and gets nothing (a rank that does not write the model holds no copy of it).
+    pub(crate) fn full_state_dict_kept(
+        &mut self,
+        named: &[(String, Tensor)],
+        keep: bool,
+    ) -> Result<Vec<(String, Tensor)>> {
+        let full = self.full_parameters(keep)?;
+        if !keep {
+            return Ok(Vec::new());
+        }
         Ok(named
             .iter()
             .map(|(name, t)| {
@@ -632,7 +683,7 @@ impl ShardedModel {
     }
 
     /// Every parameter's full value by name, gathered (collective), leaving the model as it was.
-    fn full_parameters(&mut self) -> Result<Vec<(String, Tensor)>> {
+    fn full_parameters(&mut self, keep: bool) -> Result<Vec<(String, Tensor)>> {
         let mut out = Vec::new();
         for unit in &self.units {
             // Offloaded chunks go to the GPU for the collective.
@@ -644,6 +695,9 @@ impl ShardedModel {
                 .group
                 .all_gather_cat(&shard)
                 .map_err(|e| chained("FSDP state dict", e))?;
+            if !keep {
+                continue;
+            }
             for (i, name) in unit.names.iter().enumerate() {
                 // On the CPU, as Accelerate's get_state_dict offloads it: a second whole model on
                 // every GPU would defeat the sharding.
@@ -709,6 +763,17 @@ impl ShardedModel {
         } else {
             total.powf(1.0 / norm_type)
         })
+    }
+
+    /// Offloaded chunks are read by the GPU's asynchronous copies that gathers queue: the host waits
+    /// for them before it writes the chunks (the optimizer's step, a load).
+    pub(crate) fn wait_before_host_writes(&self) {
+        if let Some(unit) = self.units.first()
+            && unit.shard.device() == tch::Device::Cpu
+            && let tch::Device::Cuda(i) = unit.full.device()
+        {
+            tch::Cuda::synchronize(i as i64);
+        }
     }
 
     /// The parameters of every unit (the tensors the user's module holds).

@@ -186,6 +186,21 @@ fn a_checkpointed_forward_recomputes_with_the_same_dropout_and_gives_the_same_gr
         assert!(Tensor::rand([3], opts).equal(&after_plain));
         crate::optim::clear_grads(&[w.shallow_clone()]);
     }
+    // The input changed in place before the backward: libtorch's error, not a recomputation from the
+    // changed values (PyTorch's checkpoint saves its inputs the same way).
+    let x = Tensor::randn([4, 6], opts).set_requires_grad(true);
+    let h = &x * 2;
+    let f = block(w.shallow_clone(), Arc::new(AtomicUsize::new(0)));
+    // SAFETY: the closure owns what it uses.
+    let z = unsafe { crate::shim::checkpoint(&h, &w, Box::new(f)) }.unwrap();
+    let _ = h.shallow_clone().f_add_scalar_(1.0).unwrap();
+    let err = z
+        .sum(tch::Kind::Float)
+        .f_backward()
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("modified by an inplace operation"), "{err}");
+    crate::optim::clear_grads(&[w.shallow_clone()]);
     // Without gradients it is just the forward; a panic in it is the error.
     let x = Tensor::ones([2, 6], opts);
     let out = tch::no_grad(|| {

@@ -58,6 +58,7 @@ impl ShardedModel {
     /// Copies a checked [`shard_state`](Self::shard_state) into the chunks.
     pub(crate) fn load_shard_state(&mut self, saved: &[(String, Tensor)]) -> Result<()> {
         self.reshard()?;
+        self.wait_before_host_writes();
         tch::no_grad(|| {
             for (k, unit) in self.units.iter().enumerate() {
                 let name = format!("unit{k}");
@@ -104,8 +105,15 @@ impl ShardedModel {
                 } else {
                     0
                 };
+                let aliases = self
+                    .aliases
+                    .iter()
+                    .filter(|(_, first)| first == name)
+                    .map(|(alias, _)| alias.clone())
+                    .collect();
                 requests.push(SliceRequest {
                     name: name.clone(),
+                    aliases,
                     shape: unit.shapes[i].clone(),
                     start,
                     len,
@@ -124,6 +132,7 @@ impl ShardedModel {
             }
             requests.push(SliceRequest {
                 name: name.clone(),
+                aliases: Vec::new(),
                 shape: t.size(),
                 start: 0,
                 len: t.numel() as i64,
@@ -149,6 +158,7 @@ impl ShardedModel {
         checkpoint: &Path,
     ) -> Result<crate::big_modeling::LoadReport> {
         self.reshard()?;
+        self.wait_before_host_writes();
         let mut report = crate::big_modeling::LoadReport {
             unexpected: read.unexpected,
             ..Default::default()
