@@ -4,7 +4,7 @@
 #   bash bench/fsdp_gpu.sh BIN_DIR PY_DIR PART...
 # PART: f1 (4 GPUs, REPS runs of each side, plus DDP), f1x2 (2 GPUs), losses (F8, first 13 losses, FSDP
 # against DDP), f2 (48 blocks), start (F2 built whole, then under init_empty_weights), ctas (F2 with
-# NCCL_MAX_CTAS 8 and 16, hasten only), phases (where F1's peak memory is, both sides), ac (activation checkpointing, both sides), offload (CPU offload), quick (F8 under each option, hasten alone), demo (README's loop under --use_fsdp on 2 GPUs against DDP).
+# NCCL_MAX_CTAS 8 and 16, hasten only), phases (where F1's peak memory is, both sides), ac (activation checkpointing, both sides), offload (CPU offload), quick (F8 under each option, hasten alone, on N ranks, default 4), demo (README's loop under --use_fsdp on 2 GPUs against DDP).
 set -u
 B=${1:?binaries folder}
 P=${2:?python folder}
@@ -124,9 +124,9 @@ PYEOF
       launch --num_processes 4 "$B/bench-fsdp" fsdp 48 3 --offload 2>&1 | grep -E "BENCH|rror|panick"
       ;;
     quick)
-      echo "== After the review fixes, hasten alone, 4 ranks: F8 plain, with activation checkpointing, offloaded, from empty weights"
+      echo "== hasten alone, ${N:-4} ranks: F8 plain, with activation checkpointing, offloaded, from empty weights"
       for extra in "" --ac --offload --empty; do
-        launch --num_processes 4 "$B/bench-fsdp" fsdp 8 10 $extra 2>&1 | grep -E "BENCH|rror|panick"
+        launch --num_processes "${N:-4}" "$B/bench-fsdp" fsdp 8 10 $extra 2>&1 | grep -E "BENCH|rror|panick"
       done
       ;;
     demo)
