@@ -5,10 +5,9 @@ fn main() {
     build_shim();
 }
 
-/// Compiles csrc/shim.cpp and csrc/checkpoint.cpp against the libtorch headers tch compiled against.
+/// Compiles csrc/shim.cpp against the libtorch headers tch compiled against.
 fn build_shim() {
     println!("cargo:rerun-if-changed=csrc/shim.cpp");
-    println!("cargo:rerun-if-changed=csrc/checkpoint.cpp");
     let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
         panic!("DEP_TCH_LIBTORCH_LIB is not set: torch-sys did not find libtorch (set LIBTORCH)");
     };
@@ -18,7 +17,6 @@ fn build_shim() {
     cc::Build::new()
         .cpp(true)
         .file("csrc/shim.cpp")
-        .file("csrc/checkpoint.cpp")
         .include(root.join("include"))
         .include(root.join("include/torch/csrc/api/include"))
         .flag("-std=c++17")
