@@ -20,6 +20,16 @@ both() {
   launch --num_processes "$n" "$B/bench-fsdp" "$@" 2>&1 | grep -E "BENCH|rror|panick"
   pylaunch --num_processes "$n" "$P/py_fsdp.py" "$@" 2>&1 | grep -E "ANCHOR|rror"
 }
+# A copy of py_fsdp.py (to $2) whose plugin also sets $1 (e.g. "cpu_offload=True,").
+py_with() {
+  "$PY" - "$P/py_fsdp.py" "$2" "$1" <<'PYEOF'
+import sys
+src = open(sys.argv[1]).read()
+old = "reshard_after_forward=True,"
+assert old in src
+open(sys.argv[2], "w").write(src.replace(old, old + " " + sys.argv[3]))
+PYEOF
+}
 gpus=$(nvidia-smi -L | wc -l)
 R=$(seq "${REPS:-3}")
 echo "== device: $gpus GPU(s) on this host"
@@ -97,13 +107,7 @@ PYEOF
     ac)
       echo "== Activation checkpointing per block, both sides (Python: a copy of py_fsdp.py whose plugin"
       echo "   sets activation_checkpointing=True), F8 then F48 on 4 ranks"
-      "$PY" - "$P/py_fsdp.py" /tmp/py_ac.py <<'PYEOF'
-import sys
-src = open(sys.argv[1]).read()
-old = "reshard_after_forward=True,"
-assert old in src
-open(sys.argv[2], "w").write(src.replace(old, old + " activation_checkpointing=True,"))
-PYEOF
+      py_with "activation_checkpointing=True," /tmp/py_ac.py
       for blocks in 8 48; do
         launch --num_processes 4 "$B/bench-fsdp" fsdp $blocks 10 --ac 2>&1 | grep -E "BENCH|rror|panick"
         pylaunch --num_processes 4 /tmp/py_ac.py fsdp $blocks 10 2>&1 | grep -E "ANCHOR|rror"
@@ -112,13 +116,7 @@ PYEOF
     offload)
       echo "== CPU offload (shards, gradients and the optimizer on the host), F8 on 4 ranks, both sides"
       echo "   (Python: a copy of py_fsdp.py whose plugin sets cpu_offload=True), then F48 hasten alone"
-      "$PY" - "$P/py_fsdp.py" /tmp/py_offload.py <<'PYEOF'
-import sys
-src = open(sys.argv[1]).read()
-old = "reshard_after_forward=True,"
-assert old in src
-open(sys.argv[2], "w").write(src.replace(old, old + " cpu_offload=True,"))
-PYEOF
+      py_with "cpu_offload=True," /tmp/py_offload.py
       launch --num_processes 4 "$B/bench-fsdp" fsdp 8 10 --offload 2>&1 | grep -E "BENCH|rror|panick"
       pylaunch --num_processes 4 /tmp/py_offload.py fsdp 8 10 2>&1 | grep -E "ANCHOR|rror"
       launch --num_processes 4 "$B/bench-fsdp" fsdp 48 3 --offload 2>&1 | grep -E "BENCH|rror|panick"

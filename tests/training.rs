@@ -236,6 +236,14 @@ fn trackers_log_to_tensorboard_and_custom_trackers() {
     assert_eq!(runs.len(), 4, "{:?}", runs.keys().collect::<Vec<_>>());
 }
 
+/// FSDP with every `hasten::layers::Block` a unit, as a config or `hasten launch` sets it.
+const FSDP_BLOCKS: [(&str, &str); 4] = [
+    ("ACCELERATE_USE_FSDP", "true"),
+    ("FSDP_VERSION", "2"),
+    ("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP"),
+    ("FSDP_TRANSFORMER_CLS_TO_WRAP", "Block"),
+];
+
 /// README's loop with FSDP switched on by the environment alone (as `hasten launch` sets it for
 /// `distributed_type: FSDP`), on `ranks` processes.
 fn fsdp_check(ranks: &[usize], env: &[(&str, &str)]) {
@@ -314,12 +322,7 @@ fn fsdp_shard_grad_op_and_per_block_units_match_one_process() {
 
 #[test]
 fn fsdp_loops_that_zero_late_evaluate_before_the_step_or_run_twice_match_one_process() {
-    let mut env = vec![
-        ("ACCELERATE_USE_FSDP", "true"),
-        ("FSDP_VERSION", "2"),
-        ("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP"),
-        ("FSDP_TRANSFORMER_CLS_TO_WRAP", "Block"),
-    ];
+    let mut env = FSDP_BLOCKS.to_vec();
     for n in [2, 3] {
         run_mode(n, "fsdp_semantics", &[], &env).expect_stdout("fsdp semantics hold");
     }
@@ -329,12 +332,7 @@ fn fsdp_loops_that_zero_late_evaluate_before_the_step_or_run_twice_match_one_pro
 
 #[test]
 fn fsdp_save_state_and_load_state_resume_exactly_sharded_and_full() {
-    let blocks = [
-        ("ACCELERATE_USE_FSDP", "true"),
-        ("FSDP_VERSION", "2"),
-        ("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP"),
-        ("FSDP_TRANSFORMER_CLS_TO_WRAP", "Block"),
-    ];
+    let blocks = FSDP_BLOCKS;
     for kind in ["SHARDED_STATE_DICT", "FULL_STATE_DICT"] {
         let mut env = blocks.to_vec();
         env.push(("FSDP_STATE_DICT_TYPE", kind));
@@ -362,12 +360,7 @@ fn fsdp_save_state_and_load_state_resume_exactly_sharded_and_full() {
 
 #[test]
 fn models_built_under_empty_weights_materialise_as_rank_0_would_and_load_in_slices() {
-    let blocks = [
-        ("ACCELERATE_USE_FSDP", "true"),
-        ("FSDP_VERSION", "2"),
-        ("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP"),
-        ("FSDP_TRANSFORMER_CLS_TO_WRAP", "Block"),
-    ];
+    let blocks = FSDP_BLOCKS;
     let runs: [(usize, &[(&str, &str)]); 4] = [
         (2, &blocks),
         (3, &blocks),
@@ -391,12 +384,7 @@ fn models_built_under_empty_weights_materialise_as_rank_0_would_and_load_in_slic
 
 #[test]
 fn tied_parameters_train_as_one_under_fsdp_and_ddp() {
-    let blocks = [
-        ("ACCELERATE_USE_FSDP", "true"),
-        ("FSDP_VERSION", "2"),
-        ("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP"),
-        ("FSDP_TRANSFORMER_CLS_TO_WRAP", "Block"),
-    ];
+    let blocks = FSDP_BLOCKS;
     for n in [2, 3] {
         run_mode(n, "fsdp_tied", &[], &blocks).expect_stdout("tied parameters train as one");
     }

@@ -43,9 +43,9 @@ impl Module for Net {
     }
 }
 
-fn build(root: &nn::Path) -> Net {
-    let norm = layer_norm(&(root / "norm"), &[6]);
-    let blocks = (0..3)
+/// Three residual blocks of width 6 under `root / "blocks"`.
+fn blocks(root: &nn::Path) -> Vec<Block<Ffn>> {
+    (0..3)
         .map(|i| {
             let p = root / "blocks" / i;
             let ffn = Ffn {
@@ -54,7 +54,12 @@ fn build(root: &nn::Path) -> Net {
             };
             Block::new(&p, ffn)
         })
-        .collect();
+        .collect()
+}
+
+fn build(root: &nn::Path) -> Net {
+    let norm = layer_norm(&(root / "norm"), &[6]);
+    let blocks = blocks(root);
     Net {
         norm,
         blocks,
@@ -207,16 +212,7 @@ impl Module for Tied {
 
 fn tied(root: &nn::Path) -> Tied {
     let inp = linear(&(root / "inp"), 6, 6, true);
-    let blocks = (0..3)
-        .map(|i| {
-            let p = root / "blocks" / i;
-            let ffn = Ffn {
-                up: linear(&(&p / "up"), 6, 10, true),
-                down: linear(&(&p / "down"), 10, 6, true),
-            };
-            Block::new(&p, ffn)
-        })
-        .collect();
+    let blocks = blocks(root);
     let out_w = (root / "out").add("weight", inp.ws.shallow_clone(), true);
     Tied { inp, blocks, out_w }
 }

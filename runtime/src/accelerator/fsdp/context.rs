@@ -94,24 +94,8 @@ pub(crate) fn register_model(entry: &Arc<Mutex<ModelEntry>>) {
     models.push(Arc::downgrade(entry));
 }
 
-/// Before a prepared optimizer's step: offloaded models' chunks, which the step writes on the host, are
-/// no longer read by queued copies to the GPU (an evaluation forward may have queued some).
-pub(crate) fn before_optimizer_step() {
-    let models: Vec<_> = MODELS
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .iter()
-        .filter_map(Weak::upgrade)
-        .collect();
-    for entry in models {
-        if let Some(sharded) = lock(&entry).fsdp.as_ref() {
-            sharded.wait_before_host_writes();
-        }
-    }
-}
-
-/// `zero_grad` of a prepared optimizer: the gradients the sharded models' gathers set aside go too.
-pub(crate) fn forget_stashed_gradients() {
+/// Runs `f` on every sharded model of the process still alive (the registry's lock released first).
+fn each_sharded_model(mut f: impl FnMut(&mut super::ShardedModel)) {
     let models: Vec<_> = MODELS
         .lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -120,9 +104,20 @@ pub(crate) fn forget_stashed_gradients() {
         .collect();
     for entry in models {
         if let Some(sharded) = lock(&entry).fsdp.as_mut() {
-            sharded.forget_stashed_gradients();
+            f(sharded);
         }
     }
+}
+
+/// Before a prepared optimizer's step: offloaded models' chunks, which the step writes on the host, are
+/// no longer read by queued copies to the GPU (an evaluation forward may have queued some).
+pub(crate) fn before_optimizer_step() {
+    each_sharded_model(|sharded| sharded.wait_before_host_writes());
+}
+
+/// `zero_grad` of a prepared optimizer: the gradients the sharded models' gathers set aside go too.
+pub(crate) fn forget_stashed_gradients() {
+    each_sharded_model(super::ShardedModel::forget_stashed_gradients);
 }
 
 extern "C" fn drop_ctx(ctx: *mut c_void) {
