@@ -48,17 +48,7 @@ impl Accelerator {
         let max = parse_size_to_int(max_shard_size)?;
         // Under FSDP every rank takes part in gathering the model, and only the writing ones keep it.
         let writer = self.writes_files();
-        let mut state = {
-            let mut entry = model.entry();
-            let super::ModelEntry { named, fsdp, .. } = &mut *entry;
-            match fsdp.as_mut() {
-                Some(sharded) => sharded.full_state_dict_kept(named, writer)?,
-                None => named
-                    .iter()
-                    .map(|(n, t)| (n.clone(), t.shallow_clone()))
-                    .collect(),
-            }
-        };
+        let mut state = super::step::state_dict_kept(model, writer)?;
         if !writer {
             return Ok(());
         }

@@ -262,15 +262,7 @@ impl Accelerator {
     /// gathered from its shards (collective: every rank calls it) as copies; otherwise the VarStore's
     /// tensors, as [`PreparedModel::state_dict`].
     pub fn get_state_dict<M>(&self, model: &PreparedModel<M>) -> Result<Vec<(String, Tensor)>> {
-        let mut entry = model.entry();
-        let ModelEntry { named, fsdp, .. } = &mut *entry;
-        match fsdp.as_mut() {
-            Some(sharded) => sharded.full_state_dict(named),
-            None => Ok(named
-                .iter()
-                .map(|(n, t)| (n.clone(), t.shallow_clone()))
-                .collect()),
-        }
+        state_dict_kept(model, true)
     }
 
     /// Loads a checkpoint (a safetensors file, a sharded index or a folder, e.g. what
@@ -311,5 +303,22 @@ impl Accelerator {
         self.optimizers.clear();
         self.schedulers.clear();
         self.step = 0;
+    }
+}
+
+/// [`Accelerator::get_state_dict`], kept by this rank only where `keep` (under FSDP every rank takes
+/// part in the gathering; one that does not keep gets nothing and holds no copy).
+pub(super) fn state_dict_kept<M>(
+    model: &PreparedModel<M>,
+    keep: bool,
+) -> Result<Vec<(String, Tensor)>> {
+    let mut entry = model.entry();
+    let ModelEntry { named, fsdp, .. } = &mut *entry;
+    match fsdp.as_mut() {
+        Some(sharded) => sharded.full_state_dict_kept(named, keep),
+        None => Ok(named
+            .iter()
+            .map(|(n, t)| (n.clone(), t.shallow_clone()))
+            .collect()),
     }
 }

@@ -21,8 +21,11 @@
 use crate::distributed::{CommStream, Group, Mark};
 
 mod backward;
+mod materialize;
 mod state;
 use crate::{Error, ReduceOp, Result};
+pub(crate) use materialize::agree_on_empty_weights;
+use materialize::{Pending, materialize_pieces};
 pub(crate) use state::SlicedRead;
 use std::sync::Arc;
 use tch::{Kind, Tensor};
@@ -103,62 +106,6 @@ fn pinned_zeros(n: i64, kind: Kind) -> Result<Tensor> {
         None => Tensor::f_empty([n], (kind, tch::Device::Cpu)).map_err(torch("FSDP offload"))?,
     };
     t.f_zero_().map_err(torch("FSDP offload"))
-}
-
-/// A placeholder parameter still to be materialised into its unit's chunk.
-struct Pending {
-    unit: usize,
-    param: usize,
-    recipe: crate::layers::Recipe,
-    /// Its element's address: the recipe's key.
-    addr: usize,
-}
-
-/// Fails on every rank unless all or none built the model under `init_empty_weights` (collective):
-/// their broadcasts and draws would not pair up otherwise. Called before anything else is exchanged.
-pub(crate) fn agree_on_empty_weights(group: &mut crate::ProcessGroup, has: bool) -> Result<()> {
-    let flags = group
-        .all_gather_bytes(&[u8::from(has)])
-        .map_err(|e| chained("FSDP materialising", e))?;
-    let with: Vec<usize> = (0..flags.len()).filter(|r| flags[*r] == [1]).collect();
-    if !with.is_empty() && with.len() != flags.len() {
-        return Err(Error::InvalidValue {
-            name: "FSDP model".into(),
-            detail: format!(
-                "ranks {with:?} built the model under init_empty_weights and the others did not; every \
-                 rank must build it the same way"
-            ),
-        });
-    }
-    Ok(())
-}
-
-/// Fills each pending placeholder's piece of this rank's chunk (collective among ranks that, as
-/// [`agree_on_empty_weights`] checked, all have placeholders). The values are drawn whole, one parameter
-/// at a time and in the order they were made, from rank 0's generator states
-/// (`random::draw_as_rank_0`).
-fn materialize_pieces(units: &[Unit], pending: &[Pending], group: &Group, rank: i64) -> Result<()> {
-    if pending.is_empty() {
-        return Ok(());
-    }
-    crate::random::draw_as_rank_0(&mut group.lock(), || {
-        let _no_grad = tch::no_grad_guard();
-        for p in pending {
-            let unit = &units[p.unit];
-            let whole = crate::layers::materialize(&unit.shapes[p.param], p.recipe)
-                .map_err(torch("FSDP materialising"))?;
-            let (lo, len) = unit.piece(p.param, rank);
-            if len > 0 {
-                let from = rank * unit.chunk + lo - unit.offsets[p.param];
-                unit.shard
-                    .narrow(0, lo, len)
-                    .f_copy_(&whole.reshape([-1]).narrow(0, from, len))
-                    .map_err(torch("FSDP materialising"))?;
-            }
-            crate::layers::forget_recipe(p.addr);
-        }
-        Ok(())
-    })
 }
 
 /// A model's units, and what a forward and its backward have done to them.
