@@ -390,3 +390,84 @@ fn tied_parameters_train_as_one_under_fsdp_and_ddp() {
     }
     run_mode(2, "fsdp_tied", &[], &[]).expect_stdout("tied parameters train as one");
 }
+
+/// `mode` on `machines` machines of `per_machine` CPU ranks each, all on this host (one `hasten launch`
+/// per machine, as on a cluster): every rank reports ok.
+fn run_machines(
+    (machines, per_machine): (usize, usize),
+    mode: &str,
+    args: &[&std::ffi::OsStr],
+    env: &[(&str, &str)],
+) -> Vec<Ran> {
+    let port = free_port().to_string();
+    let (total, count) = ((machines * per_machine).to_string(), machines.to_string());
+    let ran: Vec<Ran> = std::thread::scope(|s| {
+        let launches: Vec<_> = (0..machines)
+            .map(|m| {
+                let (port, total, count) = (&port, &total, &count);
+                s.spawn(move || {
+                    let mut cmd = Command::new(hasten());
+                    cmd.args(["launch", "--num_processes", total, "--num_machines", count])
+                        .args(["--machine_rank", &m.to_string(), "--cpu"])
+                        .args(["--main_process_ip", "127.0.0.1", "--main_process_port", port])
+                        .arg(workspace_bin("hasten-test-training"))
+                        .arg(mode)
+                        .args(args);
+                    run(cmd, env)
+                })
+            })
+            .collect();
+        launches.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (m, r) in ran.iter().enumerate() {
+        assert_eq!(r.code, 0, "machine {m}: {}", r.all());
+        for rank in m * per_machine..(m + 1) * per_machine {
+            r.expect_stdout(&format!("[rank{rank}]: training check {mode}: ok"));
+        }
+    }
+    ran
+}
+
+#[test]
+fn hybrid_shard_shards_within_each_machine_and_matches_one_process() {
+    let mut hybrid = FSDP_BLOCKS.to_vec();
+    hybrid.retain(|(k, _)| *k != "FSDP_VERSION");
+    hybrid.push(("FSDP_SHARDING_STRATEGY", "HYBRID_SHARD"));
+    // 2 machines × 2 ranks: each machine's ranks hold half the model each; 2 × 3: uneven thirds; 3 × 1:
+    // nothing sharded, every machine a replica.
+    for (machines, per_machine) in [(2, 2), (2, 3), (3, 1)] {
+        for r in run_machines((machines, per_machine), "fsdp_blocks", &[], &hybrid) {
+            r.expect_stdout(&format!("sharded over {per_machine} ranks"));
+        }
+    }
+    // SHARD_GRAD_OP's hybrid form, bf16, and the whole model as one unit.
+    let mut zero2 = hybrid.clone();
+    zero2.retain(|(k, _)| *k != "FSDP_SHARDING_STRATEGY");
+    zero2.push(("FSDP_SHARDING_STRATEGY", "HYBRID_SHARD_ZERO2"));
+    run_machines((2, 2), "fsdp_blocks", &[], &zero2);
+    let mut bf16 = hybrid.clone();
+    bf16.push(("ACCELERATE_MIXED_PRECISION", "bf16"));
+    run_machines((2, 2), "fsdp_blocks", &[], &bf16);
+    run_machines(
+        (2, 2),
+        "fsdp",
+        &[],
+        &[
+            ("ACCELERATE_USE_FSDP", "true"),
+            ("FSDP_SHARDING_STRATEGY", "HYBRID_SHARD"),
+        ],
+    );
+    // On one machine HYBRID_SHARD is FULL_SHARD.
+    fsdp_mode("fsdp_blocks", &[2], &hybrid);
+    // Checkpoints: each rank writes its chunks (replicas too), or the main process the whole model;
+    // both resume exactly.
+    for kind in ["SHARDED_STATE_DICT", "FULL_STATE_DICT"] {
+        let mut env = hybrid.clone();
+        env.push(("FSDP_STATE_DICT_TYPE", kind));
+        let project = tempfile::tempdir().unwrap();
+        let project = project.path().as_os_str();
+        for r in run_machines((2, 2), "fsdp_checkpoint", &[project], &env) {
+            r.expect_stdout("fsdp checkpoint resumes exactly");
+        }
+    }
+}

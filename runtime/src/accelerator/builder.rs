@@ -255,6 +255,7 @@ impl AcceleratorBuilder {
             trigger: false,
             custom: Vec::new(),
             fsdp,
+            hybrid: None,
         })
     }
 }

@@ -95,6 +95,8 @@ pub struct Accelerator {
     custom: Vec<Arc<Mutex<dyn Checkpointable>>>,
     /// Sharded data parallelism, when on and more than one process trains.
     fsdp: Option<FullyShardedDataParallelPlugin>,
+    /// HYBRID_SHARD's split into machines, made by the first model prepared under it.
+    hybrid: Option<Arc<Mutex<fsdp::Hybrid>>>,
 }
 
 impl Accelerator {
@@ -272,11 +274,22 @@ impl Accelerator {
                     .cloned()
                     .zip(entry.params.iter().map(tch::Tensor::shallow_clone))
                     .collect();
+                let mesh = match plugin.hybrid_machine_size(&self.state) {
+                    None => fsdp::Mesh::flat(self.group.clone()),
+                    Some(per_machine) => {
+                        let hybrid = match &self.hybrid {
+                            Some(h) => h.clone(),
+                            None => fsdp::Hybrid::split(&self.group, per_machine)?,
+                        };
+                        self.hybrid = Some(hybrid.clone());
+                        fsdp::Mesh::hybrid(self.group.clone(), hybrid)
+                    }
+                };
                 entry.fsdp = Some(fsdp::ShardedModel::new(
                     plugin.units(named)?,
                     &entry.names,
-                    self.group.clone(),
-                    plugin.sharding_strategy == fsdp::ShardingStrategy::FullShard,
+                    mesh,
+                    plugin.reshard_after_forward(),
                     &fsdp::block_paths(),
                     // Accelerate's FSDP2 policy under bf16: parameters gathered, and gradients
                     // reduced, in bf16 (autocast then casts nothing and saves no copies). Not with

@@ -60,7 +60,7 @@ impl CpuBackend {
 
 /// Runs `f` on a CPU copy of a GPU tensor and copies the result back; CPU tensors are used directly.
 /// This keeps GPU jobs working on the TCP backend (slowly) until NCCL takes over their tensors.
-fn on_cpu(
+pub(super) fn on_cpu(
     t: &mut Tensor,
     op: &'static str,
     f: impl FnOnce(&mut Tensor) -> Result<()>,
@@ -84,7 +84,7 @@ pub(crate) fn tensor_bytes(t: &Tensor) -> Vec<u8> {
     bytes
 }
 
-fn reduce_into(acc: &mut Tensor, other: &Tensor, op: ReduceOp) -> Result<()> {
+pub(super) fn reduce_into(acc: &mut Tensor, other: &Tensor, op: ReduceOp) -> Result<()> {
     let torch = |source| Error::torch("all_reduce", source);
     match op {
         ReduceOp::Sum | ReduceOp::Mean => acc.f_add_(other).map(drop),

@@ -10,6 +10,7 @@ mod census;
 mod cpu;
 mod lazy;
 mod nccl;
+mod partition;
 mod rendezvous;
 mod shared;
 mod shm;
@@ -21,6 +22,7 @@ pub(crate) use shm::hostname;
 pub(crate) use stream::{CommStream, Mark};
 
 pub use nccl::nccl_version;
+pub use partition::Partition;
 pub use shared::Group;
 
 pub use rendezvous::{DEFAULT_RDZV_TIMEOUT, rdzv_timeout_from_env};
@@ -55,6 +57,22 @@ pub enum ReduceOp {
     Min,
     /// Element-wise product.
     Product,
+}
+
+/// Which ranks a collective runs among: the whole job, or each rank's group of a [`Partition`].
+pub(crate) enum Among<'a> {
+    World,
+    Part(&'a mut Partition),
+}
+
+impl Among<'_> {
+    /// How many ranks take part (`world` for the whole job).
+    fn size(&self, world: usize) -> usize {
+        match self {
+            Among::World => world,
+            Among::Part(p) => p.size(),
+        }
+    }
 }
 
 /// The tensor collectives a backend provides.
@@ -210,7 +228,19 @@ impl ProcessGroup {
     fn timed<R>(&mut self, op: &'static str, f: impl FnOnce(&mut Self) -> Result<R>) -> Result<R> {
         self.seq += 1;
         let started = Instant::now();
-        match f(self) {
+        let out = f(self);
+        self.complete_timeout(op, started, out)
+    }
+
+    /// A collective's outcome; a timeout gets the census's missing ranks, and the peers still listening
+    /// are told.
+    fn complete_timeout<R>(
+        &mut self,
+        op: &'static str,
+        started: Instant,
+        out: Result<R>,
+    ) -> Result<R> {
+        match out {
             Err(Error::CollectiveTimeout { .. }) => {
                 let waited_s = started.elapsed().as_secs_f64();
                 let missing = self.census.missing_after_timeout();
@@ -264,17 +294,35 @@ impl ProcessGroup {
         self.nccl.as_ref().is_some_and(|l| l.agreed())
     }
 
-    /// Runs a tensor collective on the right backend: TCP for CPU tensors; NCCL for CUDA tensors once all
-    /// ranks agree it is ready, or at once (waiting for it) for large ones; TCP for small CUDA tensors
-    /// before that, followed by a vote on switching (see `lazy`).
+    /// Runs a tensor collective among `among` on the right backend: TCP for CPU tensors; NCCL for CUDA
+    /// tensors once all ranks agree it is ready, or at once (waiting for it) for large ones; TCP for
+    /// small CUDA tensors before that, followed by a vote on switching (see `lazy`). A partition's
+    /// group waits for its own communicator for every CUDA tensor (the same rule on every rank).
     fn on_backend<R>(
         &mut self,
+        among: Among<'_>,
         op: &'static str,
         device: Device,
         bytes: usize,
         f: impl FnOnce(&mut dyn Backend) -> Result<R>,
     ) -> Result<R> {
         let seq = self.seq + 1;
+        if let Among::Part(part) = among {
+            return self.timed(op, |g| {
+                if let Some(lazy) = part.nccl.as_mut().filter(|_| device.is_cuda()) {
+                    let (nccl, watchdog) = lazy.wait_with_watchdog()?;
+                    let out = f(nccl)?;
+                    watchdog.watch(std::ptr::null_mut(), op, seq);
+                    return Ok(out);
+                }
+                let index = part.index();
+                f(&mut partition::Subset {
+                    cpu: &mut g.cpu,
+                    members: part.members(),
+                    index,
+                })
+            });
+        }
         self.timed(op, |g| {
             let Some(lazy) = g.nccl.as_mut().filter(|_| device.is_cuda()) else {
                 return f(&mut g.cpu);
@@ -300,7 +348,11 @@ impl ProcessGroup {
 
     /// Combines `t` across ranks in place; every rank ends with the same values.
     pub fn all_reduce(&mut self, t: &mut Tensor, op: ReduceOp) -> Result<()> {
-        if self.world_size() == 1 {
+        self.all_reduce_among(Among::World, t, op)
+    }
+
+    fn all_reduce_among(&mut self, among: Among<'_>, t: &mut Tensor, op: ReduceOp) -> Result<()> {
+        if among.size(self.world_size()) == 1 {
             return if op == ReduceOp::Mean && !crate::ops::is_float(t.kind()) {
                 Err(Error::Collective {
                     op: "all_reduce",
@@ -311,7 +363,9 @@ impl ProcessGroup {
             };
         }
         let bytes = t.numel() * t.kind().elt_size_in_bytes();
-        self.on_backend("all_reduce", t.device(), bytes, |b| b.all_reduce(t, op))
+        self.on_backend(among, "all_reduce", t.device(), bytes, |b| {
+            b.all_reduce(t, op)
+        })
     }
 
     /// Copies rank `src`'s `t` into every rank's `t` (same shape and dtype everywhere).
@@ -329,23 +383,40 @@ impl ProcessGroup {
             return Ok(());
         }
         let bytes = t.numel() * t.kind().elt_size_in_bytes();
-        self.on_backend("broadcast", t.device(), bytes, |b| b.broadcast(t, src))
+        self.on_backend(Among::World, "broadcast", t.device(), bytes, |b| {
+            b.broadcast(t, src)
+        })
     }
 
     /// Every rank's `t` concatenated along dim 0, on every rank (shapes must match).
     pub fn all_gather_cat(&mut self, t: &Tensor) -> Result<Tensor> {
-        if self.world_size() == 1 {
+        self.all_gather_cat_among(Among::World, t)
+    }
+
+    fn all_gather_cat_among(&mut self, among: Among<'_>, t: &Tensor) -> Result<Tensor> {
+        if among.size(self.world_size()) == 1 {
             return Ok(t.shallow_clone());
         }
         let t = t.contiguous();
         let bytes = t.numel() * t.kind().elt_size_in_bytes();
-        self.on_backend("all_gather", t.device(), bytes, |b| b.all_gather_cat(&t))
+        self.on_backend(among, "all_gather", t.device(), bytes, |b| {
+            b.all_gather_cat(&t)
+        })
     }
 
     /// Reduces `t` across ranks and returns this rank's share of the first dimension, which must divide
     /// evenly by the number of processes.
     pub fn reduce_scatter(&mut self, t: &Tensor, op: ReduceOp) -> Result<Tensor> {
-        let world = self.world_size() as i64;
+        self.reduce_scatter_among(Among::World, t, op)
+    }
+
+    fn reduce_scatter_among(
+        &mut self,
+        among: Among<'_>,
+        t: &Tensor,
+        op: ReduceOp,
+    ) -> Result<Tensor> {
+        let world = among.size(self.world_size()) as i64;
         let rows = t.size().first().copied().unwrap_or(0);
         if t.dim() == 0 || rows % world != 0 {
             return Err(Error::Collective {
@@ -360,64 +431,87 @@ impl ProcessGroup {
         }
         let t = t.contiguous();
         let bytes = t.numel() * t.kind().elt_size_in_bytes();
-        self.on_backend("reduce_scatter", t.device(), bytes, |b| {
+        self.on_backend(among, "reduce_scatter", t.device(), bytes, |b| {
             b.reduce_scatter(&t, op)
         })
     }
 
-    /// Starts an in-place all-reduce of a CUDA tensor on `stream`, after the work queued so far on the
-    /// compute stream (bucket `bucket`'s event), without waiting for it: true when it went to NCCL. False
-    /// when this tensor would not use NCCL now (a CPU tensor, or a small one before every rank's
-    /// communicator is up); the caller then uses [`ProcessGroup::all_reduce`].
+    /// Starts an in-place all-reduce of a CUDA tensor among `among` on `stream`, after the work queued
+    /// so far on the compute stream (bucket `bucket`'s event), without waiting for it: true when it went
+    /// to NCCL. False when this tensor would not use NCCL now (a CPU tensor, or a small one before every
+    /// rank's communicator is up); the caller then uses the blocking collective.
     pub(crate) fn all_reduce_on_stream(
         &mut self,
+        among: Among<'_>,
         t: &mut Tensor,
         op: ReduceOp,
         stream: &CommStream,
         bucket: usize,
     ) -> Result<bool> {
         let bytes = t.numel() * t.kind().elt_size_in_bytes();
-        self.queue_on_stream("all_reduce", t.device(), bytes, stream, bucket, |nccl| {
-            nccl.all_reduce_on(t, op, stream.raw())
-        })
+        self.queue_on_stream(
+            among,
+            "all_reduce",
+            t.device(),
+            bytes,
+            stream,
+            bucket,
+            |nccl| nccl.all_reduce_on(t, op, stream.raw()),
+        )
     }
 
-    /// Starts an all-gather of CUDA `input` into `output` on `stream`, as
-    /// [`ProcessGroup::all_reduce_on_stream`] starts its all-reduce (false: the caller uses
-    /// [`ProcessGroup::all_gather_cat`]). Both tensors must stay alive until the stream has run it.
+    /// Starts an all-gather of CUDA `input` into `output` among `among` on `stream`, as
+    /// [`ProcessGroup::all_reduce_on_stream`] starts its all-reduce (false: the caller uses the blocking
+    /// all-gather). Both tensors must stay alive until the stream has run it.
     pub(crate) fn all_gather_into_on_stream(
         &mut self,
+        among: Among<'_>,
         input: &Tensor,
         output: &Tensor,
         stream: &CommStream,
     ) -> Result<bool> {
         let bytes = output.numel() * output.kind().elt_size_in_bytes();
-        self.queue_on_stream("all_gather", input.device(), bytes, stream, 0, |nccl| {
-            nccl.all_gather_into_on(input, output, stream.raw())
-        })
+        self.queue_on_stream(
+            among,
+            "all_gather",
+            input.device(),
+            bytes,
+            stream,
+            0,
+            |nccl| nccl.all_gather_into_on(input, output, stream.raw()),
+        )
     }
 
-    /// Starts a reduce-scatter of CUDA `input` into this rank's share `output` on `stream`, as
-    /// [`ProcessGroup::all_reduce_on_stream`] starts its all-reduce (false: the caller uses
-    /// [`ProcessGroup::reduce_scatter`]). Both tensors must stay alive until the stream has run it.
+    /// Starts a reduce-scatter of CUDA `input` into this rank's share `output` among `among` on
+    /// `stream`, as [`ProcessGroup::all_reduce_on_stream`] starts its all-reduce (false: the caller uses
+    /// the blocking reduce-scatter). Both tensors must stay alive until the stream has run it.
     pub(crate) fn reduce_scatter_on_stream(
         &mut self,
+        among: Among<'_>,
         input: &Tensor,
         output: &Tensor,
         op: ReduceOp,
         stream: &CommStream,
     ) -> Result<bool> {
         let bytes = input.numel() * input.kind().elt_size_in_bytes();
-        self.queue_on_stream("reduce_scatter", input.device(), bytes, stream, 0, |nccl| {
-            nccl.reduce_scatter_on(input, output, op, stream.raw())
-        })
+        self.queue_on_stream(
+            among,
+            "reduce_scatter",
+            input.device(),
+            bytes,
+            stream,
+            0,
+            |nccl| nccl.reduce_scatter_on(input, output, op, stream.raw()),
+        )
     }
 
     /// Queues `queue` (an NCCL call on `stream`) after the work on the compute stream so far (recorded
     /// in `stream`'s ready event `ready`), watched by the NCCL watchdog: false, queuing nothing, when a
     /// collective of `bytes` on `device` would not use NCCL now.
+    #[allow(clippy::too_many_arguments)]
     fn queue_on_stream(
         &mut self,
+        among: Among<'_>,
         op: &'static str,
         device: Device,
         bytes: usize,
@@ -425,27 +519,28 @@ impl ProcessGroup {
         ready: usize,
         queue: impl FnOnce(&mut nccl::Nccl) -> Result<()>,
     ) -> Result<bool> {
-        let uses_nccl = self.state.contract.world_size > 1
-            && device.is_cuda()
-            && self
+        let world = self.state.contract.world_size;
+        let lazy = match among {
+            Among::World => self
                 .nccl
                 .as_mut()
-                .is_some_and(|lazy| lazy.agreed() || bytes >= lazy::TCP_LIMIT_BYTES);
-        if !uses_nccl {
+                .filter(|lazy| world > 1 && (lazy.agreed() || bytes >= lazy::TCP_LIMIT_BYTES)),
+            Among::Part(part) => part.nccl.as_mut(),
+        };
+        let Some(lazy) = lazy.filter(|_| device.is_cuda()) else {
             return Ok(false);
-        }
-        let seq = self.seq + 1;
-        self.timed(op, |g| {
-            let lazy = g.nccl.as_mut().ok_or(Error::Collective {
-                op,
-                detail: "NCCL is not set up in this group".into(),
-            })?;
+        };
+        self.seq += 1;
+        let seq = self.seq;
+        let started = Instant::now();
+        let queued = (|| {
             let (nccl, watchdog) = lazy.wait_with_watchdog()?;
             stream.wait_for_compute(ready)?;
             queue(nccl)?;
             watchdog.watch(stream.raw(), op, seq);
             Ok(true)
-        })
+        })();
+        self.complete_timeout(op, started, queued)
     }
 
     /// Every rank's bytes, in rank order, on every rank.

@@ -156,6 +156,13 @@ pub fn fsdp(acc: &mut Accelerator, blocks: bool) -> Check {
     } else {
         1e-5
     };
+    // HYBRID_SHARD across machines shards among each machine's ranks and replicates across machines.
+    let hybrid = std::env::var("FSDP_SHARDING_STRATEGY").is_ok_and(|v| v.starts_with("HYBRID"));
+    let local = std::env::var("LOCAL_WORLD_SIZE")
+        .ok()
+        .and_then(|v| v.parse::<i64>().ok())
+        .unwrap_or(p);
+    let sharded_over = if hybrid { local } else { p };
     let global = 6 * p;
     let (x, y) = data(global * MICRO * STEPS);
     let vs = nn::VarStore::new(acc.device());
@@ -166,7 +173,7 @@ pub fn fsdp(acc: &mut Accelerator, blocks: bool) -> Check {
     let full_numel = numel(&vs.trainable_variables());
     let model = acc.prepare_model(net, vs).map_err(err)?;
     let initial = acc.get_state_dict(&model).map_err(err)?;
-    let local = numel(&model.parameters());
+    let held = numel(&model.parameters());
     let opt = AdamW::new(model.var_store(), 1e-2);
     let mut opt = acc.prepare_optimizer(opt);
     let mut reference = Reference::new(&initial, blocks)?;
@@ -194,6 +201,7 @@ pub fn fsdp(acc: &mut Accelerator, blocks: bool) -> Check {
             if blocks
                 && std::env::var("FSDP_AUTO_WRAP_POLICY").is_ok()
                 && std::env::var("FSDP_RESHARD_AFTER_FORWARD").as_deref() != Ok("false")
+                && std::env::var("FSDP_SHARDING_STRATEGY").as_deref() != Ok("HYBRID_SHARD_ZERO2")
             {
                 // FULL_SHARD: after the forward every block holds only its piece again; the root
                 // (head, spare) stays gathered until the backward.
@@ -204,7 +212,7 @@ pub fn fsdp(acc: &mut Accelerator, blocks: bool) -> Check {
                     .filter(|(n, _)| n.starts_with("blocks."))
                     .map(|(_, t)| t.numel() as i64)
                     .sum();
-                if blocks_numel * p > 3 * (16 * 8 * 2 + 16 + 8) + 3 * p {
+                if blocks_numel * sharded_over > 3 * (16 * 8 * 2 + 16 + 8) + 3 * sharded_over {
                     return Err(format!(
                         "after the forward the blocks hold {blocks_numel} elements on rank {r}: not freed"
                     ));
@@ -215,7 +223,7 @@ pub fn fsdp(acc: &mut Accelerator, blocks: bool) -> Check {
                 let grads: Vec<Tensor> = model.parameters().iter().map(Tensor::grad).collect();
                 if grads
                     .iter()
-                    .any(|g| g.defined() && g.numel() as i64 > local)
+                    .any(|g| g.defined() && g.numel() as i64 > held)
                 {
                     return Err("a gradient is larger than this rank's shard".into());
                 }
@@ -250,12 +258,13 @@ pub fn fsdp(acc: &mut Accelerator, blocks: bool) -> Check {
         .filter(|(n, _)| !n.ends_with(".step"))
         .map(|(_, t)| t.numel() as i64)
         .sum();
-    // Every element lives on one rank; each unit's share is its total divided by N, rounded up (the
-    // test's models have at most 4 units, so at most 4 elements of padding per rank).
-    let locals = acc.group().all_gather_object(&local).map_err(err)?;
-    if locals.iter().sum::<i64>() != full_numel
-        || locals.iter().any(|&l| l > full_numel / p + 5)
-        || state_numel != 2 * local
+    // Every element lives on one rank of each machine (of the job, unless hybrid); each unit's share is
+    // its total divided by the ranks sharing it, rounded up (the test's models have at most 4 units,
+    // so at most 4 elements of padding per rank).
+    let locals = acc.group().all_gather_object(&held).map_err(err)?;
+    if locals.iter().sum::<i64>() != full_numel * (p / sharded_over)
+        || locals.iter().any(|&l| l > full_numel / sharded_over + 5)
+        || state_numel != 2 * held
     {
         return Err(format!(
             "ranks hold {locals:?} parameter elements of {full_numel} (rank {r}: {state_numel} \
@@ -277,9 +286,9 @@ pub fn fsdp(acc: &mut Accelerator, blocks: bool) -> Check {
         }
     }
     println!(
-        "rank {r}: fsdp holds {local} of {full_numel} parameters ({:.3} of the model), optimizer state \
-         {state_numel}",
-        local as f64 / full_numel as f64
+        "rank {r}: fsdp holds {held} of {full_numel} parameters ({:.3} of the model, sharded over \
+         {sharded_over} ranks), optimizer state {state_numel}",
+        held as f64 / full_numel as f64
     );
     Ok(())
 }

@@ -11,7 +11,7 @@ pub(crate) use context::{
     before_optimizer_step, block_paths, forget_stashed_gradients, register_block, register_model,
     run_block, with_active,
 };
-pub(crate) use shard::{ShardedModel, SlicedRead, agree_on_empty_weights};
+pub(crate) use shard::{Hybrid, Mesh, ShardedModel, SlicedRead, agree_on_empty_weights};
 
 use crate::{Error, Result};
 use tch::Tensor;
@@ -31,9 +31,11 @@ pub enum ShardingStrategy {
     ShardGradOp,
     /// Nothing sharded: data parallelism as DDP does it.
     NoShard,
-    /// FULL_SHARD within a machine, replicated across machines (not yet in hasten).
+    /// FULL_SHARD among the processes of each machine, replicated across machines: gathers and
+    /// reduce-scatters stay within a machine, and each gradient chunk is averaged with its replicas on
+    /// the other machines. FSDP2's 2-D mesh with `reshard_after_forward=True`.
     HybridShard,
-    /// SHARD_GRAD_OP within a machine, replicated across machines (not yet in hasten).
+    /// SHARD_GRAD_OP among the processes of each machine, replicated across machines.
     HybridShardZero2,
 }
 
@@ -104,7 +106,7 @@ pub struct FullyShardedDataParallelPlugin {
     /// 1 or 2 (`FSDP_VERSION`, default 1 as in Accelerate). Both run hasten's one mechanism, which
     /// follows FSDP2; version 1 takes its strategy from `sharding_strategy`.
     pub fsdp_version: u8,
-    /// FULL_SHARD, SHARD_GRAD_OP or NO_SHARD.
+    /// FULL_SHARD, SHARD_GRAD_OP, NO_SHARD, HYBRID_SHARD or HYBRID_SHARD_ZERO2.
     pub sharding_strategy: ShardingStrategy,
     /// Units (`FSDP_AUTO_WRAP_POLICY`, default NO_WRAP).
     pub auto_wrap_policy: AutoWrapPolicy,
@@ -278,15 +280,6 @@ impl FullyShardedDataParallelPlugin {
                 detail: detail.into(),
             })
         };
-        match self.sharding_strategy {
-            ShardingStrategy::HybridShard | ShardingStrategy::HybridShardZero2 => {
-                return refuse(
-                    "sharding_strategy",
-                    "HYBRID_SHARD is not supported by hasten's FSDP yet: use FULL_SHARD or SHARD_GRAD_OP",
-                );
-            }
-            _ => {}
-        }
         if let AutoWrapPolicy::SizeBasedWrap(n) = self.auto_wrap_policy
             && n < 0
         {
@@ -296,6 +289,29 @@ impl FullyShardedDataParallelPlugin {
             );
         }
         Ok(())
+    }
+
+    /// Whether a block's parameters are freed after its forward and gathered again for its backward.
+    pub(crate) fn reshard_after_forward(&self) -> bool {
+        matches!(
+            self.sharding_strategy,
+            ShardingStrategy::FullShard | ShardingStrategy::HybridShard
+        )
+    }
+
+    /// Under HYBRID_SHARD on more than one machine: the processes per machine, among which the
+    /// parameters are sharded (the job's ranks are numbered machine by machine). `None`: sharded over
+    /// the whole job (on one machine HYBRID_SHARD is FULL_SHARD).
+    pub(crate) fn hybrid_machine_size(&self, state: &crate::ProcessState) -> Option<usize> {
+        let hybrid = matches!(
+            self.sharding_strategy,
+            ShardingStrategy::HybridShard | ShardingStrategy::HybridShardZero2
+        );
+        let (world, per_machine) = (
+            state.contract.world_size,
+            state.contract.local_world_size,
+        );
+        (hybrid && per_machine < world).then_some(per_machine)
     }
 
     /// Whether parameters are sharded at all (NO_SHARD runs as DDP).

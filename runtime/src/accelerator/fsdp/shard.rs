@@ -18,11 +18,13 @@
 //! start of the forward to the end of the backward, as FSDP2 keeps its root. Every collective comes in
 //! an order fixed by the model's structure, the same on every rank.
 
-use crate::distributed::{CommStream, Group, Mark};
+use crate::distributed::{CommStream, Mark};
 
 mod backward;
 mod materialize;
+mod mesh;
 mod state;
+pub(crate) use mesh::{Hybrid, Mesh};
 use crate::{Error, ReduceOp, Result};
 pub(crate) use materialize::agree_on_empty_weights;
 use materialize::{Pending, materialize_pieces};
@@ -111,7 +113,9 @@ fn pinned_zeros(n: i64, kind: Kind) -> Result<Tensor> {
 /// A model's units, and what a forward and its backward have done to them.
 pub(crate) struct ShardedModel {
     pub units: Vec<Unit>,
-    group: Group,
+    /// The ranks the units are sharded over (and, hybrid, replicated across).
+    mesh: Mesh,
+    /// This rank's position in the mesh's shard, and the shard's size.
     rank: i64,
     world: i64,
     /// FULL_SHARD: free a block's unsharded parameters after its forward and gather them again for its
@@ -189,7 +193,7 @@ fn resize(t: &Tensor, nbytes: i64, unit: &str) -> Result<()> {
 }
 
 impl ShardedModel {
-    /// Shards `units` (each a list of named parameters, equal on every rank) across the group's ranks:
+    /// Shards `units` (each a list of named parameters, equal on every rank) across the mesh's shard ranks:
     /// from here on every parameter holds only its piece. `made` lists the parameters in the order
     /// they were made: placeholders (built under `init_empty_weights`) are materialised in it, each
     /// whole for a moment and one at a time, from rank 0's generator states, so every rank keeps its
@@ -197,13 +201,13 @@ impl ShardedModel {
     pub(crate) fn new(
         units: Vec<(String, super::Named)>,
         made: &[String],
-        group: Group,
+        mesh: Mesh,
         reshard_after_forward: bool,
         block_paths: &std::collections::BTreeSet<String>,
         param_kind: Option<Kind>,
         offload: bool,
     ) -> Result<Self> {
-        let (rank, world) = (group.rank() as i64, group.world_size() as i64);
+        let (rank, world) = (mesh.rank(), mesh.size());
         let position: std::collections::HashMap<&str, usize> = made
             .iter()
             .enumerate()
@@ -306,11 +310,11 @@ impl ShardedModel {
                 addr,
             })
             .collect();
-        materialize_pieces(&out, &pieces, &group, rank)?;
+        materialize_pieces(&out, &pieces, mesh.group(), rank)?;
         let n = out.len();
         Ok(ShardedModel {
             units: out,
-            group,
+            mesh,
             rank,
             world,
             reshard_after_forward,
@@ -440,8 +444,7 @@ impl ShardedModel {
         let queued = match &self.comm {
             Some(comm) => {
                 let queued = self
-                    .group
-                    .lock()
+                    .mesh
                     .all_gather_into_on_stream(&src, &unit.full, comm)
                     .map_err(|e| chained("FSDP all-gather", e))?;
                 if queued {
@@ -455,7 +458,7 @@ impl ShardedModel {
         };
         if !queued {
             let gathered = self
-                .group
+                .mesh
                 .all_gather_cat(&src)
                 .map_err(|e| chained("FSDP all-gather", e))?;
             tch::no_grad(|| unit.full.shallow_clone().f_copy_(&gathered))
@@ -639,7 +642,7 @@ impl ShardedModel {
                 .f_to_device(unit.full.device())
                 .map_err(torch("FSDP state dict"))?;
             let gathered = self
-                .group
+                .mesh
                 .all_gather_cat(&shard)
                 .map_err(|e| chained("FSDP state dict", e))?;
             if !keep {
@@ -701,8 +704,9 @@ impl ShardedModel {
         };
         // Offloaded gradients are summed on the host; the all-reduce runs where the group does.
         let mut local = local.f_to_device(comm_device).map_err(&t)?;
-        self.group
-            .all_reduce(&mut local, op)
+        // Among the shard's ranks: replicas hold the same gradients.
+        self.mesh
+            .all_reduce_shards(&mut local, op)
             .map_err(|e| chained("clip_grad_norm_", e))?;
         let total = local.double_value(&[]);
         Ok(if norm_type.is_infinite() {

@@ -118,7 +118,8 @@ fn the_environment_describes_the_plugin_as_accelerate_reads_it() {
         (1, ShardingStrategy::ShardGradOp)
     );
     assert_eq!(p.state_dict_type, StateDictType::FullStateDict);
-    // Offload and activation checkpointing run; HYBRID_SHARD is refused, named.
+    // Offload, activation checkpointing and HYBRID_SHARD run; the hybrid strategies keep (or not) the
+    // parameters gathered between forward and backward as their non-hybrid forms do.
     let p = crate::utils::patch_environment(
         [
             ("FSDP_OFFLOAD_PARAMS", "true"),
@@ -129,14 +130,15 @@ fn the_environment_describes_the_plugin_as_accelerate_reads_it() {
     .unwrap();
     assert!(p.cpu_offload && p.activation_checkpointing);
     p.check_supported().unwrap();
-    let e = crate::utils::patch_environment(
-        [("FSDP_SHARDING_STRATEGY", "HYBRID_SHARD")],
-        FullyShardedDataParallelPlugin::from_env,
-    )
-    .unwrap()
-    .check_supported()
-    .unwrap_err();
-    assert!(e.to_string().contains("HYBRID_SHARD"), "{e}");
+    for (name, reshard) in [("HYBRID_SHARD", true), ("4", true), ("HYBRID_SHARD_ZERO2", false)] {
+        let p = crate::utils::patch_environment(
+            [("FSDP_SHARDING_STRATEGY", name)],
+            FullyShardedDataParallelPlugin::from_env,
+        )
+        .unwrap();
+        p.check_supported().unwrap();
+        assert!(p.shards() && p.reshard_after_forward() == reshard, "{name}");
+    }
 }
 
 #[test]

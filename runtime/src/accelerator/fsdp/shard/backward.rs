@@ -111,8 +111,7 @@ impl ShardedModel {
         let queued = match &self.comm {
             Some(comm) => {
                 let queued = self
-                    .group
-                    .lock()
+                    .mesh
                     .reduce_scatter_on_stream(&flat, &out, ReduceOp::Mean, comm)
                     .map_err(|e| chained("FSDP reduce-scatter", e))?;
                 if queued {
@@ -127,7 +126,7 @@ impl ShardedModel {
         let reduced = if queued {
             out
         } else {
-            self.group
+            self.mesh
                 .reduce_scatter(&flat, ReduceOp::Mean)
                 .map_err(|e| chained("FSDP reduce-scatter", e))?
         };
@@ -275,7 +274,8 @@ impl ShardedModel {
             Tensor::from_slice(&flags).f_to_device(device)
         }
         .map_err(torch("FSDP reduce-scatter"))?;
-        self.group
+        self.mesh
+            .group()
             .all_reduce(&mut t, ReduceOp::Max)
             .map_err(|e| chained("FSDP reduce-scatter", e))?;
         if all_used {

@@ -2,6 +2,7 @@
 //! placeholder parameter, drawing each one whole from rank 0's generators.
 
 use super::*;
+use crate::distributed::Group;
 
 /// A placeholder parameter still to be materialised into its unit's chunk.
 pub(super) struct Pending {
