@@ -4,7 +4,7 @@
 #   bash bench/fsdp_gpu.sh BIN_DIR PY_DIR PART...
 # PART: f1 (4 GPUs, REPS runs of each side, plus DDP), f1x2 (2 GPUs), losses (F8, first 13 losses, FSDP
 # against DDP), f2 (48 blocks), start (F2 built whole, then under init_empty_weights), ctas (F2 with
-# NCCL_MAX_CTAS 8 and 16, hasten only), phases (where F1's peak memory is, both sides), ac (activation checkpointing, both sides), offload (CPU offload), quick (F8 under each option, hasten alone, on N ranks, default 4), demo (README's loop under --use_fsdp on 2 GPUs against DDP).
+# NCCL_MAX_CTAS 8 and 16, hasten only), phases (where F1's peak memory is, both sides), ac (activation checkpointing, both sides), offload (CPU offload), quick (F8 under each option, hasten alone, on N ranks, default 4), demo (README's loop under --use_fsdp on 2 GPUs against DDP), hybrid (HYBRID_SHARD as 2 machines × 2 GPUs on this host, both sides).
 set -u
 B=${1:?binaries folder}
 P=${2:?python folder}
@@ -126,6 +126,48 @@ PYEOF
       for extra in "" --ac --offload --empty; do
         launch --num_processes "${N:-4}" "$B/bench-fsdp" fsdp 8 10 $extra 2>&1 | grep -E "BENCH|rror|panick"
       done
+      ;;
+    hybrid)
+      echo "== HYBRID_SHARD, F8, as 2 machines x 2 GPUs on this host (one launch per machine: GPUs 0,1"
+      echo "   and 2,3; sharded within a machine, replicated across). Python: a copy of py_fsdp.py whose"
+      echo "   Accelerator gets ParallelismConfig(dp_replicate_size=2, dp_shard_size=2) (FSDP2's HSDP)."
+      "$PY" - "$P/py_fsdp.py" /tmp/py_hsdp.py <<'PYEOF'
+import sys
+src = open(sys.argv[1]).read()
+old = 'acc = Accelerator(mixed_precision="bf16", fsdp_plugin=plugin)'
+assert old in src
+new = ('from accelerate.parallelism_config import ParallelismConfig\n'
+       '        acc = Accelerator(mixed_precision="bf16", fsdp_plugin=plugin, '
+       'parallelism_config=ParallelismConfig(dp_replicate_size=2, dp_shard_size=2))')
+open(sys.argv[2], "w").write(src.replace(old, new))
+PYEOF
+      export HASTEN_RDZV_SECRET=bench
+      # One machine of the job: MACHINE_RANK GPU_IDS PORT [EXTRA...].
+      hyb() {
+        "$B/hasten" launch --num_processes 4 --num_machines 2 --machine_rank "$1" --gpu_ids "$2" \
+          --main_process_ip 127.0.0.1 --main_process_port "$3" "$B/bench-fsdp" fsdp 8 10 --hybrid "${@:4}"
+      }
+      pyhyb() {
+        "$PY" -m accelerate.commands.launch --multi_gpu --num_processes 4 --num_machines 2 \
+          --machine_rank "$1" --gpu_ids "$2" --main_process_ip 127.0.0.1 --main_process_port "$3" \
+          /tmp/py_hsdp.py fsdp 8 10
+      }
+      for i in $R; do
+        hyb 1 2,3 $((29640 + i)) >/tmp/hyb1.log 2>&1 &
+        hyb 0 0,1 $((29640 + i)) 2>&1 | grep -E "BENCH|rror|panick"
+        wait; grep -E "rror|panick" /tmp/hyb1.log
+        pyhyb 1 2,3 $((29650 + i)) >/tmp/pyhyb1.log 2>&1 &
+        pyhyb 0 0,1 $((29650 + i)) 2>&1 | grep -E "ANCHOR|rror"
+        wait; grep -E "rror" /tmp/pyhyb1.log | head -5
+      done
+      echo "-- the losses: HYBRID_SHARD as 2 x 2, then FULL_SHARD and DDP over the 4 GPUs"
+      hyb 1 2,3 29660 --losses >/tmp/hyb1.log 2>&1 &
+      hyb 0 0,1 29660 --losses 2>&1 | grep -E "BENCH|rror|panick"
+      wait; grep -E "rror|panick" /tmp/hyb1.log
+      launch --num_processes 4 "$B/bench-fsdp" fsdp 8 10 --losses 2>&1 | grep -E "BENCH|rror|panick"
+      launch --num_processes 4 "$B/bench-fsdp" ddp 8 10 --losses 2>&1 | grep -E "BENCH|rror|panick"
+      echo "-- FULL_SHARD over the same 4 GPUs (one launch), for scale"
+      both 4 fsdp 8 10
       ;;
     demo)
       echo "== README's loop (train_demo) on 2 GPUs: DDP, then FSDP by flags alone"

@@ -409,7 +409,12 @@ fn run_machines(
                     let mut cmd = Command::new(hasten());
                     cmd.args(["launch", "--num_processes", total, "--num_machines", count])
                         .args(["--machine_rank", &m.to_string(), "--cpu"])
-                        .args(["--main_process_ip", "127.0.0.1", "--main_process_port", port])
+                        .args([
+                            "--main_process_ip",
+                            "127.0.0.1",
+                            "--main_process_port",
+                            port,
+                        ])
                         .arg(workspace_bin("hasten-test-training"))
                         .arg(mode)
                         .args(args);
@@ -470,4 +475,47 @@ fn hybrid_shard_shards_within_each_machine_and_matches_one_process() {
             r.expect_stdout("fsdp checkpoint resumes exactly");
         }
     }
+}
+
+#[test]
+fn a_parallelism_config_shards_within_dp_shard_size_ranks_and_replicates_across() {
+    // FSDP2's HSDP, as `hasten launch --parallelism_config_*` exports it: 2 replicas of 2 shards, and 3
+    // replicas of 2 shards (6 ranks); each group of dp_shard_size consecutive ranks shares the shards.
+    let mut hsdp = FSDP_BLOCKS.to_vec();
+    hsdp.extend([
+        ("ACCELERATE_USE_PARALLELISM_CONFIG", "true"),
+        ("PARALLELISM_CONFIG_DP_SHARD_SIZE", "2"),
+    ]);
+    for (n, replicas) in [(4, "2"), (6, "3")] {
+        let mut env = hsdp.clone();
+        env.push(("PARALLELISM_CONFIG_DP_REPLICATE_SIZE", replicas));
+        run_mode(n, "fsdp_blocks", &[], &env).expect_stdout("sharded over 2 ranks");
+    }
+    // Through the launcher's flags; and sizes that do not multiply to the number of processes fail on
+    // every rank, naming them.
+    let flags = |replicate: &str| {
+        let mut cmd = Command::new(hasten());
+        cmd.args([
+            "launch",
+            "--num_processes",
+            "4",
+            "--cpu",
+            "--main_process_port",
+            "0",
+        ])
+        .args(["--use_fsdp", "--fsdp_version", "2"])
+        .args(["--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP"])
+        .args(["--fsdp_transformer_layer_cls_to_wrap", "Block"])
+        .args(["--parallelism_config_dp_replicate_size", replicate])
+        .args(["--parallelism_config_dp_shard_size", "2"])
+        .arg(workspace_bin("hasten-test-training"))
+        .arg("fsdp_blocks");
+        run(cmd, &[])
+    };
+    let ran = flags("2");
+    assert_eq!(ran.code, 0, "{}", ran.all());
+    ran.expect_stdout("[rank3]: training check fsdp_blocks: ok");
+    let ran = flags("3");
+    assert_ne!(ran.code, 0, "{}", ran.all());
+    ran.expect_stderr("total_size (6) does not match num_processes (4)");
 }

@@ -8,7 +8,8 @@
 //! the model under `init_empty_weights`, so prepare materialises each rank's shard only; the line then
 //! says how much GPU memory (peak) and host memory (peak resident set) the start took per rank. `--ac`
 //! switches on activation checkpointing (every block recomputed in its backward), `--offload` CPU
-//! offload (shards, gradients and AdamW on the host).
+//! offload (shards, gradients and AdamW on the host), `--hybrid` HYBRID_SHARD (sharded within each
+//! machine of the launch, replicated across machines).
 
 #[path = "report.rs"]
 mod report;
@@ -94,11 +95,16 @@ fn main() -> hasten::Result<()> {
     let empty = args.iter().any(|a| a == "--empty");
     let checkpointing = args.iter().any(|a| a == "--ac");
     let offload = args.iter().any(|a| a == "--offload");
+    let hybrid = args.iter().any(|a| a == "--hybrid");
     let mut builder = Accelerator::builder().mixed_precision(PrecisionType::Bf16);
     if mode == "fsdp" {
         builder = builder.fsdp_plugin(FullyShardedDataParallelPlugin {
             fsdp_version: 2,
-            sharding_strategy: ShardingStrategy::FullShard,
+            sharding_strategy: if hybrid {
+                ShardingStrategy::HybridShard
+            } else {
+                ShardingStrategy::FullShard
+            },
             auto_wrap_policy: AutoWrapPolicy::TransformerBasedWrap(vec!["Block".into()]),
             activation_checkpointing: checkpointing,
             cpu_offload: offload,
@@ -124,7 +130,11 @@ fn main() -> hasten::Result<()> {
         .iter()
         .map(|t| t.numel() as i64)
         .sum();
-    let part = format!("{mode}_F{blocks}_np{}", acc.num_processes());
+    let part = format!(
+        "{mode}{}_F{blocks}_np{}",
+        if hybrid { "_hybrid" } else { "" },
+        acc.num_processes()
+    );
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(
         || -> hasten::Result<serde_json::Value> {
             let model = acc.prepare_model(net, vs)?;

@@ -92,6 +92,9 @@ pub struct LaunchArgs {
     /// The `--fsdp_*` settings.
     #[command(flatten)]
     pub fsdp: FsdpArgs,
+    /// The `--parallelism_config_*` settings (FSDP2's hybrid sharding).
+    #[command(flatten)]
+    pub parallelism: crate::parallelism::ParallelismArgs,
     /// Debug mode in the workers (ACCELERATE_DEBUG_MODE=true): shapes are checked across ranks.
     #[arg(long)]
     pub debug: bool,

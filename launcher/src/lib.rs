@@ -36,6 +36,7 @@ mod error;
 mod exec;
 mod host;
 mod notebook;
+mod parallelism;
 mod plan;
 mod relay;
 mod supervise;
@@ -48,5 +49,6 @@ pub use host::{
     PortReservation, cpu_count, port_is_free, reserve_port, visible_gpu_count, visible_gpus,
 };
 pub use notebook::{NotebookLauncher, debug_launcher, notebook_launcher};
+pub use parallelism::{ParallelismArgs, parallelism_env};
 pub use plan::{FOREIGN_CONTRACT_VARS, LaunchConfig, LaunchPlan, RankPlan, plan};
 pub use relay::{LinePrefix, OutputSink, StdioSink, Stream};

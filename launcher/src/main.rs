@@ -77,6 +77,8 @@ fn install_stop_handlers() {
 fn launch(args: &LaunchArgs) -> anyhow::Result<i32> {
     let file = hasten_launch::load_config_file(args.config_file.as_ref())?;
     let mut cfg = hasten_launch::merge(args, file.as_ref(), HostFacts::probe());
+    cfg.extra_env
+        .extend(hasten_launch::parallelism_env(args, file.as_ref())?);
     let reserved = hasten_launch::resolve_port(&mut cfg, &|w| eprintln!("{w}"))?;
     cfg.rdzv_secret = hasten_launch::rdzv_secret(cfg.num_machines, &|w| eprintln!("{w}"))?;
     let plan = hasten_launch::plan(&cfg)?;

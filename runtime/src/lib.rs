@@ -64,8 +64,8 @@ pub mod utils;
 pub use accelerator::{
     AcceleratedOptimizer, AcceleratedScheduler, Accelerator, AcceleratorBuilder, AutocastKwargs,
     DataLoaderConfiguration, DistributedDataParallelKwargs, FullyShardedDataParallelPlugin,
-    GradScalerKwargs, GradientAccumulationPlugin, InitProcessGroupKwargs, PreparedModel,
-    ProjectConfiguration, Schedule,
+    GradScalerKwargs, GradientAccumulationPlugin, InitProcessGroupKwargs, ParallelismConfig,
+    PreparedModel, ProjectConfiguration, Schedule,
 };
 pub use big_modeling::{
     cpu_offload, disk_offload, dispatch_model, infer_auto_device_map, load_checkpoint_and_dispatch,

@@ -1,7 +1,7 @@
 //! The Accelerator's builder: every setting, from the caller or the environment contract, checked and
 //! turned into an [`Accelerator`] that has joined its process group.
 
-use super::fsdp::FullyShardedDataParallelPlugin;
+use super::fsdp::{FullyShardedDataParallelPlugin, ParallelismConfig};
 use super::{
     Accelerator, AutocastKwargs, DataLoaderConfiguration, DistributedDataParallelKwargs,
     GradScaler, GradScalerKwargs, GradientAccumulationPlugin, InitProcessGroupKwargs,
@@ -33,6 +33,7 @@ pub struct AcceleratorBuilder {
     pub(super) custom_trackers: Vec<crate::tracking::CustomTracker>,
     pub(super) step_scheduler_with_optimizer: Option<bool>,
     pub(super) fsdp: Option<FullyShardedDataParallelPlugin>,
+    pub(super) parallelism: Option<ParallelismConfig>,
 }
 
 impl AcceleratorBuilder {
@@ -123,6 +124,15 @@ impl AcceleratorBuilder {
         self
     }
 
+    /// Data-parallel dimensions (Accelerate's `parallelism_config`; default: none, or what
+    /// `ACCELERATE_USE_PARALLELISM_CONFIG` and `PARALLELISM_CONFIG_*` say): with an FSDP plugin,
+    /// `dp_shard_size` ranks share each replica's shards and `dp_replicate_size` replicas average their
+    /// gradients (FSDP2's HSDP).
+    pub fn parallelism_config(mut self, config: ParallelismConfig) -> Self {
+        self.parallelism = Some(config);
+        self
+    }
+
     /// Whether the scheduler steps with the optimizer (default true).
     pub fn step_scheduler_with_optimizer(mut self, on: bool) -> Self {
         self.step_scheduler_with_optimizer = Some(on);
@@ -152,6 +162,10 @@ impl AcceleratorBuilder {
         if let Some(plugin) = &fsdp {
             plugin.check_supported()?;
         }
+        let parallelism = match self.parallelism {
+            Some(config) => Some(config),
+            None => ParallelismConfig::from_env()?,
+        };
         let env_mode = match std::env::var(crate::MIXED_PRECISION_VAR) {
             Ok(v) if !v.trim().is_empty() => Some(v.parse::<PrecisionType>()?),
             _ => None,
@@ -205,6 +219,22 @@ impl AcceleratorBuilder {
                 detail: "fp16 mixed precision needs a GPU; on the CPU use bf16".into(),
             });
         }
+        let parallelism = match parallelism {
+            Some(config) if state.use_distributed() => {
+                let (replicate, shard) = config.resolve(state.contract.world_size)?;
+                if shard > 1 && fsdp.is_none() {
+                    return Err(Error::InvalidValue {
+                        name: "ParallelismConfig dp_shard_size".into(),
+                        detail: format!(
+                            "dp_shard_size {shard} shards the model, which needs FSDP (an FSDP plugin, \
+                             or distributed_type FSDP with fsdp_version 2)"
+                        ),
+                    });
+                }
+                Some((replicate, shard))
+            }
+            _ => None,
+        };
         // Accelerate's InitProcessGroupKwargs timeout is the process group's: how long joining may take,
         // and how long a collective may wait for the others.
         let (rendezvous, collective) = match self.init.timeout {
@@ -255,6 +285,7 @@ impl AcceleratorBuilder {
             trigger: false,
             custom: Vec::new(),
             fsdp,
+            parallelism,
             hybrid: None,
         })
     }

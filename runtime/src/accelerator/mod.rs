@@ -30,7 +30,7 @@ pub use config::{
     AutocastKwargs, DataLoaderConfiguration, DistributedDataParallelKwargs,
     GradientAccumulationPlugin, InitProcessGroupKwargs, ProjectConfiguration,
 };
-pub use fsdp::FullyShardedDataParallelPlugin;
+pub use fsdp::{FullyShardedDataParallelPlugin, ParallelismConfig};
 pub use model::PreparedModel;
 pub use optimizer::{AcceleratedOptimizer, AcceleratedScheduler, Schedule};
 pub use precision::{GradScaler, GradScalerKwargs, autocast};
@@ -95,7 +95,10 @@ pub struct Accelerator {
     custom: Vec<Arc<Mutex<dyn Checkpointable>>>,
     /// Sharded data parallelism, when on and more than one process trains.
     fsdp: Option<FullyShardedDataParallelPlugin>,
-    /// HYBRID_SHARD's split into machines, made by the first model prepared under it.
+    /// A ParallelismConfig's data-parallel sizes for this job: (replicas, ranks per replica).
+    parallelism: Option<(usize, usize)>,
+    /// The split into shard groups and replicas (HYBRID_SHARD, HSDP), made by the first model
+    /// prepared under it.
     hybrid: Option<Arc<Mutex<fsdp::Hybrid>>>,
 }
 
@@ -274,12 +277,12 @@ impl Accelerator {
                     .cloned()
                     .zip(entry.params.iter().map(tch::Tensor::shallow_clone))
                     .collect();
-                let mesh = match plugin.hybrid_machine_size(&self.state) {
+                let mesh = match plugin.shard_group_size(&self.state, self.parallelism) {
                     None => fsdp::Mesh::flat(self.group.clone()),
-                    Some(per_machine) => {
+                    Some(per_group) => {
                         let hybrid = match &self.hybrid {
                             Some(h) => h.clone(),
-                            None => fsdp::Hybrid::split(&self.group, per_machine)?,
+                            None => fsdp::Hybrid::split(&self.group, per_group)?,
                         };
                         self.hybrid = Some(hybrid.clone());
                         fsdp::Mesh::hybrid(self.group.clone(), hybrid)

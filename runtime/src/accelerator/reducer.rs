@@ -188,7 +188,13 @@ impl Round {
         let flat = &mut self.flats[b];
         if let Some(comm) = self.comm {
             // SAFETY: the entry owning the stream outlives the round (the round ends in finish).
-            if group.all_reduce_on_stream(crate::distributed::Among::World, flat, ReduceOp::Mean, unsafe { &*comm }, b)? {
+            if group.all_reduce_on_stream(
+                crate::distributed::Among::World,
+                flat,
+                ReduceOp::Mean,
+                unsafe { &*comm },
+                b,
+            )? {
                 return Ok(());
             }
         }

@@ -240,7 +240,9 @@ impl Backend for Subset<'_> {
                 reduce_into(&mut acc, other, op)?;
             }
             if op == ReduceOp::Mean {
-                acc.f_div_scalar_(n).map(drop).map_err(|e| Error::torch(OP, e))?;
+                acc.f_div_scalar_(n)
+                    .map(drop)
+                    .map_err(|e| Error::torch(OP, e))?;
             }
             t.f_copy_(&acc).map(drop).map_err(|e| Error::torch(OP, e))
         })

@@ -162,7 +162,14 @@ pub fn fsdp(acc: &mut Accelerator, blocks: bool) -> Check {
         .ok()
         .and_then(|v| v.parse::<i64>().ok())
         .unwrap_or(p);
-    let sharded_over = if hybrid { local } else { p };
+    let hsdp_shard = std::env::var("PARALLELISM_CONFIG_DP_SHARD_SIZE")
+        .ok()
+        .and_then(|v| v.parse::<i64>().ok());
+    let sharded_over = match hsdp_shard {
+        Some(s) => s,
+        None if hybrid => local,
+        None => p,
+    };
     let global = 6 * p;
     let (x, y) = data(global * MICRO * STEPS);
     let vs = nn::VarStore::new(acc.device());
@@ -221,10 +228,7 @@ pub fn fsdp(acc: &mut Accelerator, blocks: bool) -> Check {
             acc.backward(&loss).map_err(err)?;
             if acc.sync_gradients() {
                 let grads: Vec<Tensor> = model.parameters().iter().map(Tensor::grad).collect();
-                if grads
-                    .iter()
-                    .any(|g| g.defined() && g.numel() as i64 > held)
-                {
+                if grads.iter().any(|g| g.defined() && g.numel() as i64 > held) {
                     return Err("a gradient is larger than this rank's shard".into());
                 }
                 norm = Some(acc.clip_grad_norm_(&model, MAX_NORM, 2.0).map_err(err)?);

@@ -5,12 +5,14 @@
 //! and `hasten launch` set), and how parameters are grouped into units.
 
 mod context;
+mod parallelism;
 mod shard;
 
 pub(crate) use context::{
     before_optimizer_step, block_paths, forget_stashed_gradients, register_block, register_model,
     run_block, with_active,
 };
+pub use parallelism::ParallelismConfig;
 pub(crate) use shard::{Hybrid, Mesh, ShardedModel, SlicedRead, agree_on_empty_weights};
 
 use crate::{Error, Result};
@@ -299,18 +301,23 @@ impl FullyShardedDataParallelPlugin {
         )
     }
 
-    /// Under HYBRID_SHARD on more than one machine: the processes per machine, among which the
-    /// parameters are sharded (the job's ranks are numbered machine by machine). `None`: sharded over
-    /// the whole job (on one machine HYBRID_SHARD is FULL_SHARD).
-    pub(crate) fn hybrid_machine_size(&self, state: &crate::ProcessState) -> Option<usize> {
+    /// How many ranks share each parameter's shards when that is fewer than the job's (`None`: the
+    /// whole job). A ParallelismConfig with several replicas (FSDP2's HSDP) says it; else HYBRID_SHARD on
+    /// more than one machine: the processes of one machine (the job's ranks are numbered machine by
+    /// machine; on one machine HYBRID_SHARD is FULL_SHARD).
+    pub(crate) fn shard_group_size(
+        &self,
+        state: &crate::ProcessState,
+        parallelism: Option<(usize, usize)>,
+    ) -> Option<usize> {
+        if let Some((replicate, shard)) = parallelism {
+            return (replicate > 1).then_some(shard);
+        }
         let hybrid = matches!(
             self.sharding_strategy,
             ShardingStrategy::HybridShard | ShardingStrategy::HybridShardZero2
         );
-        let (world, per_machine) = (
-            state.contract.world_size,
-            state.contract.local_world_size,
-        );
+        let (world, per_machine) = (state.contract.world_size, state.contract.local_world_size);
         (hybrid && per_machine < world).then_some(per_machine)
     }
 

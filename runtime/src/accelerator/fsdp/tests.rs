@@ -130,7 +130,11 @@ fn the_environment_describes_the_plugin_as_accelerate_reads_it() {
     .unwrap();
     assert!(p.cpu_offload && p.activation_checkpointing);
     p.check_supported().unwrap();
-    for (name, reshard) in [("HYBRID_SHARD", true), ("4", true), ("HYBRID_SHARD_ZERO2", false)] {
+    for (name, reshard) in [
+        ("HYBRID_SHARD", true),
+        ("4", true),
+        ("HYBRID_SHARD_ZERO2", false),
+    ] {
         let p = crate::utils::patch_environment(
             [("FSDP_SHARDING_STRATEGY", name)],
             FullyShardedDataParallelPlugin::from_env,

@@ -20,7 +20,8 @@ pub(crate) struct Hybrid {
 }
 
 impl Hybrid {
-    /// Splits the job into machines of `per_machine` consecutive ranks (collective).
+    /// Splits the job into groups of `per_machine` consecutive ranks sharing shards, and the replica
+    /// groups across them (collective).
     pub(crate) fn split(group: &Group, per_machine: usize) -> Result<Arc<Mutex<Hybrid>>> {
         let world = group.world_size();
         if per_machine == 0 || world % per_machine != 0 {
