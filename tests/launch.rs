@@ -373,7 +373,7 @@ fn every_operation_through_hasten_launch_on_2_3_and_4_ranks() {
             assert_eq!(ran.code, 0, "{}", ran.all());
             for rank in 0..n.parse::<usize>().unwrap() {
                 let line = format!(
-                    "[rank{rank}]: ops checks on rank {rank} (cpu, {n} processes): 9 passed, 0 failed"
+                    "[rank{rank}]: ops checks on rank {rank} (cpu, {n} processes): 10 passed, 0 failed"
                 );
                 ran.expect_stdout(&line);
             }
@@ -392,7 +392,7 @@ fn large_collectives_through_chunked_shared_memory_and_through_tcp() {
         );
         assert_eq!(ran.code, 0, "{}", ran.all());
         assert_eq!(
-            ran.stdout.matches("9 passed, 0 failed").count(),
+            ran.stdout.matches("10 passed, 0 failed").count(),
             3,
             "{}",
             ran.all()

@@ -22,7 +22,7 @@ fn every_operation_on_2_3_and_4_forked_ranks() {
         ran.expect_stderr(&format!("Launching training on {n} CPUs."));
         for rank in 0..n.parse::<usize>().unwrap() {
             let line = format!(
-                "[rank{rank}]: ops checks on rank {rank} (cpu, {n} processes): 9 passed, 0 failed"
+                "[rank{rank}]: ops checks on rank {rank} (cpu, {n} processes): 10 passed, 0 failed"
             );
             ran.expect_stdout(&line);
         }
@@ -34,7 +34,7 @@ fn every_operation_on_2_3_and_4_forked_ranks() {
 fn debug_launcher_runs_on_cpu() {
     let ran = notebook(&["debug", "3"], &[]);
     assert_eq!(ran.code, 0, "{}", ran.all());
-    ran.expect_stdout("[rank2]: ops checks on rank 2 (cpu, 3 processes): 9 passed");
+    ran.expect_stdout("[rank2]: ops checks on rank 2 (cpu, 3 processes): 10 passed");
 }
 
 #[test]

@@ -350,13 +350,64 @@ fn distinct_gpus(g: &mut ProcessGroup, c: &Ctx) -> Check {
 }
 
 /// Runs every check on this rank, prints one line per check and returns the number that failed.
+/// Collectives within the groups of a split: ranks by parity (on 2 ranks, two groups of one), every
+/// group at once; on GPUs each group has its own NCCL communicator. A split that leaves a rank out, or
+/// that ranks describe differently, fails on every rank, naming it.
+fn split(g: &mut ProcessGroup, c: &Ctx) -> Check {
+    let groups: Vec<Vec<usize>> = (0..2.min(c.p))
+        .map(|parity| (parity..c.p).step_by(2).collect())
+        .collect();
+    let mut part = g.split(groups.clone()).map_err(err)?;
+    let members: Vec<usize> = part.members().to_vec();
+    if !members.contains(&c.r) || members[part.index()] != c.r {
+        return Err(format!(
+            "rank {} placed in {members:?} at {}",
+            c.r,
+            part.index()
+        ));
+    }
+    // Sum of the members' `mine`: element i is sum over members m of (i + 1 + P*m).
+    let mut t = c.mine();
+    g.all_reduce_within(&mut part, &mut t, ReduceOp::Sum)
+        .map_err(err)?;
+    let n = members.len() as f64;
+    let base: f64 = members.iter().map(|&m| (c.p * m) as f64).sum();
+    let want: Vec<f64> = (0..c.p).map(|i| n * (i as f64 + 1.0) + base).collect();
+    expect(&t, &want, "all_reduce_within")?;
+    let gathered = g.all_gather_cat_within(&mut part, &c.mine()).map_err(err)?;
+    let want: Vec<f64> = members
+        .iter()
+        .flat_map(|&m| (0..c.p).map(move |i| (i + 1 + c.p * m) as f64))
+        .collect();
+    expect(&gathered, &want, "all_gather_cat_within")?;
+    // Each member's share of the group's sum: rows of (member count) elements.
+    let rows =
+        Tensor::ones([members.len() as i64 * 2], (Kind::Float, c.device)) * (c.r as f64 + 1.0);
+    let share = g
+        .reduce_scatter_within(&mut part, &rows, ReduceOp::Sum)
+        .map_err(err)?;
+    let total: f64 = members.iter().map(|&m| m as f64 + 1.0).sum();
+    expect(&share, &[total, total], "reduce_scatter_within")?;
+    // The whole group still works after the split.
+    let mut one = Tensor::ones([1], (Kind::Float, c.device));
+    g.all_reduce(&mut one, ReduceOp::Sum).map_err(err)?;
+    expect(&one, &[c.p as f64], "all_reduce after a split")?;
+    if c.p > 1 {
+        match g.split(vec![(1..c.p).collect()]) {
+            Err(e) if e.to_string().contains("leaves out rank 0") => {}
+            other => return Err(format!("a split without rank 0: {other:?}")),
+        }
+    }
+    Ok(())
+}
+
 pub fn run_ops_checks(g: &mut ProcessGroup) -> usize {
     let c = Ctx {
         p: g.world_size(),
         r: g.rank(),
         device: g.state().device,
     };
-    let checks: [(&str, CheckFn); 9] = [
+    let checks: [(&str, CheckFn); 10] = [
         ("gather", gather),
         ("gather_object", gather_object),
         ("broadcast", broadcast),
@@ -364,6 +415,7 @@ pub fn run_ops_checks(g: &mut ProcessGroup) -> usize {
         ("reduce_scatter", reduce_scatter),
         ("pad_across_processes", pad_across_processes),
         ("large_tensors", large_tensors),
+        ("split", split),
         ("debug_mode", debug_mode),
         ("mismatch_without_debug", mismatch_without_debug),
     ];

@@ -155,7 +155,7 @@ fn ranks_with_different_shared_memory_slots_agree_on_rank_0s() {
         {
             assert_eq!(ran.code, 0, "slots {slot0}/{slot1}: {}", ran.all());
             ran.expect_stdout(&format!(
-                "ops checks on rank {rank} (cpu, 2 processes): 9 passed, 0 failed"
+                "ops checks on rank {rank} (cpu, 2 processes): 10 passed, 0 failed"
             ));
         }
     }

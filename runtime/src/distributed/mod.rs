@@ -73,6 +73,14 @@ impl Among<'_> {
             Among::Part(p) => p.size(),
         }
     }
+
+    /// Whether this rank exchanges nothing for a collective on `device` (see [`Partition::alone`]).
+    fn alone(&self, world: usize, device: Device) -> bool {
+        match self {
+            Among::World => world == 1,
+            Among::Part(p) => p.alone(device),
+        }
+    }
 }
 
 /// The tensor collectives a backend provides.
@@ -352,7 +360,7 @@ impl ProcessGroup {
     }
 
     fn all_reduce_among(&mut self, among: Among<'_>, t: &mut Tensor, op: ReduceOp) -> Result<()> {
-        if among.size(self.world_size()) == 1 {
+        if among.alone(self.world_size(), t.device()) {
             return if op == ReduceOp::Mean && !crate::ops::is_float(t.kind()) {
                 Err(Error::Collective {
                     op: "all_reduce",
@@ -394,7 +402,7 @@ impl ProcessGroup {
     }
 
     fn all_gather_cat_among(&mut self, among: Among<'_>, t: &Tensor) -> Result<Tensor> {
-        if among.size(self.world_size()) == 1 {
+        if among.alone(self.world_size(), t.device()) {
             return Ok(t.shallow_clone());
         }
         let t = t.contiguous();
@@ -426,7 +434,7 @@ impl ProcessGroup {
                 ),
             });
         }
-        if world == 1 {
+        if among.alone(self.world_size(), t.device()) {
             return Ok(t.copy());
         }
         let t = t.contiguous();

@@ -23,6 +23,8 @@ pub struct Partition {
     index: usize,
     /// This group's communicator, on a GPU when the group has more than one member.
     pub(super) nccl: Option<LazyNccl>,
+    /// Whether CUDA tensors go through the groups' communicators (made on a GPU rank with NCCL).
+    on_nccl: bool,
 }
 
 impl std::fmt::Debug for Partition {
@@ -54,6 +56,15 @@ impl Partition {
     /// Every group, in order.
     pub fn groups(&self) -> &[Vec<usize>] {
         &self.groups
+    }
+
+    /// Whether a collective on a tensor on `device` needs no exchange at all on this rank: its group is
+    /// this rank alone and the others do not need it either — on NCCL each group has its own
+    /// communicator, but over the job's links every rank's bytes are gathered, so every rank joins
+    /// unless every group is a single rank.
+    pub(super) fn alone(&self, device: Device) -> bool {
+        self.groups.iter().all(|g| g.len() == 1)
+            || (device.is_cuda() && self.on_nccl && self.size() == 1)
     }
 }
 
@@ -112,9 +123,11 @@ impl ProcessGroup {
             mine,
             index,
             nccl: None,
+            on_nccl: false,
         };
         if let (Device::Cuda(device), true) = (self.state.device, self.nccl.is_some()) {
             part.nccl = self.start_group_nccl(&part, device)?;
+            part.on_nccl = true;
         }
         Ok(part)
     }
@@ -198,17 +211,18 @@ pub(super) struct Subset<'a> {
 
 impl Subset<'_> {
     /// Every member's tensor of `t`'s shape and dtype, in member order (every rank's bytes are
-    /// gathered, so every rank sees the same mismatch and all fail together).
+    /// gathered, so every member of a group sees the same mismatch and they fail together; other
+    /// groups may pass other sizes).
     fn members_values(&mut self, t: &Tensor, op: &'static str) -> Result<Vec<Tensor>> {
         let all = self.cpu.all_gather_bytes(&tensor_bytes(t))?;
         let own = all[self.cpu.rank()].len();
-        if let Some((r, b)) = all.iter().enumerate().find(|(_, b)| b.len() != own) {
+        if let Some(&r) = self.members.iter().find(|&&r| all[r].len() != own) {
             return Err(Error::Collective {
                 op,
                 detail: format!(
-                    "rank {r} passed {} bytes but rank {} passed {own}; every rank of a split must \
+                    "rank {r} passed {} bytes but rank {} passed {own}; the ranks of a group must \
                      pass the same shape and dtype",
-                    b.len(),
+                    all[r].len(),
                     self.cpu.rank()
                 ),
             });
