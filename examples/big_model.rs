@@ -1,34 +1,35 @@
 //! Big-model inference end to end, as Accelerate's users write it: build the model with empty weights,
 //! let `load_checkpoint_and_dispatch` plan a device map that splits it over a GPU (when there is one), the
-//! CPU and the disk and load the checkpoint by it, then run it through `dispatch_model`'s hooks — each
-//! block runs where the map put it, offloaded blocks get their weights for their forward only — and
-//! compare with the model run on the CPU.
+//! CPU and the disk and load the checkpoint by it, then run it through `dispatch_model`'s hooks — the
+//! model's own forward, each `Block` running where the map put it, offloaded blocks getting their
+//! weights for their forward only — and compare with the model run on the CPU.
 //!
 //! `big_model [FOLDER]` (default: a fresh temporary folder). Exit status 1 when the outputs differ.
 
 use hasten::big_modeling::{
-    DeviceKey, DeviceMapSpec, DispatchOptions, DispatchedSequential, ModelSkeleton,
+    DeviceKey, DeviceMapSpec, DispatchOptions, DispatchedModel, ModelSkeleton,
 };
-use hasten::layers;
+use hasten::layers::{self, Block};
 use hasten::tch::{Device, Kind, Tensor, nn, nn::Module, nn::VarStore};
 use std::path::PathBuf;
 
 const WIDTH: i64 = 256;
 const BLOCKS: i64 = 6;
 
-/// Six `Linear + ReLU` blocks and a head, each with the name its weights live under.
-fn model(vs: &VarStore) -> Vec<(String, Box<dyn Module>)> {
+/// Six `Linear + ReLU` blocks and a head, each a [`Block`] at the path its weights live under.
+fn model(vs: &VarStore) -> nn::Sequential {
     let root = vs.root();
-    let mut blocks: Vec<(String, Box<dyn Module>)> = (0..BLOCKS)
-        .map(|i| {
-            let layer = layers::linear(&(&root / "layers" / i), WIDTH, WIDTH, true);
-            let block: Box<dyn Module> = Box::new(nn::func(move |x| layer.forward(x).relu()));
-            (format!("layers.{i}"), block)
-        })
-        .collect();
-    let head = layers::linear(&(&root / "head"), WIDTH, 10, true);
-    blocks.push(("head".into(), Box::new(head)));
-    blocks
+    let mut seq = nn::seq();
+    for i in 0..BLOCKS {
+        let path = &root / "layers" / i;
+        let layer = layers::linear(&path, WIDTH, WIDTH, true);
+        seq = seq.add(Block::new(
+            &path,
+            nn::func(move |x| layer.forward(x).relu()),
+        ));
+    }
+    let head = &root / "head";
+    seq.add(Block::new(&head, layers::linear(&head, WIDTH, 10, true)))
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -45,13 +46,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let checkpoint = folder.join("model.safetensors");
     reference_vs.save(&checkpoint)?;
     let input = Tensor::randn([8, WIDTH], (Kind::Float, Device::Cpu));
-    let expected = reference
-        .iter()
-        .fold(input.shallow_clone(), |x, (_, block)| block.forward(&x));
+    let expected = reference.forward(&input);
 
     // The same architecture with empty weights: no memory, no initialisation.
     let vs = VarStore::new(Device::Cpu);
-    let blocks = layers::init_empty_weights(|| model(&vs));
+    let empty = layers::init_empty_weights(|| model(&vs));
     // Every module in registration order (the blocks, then the head), as PyTorch's named_modules lists
     // them: the order a device map follows.
     let classes: Vec<(String, &str)> = (0..BLOCKS)
@@ -94,7 +93,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Accelerate's dispatch_model: blocks run where the map says, offloaded ones on the main device.
     let dispatcher = hasten::dispatch_model(&vs, map, Some(&offload), None)?;
     println!("offloaded blocks run on {:?}", dispatcher.main_device());
-    let model = DispatchedSequential::new(dispatcher, blocks);
+    let model = DispatchedModel::new(dispatcher, empty)?;
     let output = hasten::tch::no_grad(|| model.try_forward(&input))?.to_device(Device::Cpu);
     let placeholders = vs
         .variables()

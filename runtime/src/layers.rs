@@ -13,6 +13,8 @@
 //! it on the training device — under FSDP only this rank's shard of it — with the values an eager build
 //! from the same generator state would have had.
 
+pub(crate) mod hooks;
+
 use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -448,11 +450,11 @@ impl<M> Block<M> {
     where
         M: nn::ModuleT + 'static,
     {
-        crate::accelerator::fsdp::run_block(
+        hooks::run_block(
             &self.path,
             xs,
-            |x| self.inner.forward_t(x, train),
-            || self.recompute(move |m, x| m.forward_t(x, train)),
+            Box::new(|x| self.inner.forward_t(x, train)),
+            Box::new(|| self.recompute(move |m, x| m.forward_t(x, train))),
         )
     }
 
@@ -483,11 +485,11 @@ impl<M> Block<M> {
 
 impl<M: nn::Module + 'static> nn::Module for Block<M> {
     fn forward(&self, xs: &Tensor) -> Tensor {
-        crate::accelerator::fsdp::run_block(
+        hooks::run_block(
             &self.path,
             xs,
-            |x| self.inner.forward(x),
-            || self.recompute(|m, x| m.forward(x)),
+            Box::new(|x| self.inner.forward(x)),
+            Box::new(|| self.recompute(|m, x| m.forward(x))),
         )
     }
 }

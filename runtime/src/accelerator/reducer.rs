@@ -188,13 +188,9 @@ impl Round {
         let flat = &mut self.flats[b];
         if let Some(comm) = self.comm {
             // SAFETY: the entry owning the stream outlives the round (the round ends in finish).
-            if group.all_reduce_on_stream(
-                crate::distributed::Among::World,
-                flat,
-                ReduceOp::Mean,
-                unsafe { &*comm },
-                b,
-            )? {
+            let comm = unsafe { &*comm };
+            let among = crate::distributed::Among::World;
+            if group.all_reduce_on_stream(among, flat, ReduceOp::Mean, comm, b)? {
                 return Ok(());
             }
         }

@@ -101,6 +101,11 @@ impl Dispatcher {
         }
     }
 
+    /// The names of the dispatched variables.
+    pub(super) fn variable_names(&self) -> impl Iterator<Item = &str> {
+        self.variables.keys().map(String::as_str)
+    }
+
     /// The device that receives outputs and runs offloaded blocks.
     pub fn main_device(&self) -> Device {
         self.main
@@ -296,13 +301,21 @@ impl DispatchedSequential {
         Self { blocks, dispatcher }
     }
 
-    /// The forward pass; an unreadable offloaded weight is an error naming its file.
+    /// The forward pass; an unreadable offloaded weight is an error naming its file. Each listed part
+    /// runs as a block through the dispatcher's block hooks, as a [`super::DispatchedModel`]'s blocks do.
     pub fn try_forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let mut x = xs.shallow_clone();
-        for (name, block) in &self.blocks {
-            x = self.dispatcher.run(name, &x, |x| block.forward(x))?;
-        }
-        Ok(self.dispatcher.to_main(&x))
+        super::dispatched::run_dispatched(&self.dispatcher, || {
+            let mut x = xs.shallow_clone();
+            for (name, block) in &self.blocks {
+                x = crate::layers::hooks::run_block(
+                    name,
+                    &x,
+                    Box::new(|x| block.forward(x)),
+                    Box::new(|| unreachable!("dispatch never recomputes a block")),
+                );
+            }
+            x
+        })
     }
 
     /// The dispatcher.

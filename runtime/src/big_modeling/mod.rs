@@ -6,6 +6,7 @@
 mod describe;
 mod device_map;
 mod dispatch;
+mod dispatched;
 mod estimate;
 mod hooks;
 mod load;
@@ -33,6 +34,7 @@ pub use dispatch::{
     DeviceMapSpec, DispatchOptions, check_device_map, cpu_offload, device_of, disk_offload,
     dispatch_model, load_checkpoint_and_dispatch,
 };
+pub use dispatched::DispatchedModel;
 pub use estimate::{
     calculate_maximum_sizes, convert_bytes, estimate_memory_table, estimate_training_usage,
 };

@@ -1,18 +1,15 @@
-//! Where FSDP meets the user's forward: [`crate::layers::Block`] calls [`run_block`] around each block, which
-//! gathers that block's parameters just before it runs, frees them after it (FULL_SHARD), and hooks the
-//! block's output so that its backward finds them gathered again. The model whose forward is running is
-//! found through a per-thread stack that [`PreparedModel::call`](crate::PreparedModel::call) keeps.
+//! Where FSDP meets the user's forward: during [`PreparedModel::call`](crate::PreparedModel::call) a
+//! sharded model is the active block hooks of its thread (`layers::hooks`, the mechanism big-model
+//! dispatch uses too), so each [`crate::layers::Block`] it runs gathers that block's parameters just
+//! before it runs, frees them after it (FULL_SHARD), and hooks the block's output so that its backward
+//! finds them gathered again.
 
 use super::super::ddp::ModelEntry;
-use std::cell::RefCell;
+use crate::layers::hooks::{BlockHooks, Forward, Recompute};
 use std::collections::BTreeSet;
 use std::ffi::c_void;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use tch::Tensor;
-
-thread_local! {
-    static ACTIVE: RefCell<Vec<Arc<Mutex<ModelEntry>>>> = const { RefCell::new(Vec::new()) };
-}
 
 /// Every VarStore path a [`crate::layers::Block`] was built at: FSDP units with these names are gathered
 /// by their block, not for the whole forward. (Paths, not models: a path wrapped in a block in one model
@@ -39,15 +36,22 @@ fn lock(entry: &Mutex<ModelEntry>) -> MutexGuard<'_, ModelEntry> {
 
 /// Runs `forward` with `entry` as the model whose blocks gather themselves.
 pub(crate) fn with_active<R>(entry: &Arc<Mutex<ModelEntry>>, forward: impl FnOnce() -> R) -> R {
-    struct Pop;
-    impl Drop for Pop {
-        fn drop(&mut self) {
-            ACTIVE.with(|a| a.borrow_mut().pop());
-        }
+    crate::layers::hooks::with_hooks(&Sharded(entry.clone()), forward)
+}
+
+/// A prepared model's blocks during its forward.
+struct Sharded(Arc<Mutex<ModelEntry>>);
+
+impl BlockHooks for Sharded {
+    fn run_block(
+        &self,
+        path: &str,
+        xs: &Tensor,
+        forward: Forward<'_>,
+        recompute: Recompute<'_>,
+    ) -> Tensor {
+        run_block(&self.0, path, xs, forward, recompute)
     }
-    ACTIVE.with(|a| a.borrow_mut().push(entry.clone()));
-    let _pop = Pop;
-    forward()
 }
 
 /// What a backward hook needs: the model (weakly: a graph may outlive it) and the block's unit.
@@ -131,16 +135,14 @@ extern "C" fn drop_ctx(ctx: *mut c_void) {
 /// `recompute()` without keeping activations, and again in the backward. Elsewhere it just runs
 /// `forward`. A failed gather panics with the error (a `Module::forward` cannot return one); the
 /// prepared model's forward turns it back into that error.
-pub(crate) fn run_block(
+fn run_block(
+    entry: &Arc<Mutex<ModelEntry>>,
     path: &str,
     xs: &Tensor,
-    forward: impl FnOnce(&Tensor) -> Tensor,
-    recompute: impl FnOnce() -> Box<dyn Fn(&Tensor) -> Tensor>,
+    forward: Forward<'_>,
+    recompute: Recompute<'_>,
 ) -> Tensor {
-    let Some(entry) = ACTIVE.with(|a| a.borrow().last().cloned()) else {
-        return forward(xs);
-    };
-    let (unit, anchor) = match lock(&entry).fsdp.as_mut() {
+    let (unit, anchor) = match lock(entry).fsdp.as_mut() {
         Some(sharded) => match sharded.block_unit(path) {
             Some(unit) => {
                 if let Err(e) = sharded.before_block_forward(unit) {
@@ -169,7 +171,7 @@ pub(crate) fn run_block(
                     detail: format!("activation checkpointing: {text}"),
                 };
                 let text = e.to_string();
-                if let Some(sharded) = lock(&entry).fsdp.as_mut() {
+                if let Some(sharded) = lock(entry).fsdp.as_mut() {
                     sharded.hook_error = Some(e);
                 }
                 panic!("{text}");
@@ -177,7 +179,7 @@ pub(crate) fn run_block(
         },
         None => forward(xs),
     };
-    let mut guard = lock(&entry);
+    let mut guard = lock(entry);
     if let Some(sharded) = guard.fsdp.as_mut() {
         if let Err(e) = sharded.after_block_forward(unit) {
             let text = e.to_string();
@@ -188,7 +190,7 @@ pub(crate) fn run_block(
     drop(guard);
     if out.requires_grad() {
         let ctx = Box::into_raw(Box::new(HookCtx {
-            entry: Arc::downgrade(&entry),
+            entry: Arc::downgrade(entry),
         }));
         // SAFETY: ctx stays valid until the shim calls drop_ctx (also on failure); the callback catches
         // panics.
@@ -211,12 +213,12 @@ pub(crate) fn run_block(
                         .into(),
             };
             let text = e.to_string();
-            if let Some(sharded) = lock(&entry).fsdp.as_mut() {
+            if let Some(sharded) = lock(entry).fsdp.as_mut() {
                 sharded.hook_error = Some(e);
             }
             panic!("{text}");
         }
-        if let Some(sharded) = lock(&entry).fsdp.as_mut() {
+        if let Some(sharded) = lock(entry).fsdp.as_mut() {
             sharded.hook_registered(unit);
         }
     }

@@ -10,7 +10,7 @@ mod shard;
 
 pub(crate) use context::{
     before_optimizer_step, block_paths, forget_stashed_gradients, register_block, register_model,
-    run_block, with_active,
+    with_active,
 };
 pub use parallelism::ParallelismConfig;
 pub(crate) use shard::{Hybrid, Mesh, ShardedModel, SlicedRead, agree_on_empty_weights};
