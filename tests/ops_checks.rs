@@ -380,14 +380,20 @@ fn split(g: &mut ProcessGroup, c: &Ctx) -> Check {
         .flat_map(|&m| (0..c.p).map(move |i| (i + 1 + c.p * m) as f64))
         .collect();
     expect(&gathered, &want, "all_gather_cat_within")?;
-    // Each member's share of the group's sum: rows of (member count) elements.
-    let rows =
-        Tensor::ones([members.len() as i64 * 2], (Kind::Float, c.device)) * (c.r as f64 + 1.0);
+    // Each member's share (by its place in the group) of the group's sum: rank r holds
+    // (r + 1) · (1, 2, …, 2n); member k gets elements 2k and 2k + 1.
+    let n_rows = members.len() as i64 * 2;
+    let rows = (Tensor::arange(n_rows, (Kind::Float, Device::Cpu)) + 1.0) * (c.r as f64 + 1.0);
     let share = g
-        .reduce_scatter_within(&mut part, &rows, ReduceOp::Sum)
+        .reduce_scatter_within(&mut part, &rows.to_device(c.device), ReduceOp::Sum)
         .map_err(err)?;
     let total: f64 = members.iter().map(|&m| m as f64 + 1.0).sum();
-    expect(&share, &[total, total], "reduce_scatter_within")?;
+    let k = part.index() as f64;
+    expect(
+        &share,
+        &[total * (2.0 * k + 1.0), total * (2.0 * k + 2.0)],
+        "reduce_scatter_within",
+    )?;
     // The whole group still works after the split.
     let mut one = Tensor::ones([1], (Kind::Float, c.device));
     g.all_reduce(&mut one, ReduceOp::Sum).map_err(err)?;

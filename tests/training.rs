@@ -491,6 +491,11 @@ fn a_parallelism_config_shards_within_dp_shard_size_ranks_and_replicates_across(
         env.push(("PARALLELISM_CONFIG_DP_REPLICATE_SIZE", replicas));
         run_mode(n, "fsdp_blocks", &[], &env).expect_stdout("sharded over 2 ranks");
     }
+    // No sizes under FSDP: one replica, sharded over every process (Accelerate builds no mesh then);
+    // the worker checks that each rank holds a quarter.
+    let mut plain = FSDP_BLOCKS.to_vec();
+    plain.push(("ACCELERATE_USE_PARALLELISM_CONFIG", "true"));
+    run_mode(4, "fsdp_blocks", &[], &plain).expect_stdout("sharded over 4 ranks");
     // Through the launcher's flags; and sizes that do not multiply to the number of processes fail on
     // every rank, naming them.
     let flags = |replicate: &str| {

@@ -166,6 +166,16 @@ impl AcceleratorBuilder {
             Some(config) => Some(config),
             None => ParallelismConfig::from_env()?,
         };
+        if let (Some(_), Some(plugin)) = (&parallelism, &fsdp)
+            && plugin.fsdp_version != 2
+        {
+            return Err(Error::InvalidValue {
+                name: "ParallelismConfig".into(),
+                detail: "a ParallelismConfig is only compatible with FSDP version 2 (fsdp_version 2) or \
+                         plain data parallelism; this FSDP plugin is version 1"
+                    .into(),
+            });
+        }
         let env_mode = match std::env::var(crate::MIXED_PRECISION_VAR) {
             Ok(v) if !v.trim().is_empty() => Some(v.parse::<PrecisionType>()?),
             _ => None,
@@ -220,20 +230,22 @@ impl AcceleratorBuilder {
             });
         }
         let parallelism = match parallelism {
-            Some(config) if state.use_distributed() => {
-                let (replicate, shard) = config.resolve(state.contract.world_size)?;
-                if shard > 1 && fsdp.is_none() {
+            Some(config) => {
+                let sharded = fsdp.as_ref().is_some_and(|p| p.shards());
+                let (replicate, shard) = config.resolve(state.contract.world_size, sharded)?;
+                if shard > 1 && !sharded {
                     return Err(Error::InvalidValue {
                         name: "ParallelismConfig dp_shard_size".into(),
                         detail: format!(
-                            "dp_shard_size {shard} shards the model, which needs FSDP (an FSDP plugin, \
-                             or distributed_type FSDP with fsdp_version 2)"
+                            "dp_shard_size {shard} shards the model, which needs FSDP that shards (an \
+                             FSDP plugin with FULL_SHARD, SHARD_GRAD_OP or HYBRID_SHARD, or \
+                             distributed_type FSDP with fsdp_version 2)"
                         ),
                     });
                 }
-                Some((replicate, shard))
+                state.use_distributed().then_some((replicate, shard))
             }
-            _ => None,
+            None => None,
         };
         // Accelerate's InitProcessGroupKwargs timeout is the process group's: how long joining may take,
         // and how long a collective may wait for the others.

@@ -247,8 +247,12 @@ mod tests {
         // (the blocks inside are already in place).
         let listed: Vec<(String, Box<dyn Module>)> =
             vec![("layers".into(), Box::new(m) as Box<dyn Module>)];
-        let cpu = super::super::dispatch::cpu_offload(&vs, Device::Cpu).unwrap();
-        let seq = DispatchedSequential::new(cpu, listed);
+        let dir = tempfile::tempdir().unwrap();
+        let disk = super::super::dispatch::disk_offload(&vs, dir.path(), Device::Cpu).unwrap();
+        assert!(layers::is_empty_placeholder(
+            &vs.variables()["layers.0.weight"]
+        ));
+        let seq = DispatchedSequential::new(disk, listed);
         assert!(
             seq.try_forward(&x)
                 .unwrap()

@@ -59,6 +59,18 @@ struct Prefetch {
     handle: JoinHandle<Result<Weights>>,
 }
 
+/// Offloaded variables brought over for one block, with what they held before: put back when dropped.
+struct Restore(Vec<(Tensor, Tensor)>);
+
+impl Drop for Restore {
+    fn drop(&mut self) {
+        for (mut var, before) in self.0.drain(..) {
+            // Shapes and kinds are unchanged, so this cannot fail.
+            let _ = var.f_set_data(&before);
+        }
+    }
+}
+
 /// Runs the blocks of a dispatched model where its device map says (see the module docs).
 pub struct Dispatcher {
     variables: HashMap<String, Tensor>,
@@ -154,7 +166,9 @@ impl Dispatcher {
         let from_disk: HashMap<String, Tensor> =
             from_disk.unwrap_or_default().into_iter().collect();
         self.start_prefetch_after(module);
-        let mut restore = Vec::with_capacity(names.len());
+        // Dropped last: the variables get their placeholders (or host values) back however the forward
+        // ends, a panic included.
+        let mut restore = Restore(Vec::with_capacity(names.len()));
         let _guard = tch::no_grad_guard();
         let result = (|| {
             for name in names {
@@ -171,16 +185,11 @@ impl Dispatcher {
                 let before = var.detach();
                 var.f_set_data(&value)
                     .map_err(|e| Error::torch("bringing an offloaded weight over", e))?;
-                restore.push((var, before));
+                restore.0.push((var, before));
             }
             Ok(())
         })();
-        let out = result.map(|()| forward(&x));
-        for (mut var, before) in restore {
-            // Shapes and kinds are unchanged, so this cannot fail.
-            let _ = var.f_set_data(&before);
-        }
-        out
+        result.map(|()| forward(&x))
     }
 
     /// Brings `output` to the main device (what Accelerate's top-level hook does with the model's output).

@@ -146,23 +146,30 @@ impl ProcessGroup {
             Vec::new()
         };
         let all = self.all_gather_bytes(&mine)?;
+        // Every group's leader is checked on every rank: one that could not make an id fails the whole
+        // job here, not only its own group (the others would wait for it in their next collective).
+        for group in part.groups().iter().filter(|g| g.len() > 1) {
+            let lead = group[0];
+            if all[lead].len() != 128 {
+                return Err(Error::Collective {
+                    op: "nccl init",
+                    detail: format!(
+                        "rank {lead} could not start NCCL for the group {group:?}: {}",
+                        String::from_utf8_lossy(
+                            all[lead].strip_prefix(b"ERR").unwrap_or(&all[lead])
+                        )
+                    ),
+                });
+            }
+        }
         if part.size() == 1 {
             return Ok(None);
         }
         let lead = part.members()[0];
-        let id_bytes = &all[lead];
-        let internal: [u8; 128] =
-            id_bytes
-                .as_slice()
-                .try_into()
-                .map_err(|_| Error::Collective {
-                    op: "nccl init",
-                    detail: format!(
-                        "rank {lead} could not start NCCL for the group {:?}: {}",
-                        part.members(),
-                        String::from_utf8_lossy(id_bytes.strip_prefix(b"ERR").unwrap_or(id_bytes))
-                    ),
-                })?;
+        let internal: [u8; 128] = all[lead]
+            .as_slice()
+            .try_into()
+            .unwrap_or_else(|_| unreachable!("every leader's id was checked above"));
         let trace = Trace::from_env(self.rank());
         Ok(Some(LazyNccl::start(
             nccl::UniqueId { internal },

@@ -65,9 +65,9 @@ impl ParallelismConfig {
     }
 
     /// The sizes for a job of `world` processes: (replicas, ranks per replica). Accelerate's rules: every
-    /// size at least 1; all 1 on several processes means one replica per process; otherwise their
-    /// product must be the number of processes.
-    pub(crate) fn resolve(&self, world: usize) -> Result<(usize, usize)> {
+    /// size at least 1; all 1 means one replica per process, or under FSDP (`sharded`) one replica
+    /// sharded over every process; otherwise their product must be the number of processes.
+    pub(crate) fn resolve(&self, world: usize, sharded: bool) -> Result<(usize, usize)> {
         let (replicate, shard) = (
             self.dp_replicate_size.unwrap_or(1),
             self.dp_shard_size.unwrap_or(1),
@@ -80,8 +80,8 @@ impl ParallelismConfig {
                 });
             }
         }
-        if replicate * shard == 1 && world > 1 {
-            return Ok((world, 1));
+        if replicate * shard == 1 {
+            return Ok(if sharded { (1, world) } else { (world, 1) });
         }
         if replicate * shard != world {
             return Err(Error::InvalidValue {
@@ -107,15 +107,25 @@ mod tests {
             dp_replicate_size: r,
             dp_shard_size: s,
         };
-        assert_eq!(pc(Some(2), Some(2)).resolve(4).unwrap(), (2, 2));
-        assert_eq!(pc(None, Some(4)).resolve(4).unwrap(), (1, 4));
-        assert_eq!(pc(None, None).resolve(4).unwrap(), (4, 1));
-        let e = pc(Some(2), Some(3)).resolve(4).unwrap_err().to_string();
+        assert_eq!(pc(Some(2), Some(2)).resolve(4, true).unwrap(), (2, 2));
+        assert_eq!(pc(None, Some(4)).resolve(4, true).unwrap(), (1, 4));
+        // No sizes: one replica per process (DDP), or under FSDP the model sharded over all of them.
+        assert_eq!(pc(None, None).resolve(4, false).unwrap(), (4, 1));
+        assert_eq!(pc(None, None).resolve(4, true).unwrap(), (1, 4));
+        let e = pc(Some(2), None).resolve(1, false).unwrap_err().to_string();
+        assert!(e.contains("num_processes (1)"), "{e}");
+        let e = pc(Some(2), Some(3))
+            .resolve(4, true)
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("total_size (6)") && e.contains("num_processes (4)"),
             "{e}"
         );
-        let e = pc(Some(0), Some(4)).resolve(4).unwrap_err().to_string();
+        let e = pc(Some(0), Some(4))
+            .resolve(4, true)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("dp_replicate_size must be at least 1"), "{e}");
         let read = |vars: &[(&str, &str)]| {
             crate::utils::patch_environment(vars.to_vec(), ParallelismConfig::from_env)

@@ -24,6 +24,25 @@ impl Hybrid {
     /// groups across them (collective).
     pub(crate) fn split(group: &Group, per_machine: usize) -> Result<Arc<Mutex<Hybrid>>> {
         let world = group.world_size();
+        // Every rank's own figure (its machine's LOCAL_WORLD_SIZE) is compared first, so a job whose
+        // machines run different numbers of processes fails on every rank rather than in a split some
+        // ranks never join.
+        let all = group.all_gather_bytes(&(per_machine as u64).to_le_bytes())?;
+        let sizes: Vec<u64> = all
+            .iter()
+            .map(|b| b.as_slice().try_into().map(u64::from_le_bytes).unwrap_or(0))
+            .collect();
+        if let Some(r) = sizes.iter().position(|&n| n != per_machine as u64) {
+            return Err(Error::InvalidValue {
+                name: "sharding_strategy HYBRID_SHARD".into(),
+                detail: format!(
+                    "rank {r} shards among {} processes, rank {} among {per_machine} (LOCAL_WORLD_SIZE): \
+                     every machine must run the same number",
+                    sizes[r],
+                    group.rank()
+                ),
+            });
+        }
         if per_machine == 0 || world % per_machine != 0 {
             return Err(Error::InvalidValue {
                 name: "sharding_strategy HYBRID_SHARD".into(),
@@ -155,7 +174,11 @@ impl Mesh {
             if !g.all_reduce_on_stream(Among::Part(replicate), &mut out, op, comm, 0)? {
                 return Err(Error::Collective {
                     op: "all_reduce",
-                    detail: "the replicas' communicator is missing on a GPU rank".into(),
+                    detail: format!(
+                        "rank {} has no NCCL communicator for its replicas {:?}",
+                        g.rank(),
+                        replicate.members()
+                    ),
                 });
             }
         }
