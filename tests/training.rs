@@ -424,6 +424,9 @@ fn run_machines(
             .collect();
         launches.into_iter().map(|h| h.join().unwrap()).collect()
     });
+    if env.iter().any(|(k, _)| *k == "HASTEN_TEST_HANG_RANK") {
+        return ran;
+    }
     for (m, r) in ran.iter().enumerate() {
         assert_eq!(r.code, 0, "machine {m}: {}", r.all());
         for rank in m * per_machine..(m + 1) * per_machine {
@@ -431,6 +434,33 @@ fn run_machines(
         }
     }
     ran
+}
+
+#[test]
+fn a_stuck_rank_in_a_hybrid_job_is_named_on_both_machines_and_the_job_ends() {
+    // Rank 3 (machine 1) stops before its backward: its machine's partner waits in the shard group's
+    // collectives, machine 0 in the replicas' average; all fail after the timeout naming rank 3.
+    let mut env = FSDP_BLOCKS.to_vec();
+    env.extend([
+        ("FSDP_SHARDING_STRATEGY", "HYBRID_SHARD"),
+        ("HASTEN_COLLECTIVE_TIMEOUT", "2"),
+        ("HASTEN_TEST_HANG_RANK", "3"),
+    ]);
+    let started = std::time::Instant::now();
+    let ran = run_machines((2, 2), "fsdp_blocks", &[], &env);
+    for (m, r) in ran.iter().enumerate() {
+        assert_ne!(r.code, 0, "machine {m}: {}", r.all());
+        assert!(
+            r.all().contains("rank 3 did not arrive"),
+            "machine {m}: {}",
+            r.all()
+        );
+    }
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 #[test]

@@ -222,8 +222,9 @@ pub enum Error {
         found: String,
     },
 
-    /// An operation failed inside another one (Accelerate's chained_operation).
-    #[error("Error found while calling `{op}`. Please see the earlier error for more details.")]
+    /// An operation failed inside another one (Accelerate's chained_operation, whose message points to
+    /// the earlier error in Python's traceback; here the message carries it).
+    #[error("Error found while calling `{op}`: {source}")]
     ChainedOperation {
         /// The outer operation.
         op: &'static str,

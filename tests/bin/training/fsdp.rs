@@ -225,6 +225,13 @@ pub fn fsdp(acc: &mut Accelerator, blocks: bool) -> Check {
                     ));
                 }
             }
+            if step == 1 && std::env::var("HASTEN_TEST_HANG_RANK").is_ok_and(|v| v == r.to_string())
+            {
+                // A rank stuck in its own code before the backward's collectives (reliability tests).
+                loop {
+                    std::thread::sleep(std::time::Duration::from_secs(1));
+                }
+            }
             acc.backward(&loss).map_err(err)?;
             if acc.sync_gradients() {
                 let grads: Vec<Tensor> = model.parameters().iter().map(Tensor::grad).collect();
