@@ -190,7 +190,10 @@ pub fn fsdp(acc: &mut Accelerator, blocks: bool) -> Check {
         let mut norm = None;
         for k in 0..MICRO {
             let start = (step * MICRO + k) * global + r * share;
-            let (xb, yb) = (x.narrow(0, start, share), y.narrow(0, start, share));
+            let (xb, yb) = (
+                x.narrow(0, start, share).to_device(acc.device()),
+                y.narrow(0, start, share).to_device(acc.device()),
+            );
             acc.accumulate();
             let loss = model
                 .call(|m| m.forward(&xb))
