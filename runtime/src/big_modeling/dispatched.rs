@@ -142,10 +142,15 @@ impl<M: Module> DispatchedModel<M> {
 impl<M: Module> Module for DispatchedModel<M> {
     /// Panics where [`DispatchedModel::try_forward`] returns an error.
     fn forward(&self, xs: &Tensor) -> Tensor {
-        match self.try_forward(xs) {
-            Ok(y) => y,
-            Err(e) => panic!("dispatched forward failed: {e}"),
-        }
+        output_or_panic(self.try_forward(xs))
+    }
+}
+
+/// A dispatched forward's output, as a `Module::forward` (which cannot return an error) gives it.
+pub(super) fn output_or_panic(out: Result<Tensor>) -> Tensor {
+    match out {
+        Ok(y) => y,
+        Err(e) => panic!("dispatched forward failed: {e}"),
     }
 }
 

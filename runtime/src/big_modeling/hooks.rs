@@ -336,10 +336,7 @@ impl DispatchedSequential {
 impl Module for DispatchedSequential {
     /// Panics where [`DispatchedSequential::try_forward`] returns an error.
     fn forward(&self, xs: &Tensor) -> Tensor {
-        match self.try_forward(xs) {
-            Ok(y) => y,
-            Err(e) => panic!("dispatched forward failed: {e}"),
-        }
+        super::dispatched::output_or_panic(self.try_forward(xs))
     }
 }
 

@@ -219,15 +219,28 @@ impl ProcessGroup {
                     ),
                 })?;
         trace.mark("nccl unique id exchanged");
-        Ok(lazy::LazyNccl::start(
+        Ok(self.start_communicator(internal, self.rank(), self.world_size(), device, trace))
+    }
+
+    /// Starts creating a communicator (this rank `index` of `size`) from the id `internal`, watched by
+    /// a watchdog of its own that names missing ranks through this group's census.
+    fn start_communicator(
+        &self,
+        internal: [u8; 128],
+        index: usize,
+        size: usize,
+        device: usize,
+        trace: Trace,
+    ) -> lazy::LazyNccl {
+        lazy::LazyNccl::start(
             nccl::UniqueId { internal },
-            self.rank(),
-            self.world_size(),
+            index,
+            size,
             device,
             trace,
             watchdog::Watchdog::start(device, self.rank(), self.timeout, self.census.clone()),
             self.timeout,
-        ))
+        )
     }
 
     /// Runs one collective, counting it. A timeout from the TCP links (where every read and write waits

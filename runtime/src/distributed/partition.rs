@@ -9,7 +9,7 @@
 
 use super::cpu::{CpuBackend, on_cpu, reduce_into, tensor_bytes};
 use super::lazy::LazyNccl;
-use super::{Backend, ProcessGroup, ReduceOp, Trace, nccl, watchdog};
+use super::{Backend, ProcessGroup, ReduceOp, Trace, nccl};
 use crate::{Error, Result};
 use tch::{Device, Tensor};
 
@@ -171,14 +171,12 @@ impl ProcessGroup {
             .try_into()
             .unwrap_or_else(|_| unreachable!("every leader's id was checked above"));
         let trace = Trace::from_env(self.rank());
-        Ok(Some(LazyNccl::start(
-            nccl::UniqueId { internal },
+        Ok(Some(self.start_communicator(
+            internal,
             part.index(),
             part.size(),
             device,
             trace,
-            watchdog::Watchdog::start(device, self.rank(), self.timeout, self.census.clone()),
-            self.timeout,
         )))
     }
 
