@@ -4,7 +4,7 @@
 #   bash bench/fsdp_gpu.sh BIN_DIR PY_DIR PART...
 # PART: f1 (4 GPUs, REPS runs of each side, plus DDP), f1x2 (2 GPUs), losses (F8, first 13 losses, FSDP
 # against DDP), f2 (48 blocks), start (F2 built whole, then under init_empty_weights), ctas (F2 with
-# NCCL_MAX_CTAS 8 and 16, hasten only), phases (where F1's peak memory is, both sides), ac (activation checkpointing, both sides), offload (CPU offload), quick (F8 under each option, hasten alone, on N ranks, default 4), demo (README's loop under --use_fsdp on 2 GPUs against DDP), hybrid (HYBRID_SHARD as 2 machines × 2 GPUs on this host, both sides).
+# NCCL_MAX_CTAS 8 and 16, hasten only), phases (peak memory and time of each phase of warm-up step 1, both sides; BLOCKS=8 and N=4 ranks by default), ac (activation checkpointing, both sides), offload (CPU offload), quick (F8 under each option, hasten alone, on N ranks, default 4), demo (README's loop under --use_fsdp on 2 GPUs against DDP), hybrid (HYBRID_SHARD as 2 machines × 2 GPUs on this host, both sides).
 set -u
 B=${1:?binaries folder}
 P=${2:?python folder}
@@ -71,7 +71,9 @@ for part in "$@"; do
       done
       ;;
     phases)
-      echo "== Where F1's peak is (warm-up step 1, rank 0): peak GPU memory of each phase, both sides"
+      pb=${BLOCKS:-8}
+      echo "== Where F$pb's peak is (warm-up step 1, rank 0): peak GPU memory and time (GPU drained at"
+      echo "   each phase's end) of each phase, both sides"
       # A copy of py_fsdp.py that reports the same phases (not a figure: it synchronises in that step).
       "$PY" - "$P/py_fsdp.py" /tmp/py_phases.py <<'PYEOF'
 import sys
@@ -85,7 +87,10 @@ new = """            ph = []
             def mark(name):
                 if i == 1:
                     torch.cuda.synchronize()
-                    ph.append((name, torch.cuda.max_memory_allocated() / 1e9))
+                    now = time.time()
+                    ph.append((name, torch.cuda.max_memory_allocated() / 1e9,
+                               (now - mark.t) * 1e3 if hasattr(mark, "t") else 0.0))
+                    mark.t = now
                     torch.cuda.reset_peak_memory_stats()
             mark("before")
             opt.zero_grad()
@@ -101,8 +106,8 @@ new = """            ph = []
 assert old in src
 open(sys.argv[2], "w").write(src.replace(old, new))
 PYEOF
-      launch --num_processes 4 "$B/bench-fsdp" fsdp 8 10 2>&1 | grep -E "BENCH|rror|panick"
-      pylaunch --num_processes 4 /tmp/py_phases.py fsdp 8 10 2>&1 | grep -E "PHASES|ANCHOR|rror"
+      launch --num_processes "${N:-4}" "$B/bench-fsdp" fsdp "$pb" 5 2>&1 | grep -E "BENCH|rror|panick"
+      pylaunch --num_processes "${N:-4}" /tmp/py_phases.py fsdp "$pb" 5 2>&1 | grep -E "PHASES|ANCHOR|rror"
       ;;
     ac)
       echo "== Activation checkpointing per block, both sides (Python: a copy of py_fsdp.py whose plugin"

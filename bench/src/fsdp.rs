@@ -150,16 +150,23 @@ fn main() -> hasten::Result<()> {
             let mut loss = 0.0;
             let mut losses = Vec::new();
             let mut phase_peaks: Vec<(String, f64)> = Vec::new();
+            let mut phase_ms: Vec<(String, f64)> = Vec::new();
+            let mut phase_start = report::now();
             for i in 0..warm + steps {
                 if i == warm {
                     Cuda::synchronize(index);
                     start = report::now();
                 }
-                // Warm-up step 1 also says where the peak is: forward, backward or optimizer step.
+                // Warm-up step 1 also says where the peak is (forward, backward or optimizer step) and
+                // how long each phase takes with the GPU drained at its end (not a figure: the
+                // synchronisations stop the overlap between phases).
                 let phases = i == 1;
                 let mut phase = |name: &str| {
                     if phases {
                         Cuda::synchronize(index);
+                        let now = report::now();
+                        phase_ms.push((name.to_owned(), (now - phase_start) * 1e3));
+                        phase_start = now;
                         let gb =
                             hasten::memory::max_memory_allocated(device).unwrap_or(0) as f64 / 1e9;
                         phase_peaks.push((name.to_owned(), gb));
@@ -203,6 +210,7 @@ fn main() -> hasten::Result<()> {
                 "host_peak_rss_GB_per_rank": host_peaks,
                 "losses": losses,
                 "phase_peaks_GB_rank0": phase_peaks,
+                "phase_ms_rank0": phase_ms,
             }))
         },
     ));
