@@ -259,9 +259,17 @@ impl Accelerator {
     }
 
     /// The model's whole state by name (Accelerate's `get_state_dict`): under FSDP every parameter
-    /// gathered from its shards (collective: every rank calls it) as copies; otherwise the VarStore's
-    /// tensors, as [`PreparedModel::state_dict`].
+    /// gathered from its shards (collective: every rank calls it) as copies on the CPU, which — as
+    /// Accelerate's FSDP2 does — only the main process keeps (the others get an empty list and hold no
+    /// copy of the model); otherwise the VarStore's tensors, as [`PreparedModel::state_dict`].
     pub fn get_state_dict<M>(&self, model: &PreparedModel<M>) -> Result<Vec<(String, Tensor)>> {
+        state_dict_kept(model, self.is_main_process())
+    }
+
+    /// [`get_state_dict`](Self::get_state_dict) on every process (hasten's): under FSDP each rank gets
+    /// the whole model, gathered (collective) — a host copy per process, for checks or evaluation that
+    /// need it everywhere.
+    pub fn gather_state_dict<M>(&self, model: &PreparedModel<M>) -> Result<Vec<(String, Tensor)>> {
         state_dict_kept(model, true)
     }
 

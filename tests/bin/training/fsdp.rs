@@ -179,7 +179,7 @@ pub fn fsdp(acc: &mut Accelerator, blocks: bool) -> Check {
     let _spare = vs.root().var("spare", &[3], nn::Init::Const(1.0));
     let full_numel = numel(&vs.trainable_variables());
     let model = acc.prepare_model(net, vs).map_err(err)?;
-    let initial = acc.get_state_dict(&model).map_err(err)?;
+    let initial = acc.gather_state_dict(&model).map_err(err)?;
     let held = numel(&model.parameters());
     let opt = AdamW::new(model.var_store(), 1e-2);
     let mut opt = acc.prepare_optimizer(opt);
@@ -285,8 +285,21 @@ pub fn fsdp(acc: &mut Accelerator, blocks: bool) -> Check {
              optimizer-state elements)"
         ));
     }
-    let trained = acc.get_state_dict(&model).map_err(err)?;
+    let trained = acc.gather_state_dict(&model).map_err(err)?;
     reference.matches(&trained, tol, "at the end")?;
+    // Accelerate's get_state_dict under FSDP: the whole model on the main process, nothing elsewhere.
+    let main_only = acc.get_state_dict(&model).map_err(err)?;
+    let want = if acc.is_main_process() {
+        trained.len()
+    } else {
+        0
+    };
+    if main_only.len() != want {
+        return Err(format!(
+            "get_state_dict gave rank {r} {} tensors, {want} expected",
+            main_only.len()
+        ));
+    }
     if blocks {
         // 3 blocks: every training forward, recomputed once under activation checkpointing, and the
         // reference's forward per step.
@@ -321,7 +334,7 @@ pub fn semantics(acc: &mut Accelerator) -> Check {
     let net = model(&vs.root(), true);
     let _spare = vs.root().var("spare", &[3], nn::Init::Const(1.0));
     let model_ = acc.prepare_model(net, vs).map_err(err)?;
-    let initial = acc.get_state_dict(&model_).map_err(err)?;
+    let initial = acc.gather_state_dict(&model_).map_err(err)?;
     let mut opt = acc.prepare_optimizer(Sgd::new(model_.var_store(), 0.1));
     let reference = Reference::new(&initial, true)?;
     let mut ref_opt = Sgd::new(&reference.vs, 0.1);
@@ -372,7 +385,7 @@ pub fn semantics(acc: &mut Accelerator) -> Check {
         };
         loss.backward();
         ref_opt.step().map_err(err)?;
-        let trained = acc.get_state_dict(&model_).map_err(err)?;
+        let trained = acc.gather_state_dict(&model_).map_err(err)?;
         reference.matches(&trained, 1e-5, &format!("after step {step}"))?;
     }
     println!("rank {r}: fsdp semantics hold");
@@ -409,11 +422,11 @@ pub fn checkpoint(acc: &mut Accelerator, project: &std::path::Path) -> Check {
     acc.save_state(Some(&dir)).map_err(err)?;
     step(acc, 2)?;
     step(acc, 3)?;
-    let want = acc.get_state_dict(&model_).map_err(err)?;
+    let want = acc.gather_state_dict(&model_).map_err(err)?;
     acc.load_state(Some(&dir)).map_err(err)?;
     step(acc, 2)?;
     step(acc, 3)?;
-    let got = acc.get_state_dict(&model_).map_err(err)?;
+    let got = acc.gather_state_dict(&model_).map_err(err)?;
     for ((name, a), (_, b)) in want.iter().zip(&got) {
         if !a.equal(b) {
             return Err(format!(
@@ -437,7 +450,7 @@ pub fn checkpoint(acc: &mut Accelerator, project: &std::path::Path) -> Check {
         acc.load_state(Some(&dir)).map_err(err)?;
         step(acc, 2)?;
         step(acc, 3)?;
-        let again = acc.get_state_dict(&model_).map_err(err)?;
+        let again = acc.gather_state_dict(&model_).map_err(err)?;
         for ((name, a), (_, b)) in want.iter().zip(&again) {
             if !a.equal(b) {
                 return Err(format!("{name} differs after loading the whole-model file"));

@@ -113,7 +113,7 @@ pub fn empty(acc: &mut Accelerator, project: &std::path::Path) -> Check {
     hasten::tch::manual_seed(500);
     let _eager = build(&eager_vs.root());
     let eager: Vec<(String, Tensor)> = eager_vs.variables().into_iter().collect();
-    let got = acc.get_state_dict(&model).map_err(err)?;
+    let got = acc.gather_state_dict(&model).map_err(err)?;
     same(
         &eager,
         &got,
@@ -141,7 +141,7 @@ pub fn empty(acc: &mut Accelerator, project: &std::path::Path) -> Check {
         .mean(Kind::Float);
     acc.backward(&loss).map_err(err)?;
     opt.step().map_err(err)?;
-    let trained = acc.get_state_dict(&model).map_err(err)?;
+    let trained = acc.gather_state_dict(&model).map_err(err)?;
     let saved = project.join("saved");
     acc.save_model_sharded(&model, &saved, "300").map_err(err)?;
     acc.wait_for_everyone().map_err(err)?;
@@ -159,7 +159,7 @@ pub fn empty(acc: &mut Accelerator, project: &std::path::Path) -> Check {
     }
     same(
         &trained,
-        &acc.get_state_dict(&model2).map_err(err)?,
+        &acc.gather_state_dict(&model2).map_err(err)?,
         "loaded model vs saved",
     )?;
     // A file whose head.weight has the wrong shape: an error naming both, the model unchanged.
@@ -186,7 +186,7 @@ pub fn empty(acc: &mut Accelerator, project: &std::path::Path) -> Check {
     }
     same(
         &trained,
-        &acc.get_state_dict(&model2).map_err(err)?,
+        &acc.gather_state_dict(&model2).map_err(err)?,
         "model after a refused load",
     )?;
     println!("rank {r}: empty-weights init, save_model and sliced loading hold");
@@ -262,7 +262,7 @@ pub fn tied_parameters(acc: &mut Accelerator) -> Check {
             return Err(format!("step {step}: loss {got}, one process {want}"));
         }
     }
-    let state = acc.get_state_dict(&model).map_err(err)?;
+    let state = acc.gather_state_dict(&model).map_err(err)?;
     let value = |name: &str| {
         state
             .iter()
