@@ -2,7 +2,7 @@
 //! its [`Dispatcher`] by the same block hooks a prepared FSDP model uses (`layers::hooks`), so its
 //! forward is the model's own — no list of blocks, no closures around them.
 
-use super::hooks::Dispatcher;
+use super::hooks::{Dispatcher, under};
 use crate::layers::hooks::{BlockHooks, Forward, Recompute, with_hooks};
 use crate::{Error, Result};
 use std::cell::RefCell;
@@ -27,12 +27,7 @@ impl BlockHooks for Dispatch<'_> {
         forward: Forward<'_>,
         _recompute: Recompute<'_>,
     ) -> Tensor {
-        let placed = self.running.borrow().iter().any(|outer| {
-            path == outer
-                || path
-                    .strip_prefix(outer.as_str())
-                    .is_some_and(|rest| rest.starts_with('.'))
-        });
+        let placed = self.running.borrow().iter().any(|outer| under(path, outer));
         if placed {
             return forward(xs);
         }
@@ -103,12 +98,7 @@ impl<M: Module> DispatchedModel<M> {
     /// error naming it.
     pub fn new(dispatcher: Dispatcher, module: M) -> Result<Self> {
         let blocks = crate::accelerator::fsdp::block_paths();
-        let inside = |name: &str| {
-            blocks.iter().any(|b| {
-                name.strip_prefix(b.as_str())
-                    .is_some_and(|rest| rest.starts_with('.'))
-            })
-        };
+        let inside = |name: &str| blocks.iter().any(|b| under(name, b));
         if let Some(name) = dispatcher.variable_names().find(|n| !inside(n)) {
             return Err(Error::InvalidValue {
                 name: format!("DispatchedModel variable {name}"),

@@ -89,7 +89,9 @@ impl std::fmt::Debug for Dispatcher {
     }
 }
 
-fn under(name: &str, module: &str) -> bool {
+/// Whether `name` is `module` or lies below it (`blocks.1.fc` under `blocks.1`, not under `blocks.10`);
+/// everything lies under the root, "".
+pub(super) fn under(name: &str, module: &str) -> bool {
     module.is_empty()
         || name == module
         || (name.starts_with(module) && name.as_bytes().get(module.len()) == Some(&b'.'))

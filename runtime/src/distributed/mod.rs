@@ -93,6 +93,31 @@ pub(crate) trait Backend: Send {
     fn reduce_scatter(&mut self, t: &Tensor, op: ReduceOp) -> Result<Tensor>;
 }
 
+/// What this rank contributes to an NCCL id exchange: a new id when it leads a communicator (or why it
+/// could not make one, after `ERR`), else nothing.
+fn own_nccl_id(leads: bool) -> Vec<u8> {
+    if !leads {
+        return Vec::new();
+    }
+    match nccl::unique_id() {
+        Ok(id) => id.internal.to_vec(),
+        Err(e) => format!("ERR{e}").into_bytes(),
+    }
+}
+
+/// The id rank `lead` contributed to an exchange (`all`, every rank's bytes), or the error it reported,
+/// naming it (`context` says which communicator).
+fn leader_nccl_id(all: &[Vec<u8>], lead: usize, context: &str) -> Result<[u8; 128]> {
+    let bytes = &all[lead];
+    bytes.as_slice().try_into().map_err(|_| Error::Collective {
+        op: "nccl init",
+        detail: format!(
+            "rank {lead} could not start NCCL{context}: {}",
+            String::from_utf8_lossy(bytes.strip_prefix(b"ERR").unwrap_or(bytes))
+        ),
+    })
+}
+
 /// How long each step of joining the group took: debug events of target `hasten::init` (shown by
 /// hasten's fallback subscriber with `HASTEN_TRACE_INIT=1`).
 #[derive(Clone, Copy)]
@@ -197,27 +222,8 @@ impl ProcessGroup {
     fn start_nccl(&mut self, device: usize, trace: Trace) -> Result<lazy::LazyNccl> {
         // Rank 0 makes the id (or says why it cannot); everyone learns the outcome, so no rank waits
         // in ncclCommInitRank for a peer that gave up.
-        let mine: Vec<u8> = if self.rank() == 0 {
-            match nccl::unique_id() {
-                Ok(id) => id.internal.to_vec(),
-                Err(e) => format!("ERR{e}").into_bytes(),
-            }
-        } else {
-            Vec::new()
-        };
-        let all = self.cpu.all_gather_bytes(&mine)?;
-        let id_bytes = &all[0];
-        let internal: [u8; 128] =
-            id_bytes
-                .as_slice()
-                .try_into()
-                .map_err(|_| Error::Collective {
-                    op: "nccl init",
-                    detail: format!(
-                        "rank 0 could not start NCCL: {}",
-                        String::from_utf8_lossy(id_bytes.strip_prefix(b"ERR").unwrap_or(id_bytes))
-                    ),
-                })?;
+        let all = self.cpu.all_gather_bytes(&own_nccl_id(self.rank() == 0))?;
+        let internal = leader_nccl_id(&all, 0, "")?;
         trace.mark("nccl unique id exchanged");
         Ok(self.start_communicator(internal, self.rank(), self.world_size(), device, trace))
     }
@@ -372,7 +378,12 @@ impl ProcessGroup {
         self.all_reduce_among(Among::World, t, op)
     }
 
-    fn all_reduce_among(&mut self, among: Among<'_>, t: &mut Tensor, op: ReduceOp) -> Result<()> {
+    pub(crate) fn all_reduce_among(
+        &mut self,
+        among: Among<'_>,
+        t: &mut Tensor,
+        op: ReduceOp,
+    ) -> Result<()> {
         if among.alone(self.world_size(), t.device()) {
             return if op == ReduceOp::Mean && !crate::ops::is_float(t.kind()) {
                 Err(Error::Collective {
@@ -414,7 +425,7 @@ impl ProcessGroup {
         self.all_gather_cat_among(Among::World, t)
     }
 
-    fn all_gather_cat_among(&mut self, among: Among<'_>, t: &Tensor) -> Result<Tensor> {
+    pub(crate) fn all_gather_cat_among(&mut self, among: Among<'_>, t: &Tensor) -> Result<Tensor> {
         if among.alone(self.world_size(), t.device()) {
             return Ok(t.shallow_clone());
         }
@@ -431,7 +442,7 @@ impl ProcessGroup {
         self.reduce_scatter_among(Among::World, t, op)
     }
 
-    fn reduce_scatter_among(
+    pub(crate) fn reduce_scatter_among(
         &mut self,
         among: Among<'_>,
         t: &Tensor,

@@ -9,7 +9,7 @@
 
 use super::cpu::{CpuBackend, on_cpu, reduce_into, tensor_bytes};
 use super::lazy::LazyNccl;
-use super::{Backend, ProcessGroup, ReduceOp, Trace, nccl};
+use super::{Backend, ProcessGroup, ReduceOp, Trace, leader_nccl_id, own_nccl_id};
 use crate::{Error, Result};
 use tch::{Device, Tensor};
 
@@ -137,39 +137,19 @@ impl ProcessGroup {
     /// in ncclCommInitRank for a peer that gave up.
     fn start_group_nccl(&mut self, part: &Partition, device: usize) -> Result<Option<LazyNccl>> {
         let leads = part.members()[0] == self.rank() && part.size() > 1;
-        let mine: Vec<u8> = if leads {
-            match nccl::unique_id() {
-                Ok(id) => id.internal.to_vec(),
-                Err(e) => format!("ERR{e}").into_bytes(),
-            }
-        } else {
-            Vec::new()
-        };
-        let all = self.all_gather_bytes(&mine)?;
+        let all = self.all_gather_bytes(&own_nccl_id(leads))?;
         // Every group's leader is checked on every rank: one that could not make an id fails the whole
         // job here, not only its own group (the others would wait for it in their next collective).
+        let mut internal = None;
         for group in part.groups().iter().filter(|g| g.len() > 1) {
-            let lead = group[0];
-            if all[lead].len() != 128 {
-                return Err(Error::Collective {
-                    op: "nccl init",
-                    detail: format!(
-                        "rank {lead} could not start NCCL for the group {group:?}: {}",
-                        String::from_utf8_lossy(
-                            all[lead].strip_prefix(b"ERR").unwrap_or(&all[lead])
-                        )
-                    ),
-                });
+            let id = leader_nccl_id(&all, group[0], &format!(" for the group {group:?}"))?;
+            if group[0] == part.members()[0] {
+                internal = Some(id);
             }
         }
-        if part.size() == 1 {
+        let Some(internal) = internal else {
             return Ok(None);
-        }
-        let lead = part.members()[0];
-        let internal: [u8; 128] = all[lead]
-            .as_slice()
-            .try_into()
-            .unwrap_or_else(|_| unreachable!("every leader's id was checked above"));
+        };
         let trace = Trace::from_env(self.rank());
         Ok(Some(self.start_communicator(
             internal,

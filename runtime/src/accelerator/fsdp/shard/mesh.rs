@@ -143,10 +143,7 @@ impl Mesh {
 
     /// Every shard rank's `t`, concatenated.
     pub(crate) fn all_gather_cat(&self, t: &Tensor) -> Result<Tensor> {
-        self.on_shard(|g, among| match among {
-            Among::World => g.all_gather_cat(t),
-            Among::Part(p) => g.all_gather_cat_within(p, t),
-        })
+        self.on_shard(|g, among| g.all_gather_cat_among(among, t))
     }
 
     /// Queues the reduce-scatter of `input` into this rank's share `output` on `comm`, then (hybrid)
@@ -201,9 +198,6 @@ impl Mesh {
 
     /// Combines `t` among the shard's ranks (each holds different pieces; replicas hold the same).
     pub(crate) fn all_reduce_shards(&self, t: &mut Tensor, op: ReduceOp) -> Result<()> {
-        self.on_shard(|g, among| match among {
-            Among::World => g.all_reduce(t, op),
-            Among::Part(p) => g.all_reduce_within(p, t, op),
-        })
+        self.on_shard(|g, among| g.all_reduce_among(among, t, op))
     }
 }
