@@ -288,7 +288,7 @@ impl FsdpArgs {
 
 /// A config value as `accelerate launch` passes it on: YAML booleans lowercased, lists joined by
 /// commas (as FSDP_TRANSFORMER_CLS_TO_WRAP holds them).
-fn config_value(v: &serde_json::Value) -> String {
+pub(crate) fn config_value(v: &serde_json::Value) -> String {
     match v {
         serde_json::Value::String(s) => s.clone(),
         serde_json::Value::Array(items) => {

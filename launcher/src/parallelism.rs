@@ -103,10 +103,7 @@ pub fn parallelism_env(
             section
                 .get(&format!("parallelism_config_{key}"))
                 .or_else(|| section.get(key))
-                .map(|v| match v {
-                    serde_json::Value::String(s) => s.clone(),
-                    other => other.to_string(),
-                })
+                .map(crate::cli::config_value)
         });
         if let Some(value) = value {
             env.push((

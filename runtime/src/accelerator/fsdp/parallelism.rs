@@ -18,19 +18,15 @@ pub struct ParallelismConfig {
 }
 
 fn size_from_env(dim: &str) -> Result<Option<usize>> {
-    let var = format!("PARALLELISM_CONFIG_{dim}_SIZE");
-    match std::env::var(&var) {
-        Ok(v) if !v.trim().is_empty() => {
-            v.trim()
-                .parse::<usize>()
-                .map(Some)
-                .map_err(|_| Error::InvalidValue {
-                    name: var,
-                    detail: format!("{v:?} is not a size (a whole number, at least 1)"),
-                })
-        }
-        _ => Ok(None),
-    }
+    let name = format!("PARALLELISM_CONFIG_{dim}_SIZE");
+    super::var(&name)
+        .map(|v| {
+            v.trim().parse::<usize>().map_err(|_| Error::InvalidValue {
+                name: name.clone(),
+                detail: format!("{v:?} is not a size (a whole number, at least 1)"),
+            })
+        })
+        .transpose()
 }
 
 impl ParallelismConfig {
