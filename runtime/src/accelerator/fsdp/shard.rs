@@ -113,11 +113,9 @@ fn pinned_zeros(n: i64, kind: Kind) -> Result<Tensor> {
 /// A model's units, and what a forward and its backward have done to them.
 pub(crate) struct ShardedModel {
     pub units: Vec<Unit>,
-    /// The ranks the units are sharded over (and, hybrid, replicated across).
+    /// The ranks the units are sharded over (and, hybrid, replicated across): this rank's position
+    /// among them and their number say which piece of each unit is this rank's.
     mesh: Mesh,
-    /// This rank's position in the mesh's shard, and the shard's size.
-    rank: i64,
-    world: i64,
     /// FULL_SHARD: free a block's unsharded parameters after its forward and gather them again for its
     /// backward. SHARD_GRAD_OP: keep them from the forward through the backward.
     pub reshard_after_forward: bool,
@@ -315,8 +313,6 @@ impl ShardedModel {
         Ok(ShardedModel {
             units: out,
             mesh,
-            rank,
-            world,
             reshard_after_forward,
             activation_checkpointing: false,
             aliases: Vec::new(),
@@ -400,7 +396,7 @@ impl ShardedModel {
     /// step) are kept aside and added to the next reduce-scatter's result, as PyTorch accumulates into
     /// `.grad`.
     fn issue_gather(&mut self, k: usize) -> Result<()> {
-        let (rank, world) = (self.rank, self.world);
+        let (rank, world) = (self.mesh.rank(), self.mesh.size());
         if self.units[k].gathered {
             return Ok(());
         }
@@ -490,7 +486,7 @@ impl ShardedModel {
     fn free(&mut self, k: usize) -> Result<()> {
         // A prefetched gather must land before its buffer goes back to the allocator.
         self.await_gather(k)?;
-        let rank = self.rank;
+        let rank = self.mesh.rank();
         let in_backward = self.backward.is_some();
         let unit = &mut self.units[k];
         if !unit.gathered {

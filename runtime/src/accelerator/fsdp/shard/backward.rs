@@ -68,7 +68,7 @@ impl ShardedModel {
     /// without a gradient counts as zeros here (whether it keeps none is decided over all ranks at the
     /// end).
     fn take_gradients(&mut self, k: usize, sync: bool) -> Result<()> {
-        let world = self.world;
+        let world = self.mesh.size();
         // The previous reduce-scatter's input goes back to the allocator first (FSDP2's order), after
         // the compute stream waits for it (it has had a block's backward to run): holding inputs until
         // the host sees them done would keep most of them, the host being far ahead of the GPU.
@@ -226,7 +226,7 @@ impl ShardedModel {
                 // A parameter keeps no gradient only if no rank gave it one and it had none before.
                 let flag = used.next().unwrap_or(true) || had[i];
                 if let (true, Some(r)) = (flag, reduced.as_ref()) {
-                    let (lo, len) = unit.piece(i, self.rank);
+                    let (lo, len) = unit.piece(i, self.mesh.rank());
                     crate::optim::set_grad(p, &r.narrow(0, lo, len))?;
                 }
             }

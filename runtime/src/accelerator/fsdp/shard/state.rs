@@ -94,7 +94,7 @@ impl ShardedModel {
         checkpoint: &Path,
     ) -> Result<SlicedRead> {
         use crate::big_modeling::SliceRequest;
-        let rank = self.rank;
+        let rank = self.mesh.rank();
         let mut requests = Vec::new();
         let mut places = Vec::new();
         for (k, unit) in self.units.iter().enumerate() {
