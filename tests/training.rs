@@ -399,9 +399,26 @@ fn run_machines(
     args: &[&std::ffi::OsStr],
     env: &[(&str, &str)],
 ) -> Vec<Ran> {
+    let ran = launch_machines((machines, per_machine), mode, args, env);
+    for (m, r) in ran.iter().enumerate() {
+        assert_eq!(r.code, 0, "machine {m}: {}", r.all());
+        for rank in m * per_machine..(m + 1) * per_machine {
+            r.expect_stdout(&format!("[rank{rank}]: training check {mode}: ok"));
+        }
+    }
+    ran
+}
+
+/// The launches of [`run_machines`], one per machine, as they ended.
+fn launch_machines(
+    (machines, per_machine): (usize, usize),
+    mode: &str,
+    args: &[&std::ffi::OsStr],
+    env: &[(&str, &str)],
+) -> Vec<Ran> {
     let port = free_port().to_string();
     let (total, count) = ((machines * per_machine).to_string(), machines.to_string());
-    let ran: Vec<Ran> = std::thread::scope(|s| {
+    std::thread::scope(|s| {
         let launches: Vec<_> = (0..machines)
             .map(|m| {
                 let (port, total, count) = (&port, &total, &count);
@@ -423,17 +440,7 @@ fn run_machines(
             })
             .collect();
         launches.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    if env.iter().any(|(k, _)| *k == "HASTEN_TEST_HANG_RANK") {
-        return ran;
-    }
-    for (m, r) in ran.iter().enumerate() {
-        assert_eq!(r.code, 0, "machine {m}: {}", r.all());
-        for rank in m * per_machine..(m + 1) * per_machine {
-            r.expect_stdout(&format!("[rank{rank}]: training check {mode}: ok"));
-        }
-    }
-    ran
+    })
 }
 
 #[test]
@@ -447,7 +454,7 @@ fn a_stuck_rank_in_a_hybrid_job_is_named_on_both_machines_and_the_job_ends() {
         ("HASTEN_TEST_HANG_RANK", "3"),
     ]);
     let started = std::time::Instant::now();
-    let ran = run_machines((2, 2), "fsdp_blocks", &[], &env);
+    let ran = launch_machines((2, 2), "fsdp_blocks", &[], &env);
     for (m, r) in ran.iter().enumerate() {
         assert_ne!(r.code, 0, "machine {m}: {}", r.all());
         assert!(
