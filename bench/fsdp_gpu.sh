@@ -4,7 +4,8 @@
 #   bash bench/fsdp_gpu.sh BIN_DIR PY_DIR PART...
 # PART: f1 (4 GPUs, REPS runs of each side, plus DDP), f1x2 (2 GPUs), losses (F8, first 13 losses, FSDP
 # against DDP), f2 (48 blocks), start (F2 built whole, then under init_empty_weights), ctas (F2 with
-# NCCL_MAX_CTAS 8 and 16, hasten only), phases (peak memory and time of each phase of warm-up step 1, both sides; BLOCKS=8 and N=4 ranks by default), ac (activation checkpointing, both sides), offload (CPU offload), quick (F8 under each option, hasten alone, on N ranks, default 4), demo (README's loop under --use_fsdp on 2 GPUs against DDP), hybrid (HYBRID_SHARD as 2 machines × 2 GPUs on this host, both sides).
+# NCCL_MAX_CTAS 8 and 16, hasten only), phases (peak memory and time of each phase of warm-up step 1, both sides; BLOCKS=8 and N=4 ranks by default), ac (activation checkpointing, both sides), offload (CPU offload), quick (F8 under each option, hasten alone, on N ranks, default 4), demo (README's loop under --use_fsdp on 2 GPUs against DDP), hybrid (HYBRID_SHARD as 2 machines × 2 GPUs on this host, both sides), ci (CI's FSDP training checks
+# on the GPUs, 4, 3 and 2 ranks).
 set -u
 B=${1:?binaries folder}
 P=${2:?python folder}
@@ -173,6 +174,30 @@ PYEOF
       launch --num_processes 4 "$B/bench-fsdp" ddp 8 10 --losses 2>&1 | grep -E "BENCH|rror|panick"
       echo "-- FULL_SHARD over the same 4 GPUs (one launch), for scale"
       both 4 fsdp 8 10
+      ;;
+    ci)
+      echo "== CI's FSDP training checks on the GPUs (HASTEN_TEST_GPU=1; fp32 against one process, bf16"
+      echo "   within its tolerance): one unit, per block, bf16, offloaded; 4, 3 (uneven rows) and 2 ranks"
+      for n in 4 3 2; do
+        # W: per block; bf16: the launcher's --mixed_precision bf16 (it exports the workers' precision).
+        for opts in "fsdp" "fsdp_blocks W" "fsdp_blocks W bf16" "fsdp_blocks W FSDP_OFFLOAD_PARAMS=true"; do
+          set -- $opts
+          mode=$1; shift
+          env=(HASTEN_TEST_GPU=1 ACCELERATE_USE_FSDP=true FSDP_VERSION=2)
+          flags=()
+          for e in "$@"; do
+            case $e in
+              W) env+=(FSDP_AUTO_WRAP_POLICY=TRANSFORMER_BASED_WRAP FSDP_TRANSFORMER_CLS_TO_WRAP=Block) ;;
+              bf16) flags+=(--mixed_precision bf16) ;;
+              *) env+=("$e") ;;
+            esac
+          done
+          echo "-- $n ranks: $opts"
+          env "${env[@]}" "$B/hasten" launch "${flags[@]}" --num_processes "$n" --main_process_port 0 \
+            "$B/hasten-test-training" "$mode" 2>&1 | grep -E "training check|mixed precision|rror|panick" \
+            | sed 's/.*mixed precision/mixed precision/' | sort | uniq -c
+        done
+      done
       ;;
     demo)
       echo "== README's loop (train_demo) on 2 GPUs: DDP, then FSDP by flags alone"

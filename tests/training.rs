@@ -11,6 +11,16 @@ fn check(mode: &str) {
     check_with(mode, &[]);
 }
 
+/// The launcher flag for a precision `env` asks for: `hasten launch` exports its own
+/// ACCELERATE_MIXED_PRECISION (from `--mixed_precision`, else `no`), as `accelerate launch` does, so the
+/// variable set around it would never reach the workers.
+fn precision_flag(env: &[(&str, &str)]) -> Vec<String> {
+    env.iter()
+        .filter(|(k, _)| *k == "ACCELERATE_MIXED_PRECISION")
+        .flat_map(|(_, v)| ["--mixed_precision".to_string(), v.to_string()])
+        .collect()
+}
+
 /// Runs `hasten-test-training MODE ARGS…` on `n` CPU ranks and checks that every rank reported ok.
 fn run_mode(n: usize, mode: &str, args: &[&std::ffi::OsStr], env: &[(&str, &str)]) -> Ran {
     let mut cmd = Command::new(hasten());
@@ -22,6 +32,7 @@ fn run_mode(n: usize, mode: &str, args: &[&std::ffi::OsStr], env: &[(&str, &str)
         "--main_process_port",
         "0",
     ])
+    .args(precision_flag(env))
     .arg(workspace_bin("hasten-test-training"))
     .arg(mode)
     .args(args);
@@ -253,9 +264,13 @@ fn fsdp_check(ranks: &[usize], env: &[(&str, &str)]) {
 fn fsdp_mode(mode: &str, ranks: &[usize], env: &[(&str, &str)]) {
     let mut env = env.to_vec();
     env.push(("ACCELERATE_USE_FSDP", "true"));
+    let bf16 = env.contains(&("ACCELERATE_MIXED_PRECISION", "bf16"));
     for &n in ranks {
         let ran = run_mode(n, mode, &[], &env);
         ran.expect_stdout("fsdp holds");
+        if bf16 {
+            ran.expect_stdout("mixed precision Bf16");
+        }
     }
 }
 
@@ -432,6 +447,7 @@ fn launch_machines(
                             "--main_process_port",
                             port,
                         ])
+                        .args(precision_flag(env))
                         .arg(workspace_bin("hasten-test-training"))
                         .arg(mode)
                         .args(args);
@@ -489,7 +505,9 @@ fn hybrid_shard_shards_within_each_machine_and_matches_one_process() {
     run_machines((2, 2), "fsdp_blocks", &[], &zero2);
     let mut bf16 = hybrid.clone();
     bf16.push(("ACCELERATE_MIXED_PRECISION", "bf16"));
-    run_machines((2, 2), "fsdp_blocks", &[], &bf16);
+    for r in run_machines((2, 2), "fsdp_blocks", &[], &bf16) {
+        r.expect_stdout("mixed precision Bf16");
+    }
     run_machines(
         (2, 2),
         "fsdp",

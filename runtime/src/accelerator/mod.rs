@@ -294,9 +294,10 @@ impl Accelerator {
                     mesh,
                     plugin.reshard_after_forward(),
                     &fsdp::block_paths(),
-                    // Accelerate's FSDP2 policy under bf16: parameters gathered, and gradients
-                    // reduced, in bf16 (autocast then casts nothing and saves no copies). Not with
-                    // autocast switched off: fp32 inputs would meet bf16 weights.
+                    // Accelerate's FSDP2 policy under bf16: parameters gathered, gradients reduced
+                    // and blocks run in bf16 (ShardedModel::cast_forward); what no block holds runs
+                    // under autocast. Not with autocast switched off: fp32 inputs would meet bf16
+                    // weights there.
                     (self.mixed_precision == PrecisionType::Bf16 && self.autocast.enabled)
                         .then_some(tch::Kind::BFloat16),
                     plugin.cpu_offload,

@@ -51,7 +51,7 @@ impl AcceleratedOptimizer {
             return Ok(());
         }
         let lr = *self.lr.lock().unwrap_or_else(|e| e.into_inner());
-        crate::accelerator::fsdp::before_optimizer_step();
+        crate::accelerator::fsdp::before_optimizer_step()?;
         let mut opt = self.opt.lock().unwrap_or_else(|e| e.into_inner());
         if lr != self.applied_lr {
             opt.set_lr(lr);

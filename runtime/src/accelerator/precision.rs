@@ -70,6 +70,24 @@ pub fn autocast<T>(device: Device, mode: PrecisionType, f: impl FnOnce() -> T) -
     Ok(out)
 }
 
+/// Runs `f` with autocast off on `device`'s type (`torch.autocast(device_type, enabled=False)`),
+/// restoring the previous setting afterwards, also when `f` panics.
+pub(crate) fn without_autocast<T>(device: Device, f: impl FnOnce() -> T) -> T {
+    struct Restore(c_int);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            shim::autocast_set_enabled(self.0, true);
+        }
+    }
+    let dev = device_code(device);
+    if shim::autocast_is_enabled(dev) != 1 {
+        return f();
+    }
+    shim::autocast_set_enabled(dev, false);
+    let _restore = Restore(dev);
+    f()
+}
+
 /// Accelerate's `GradScalerKwargs`: the fp16 loss scaler's settings (PyTorch's defaults).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct GradScalerKwargs {

@@ -492,49 +492,57 @@ impl ProcessGroup {
         )
     }
 
-    /// Starts an all-gather of CUDA `input` into `output` among `among` on `stream`, as
+    /// Starts all-gathers of CUDA tensors among `among` on `stream`, each `(input, output)` pair one
+    /// all-gather of `input` into `output`, launched together as one NCCL group, as
     /// [`ProcessGroup::all_reduce_on_stream`] starts its all-reduce (false: the caller uses the blocking
-    /// all-gather). Both tensors must stay alive until the stream has run it.
+    /// all-gather). Every tensor must stay alive until the stream has run them.
     pub(crate) fn all_gather_into_on_stream(
         &mut self,
         among: Among<'_>,
-        input: &Tensor,
-        output: &Tensor,
+        pairs: &[(Tensor, Tensor)],
         stream: &CommStream,
     ) -> Result<bool> {
-        let bytes = output.numel() * output.kind().elt_size_in_bytes();
-        self.queue_on_stream(
-            among,
-            "all_gather",
-            input.device(),
-            bytes,
-            stream,
-            0,
-            |nccl| nccl.all_gather_into_on(input, output, stream.raw()),
-        )
+        let Some(device) = pairs.first().map(|(input, _)| input.device()) else {
+            return Ok(false);
+        };
+        let bytes = pairs
+            .iter()
+            .map(|(_, output)| output.numel() * output.kind().elt_size_in_bytes())
+            .sum();
+        self.queue_on_stream(among, "all_gather", device, bytes, stream, 0, |nccl| {
+            nccl.grouped(|nccl| {
+                pairs.iter().try_for_each(|(input, output)| {
+                    nccl.all_gather_into_on(input, output, stream.raw())
+                })
+            })
+        })
     }
 
-    /// Starts a reduce-scatter of CUDA `input` into this rank's share `output` among `among` on
-    /// `stream`, as [`ProcessGroup::all_reduce_on_stream`] starts its all-reduce (false: the caller uses
-    /// the blocking reduce-scatter). Both tensors must stay alive until the stream has run it.
+    /// Starts reduce-scatters of CUDA tensors among `among` on `stream`, each `(input, output)` pair
+    /// one reduce-scatter of `input` into this rank's share `output`, launched together as one NCCL
+    /// group, as [`ProcessGroup::all_reduce_on_stream`] starts its all-reduce (false: the caller uses
+    /// the blocking reduce-scatter). Every tensor must stay alive until the stream has run them.
     pub(crate) fn reduce_scatter_on_stream(
         &mut self,
         among: Among<'_>,
-        input: &Tensor,
-        output: &Tensor,
+        pairs: &[(Tensor, Tensor)],
         op: ReduceOp,
         stream: &CommStream,
     ) -> Result<bool> {
-        let bytes = input.numel() * input.kind().elt_size_in_bytes();
-        self.queue_on_stream(
-            among,
-            "reduce_scatter",
-            input.device(),
-            bytes,
-            stream,
-            0,
-            |nccl| nccl.reduce_scatter_on(input, output, op, stream.raw()),
-        )
+        let Some(device) = pairs.first().map(|(input, _)| input.device()) else {
+            return Ok(false);
+        };
+        let bytes = pairs
+            .iter()
+            .map(|(input, _)| input.numel() * input.kind().elt_size_in_bytes())
+            .sum();
+        self.queue_on_stream(among, "reduce_scatter", device, bytes, stream, 0, |nccl| {
+            nccl.grouped(|nccl| {
+                pairs.iter().try_for_each(|(input, output)| {
+                    nccl.reduce_scatter_on(input, output, op, stream.raw())
+                })
+            })
+        })
     }
 
     /// Queues `queue` (an NCCL call on `stream`) after the work on the compute stream so far (recorded

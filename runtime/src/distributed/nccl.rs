@@ -59,6 +59,8 @@ struct Api {
         Comm,
         Stream,
     ) -> NcclResult,
+    group_start: unsafe extern "C" fn() -> NcclResult,
+    group_end: unsafe extern "C" fn() -> NcclResult,
     error_string: unsafe extern "C" fn(NcclResult) -> *const c_char,
     get_version: unsafe extern "C" fn(*mut c_int) -> NcclResult,
     cuda_set_device: unsafe extern "C" fn(c_int) -> c_int,
@@ -121,6 +123,8 @@ fn api_of(nccl: Loaded) -> std::result::Result<Api, String> {
             broadcast: nccl.function("ncclBroadcast")?,
             all_gather: nccl.function("ncclAllGather")?,
             reduce_scatter: nccl.function("ncclReduceScatter")?,
+            group_start: nccl.function("ncclGroupStart")?,
+            group_end: nccl.function("ncclGroupEnd")?,
             error_string: nccl.function("ncclGetErrorString")?,
             get_version: nccl.function("ncclGetVersion")?,
             cuda_set_device: Loaded::process().function("cudaSetDevice")?,
@@ -313,6 +317,19 @@ impl Nccl {
 }
 
 impl Nccl {
+    /// Runs `queue`'s NCCL calls as one group: NCCL launches them together, so several collectives
+    /// (one per parameter of an FSDP unit) cost about what one of their total size does. The group is
+    /// closed whether or not `queue` succeeded.
+    pub(crate) fn grouped(&mut self, queue: impl FnOnce(&mut Nccl) -> Result<()>) -> Result<()> {
+        let api = api()?;
+        // SAFETY: opens a group on this thread; closed below on every path.
+        check(api, unsafe { (api.group_start)() }, "ncclGroupStart")?;
+        let queued = queue(self);
+        // SAFETY: closes the group opened above.
+        let ended = check(api, unsafe { (api.group_end)() }, "ncclGroupEnd");
+        queued.and(ended)
+    }
+
     /// Every rank's `input` into `output` (world × its elements), queued on `stream` (null: the legacy
     /// default stream).
     pub(crate) fn all_gather_into_on(

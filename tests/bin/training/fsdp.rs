@@ -36,6 +36,10 @@ impl Module for Stack {
 /// activation checkpointing.
 static INNER_CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
+/// Set when a block's first layer saw an fp32 input: under FSDP's bf16 policy blocks take bf16 inputs
+/// (Accelerate's FSDP2 casts each unit's inputs to its param_dtype; no autocast).
+static FP32_INTO_BLOCK: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 fn model(root: &nn::Path, blocks: bool) -> Box<dyn Module> {
     if !blocks {
         return Box::new(mlp(root));
@@ -44,6 +48,12 @@ fn model(root: &nn::Path, blocks: bool) -> Box<dyn Module> {
         .map(|i| {
             let p = root / "blocks" / i;
             let inner = nn::seq()
+                .add_fn(|x| {
+                    if x.kind() == Kind::Float {
+                        FP32_INTO_BLOCK.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    x.shallow_clone()
+                })
                 .add(nn::linear(&p / "up", 8, 16, Default::default()))
                 .add_fn(|x| {
                     INNER_CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -141,6 +151,19 @@ fn numel(tensors: &[Tensor]) -> i64 {
     tensors.iter().map(|t| t.numel() as i64).sum()
 }
 
+/// The most elements one rank holds of `tensors` sharded over `n` ranks as FSDP2 shards them: by rows,
+/// each tensor's rows divided by `n`, rounded up.
+fn row_share<'a>(tensors: impl IntoIterator<Item = &'a Tensor>, n: i64) -> i64 {
+    tensors
+        .into_iter()
+        .map(|t| {
+            let shape = t.size();
+            let rows = shape.first().copied().unwrap_or(1);
+            (rows + n - 1) / n * shape.iter().skip(1).product::<i64>()
+        })
+        .sum()
+}
+
 pub fn fsdp(acc: &mut Accelerator, blocks: bool) -> Check {
     let (p, r) = (acc.num_processes() as i64, acc.process_index() as i64);
     if acc.distributed_type() != hasten::DistributedType::Fsdp {
@@ -178,6 +201,18 @@ pub fn fsdp(acc: &mut Accelerator, blocks: bool) -> Check {
     let net = model(&vs.root(), blocks);
     let _spare = vs.root().var("spare", &[3], nn::Init::Const(1.0));
     let full_numel = numel(&vs.trainable_variables());
+    let most_held = row_share(&vs.trainable_variables(), sharded_over);
+    // The blocks before the last: the last one's backward comes right after the forward, so it stays
+    // gathered from the second forward on.
+    let before_last = |n: &str| n.starts_with("blocks.") && !n.starts_with("blocks.2.");
+    let block_vars = vs.variables();
+    let most_in_blocks = row_share(
+        block_vars
+            .iter()
+            .filter(|(n, _)| before_last(n))
+            .map(|(_, t)| t),
+        sharded_over,
+    );
     let model = acc.prepare_model(net, vs).map_err(err)?;
     let initial = acc.gather_state_dict(&model).map_err(err)?;
     let held = numel(&model.parameters());
@@ -195,6 +230,7 @@ pub fn fsdp(acc: &mut Accelerator, blocks: bool) -> Check {
                 y.narrow(0, start, share).to_device(acc.device()),
             );
             acc.accumulate();
+            FP32_INTO_BLOCK.store(false, std::sync::atomic::Ordering::Relaxed);
             let loss = model
                 .call(|m| m.forward(&xb))
                 .map_err(err)?
@@ -207,22 +243,25 @@ pub fn fsdp(acc: &mut Accelerator, blocks: bool) -> Check {
                 if head.kind() != Kind::BFloat16 {
                     return Err(format!("the gathered head is {:?}, not bf16", head.kind()));
                 }
+                if FP32_INTO_BLOCK.load(std::sync::atomic::Ordering::Relaxed) {
+                    return Err("a block got an fp32 input under the bf16 policy".into());
+                }
             }
             if blocks
                 && std::env::var("FSDP_AUTO_WRAP_POLICY").is_ok()
                 && std::env::var("FSDP_RESHARD_AFTER_FORWARD").as_deref() != Ok("false")
                 && std::env::var("FSDP_SHARDING_STRATEGY").as_deref() != Ok("HYBRID_SHARD_ZERO2")
             {
-                // FULL_SHARD: after the forward every block holds only its piece again; the root
-                // (head, spare) stays gathered until the backward.
+                // FULL_SHARD: after the forward every block but the last holds only its piece again;
+                // the root (head, spare) stays gathered until the backward.
                 let blocks_numel: i64 = model
                     .var_store()
                     .variables()
                     .iter()
-                    .filter(|(n, _)| n.starts_with("blocks."))
+                    .filter(|(n, _)| before_last(n))
                     .map(|(_, t)| t.numel() as i64)
                     .sum();
-                if blocks_numel * sharded_over > 3 * (16 * 8 * 2 + 16 + 8) + 3 * sharded_over {
+                if blocks_numel > most_in_blocks {
                     return Err(format!(
                         "after the forward the blocks hold {blocks_numel} elements on rank {r}: not freed"
                     ));
@@ -272,12 +311,11 @@ pub fn fsdp(acc: &mut Accelerator, blocks: bool) -> Check {
         .filter(|(n, _)| !n.ends_with(".step"))
         .map(|(_, t)| t.numel() as i64)
         .sum();
-    // Every element lives on one rank of each machine (of the job, unless hybrid); each unit's share is
-    // its total divided by the ranks sharing it, rounded up (the test's models have at most 4 units,
-    // so at most 4 elements of padding per rank).
+    // Every element lives on one rank of each machine (of the job, unless hybrid); each parameter's
+    // share is its rows divided by the ranks sharing it, rounded up.
     let locals = acc.group().all_gather_object(&held).map_err(err)?;
     if locals.iter().sum::<i64>() != full_numel * (p / sharded_over)
-        || locals.iter().any(|&l| l > full_numel / sharded_over + 5)
+        || locals.iter().any(|&l| l > most_held)
         || state_numel != 2 * held
     {
         return Err(format!(
@@ -286,7 +324,11 @@ pub fn fsdp(acc: &mut Accelerator, blocks: bool) -> Check {
         ));
     }
     let trained = acc.gather_state_dict(&model).map_err(err)?;
-    reference.matches(&trained, tol, "at the end")?;
+    // AdamW's step is about lr × the sign of a gradient where the gradient is small against its running
+    // magnitude, so bf16's rounding can turn a near-zero gradient's step around: after the steps a
+    // parameter may differ by a few lr (1e-2) where the loss and gradient norm still agree to 5e-2.
+    let param_tol = if tol > 1e-5 { 1e-1 } else { tol };
+    reference.matches(&trained, param_tol, "at the end")?;
     // Accelerate's get_state_dict under FSDP: the whole model on the main process, nothing elsewhere.
     let main_only = acc.get_state_dict(&model).map_err(err)?;
     let want = if acc.is_main_process() {
@@ -314,8 +356,9 @@ pub fn fsdp(acc: &mut Accelerator, blocks: bool) -> Check {
     }
     println!(
         "rank {r}: fsdp holds {held} of {full_numel} parameters ({:.3} of the model, sharded over \
-         {sharded_over} ranks), optimizer state {state_numel}",
-        held as f64 / full_numel as f64
+         {sharded_over} ranks), optimizer state {state_numel}, mixed precision {:?}",
+        held as f64 / full_numel as f64,
+        acc.mixed_precision()
     );
     Ok(())
 }

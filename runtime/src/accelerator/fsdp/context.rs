@@ -113,10 +113,19 @@ fn each_sharded_model(mut f: impl FnMut(&mut super::ShardedModel)) {
     }
 }
 
-/// Before a prepared optimizer's step: offloaded models' chunks, which the step writes on the host, are
-/// no longer read by queued copies to the GPU (an evaluation forward may have queued some).
-pub(crate) fn before_optimizer_step() {
-    each_sharded_model(|sharded| sharded.wait_before_host_writes());
+/// Before a prepared optimizer's step: every unit is on its pieces, which the optimizer steps (a forward
+/// with no backward after it leaves the root and the forward's last block gathered), and offloaded
+/// models' chunks, which the step writes on the host, are no longer read by queued copies to the GPU
+/// (an evaluation forward may have queued some).
+pub(crate) fn before_optimizer_step() -> crate::Result<()> {
+    let mut result = Ok(());
+    each_sharded_model(|sharded| {
+        if result.is_ok() {
+            result = sharded.reshard();
+            sharded.wait_before_host_writes();
+        }
+    });
+    result
 }
 
 /// `zero_grad` of a prepared optimizer: the gradients the sharded models' gathers set aside go too.
@@ -142,7 +151,7 @@ fn run_block(
     forward: Forward<'_>,
     recompute: Recompute<'_>,
 ) -> Tensor {
-    let (unit, anchor) = match lock(entry).fsdp.as_mut() {
+    let (unit, anchor, policy) = match lock(entry).fsdp.as_mut() {
         Some(sharded) => match sharded.block_unit(path) {
             Some(unit) => {
                 if let Err(e) = sharded.before_block_forward(unit) {
@@ -154,13 +163,26 @@ fn run_block(
                     .activation_checkpointing
                     .then(|| sharded.anchor(unit))
                     .flatten();
-                (unit, anchor)
+                (unit, anchor, sharded.forward_policy())
             }
             None => return forward(xs),
         },
         None => return forward(xs),
     };
-    let out = match anchor {
+    // Under a mixed-precision policy a block runs as Accelerate's FSDP2 runs a unit: its floating-point
+    // input cast to the policy's dtype (cast_forward_inputs), no autocast (Accelerate does not wrap an
+    // FSDP2 model's forward in it), its output in that dtype (output_dtype). Autocast would run layer
+    // norms in fp32 and keep fp32 copies of the residual stream for the backward.
+    let cast = |t: &Tensor| match policy {
+        Some((kind, _)) if t.is_floating_point() && t.kind() != kind => t.to_kind(kind),
+        _ => t.shallow_clone(),
+    };
+    let xs = &cast(xs);
+    let run = |f: Box<dyn FnOnce() -> Tensor + '_>| match policy {
+        Some((_, device)) => crate::accelerator::precision::without_autocast(device, f),
+        None => f(),
+    };
+    let out = run(Box::new(|| match anchor {
         // SAFETY: the recompute function only reaches the block through its liveness check (see
         // Block::recompute), and runs while the thread that called the backward waits.
         Some(anchor) => match unsafe { crate::shim::checkpoint(xs, &anchor, recompute()) } {
@@ -178,7 +200,8 @@ fn run_block(
             }
         },
         None => forward(xs),
-    };
+    }));
+    let out = cast(&out);
     let mut guard = lock(entry);
     if let Some(sharded) = guard.fsdp.as_mut() {
         if let Err(e) = sharded.after_block_forward(unit) {

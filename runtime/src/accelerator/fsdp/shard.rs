@@ -1,10 +1,14 @@
-//! The sharding mechanism: each unit's parameters, flattened and concatenated, are split into one
-//! equal chunk per rank (the last one padded). Between steps every parameter tensor holds only its
-//! piece of this rank's chunk, so the optimizer — any [`crate::Optimizer`], tch's included, since it
+//! The sharding mechanism: each parameter is split by rows (its first dimension) into one equal piece
+//! per rank, the last padded, as FSDP2 shards every parameter on dim 0; a rank's chunk of a unit is its
+//! pieces of the unit's parameters, one after another. Between steps every parameter tensor holds only
+//! its piece, so the optimizer — any [`crate::Optimizer`], tch's included, since it
 //! holds the same tensors — creates and updates state for the local piece alone. A forward gathers the
-//! chunks into the unit's unsharded buffer and points the parameters at their views of it; after the
-//! backward the gradients are reduce-scattered back to their owners and the parameters return to their
-//! pieces.
+//! pieces into the unit's unsharded buffer, where each parameter has its own region (every rank's piece
+//! of it, in rank order, so the parameter is its region's first elements), and points the parameters at
+//! their views of it; after the backward each gradient is reduce-scattered straight from the tensor
+//! autograd made (no copy into a flat buffer, unless its rows need padding) into its owners' pieces, and
+//! the parameters return to their pieces. A unit's collectives, one per parameter, go to NCCL as one
+//! group.
 //!
 //! The parameter tensors keep their identity throughout (`set_data` swaps what they point at), so the
 //! user's module, the VarStore and the optimizer never see a different tensor. The unsharded buffer
@@ -39,17 +43,24 @@ pub(crate) struct Unit {
     params: Vec<Tensor>,
     names: Vec<String>,
     shapes: Vec<Vec<i64>>,
-    offsets: Vec<i64>,
     numels: Vec<i64>,
-    /// Elements per rank (the unit's total, rounded up to a multiple of the world size, divided by it).
+    /// Per parameter, the elements of one rank's piece: its rows divided by the world size, rounded
+    /// up, times the elements of a row.
+    quota: Vec<i64>,
+    /// Per parameter, where its piece starts in a rank's chunk.
+    starts: Vec<i64>,
+    /// Per parameter, where its region (`quota × world` elements) starts in the unsharded buffer.
+    offsets: Vec<i64>,
+    /// Elements per rank: the sum of the quotas.
     chunk: i64,
     /// This rank's chunk.
     shard: Tensor,
     /// Every rank's chunk, gathered; its storage has no bytes while the unit is sharded.
     full: Tensor,
-    /// Unsharded gradients of backwards that did not synchronise (gradient accumulation), added to the
-    /// next synchronising one's before the reduce-scatter.
-    held_grads: Option<Tensor>,
+    /// Unsharded gradients of backwards that did not synchronise (gradient accumulation), one per
+    /// parameter laid out as its region, added to the next synchronising one's before the
+    /// reduce-scatter.
+    held_grads: Option<Vec<Tensor>>,
     /// The gradients the pieces had when the unit was gathered (not zeroed since the last step), laid
     /// out as the chunk, and which parameters had one: put back on the pieces when the unit is freed
     /// without a reduction in between (an evaluation forward), added to the next reduce-scatter's
@@ -61,9 +72,9 @@ pub(crate) struct Unit {
     gathered: bool,
     /// Whether a block gathers this unit (else it is gathered for the whole forward).
     block: bool,
-    /// An all-gather queued on the communication stream and not yet waited for by the compute stream:
-    /// its event, and its input (alive until then).
-    in_flight: Option<(Mark, Tensor)>,
+    /// The event after an all-gather queued on the communication stream and not yet waited for by the
+    /// compute stream (its input and output are views of `full`).
+    in_flight: Option<Mark>,
 }
 
 impl Unit {
@@ -78,8 +89,27 @@ impl Unit {
         Ok(())
     }
 
+    /// Where parameter `i`'s piece of `rank` lies in that rank's chunk, and its length (0 for a rank
+    /// past the parameter's last row).
     fn piece(&self, i: usize, rank: i64) -> (i64, i64) {
-        piece(self.offsets[i], self.numels[i], self.chunk, rank)
+        let len = (self.numels[i] - rank * self.quota[i]).clamp(0, self.quota[i]);
+        (self.starts[i], len)
+    }
+
+    /// The element of parameter `i` (flattened) where `rank`'s piece begins.
+    fn piece_from(&self, i: usize, rank: i64) -> i64 {
+        rank * self.quota[i]
+    }
+
+    /// Parameter `i`'s whole value out of every rank's chunk, gathered in rank order (`world × chunk`
+    /// elements).
+    fn gathered_param(&self, gathered: &Tensor, i: usize, world: i64) -> tch::Result<Tensor> {
+        gathered
+            .f_view([world, self.chunk])?
+            .f_narrow(1, self.starts[i], self.quota[i])?
+            .f_reshape([-1])?
+            .f_narrow(0, 0, self.numels[i])?
+            .f_view(self.shapes[i].as_slice())
     }
 
     fn bytes(&self, world: i64) -> i64 {
@@ -87,17 +117,15 @@ impl Unit {
     }
 }
 
-/// Where the parameter at `offset` (of `numel` elements) of a unit's flat buffer meets `rank`'s chunk:
-/// the start within the chunk and the length (`(0, 0)` when they do not meet).
-fn piece(offset: i64, numel: i64, chunk: i64, rank: i64) -> (i64, i64) {
-    let start = rank * chunk;
-    let lo = offset.max(start);
-    let hi = (offset + numel).min(start + chunk);
-    if hi <= lo {
-        (0, 0)
-    } else {
-        (lo - start, hi - lo)
+/// The elements of one rank's piece of a parameter of `shape` split by rows over `world` ranks: its
+/// rows divided by `world`, rounded up, times the elements of a row (a scalar is one row).
+fn quota(shape: &[i64], world: i64) -> i64 {
+    let rows = shape.first().copied().unwrap_or(1);
+    if rows == 0 {
+        return 0;
     }
+    let per_row: i64 = shape.iter().skip(1).product();
+    (rows + world - 1) / world * per_row
 }
 
 /// `n` zeros of `kind` in page-locked host memory (plain host memory where libtorch cannot pin).
@@ -123,6 +151,10 @@ pub(crate) struct ShardedModel {
     pub activation_checkpointing: bool,
     /// Other names of tied parameters (alias, the name a unit holds it under).
     pub aliases: Vec<(String, String)>,
+    /// The mixed-precision policy's param_dtype, when the units are gathered in it: each block then
+    /// runs as FSDP2 runs a unit under Accelerate's policy (inputs cast to it, no autocast, outputs in
+    /// it).
+    pub cast_forward: Option<Kind>,
     /// Block units in the order their blocks ran in the current (or last) forward.
     order: Vec<usize>,
     /// The order of the forward before, which says which block to prefetch next.
@@ -131,8 +163,9 @@ pub(crate) struct ShardedModel {
     /// the next block's parameters arrive while the current block computes. `None` on the CPU, or when
     /// it could not be made (then every collective runs in line).
     comm: Option<Arc<SharedComm>>,
-    /// Reduce-scatter inputs still being read by the communication stream, with the events after them.
-    pending: Vec<(Mark, Tensor)>,
+    /// Reduce-scatters the compute stream has not waited for yet: each one's event, inputs (alive until
+    /// then) and unit.
+    pending: Vec<(Mark, Vec<Tensor>, usize)>,
     /// From `begin_backward` to the end of `finish_backward` / `abandon_backward`: whether that backward
     /// synchronises.
     backward: Option<bool>,
@@ -232,13 +265,14 @@ impl ShardedModel {
             let device = named[0].1.device();
             let shapes: Vec<Vec<i64>> = named.iter().map(|(_, t)| t.size()).collect();
             let numels: Vec<i64> = shapes.iter().map(|s| s.iter().product()).collect();
-            let mut offsets = Vec::with_capacity(numels.len());
-            let mut total = 0;
-            for n in &numels {
-                offsets.push(total);
-                total += n;
+            let quotas: Vec<i64> = shapes.iter().map(|s| quota(s, world)).collect();
+            let (mut starts, mut offsets) = (Vec::new(), Vec::new());
+            let mut chunk = 0;
+            for q in &quotas {
+                starts.push(chunk);
+                offsets.push(chunk * world);
+                chunk += q;
             }
-            let chunk = (total + world - 1) / world;
             // The mixed-precision policy's param_dtype: fp32 units are gathered (and their gradients
             // reduced) in it; the shards, which the optimizer updates, stay fp32.
             let gathered_kind = match (kind, param_kind) {
@@ -261,9 +295,12 @@ impl ShardedModel {
                     placeholders.push((made_at, out.len(), i, recipe, t.data_ptr() as usize));
                     continue;
                 }
-                let (lo, len) = piece(offsets[i], numels[i], chunk, rank);
+                let (lo, len) = (
+                    starts[i],
+                    (numels[i] - rank * quotas[i]).clamp(0, quotas[i]),
+                );
                 if len > 0 {
-                    let from = rank * chunk + lo - offsets[i];
+                    let from = rank * quotas[i];
                     tch::no_grad(|| {
                         shard
                             .narrow(0, lo, len)
@@ -280,8 +317,10 @@ impl ShardedModel {
                 params,
                 names,
                 shapes,
-                offsets,
                 numels,
+                quota: quotas,
+                starts,
+                offsets,
                 chunk,
                 shard,
                 full,
@@ -316,6 +355,7 @@ impl ShardedModel {
             reshard_after_forward,
             activation_checkpointing: false,
             aliases: Vec::new(),
+            cast_forward: param_kind,
             order: Vec::new(),
             last_order: Vec::new(),
             comm: None,
@@ -364,6 +404,12 @@ impl ShardedModel {
     /// A parameter of unit `k` (what ties a checkpointed block into the autograd graph).
     pub(crate) fn anchor(&self, k: usize) -> Option<Tensor> {
         self.units[k].params.first().map(Tensor::shallow_clone)
+    }
+
+    /// The dtype blocks run in and the device, under a mixed-precision policy (see `cast_forward`).
+    pub(crate) fn forward_policy(&self) -> Option<(Kind, tch::Device)> {
+        let device = self.units.first()?.full.device();
+        self.cast_forward.map(|kind| (kind, device))
     }
 
     /// The unit a block at `path` gathers, if that path is one.
@@ -416,49 +462,82 @@ impl ShardedModel {
             crate::optim::clear_grads(&unit.params);
         }
         resize(&unit.full, unit.bytes(world), &unit.name)?;
-        // In place, as FSDP2 does it: this rank's chunk is copied (cast to the gathered dtype) into its
-        // own slot of the unsharded buffer, NCCL's send buffer. A separate input would be one more
+        // In place, as FSDP2 does it: each piece is copied (cast to the gathered dtype) into this rank's
+        // slot of its parameter's region, NCCL's send buffer. Separate inputs would be one more
         // chunk-sized allocation per gather in flight, alive beside the prefetched block.
-        let src = unit
-            .full
-            .f_narrow(0, rank * unit.chunk, unit.chunk)
-            .map_err(torch("FSDP all-gather"))?;
-        tch::no_grad(|| -> std::result::Result<(), tch::TchError> {
-            if unit.shard.device() == src.device() {
-                src.shallow_clone().f_copy_(&unit.shard)?;
-            } else {
-                // Offloaded: an asynchronous copy from page-locked memory, then the cast on the GPU (a
-                // blocking copy would wait for the GPU at every gather).
-                let on_gpu =
+        let pairs = tch::no_grad(
+            || -> std::result::Result<Vec<(Tensor, Tensor)>, tch::TchError> {
+                let shard = if unit.shard.device() == unit.full.device() {
+                    unit.shard.shallow_clone()
+                } else {
+                    // Offloaded: an asynchronous copy from page-locked memory, then the cast on the GPU
+                    // (a blocking copy would wait for the GPU at every gather).
                     unit.shard
-                        .f_to_device_(src.device(), unit.shard.kind(), true, false)?;
-                src.shallow_clone().f_copy_(&on_gpu)?;
-            }
-            Ok(())
-        })
+                        .f_to_device_(unit.full.device(), unit.shard.kind(), true, false)?
+                };
+                let mut pairs = Vec::with_capacity(unit.params.len());
+                for i in 0..unit.params.len() {
+                    let q = unit.quota[i];
+                    if q == 0 {
+                        continue;
+                    }
+                    let region = unit.full.f_narrow(0, unit.offsets[i], q * world)?;
+                    let slot = region.f_narrow(0, rank * q, q)?;
+                    slot.shallow_clone()
+                        .f_copy_(&shard.f_narrow(0, unit.starts[i], q)?)?;
+                    pairs.push((slot, region));
+                }
+                Ok(pairs)
+            },
+        )
         .map_err(torch("FSDP all-gather"))?;
         let queued = match &self.comm {
             Some(comm) => {
                 let queued = self
                     .mesh
-                    .all_gather_into_on_stream(&src, &unit.full, comm)
+                    .all_gather_into_on_stream(&pairs, comm)
                     .map_err(|e| chained("FSDP all-gather", e))?;
                 if queued {
                     let mark = Mark::new()?;
                     mark.record(comm.raw())?;
-                    unit.in_flight = Some((mark, src.shallow_clone()));
+                    unit.in_flight = Some(mark);
                 }
                 queued
             }
             None => false,
         };
         if !queued {
+            // One all-gather of this rank's pieces (its slots, one after another), each rank's
+            // then copied into the regions.
+            let slots: Vec<&Tensor> = pairs.iter().map(|(slot, _)| slot).collect();
+            let mine = if slots.is_empty() {
+                Tensor::f_empty([0], (unit.full.kind(), unit.full.device()))
+            } else {
+                Tensor::f_cat(&slots, 0)
+            }
+            .map_err(torch("FSDP all-gather"))?;
             let gathered = self
                 .mesh
-                .all_gather_cat(&src)
+                .all_gather_cat(&mine)
                 .map_err(|e| chained("FSDP all-gather", e))?;
-            tch::no_grad(|| unit.full.shallow_clone().f_copy_(&gathered))
+            let by_rank = gathered
+                .f_view([world, unit.chunk])
                 .map_err(torch("FSDP all-gather"))?;
+            tch::no_grad(|| -> std::result::Result<(), tch::TchError> {
+                for (i, (_, region)) in (0..unit.params.len())
+                    .filter(|&i| unit.quota[i] > 0)
+                    .zip(&pairs)
+                {
+                    let q = unit.quota[i];
+                    region.f_view([world, q])?.f_copy_(&by_rank.f_narrow(
+                        1,
+                        unit.starts[i],
+                        q,
+                    )?)?;
+                }
+                Ok(())
+            })
+            .map_err(torch("FSDP all-gather"))?;
         }
         for (i, p) in unit.params.iter().enumerate() {
             let view = unit
@@ -476,7 +555,7 @@ impl ShardedModel {
 
     /// Makes the compute stream wait for unit `k`'s queued all-gather, if any (not the host).
     fn await_gather(&mut self, k: usize) -> Result<()> {
-        if let Some((mark, _input)) = self.units[k].in_flight.take() {
+        if let Some(mark) = self.units[k].in_flight.take() {
             mark.wait_on_compute()?;
         }
         Ok(())
@@ -585,9 +664,12 @@ impl ShardedModel {
         Ok(())
     }
 
-    /// A block has run: under FULL_SHARD its unit is freed until its backward.
+    /// A block has run: under FULL_SHARD its unit is freed until its backward — unless it was the last
+    /// block of the forward before, whose backward comes first: freeing it would only gather it again
+    /// at once, with nothing to hide that gather under.
     pub(crate) fn after_block_forward(&mut self, k: usize) -> Result<()> {
-        if self.reshard_after_forward {
+        let backward_next = self.last_order.last() == Some(&k);
+        if self.reshard_after_forward && !backward_next {
             self.free(k)?;
         }
         Ok(())
@@ -647,9 +729,8 @@ impl ShardedModel {
             for (i, name) in unit.names.iter().enumerate() {
                 // On the CPU, as Accelerate's get_state_dict offloads it: a second whole model on
                 // every GPU would defeat the sharding.
-                let t = gathered
-                    .f_narrow(0, unit.offsets[i], unit.numels[i])
-                    .and_then(|v| v.f_view(unit.shapes[i].as_slice()))
+                let t = unit
+                    .gathered_param(&gathered, i, self.mesh.size())
                     .and_then(|v| v.f_to_device(tch::Device::Cpu))
                     .map_err(torch("FSDP state dict"))?
                     .copy();
@@ -743,17 +824,6 @@ fn unit_shard_grads(unit: &Unit, grads: &[Tensor], rank: i64) -> Result<Tensor> 
         }
     }
     Ok(out)
-}
-
-/// `parts` (a unit's parameters or gradients, flattened, in order) as one buffer of `len` elements (the
-/// unit's chunk × the world size): concatenated, padded with zeros to split evenly.
-fn padded_flat(mut parts: Vec<Tensor>, len: i64, op: &'static str) -> Result<Tensor> {
-    let total: i64 = parts.iter().map(|t| t.numel() as i64).sum();
-    if len > total {
-        let (kind, device) = (parts[0].kind(), parts[0].device());
-        parts.push(Tensor::f_zeros([len - total], (kind, device)).map_err(torch(op))?);
-    }
-    Tensor::f_cat(&parts, 0).map_err(torch(op))
 }
 
 fn chained(op: &'static str, e: Error) -> Error {

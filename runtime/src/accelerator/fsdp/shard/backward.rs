@@ -4,6 +4,10 @@
 
 use super::*;
 
+/// A unit's averaged gradient chunk in the shards' dtype (`None`: no rank reduced one), and which of its
+/// parameters had a gradient before the backward.
+type Taken = (Option<Tensor>, Vec<bool>);
+
 impl ShardedModel {
     /// Before `Accelerator::backward` runs the autograd backward: the units no block gathers are
     /// gathered (a forward leaves them so; this covers a backward through a graph of an earlier forward
@@ -66,66 +70,106 @@ impl ShardedModel {
     /// Takes unit `k`'s unsharded gradients off its parameters: reduce-scattered (mean) into this rank's
     /// chunk when `sync`, else added to those held for the next synchronising backward. A parameter
     /// without a gradient counts as zeros here (whether it keeps none is decided over all ranks at the
-    /// end).
+    /// end). On a GPU each gradient is reduce-scattered from the tensor autograd made, all of the unit's
+    /// in one NCCL group: FSDP2 copies them into one buffer first, a pass over the unit's gradients on
+    /// the compute stream and a second copy of them alive at once.
     fn take_gradients(&mut self, k: usize, sync: bool) -> Result<()> {
         let world = self.mesh.size();
-        // The previous reduce-scatter's input goes back to the allocator first (FSDP2's order), after
-        // the compute stream waits for it (it has had a block's backward to run): holding inputs until
-        // the host sees them done would keep most of them, the host being far ahead of the GPU.
-        for (mark, _input) in self.pending.drain(..) {
+        // The previous reduce-scatter's inputs go back to the allocator first (FSDP2's order), after
+        // the compute stream waits for them (they have had a block's backward to run): holding inputs
+        // until the host sees them done would keep most of them, the host being far ahead of the GPU.
+        for (mark, _inputs, _unit) in self.pending.drain(..) {
             mark.wait_on_compute()?;
         }
         let unit = &mut self.units[k];
-        let flat = tch::no_grad(|| -> Result<Tensor> {
+        let held = unit.held_grads.take();
+        // Per parameter, its whole gradient laid out as its region: every rank's rows, padded.
+        let parts = tch::no_grad(|| -> Result<Vec<Tensor>> {
             // Gradients come in the gathered parameters' dtype and are reduced in it (the policy's
             // reduce_dtype is its param_dtype, as Accelerate sets it).
-            let kind = unit.full.kind();
-            let device = unit.full.device();
-            let zeros =
-                |n: i64| Tensor::f_zeros([n], (kind, device)).map_err(torch("FSDP reduce-scatter"));
-            let mut parts = Vec::with_capacity(unit.params.len() + 1);
+            let (kind, device) = (unit.full.kind(), unit.full.device());
+            let t = torch("FSDP reduce-scatter");
+            let mut parts = Vec::with_capacity(unit.params.len());
             for (i, p) in unit.params.iter().enumerate() {
+                let region = unit.quota[i] * world;
                 let g = p.grad();
-                parts.push(if g.defined() {
-                    unit.used[i] = true;
-                    g.f_reshape([-1]).map_err(torch("FSDP reduce-scatter"))?
+                let mut part = if !g.defined() {
+                    Tensor::f_zeros([region], (kind, device)).map_err(&t)?
                 } else {
-                    zeros(unit.numels[i])?
-                });
+                    unit.used[i] = true;
+                    let flat = g.f_reshape([-1]).map_err(&t)?;
+                    if flat.numel() as i64 == region {
+                        flat
+                    } else {
+                        let padded = Tensor::f_zeros([region], (kind, device)).map_err(&t)?;
+                        padded
+                            .f_narrow(0, 0, unit.numels[i])
+                            .and_then(|mut v| v.f_copy_(&flat))
+                            .map_err(&t)?;
+                        padded
+                    }
+                };
+                if let Some(h) = held.as_ref().map(|h| &h[i]) {
+                    part = part.f_add(h).map_err(&t)?;
+                }
+                parts.push(part);
             }
-            let mut flat = padded_flat(parts, unit.chunk * world, "FSDP reduce-scatter")?;
-            if let Some(held) = unit.held_grads.take() {
-                flat = flat.f_add(&held).map_err(torch("FSDP reduce-scatter"))?;
-            }
-            Ok(flat)
+            Ok(parts)
         })?;
         crate::optim::clear_grads(&unit.params);
         if !sync {
-            unit.held_grads = Some(flat);
+            unit.held_grads = Some(parts);
             self.taken[k] = Some(None);
             return Ok(());
         }
-        let chunk = self.units[k].chunk;
-        let out = Tensor::f_empty([chunk], (flat.kind(), flat.device()))
-            .map_err(torch("FSDP reduce-scatter"))?;
+        let (chunk, kind, device) = (unit.chunk, unit.full.kind(), unit.full.device());
+        let out = Tensor::f_empty([chunk], (kind, device)).map_err(torch("FSDP reduce-scatter"))?;
         let queued = match &self.comm {
             Some(comm) => {
+                let unit = &self.units[k];
+                let pairs: Vec<(Tensor, Tensor)> = parts
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| unit.quota[*i] > 0)
+                    .map(|(i, part)| {
+                        let share = out.narrow(0, unit.starts[i], unit.quota[i]);
+                        (part.shallow_clone(), share)
+                    })
+                    .collect();
                 let queued = self
                     .mesh
-                    .reduce_scatter_on_stream(&flat, &out, ReduceOp::Mean, comm)
+                    .reduce_scatter_on_stream(&pairs, &out, ReduceOp::Mean, comm)
                     .map_err(|e| chained("FSDP reduce-scatter", e))?;
                 if queued {
                     let mark = Mark::new()?;
                     mark.record(comm.raw())?;
-                    self.pending.push((mark, flat.shallow_clone()));
+                    Some(mark)
+                } else {
+                    None
                 }
-                queued
             }
-            None => false,
+            None => None,
         };
-        let reduced = if queued {
+        let reduced = if let Some(mark) = queued {
+            self.pending.push((mark, parts, k));
             out
         } else {
+            // One reduce-scatter of the gradients laid out rank after rank (each rank's rows of every
+            // parameter, in order: its chunk's layout).
+            let unit = &self.units[k];
+            let mut by_rank = Vec::with_capacity(parts.len() * world as usize);
+            for r in 0..world {
+                for (i, part) in parts.iter().enumerate() {
+                    let q = unit.quota[i];
+                    by_rank.push(part.narrow(0, r * q, q));
+                }
+            }
+            let flat = if by_rank.is_empty() {
+                Tensor::f_empty([0], (kind, device))
+            } else {
+                Tensor::f_cat(&by_rank, 0)
+            }
+            .map_err(torch("FSDP reduce-scatter"))?;
             self.mesh
                 .reduce_scatter(&flat, ReduceOp::Mean)
                 .map_err(|e| chained("FSDP reduce-scatter", e))?
@@ -189,19 +233,55 @@ impl ShardedModel {
         let rest: Vec<usize> = (0..self.units.len())
             .filter(|k| !order.contains(k))
             .collect();
-        for k in order.into_iter().chain(rest) {
-            if self.taken[k].is_none() && self.units[k].gathered {
-                self.take_gradients(k, sync)?;
+        let todo: Vec<usize> = order
+            .into_iter()
+            .chain(rest)
+            .filter(|&k| self.taken[k].is_none() && self.units[k].gathered)
+            .collect();
+        let mut results: Vec<Option<Taken>> = (0..self.units.len()).map(|_| None).collect();
+        for (i, &k) in todo.iter().enumerate() {
+            if sync && i + 1 == todo.len() {
+                // Before the last reduce-scatter's take makes the compute stream wait for the one
+                // before it: the units whose reduce-scatters the compute stream has waited for are
+                // converted now, while that one still runs (nothing else would hide it).
+                self.convert_finished(&mut results)?;
             }
+            self.take_gradients(k, sync)?;
         }
         self.join()?;
         if !sync {
             return self.reshard();
         }
         let used = self.used_anywhere()?;
-        let mut results = Vec::with_capacity(self.units.len());
-        for k in 0..self.units.len() {
-            // Into the shards' dtype, and onto the host when they are offloaded.
+        self.convert_finished(&mut results)?;
+        self.reshard()?;
+        let mut used = used.into_iter();
+        for (unit, taken) in self.units.iter_mut().zip(results) {
+            let (reduced, had) = taken.unwrap_or((None, vec![false; unit.params.len()]));
+            for (i, p) in unit.params.iter().enumerate() {
+                // A parameter keeps no gradient only if no rank gave it one and it had none before.
+                let flag = used.next().unwrap_or(true) || had[i];
+                if let (true, Some(r)) = (flag, reduced.as_ref()) {
+                    let (lo, len) = unit.piece(i, self.mesh.rank());
+                    crate::optim::set_grad(p, &r.narrow(0, lo, len))?;
+                }
+            }
+            unit.used.fill(false);
+        }
+        Ok(())
+    }
+
+    /// Each taken unit's reduced chunk, once the compute stream has waited for its reduce-scatter (every
+    /// unit but those in `pending`), in the shards' dtype (and on the host when they are offloaded), with
+    /// the gradients set aside at its gather added, into `results` (a unit that got none: `None`).
+    fn convert_finished(&mut self, results: &mut [Option<Taken>]) -> Result<()> {
+        for (k, result) in results.iter_mut().enumerate() {
+            if result.is_some()
+                || self.taken[k].is_none()
+                || self.pending.iter().any(|(_, _, u)| *u == k)
+            {
+                continue;
+            }
             let shard = &self.units[k].shard;
             let mut reduced = match self.taken[k].take().flatten() {
                 Some(r) => Some(
@@ -217,20 +297,7 @@ impl ShardedModel {
                 }
                 _ => vec![false; self.units[k].params.len()],
             };
-            results.push((reduced, had));
-        }
-        self.reshard()?;
-        let mut used = used.into_iter();
-        for (unit, (reduced, had)) in self.units.iter_mut().zip(results) {
-            for (i, p) in unit.params.iter().enumerate() {
-                // A parameter keeps no gradient only if no rank gave it one and it had none before.
-                let flag = used.next().unwrap_or(true) || had[i];
-                if let (true, Some(r)) = (flag, reduced.as_ref()) {
-                    let (lo, len) = unit.piece(i, self.mesh.rank());
-                    crate::optim::set_grad(p, &r.narrow(0, lo, len))?;
-                }
-            }
-            unit.used.fill(false);
+            *result = Some((reduced, had));
         }
         Ok(())
     }

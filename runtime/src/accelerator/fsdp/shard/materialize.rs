@@ -53,7 +53,7 @@ pub(super) fn materialize_pieces(
                 .map_err(torch("FSDP materialising"))?;
             let (lo, len) = unit.piece(p.param, rank);
             if len > 0 {
-                let from = rank * unit.chunk + lo - unit.offsets[p.param];
+                let from = unit.piece_from(p.param, rank);
                 unit.shard
                     .narrow(0, lo, len)
                     .f_copy_(&whole.reshape([-1]).narrow(0, from, len))

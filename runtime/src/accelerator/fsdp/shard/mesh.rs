@@ -130,15 +130,15 @@ impl Mesh {
         }
     }
 
-    /// Queues the all-gather of `input` (this rank's chunk) into `output` on `comm`; false when it
-    /// would not use NCCL (see [`Mesh::all_gather_cat`]).
+    /// Queues the all-gathers of `pairs` (each this rank's piece into the whole, see
+    /// [`crate::ProcessGroup::all_gather_into_on_stream`]) on `comm`; false when they would not use NCCL
+    /// (see [`Mesh::all_gather_cat`]).
     pub(crate) fn all_gather_into_on_stream(
         &self,
-        input: &Tensor,
-        output: &Tensor,
+        pairs: &[(Tensor, Tensor)],
         comm: &CommStream,
     ) -> Result<bool> {
-        self.on_shard(|g, among| g.all_gather_into_on_stream(among, input, output, comm))
+        self.on_shard(|g, among| g.all_gather_into_on_stream(among, pairs, comm))
     }
 
     /// Every shard rank's `t`, concatenated.
@@ -146,27 +146,28 @@ impl Mesh {
         self.on_shard(|g, among| g.all_gather_cat_among(among, t))
     }
 
-    /// Queues the reduce-scatter of `input` into this rank's share `output` on `comm`, then (hybrid)
-    /// the average of `output` over the replicas; false, queuing nothing, when it would not use NCCL.
+    /// Queues the reduce-scatters of `pairs` (each a whole gradient into this rank's share of it, a
+    /// view of `output`) on `comm`, then (hybrid) the average of `output` over the replicas; false,
+    /// queuing nothing, when they would not use NCCL.
     pub(crate) fn reduce_scatter_on_stream(
         &self,
-        input: &Tensor,
+        pairs: &[(Tensor, Tensor)],
         output: &Tensor,
         op: ReduceOp,
         comm: &CommStream,
     ) -> Result<bool> {
         let mut g = self.group.lock();
         let Some(h) = &self.hybrid else {
-            return g.reduce_scatter_on_stream(Among::World, input, output, op, comm);
+            return g.reduce_scatter_on_stream(Among::World, pairs, op, comm);
         };
         let mut h = h.lock().unwrap_or_else(|e| e.into_inner());
         let Hybrid { shard, replicate } = &mut *h;
-        if !g.reduce_scatter_on_stream(Among::Part(shard), input, output, op, comm)? {
+        if !g.reduce_scatter_on_stream(Among::Part(shard), pairs, op, comm)? {
             return Ok(false);
         }
         if replicate.size() > 1 {
             let mut out = output.shallow_clone();
-            // Queued after the reduce-scatter on the same stream: it reads the finished chunk. The
+            // Queued after the reduce-scatters on the same stream: it reads the finished chunk. The
             // mean of the machines' means is the job's mean (every machine has as many ranks).
             if !g.all_reduce_on_stream(Among::Part(replicate), &mut out, op, comm, 0)? {
                 return Err(Error::Collective {

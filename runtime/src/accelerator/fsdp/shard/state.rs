@@ -100,11 +100,7 @@ impl ShardedModel {
         for (k, unit) in self.units.iter().enumerate() {
             for (i, name) in unit.names.iter().enumerate() {
                 let (lo, len) = unit.piece(i, rank);
-                let start = if len > 0 {
-                    rank * unit.chunk + lo - unit.offsets[i]
-                } else {
-                    0
-                };
+                let start = if len > 0 { unit.piece_from(i, rank) } else { 0 };
                 let aliases = self
                     .aliases
                     .iter()
