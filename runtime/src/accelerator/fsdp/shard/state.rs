@@ -1,12 +1,78 @@
-//! A sharded model in checkpoints: each rank's chunks (`save_state` under SHARDED_STATE_DICT, and
-//! always for the optimizer's pieces), or a whole-model checkpoint of which each rank reads only its
-//! slices (`load_state` of a FULL_STATE_DICT checkpoint, `Accelerator::load_checkpoint_in_model`).
+//! A sharded model's state: the whole model gathered (state dicts, FULL_STATE_DICT checkpoints), each
+//! rank's chunks (`save_state` under SHARDED_STATE_DICT, and always for the optimizer's pieces), or a
+//! whole-model checkpoint of which each rank reads only its slices (`load_state` of a FULL_STATE_DICT
+//! checkpoint, `Accelerator::load_checkpoint_in_model`).
 
 use super::*;
 use crate::accelerator::checkpoint::bad;
 use std::path::Path;
 
 impl ShardedModel {
+    /// The whole model by name (collective): `named` (the model's variables) with every parameter's
+    /// gathered value in place of its piece; buffers, which are not sharded, as they are.
+    pub(crate) fn full_state_dict(
+        &mut self,
+        named: &[(String, Tensor)],
+    ) -> Result<Vec<(String, Tensor)>> {
+        self.full_state_dict_kept(named, true)
+    }
+
+    /// [`full_state_dict`](Self::full_state_dict) where `keep`; elsewhere this rank only takes part in
+    /// the gathering and gets nothing (a rank that does not write the model holds no copy of it).
+    pub(crate) fn full_state_dict_kept(
+        &mut self,
+        named: &[(String, Tensor)],
+        keep: bool,
+    ) -> Result<Vec<(String, Tensor)>> {
+        let full = self.full_parameters(keep)?;
+        if !keep {
+            return Ok(Vec::new());
+        }
+        Ok(named
+            .iter()
+            .map(|(name, t)| {
+                // A tied parameter's other names share its gathered value.
+                let held = self
+                    .aliases
+                    .iter()
+                    .find(|(alias, _)| alias == name)
+                    .map_or(name, |(_, first)| first);
+                let value = full.iter().find(|(n, _)| n == held).map_or(t, |(_, v)| v);
+                (name.clone(), value.shallow_clone())
+            })
+            .collect())
+    }
+
+    /// Every parameter's full value by name, gathered (collective), leaving the model as it was.
+    fn full_parameters(&mut self, keep: bool) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::new();
+        for unit in &self.units {
+            // Offloaded chunks go to the GPU for the collective.
+            let shard = unit
+                .shard
+                .f_to_device(unit.full.device())
+                .map_err(torch("FSDP state dict"))?;
+            let gathered = self
+                .mesh
+                .all_gather_cat(&shard)
+                .map_err(|e| chained("FSDP state dict", e))?;
+            if !keep {
+                continue;
+            }
+            for (i, name) in unit.names.iter().enumerate() {
+                // On the CPU, as Accelerate's get_state_dict offloads it: a second whole model on
+                // every GPU would defeat the sharding.
+                let t = unit
+                    .gathered_param(&gathered, i, self.mesh.size())
+                    .and_then(|v| v.f_to_device(tch::Device::Cpu))
+                    .map_err(torch("FSDP state dict"))?
+                    .copy();
+                out.push((name.clone(), t));
+            }
+        }
+        Ok(out)
+    }
+
     /// This rank's chunk of every unit, named `unit{k}`, the model on its pieces (gradients set aside
     /// by a gather go back first).
     pub(crate) fn shard_state(&mut self) -> Result<Vec<(String, Tensor)>> {
