@@ -502,20 +502,14 @@ impl ProcessGroup {
         pairs: &[(Tensor, Tensor)],
         stream: &CommStream,
     ) -> Result<bool> {
-        let Some(device) = pairs.first().map(|(input, _)| input.device()) else {
-            return Ok(false);
-        };
-        let bytes = pairs
-            .iter()
-            .map(|(_, output)| output.numel() * output.kind().elt_size_in_bytes())
-            .sum();
-        self.queue_on_stream(among, "all_gather", device, bytes, stream, 0, |nccl| {
-            nccl.grouped(|nccl| {
-                pairs.iter().try_for_each(|(input, output)| {
-                    nccl.all_gather_into_on(input, output, stream.raw())
-                })
-            })
-        })
+        self.queue_group_on_stream(
+            among,
+            "all_gather",
+            pairs,
+            |(_, out)| out,
+            stream,
+            |n, i, o| n.all_gather_into_on(i, o, stream.raw()),
+        )
     }
 
     /// Starts reduce-scatters of CUDA tensors among `among` on `stream`, each `(input, output)` pair
@@ -529,19 +523,38 @@ impl ProcessGroup {
         op: ReduceOp,
         stream: &CommStream,
     ) -> Result<bool> {
+        self.queue_group_on_stream(
+            among,
+            "reduce_scatter",
+            pairs,
+            |(i, _)| i,
+            stream,
+            |n, i, o| n.reduce_scatter_on(i, o, op, stream.raw()),
+        )
+    }
+
+    /// Queues `call` on every pair of `pairs` as one NCCL group on `stream` (see
+    /// [`queue_on_stream`](Self::queue_on_stream)); `whole` picks each pair's whole tensor, whose bytes
+    /// say whether the collective uses NCCL yet. False, queuing nothing, for no pairs.
+    #[allow(clippy::too_many_arguments)]
+    fn queue_group_on_stream(
+        &mut self,
+        among: Among<'_>,
+        op: &'static str,
+        pairs: &[(Tensor, Tensor)],
+        whole: impl Fn(&(Tensor, Tensor)) -> &Tensor,
+        stream: &CommStream,
+        call: impl Fn(&mut nccl::Nccl, &Tensor, &Tensor) -> Result<()>,
+    ) -> Result<bool> {
         let Some(device) = pairs.first().map(|(input, _)| input.device()) else {
             return Ok(false);
         };
         let bytes = pairs
             .iter()
-            .map(|(input, _)| input.numel() * input.kind().elt_size_in_bytes())
+            .map(|p| whole(p).numel() * whole(p).kind().elt_size_in_bytes())
             .sum();
-        self.queue_on_stream(among, "reduce_scatter", device, bytes, stream, 0, |nccl| {
-            nccl.grouped(|nccl| {
-                pairs.iter().try_for_each(|(input, output)| {
-                    nccl.reduce_scatter_on(input, output, op, stream.raw())
-                })
-            })
+        self.queue_on_stream(among, op, device, bytes, stream, 0, |nccl| {
+            nccl.grouped(|nccl| pairs.iter().try_for_each(|(i, o)| call(nccl, i, o)))
         })
     }
 

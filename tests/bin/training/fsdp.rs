@@ -153,7 +153,7 @@ fn numel(tensors: &[Tensor]) -> i64 {
 
 /// The most elements one rank holds of `tensors` sharded over `n` ranks as FSDP2 shards them: by rows,
 /// each tensor's rows divided by `n`, rounded up.
-fn row_share<'a>(tensors: impl IntoIterator<Item = &'a Tensor>, n: i64) -> i64 {
+pub(super) fn row_share<'a>(tensors: impl IntoIterator<Item = &'a Tensor>, n: i64) -> i64 {
     tensors
         .into_iter()
         .map(|t| {

@@ -120,7 +120,9 @@ pub fn empty(acc: &mut Accelerator, project: &std::path::Path) -> Check {
         "materialised model vs an eager build on rank 0",
     )?;
     let local: i64 = model.parameters().iter().map(|t| t.numel() as i64).sum();
-    if fsdp && local * p > full_numel + 4 * p * p {
+    // Each parameter's rows divided among the ranks, rounded up (FSDP2's dim-0 sharding).
+    let most = super::fsdp::row_share(eager_vs.trainable_variables().iter(), p);
+    if fsdp && local > most {
         return Err(format!(
             "rank {r} holds {local} of {full_numel} parameter elements on {p} ranks"
         ));
