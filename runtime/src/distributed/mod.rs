@@ -553,8 +553,12 @@ impl ProcessGroup {
             .iter()
             .map(|p| whole(p).numel() * whole(p).kind().elt_size_in_bytes())
             .sum();
+        // Groups of at most 256 calls: older NCCL releases cap the operations one group may hold (2048),
+        // and a unit of a model with no wrap policy can have more parameters than that.
         self.queue_on_stream(among, op, device, bytes, stream, 0, |nccl| {
-            nccl.grouped(|nccl| pairs.iter().try_for_each(|(i, o)| call(nccl, i, o)))
+            pairs.chunks(256).try_for_each(|batch| {
+                nccl.grouped(|nccl| batch.iter().try_for_each(|(i, o)| call(nccl, i, o)))
+            })
         })
     }
 

@@ -266,6 +266,20 @@ pub fn fsdp(acc: &mut Accelerator, blocks: bool) -> Check {
                         "after the forward the blocks hold {blocks_numel} elements on rank {r}: not freed"
                     ));
                 }
+                // From the second forward on, the last block (last in the forward before) stays
+                // gathered for its backward.
+                let last: i64 = model
+                    .var_store()
+                    .variables()
+                    .iter()
+                    .filter(|(n, _)| n.starts_with("blocks.2."))
+                    .map(|(_, t)| t.numel() as i64)
+                    .sum();
+                if (step, k) != (0, 0) && last != 16 * 8 * 2 + 16 + 8 {
+                    return Err(format!(
+                        "after the forward the last block holds {last} elements on rank {r}, not all"
+                    ));
+                }
             }
             if step == 1 && std::env::var("HASTEN_TEST_HANG_RANK").is_ok_and(|v| v == r.to_string())
             {
@@ -366,7 +380,8 @@ pub fn fsdp(acc: &mut Accelerator, blocks: bool) -> Check {
 /// What a loop may do around the sharded model, each step against one process on the whole batch (SGD,
 /// so a wrong gradient scale shows): the forward before `zero_grad` (the gradients of the step before
 /// must not leak in), an evaluation forward between the backward and the step (the step still sees the
-/// gradients), and two forwards before one backward (`loss(a) + loss(b)`).
+/// gradients), a training forward nobody backpropagates before the step, and two forwards before one
+/// backward (`loss(a) + loss(b)`).
 pub fn semantics(acc: &mut Accelerator) -> Check {
     use hasten::optim::Sgd;
     let (p, r) = (acc.num_processes() as i64, acc.process_index() as i64);
@@ -410,6 +425,9 @@ pub fn semantics(acc: &mut Accelerator) -> Check {
                 // An evaluation forward before the step.
                 let _ = hasten::tch::no_grad(|| model_.call(|m| m.forward(&mine(&x, b))))
                     .map_err(err)?;
+                // A training forward nobody backpropagates: it leaves the root and the last block
+                // gathered; the step still sees the gradients and steps the pieces.
+                let _ = model_.call(|m| m.forward(&mine(&x, b))).map_err(err)?;
             }
             _ => {
                 opt.zero_grad();
@@ -483,6 +501,25 @@ pub fn checkpoint(acc: &mut Accelerator, project: &std::path::Path) -> Check {
         return Err(format!(
             "model.safetensors written: {whole}, FULL_STATE_DICT: {full}"
         ));
+    }
+    if !full {
+        // A chunk file in the flat layout hasten wrote before sharding by rows (its tensors named
+        // unit{k}, here the same lengths) is refused, naming it, instead of read scrambled.
+        acc.wait_for_everyone().map_err(err)?;
+        let own = dir.join(format!("pytorch_model_fsdp_0_rank{r}.safetensors"));
+        let saved = Tensor::read_safetensors(&own).map_err(|e| e.to_string())?;
+        let flat: Vec<(String, Tensor)> = saved
+            .iter()
+            .map(|(n, t)| (n.trim_end_matches(".rows").to_string(), t.shallow_clone()))
+            .collect();
+        Tensor::write_safetensors(&flat, &own).map_err(|e| e.to_string())?;
+        acc.wait_for_everyone().map_err(err)?;
+        match acc.load_state(Some(&dir)) {
+            Ok(_) => return Err("a chunk file of the flat layout was loaded".into()),
+            Err(e) if e.to_string().contains("flat layout") => {}
+            Err(e) => return Err(format!("a chunk file of the flat layout: {e}")),
+        }
+        Tensor::write_safetensors(&saved, &own).map_err(|e| e.to_string())?;
     }
     if full {
         // The whole-model file alone (the chunk files gone) gives each rank its slice.

@@ -163,7 +163,7 @@ fn run_block(
                     .activation_checkpointing
                     .then(|| sharded.anchor(unit))
                     .flatten();
-                (unit, anchor, sharded.forward_policy())
+                (unit, anchor, sharded.forward_policy(unit))
             }
             None => return forward(xs),
         },

@@ -160,8 +160,8 @@ pub(crate) struct ShardedModel {
     /// The order of the forward before, which says which block to prefetch next.
     last_order: Vec<usize>,
     /// On GPUs: the stream the all-gathers and reduce-scatters run on, beside the compute stream, so
-    /// the next block's parameters arrive while the current block computes. `None` on the CPU, or when
-    /// it could not be made (then every collective runs in line).
+    /// the next block's parameters arrive while the current block computes. `None` on the CPU, where
+    /// every collective runs in line.
     comm: Option<Arc<SharedComm>>,
     /// Reduce-scatters the compute stream has not waited for yet: each one's event, inputs (alive until
     /// then) and unit.
@@ -198,10 +198,21 @@ impl std::ops::Deref for SharedComm {
     }
 }
 
-fn shared_comm() -> Option<Arc<SharedComm>> {
-    static COMM: std::sync::OnceLock<Option<Arc<SharedComm>>> = std::sync::OnceLock::new();
-    COMM.get_or_init(|| CommStream::new(1).ok().map(|c| Arc::new(SharedComm(c))))
-        .clone()
+/// The process's communication stream, made on first use. A rank that cannot make it fails rather than
+/// running its collectives in line: the other ranks queue one collective per parameter where the in-line
+/// path issues one per unit, so the two would not pair up.
+fn shared_comm() -> Result<Arc<SharedComm>> {
+    static COMM: std::sync::OnceLock<std::result::Result<Arc<SharedComm>, String>> =
+        std::sync::OnceLock::new();
+    COMM.get_or_init(|| {
+        CommStream::new(1)
+            .map(|c| Arc::new(SharedComm(c)))
+            .map_err(|e| e.to_string())
+    })
+    .clone()
+    .map_err(|e| Error::DeviceUnavailable {
+        detail: format!("FSDP could not make its communication stream: {e}"),
+    })
 }
 
 fn torch(op: &'static str) -> impl Fn(tch::TchError) -> Error {
@@ -406,10 +417,12 @@ impl ShardedModel {
         self.units[k].params.first().map(Tensor::shallow_clone)
     }
 
-    /// The dtype blocks run in and the device, under a mixed-precision policy (see `cast_forward`).
-    pub(crate) fn forward_policy(&self) -> Option<(Kind, tch::Device)> {
-        let device = self.units.first()?.full.device();
-        self.cast_forward.map(|kind| (kind, device))
+    /// Under a mixed-precision policy (see `cast_forward`), the dtype unit `k`'s block runs in (its
+    /// gathered parameters', the policy's unless the model was built in another reduced precision) and
+    /// its device.
+    pub(crate) fn forward_policy(&self, k: usize) -> Option<(Kind, tch::Device)> {
+        let full = &self.units.get(k)?.full;
+        self.cast_forward.map(|_| (full.kind(), full.device()))
     }
 
     /// The unit a block at `path` gathers, if that path is one.
@@ -418,15 +431,16 @@ impl ShardedModel {
     }
 
     /// The communication stream, on a GPU (the process's one, made on first use).
-    fn ensure_comm(&mut self) {
+    fn ensure_comm(&mut self) -> Result<()> {
         if self.comm.is_none()
             && self
                 .units
                 .first()
                 .is_some_and(|u| u.full.device().is_cuda())
         {
-            self.comm = shared_comm();
+            self.comm = Some(shared_comm()?);
         }
+        Ok(())
     }
 
     /// Gathers unit `k` and makes the compute stream wait for it.
@@ -446,7 +460,7 @@ impl ShardedModel {
         if self.units[k].gathered {
             return Ok(());
         }
-        self.ensure_comm();
+        self.ensure_comm()?;
         let unit = &mut self.units[k];
         let grads: Vec<Tensor> = unit.params.iter().map(Tensor::grad).collect();
         if grads.iter().any(Tensor::defined) {

@@ -7,6 +7,13 @@ use super::*;
 use crate::accelerator::checkpoint::bad;
 use std::path::Path;
 
+/// The name unit `k`'s chunk is saved under. The suffix names the layout (each parameter's rows), so a
+/// chunk hasten wrote in the flat layout before (`unit{k}`, the same length when every parameter's rows
+/// divide by the number of processes) is refused instead of read scrambled.
+fn shard_key(k: usize) -> String {
+    format!("unit{k}.rows")
+}
+
 impl ShardedModel {
     /// The whole model by name (collective): `named` (the model's variables) with every parameter's
     /// gathered value in place of its piece; buffers, which are not sharded, as they are.
@@ -73,15 +80,15 @@ impl ShardedModel {
         Ok(out)
     }
 
-    /// This rank's chunk of every unit, named `unit{k}`, the model on its pieces (gradients set aside
-    /// by a gather go back first).
+    /// This rank's chunk of every unit, named [`shard_key`], the model on its pieces (gradients set
+    /// aside by a gather go back first).
     pub(crate) fn shard_state(&mut self) -> Result<Vec<(String, Tensor)>> {
         self.reshard()?;
         Ok(self
             .units
             .iter()
             .enumerate()
-            .map(|(k, u)| (format!("unit{k}"), u.shard.shallow_clone()))
+            .map(|(k, u)| (shard_key(k), u.shard.shallow_clone()))
             .collect())
     }
 
@@ -99,12 +106,26 @@ impl ShardedModel {
             ));
         }
         for (k, unit) in self.units.iter().enumerate() {
-            let name = format!("unit{k}");
+            let name = shard_key(k);
+            let flat = format!("unit{k}");
             let t = saved
                 .iter()
                 .find(|(n, _)| *n == name)
                 .map(|(_, t)| t)
-                .ok_or_else(|| bad(path, format!("tensor {name} is missing")))?;
+                .ok_or_else(|| {
+                    bad(
+                        path,
+                        if saved.iter().any(|(n, _)| *n == flat) {
+                            format!(
+                                "holds {flat}, a unit's chunk in the flat layout hasten wrote before it \
+                                 sharded each parameter by rows: load it with the hasten that wrote \
+                                 it, or from a FULL_STATE_DICT checkpoint"
+                            )
+                        } else {
+                            format!("tensor {name} is missing")
+                        },
+                    )
+                })?;
             if t.size() != [unit.chunk] {
                 return Err(bad(
                     path,
@@ -127,7 +148,7 @@ impl ShardedModel {
         self.wait_before_host_writes();
         tch::no_grad(|| {
             for (k, unit) in self.units.iter().enumerate() {
-                let name = format!("unit{k}");
+                let name = shard_key(k);
                 if let Some((_, t)) = saved.iter().find(|(n, _)| *n == name) {
                     unit.shard
                         .shallow_clone()
