@@ -254,13 +254,14 @@ pub fn fsdp(acc: &mut Accelerator, blocks: bool) -> Check {
             {
                 // FULL_SHARD: after the forward every block but the last holds only its piece again;
                 // the root (head, spare) stays gathered until the backward.
-                let blocks_numel: i64 = model
-                    .var_store()
-                    .variables()
-                    .iter()
-                    .filter(|(n, _)| before_last(n))
-                    .map(|(_, t)| t.numel() as i64)
-                    .sum();
+                let vars = model.var_store().variables();
+                let held_by = |keep: &dyn Fn(&str) -> bool| -> i64 {
+                    vars.iter()
+                        .filter(|(n, _)| keep(n))
+                        .map(|(_, t)| t.numel() as i64)
+                        .sum()
+                };
+                let blocks_numel = held_by(&before_last);
                 if blocks_numel > most_in_blocks {
                     return Err(format!(
                         "after the forward the blocks hold {blocks_numel} elements on rank {r}: not freed"
@@ -268,13 +269,7 @@ pub fn fsdp(acc: &mut Accelerator, blocks: bool) -> Check {
                 }
                 // From the second forward on, the last block (last in the forward before) stays
                 // gathered for its backward.
-                let last: i64 = model
-                    .var_store()
-                    .variables()
-                    .iter()
-                    .filter(|(n, _)| n.starts_with("blocks.2."))
-                    .map(|(_, t)| t.numel() as i64)
-                    .sum();
+                let last = held_by(&|n| n.starts_with("blocks.2."));
                 if (step, k) != (0, 0) && last != 16 * 8 * 2 + 16 + 8 {
                     return Err(format!(
                         "after the forward the last block holds {last} elements on rank {r}, not all"

@@ -178,11 +178,7 @@ fn run_block(
         _ => t.shallow_clone(),
     };
     let xs = &cast(xs);
-    let run = |f: Box<dyn FnOnce() -> Tensor + '_>| match policy {
-        Some((_, device)) => crate::accelerator::precision::without_autocast(device, f),
-        None => f(),
-    };
-    let out = run(Box::new(|| match anchor {
+    let body = || match anchor {
         // SAFETY: the recompute function only reaches the block through its liveness check (see
         // Block::recompute), and runs while the thread that called the backward waits.
         Some(anchor) => match unsafe { crate::shim::checkpoint(xs, &anchor, recompute()) } {
@@ -200,7 +196,11 @@ fn run_block(
             }
         },
         None => forward(xs),
-    }));
+    };
+    let out = match policy {
+        Some((_, device)) => crate::accelerator::precision::without_autocast(device, body),
+        None => body(),
+    };
     let out = cast(&out);
     let mut guard = lock(entry);
     if let Some(sharded) = guard.fsdp.as_mut() {

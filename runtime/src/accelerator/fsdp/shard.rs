@@ -101,6 +101,18 @@ impl Unit {
         rank * self.quota[i]
     }
 
+    /// Copies `rank`'s piece of `whole` (parameter `i`'s whole value) into the chunk.
+    fn fill_piece(&self, i: usize, rank: i64, whole: &Tensor) -> tch::Result<()> {
+        let (lo, len) = self.piece(i, rank);
+        if len > 0 {
+            let from = self.piece_from(i, rank);
+            self.shard
+                .f_narrow(0, lo, len)?
+                .f_copy_(&whole.f_reshape([-1])?.f_narrow(0, from, len)?)?;
+        }
+        Ok(())
+    }
+
     /// Parameter `i`'s whole value out of every rank's chunk, gathered in rank order (`world × chunk`
     /// elements).
     fn gathered_param(&self, gathered: &Tensor, i: usize, world: i64) -> tch::Result<Tensor> {
@@ -300,26 +312,6 @@ impl ShardedModel {
             } else {
                 Tensor::f_zeros([chunk], (kind, device)).map_err(torch("FSDP sharding"))?
             };
-            for (i, (pname, t)) in named.iter().enumerate() {
-                if let Some(recipe) = crate::layers::recipe_of(t) {
-                    let made_at = position.get(pname.as_str()).copied().unwrap_or(usize::MAX);
-                    placeholders.push((made_at, out.len(), i, recipe, t.data_ptr() as usize));
-                    continue;
-                }
-                let (lo, len) = (
-                    starts[i],
-                    (numels[i] - rank * quotas[i]).clamp(0, quotas[i]),
-                );
-                if len > 0 {
-                    let from = rank * quotas[i];
-                    tch::no_grad(|| {
-                        shard
-                            .narrow(0, lo, len)
-                            .f_copy_(&t.detach().reshape([-1]).narrow(0, from, len))
-                    })
-                    .map_err(torch("FSDP sharding"))?;
-                }
-            }
             let (names, params): (Vec<String>, Vec<Tensor>) = named.into_iter().unzip();
             let count = shapes.len();
             let block = block_paths.contains(&name);
@@ -342,6 +334,15 @@ impl ShardedModel {
                 block,
                 in_flight: None,
             };
+            for (i, (pname, t)) in unit.names.iter().zip(&unit.params).enumerate() {
+                if let Some(recipe) = crate::layers::recipe_of(t) {
+                    let made_at = position.get(pname.as_str()).copied().unwrap_or(usize::MAX);
+                    placeholders.push((made_at, out.len(), i, recipe, t.data_ptr() as usize));
+                    continue;
+                }
+                tch::no_grad(|| unit.fill_piece(i, rank, &t.detach()))
+                    .map_err(torch("FSDP sharding"))?;
+            }
             // Each unit goes to its pieces at once, so sharding never holds a second copy of the model.
             crate::optim::clear_grads(&unit.params);
             unit.point_at_pieces(rank)?;

@@ -51,14 +51,8 @@ pub(super) fn materialize_pieces(
             let unit = &units[p.unit];
             let whole = crate::layers::materialize(&unit.shapes[p.param], p.recipe)
                 .map_err(torch("FSDP materialising"))?;
-            let (lo, len) = unit.piece(p.param, rank);
-            if len > 0 {
-                let from = unit.piece_from(p.param, rank);
-                unit.shard
-                    .narrow(0, lo, len)
-                    .f_copy_(&whole.reshape([-1]).narrow(0, from, len))
-                    .map_err(torch("FSDP materialising"))?;
-            }
+            unit.fill_piece(p.param, rank, &whole)
+                .map_err(torch("FSDP materialising"))?;
             crate::layers::forget_recipe(p.addr);
         }
         Ok(())
